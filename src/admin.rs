@@ -1,0 +1,283 @@
+//! Operator commands: `init` (create what is missing) and `check` (preflight).
+
+use crate::catalog::{self, PgTarget, PublicationState, TableName};
+use crate::config::{Config, ConfigError};
+use crate::error::Error;
+use crate::event::ColumnMapping;
+use crate::sink::{self, SinkSettings};
+use lapin::options::ExchangeDeclareOptions;
+use lapin::types::FieldTable;
+use lapin::ExchangeKind;
+
+fn target_and_table(config: &Config) -> Result<(PgTarget, TableName), Error> {
+    let target =
+        PgTarget::parse(config.postgres.url.expose()).map_err(|message| ConfigError::Invalid {
+            key: "postgres.url".into(),
+            message,
+        })?;
+    let table =
+        TableName::parse(&config.postgres.table).map_err(|message| ConfigError::Invalid {
+            key: "postgres.table".into(),
+            message,
+        })?;
+    Ok((target, table))
+}
+
+/// Creates the outbox table, the publication and the slot when missing.
+/// Returns one line per object saying what was done.
+pub async fn init(config: &Config) -> Result<Vec<String>, Error> {
+    let (target, table) = target_and_table(config)?;
+    let sql = target.connect().await?;
+    let mut lines = Vec::new();
+    let existed = catalog::table_columns(&sql, &table).await?.is_some();
+    catalog::create_outbox_table(&sql, &table).await?;
+    lines.push(format!(
+        "table {table}: {}",
+        if existed { "exists" } else { "created" }
+    ));
+    catalog::require_table(&sql, &table, &ColumnMapping::EVENT_FORGE).await?;
+    let created =
+        catalog::ensure_publication(&sql, &config.postgres.publication, &table, true).await?;
+    lines.push(format!(
+        "publication {}: {}",
+        config.postgres.publication,
+        if created {
+            "created (inserts only)"
+        } else {
+            "exists"
+        }
+    ));
+    catalog::require_logical(&sql).await?;
+    let existed = catalog::slot_state(&sql, &config.postgres.slot)
+        .await?
+        .is_some();
+    let slot = catalog::ensure_slot(&sql, &config.postgres.slot, &target.dbname, true).await?;
+    lines.push(format!(
+        "slot {}: {} at {}",
+        config.postgres.slot,
+        if existed { "exists" } else { "created" },
+        slot.confirmed_flush
+            .map(|l| l.to_string())
+            .unwrap_or_else(|| "?".into())
+    ));
+    Ok(lines)
+}
+
+/// One preflight check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    pub name: &'static str,
+    pub ok: bool,
+    /// What was found, or what is wrong and how to fix it.
+    pub detail: String,
+}
+
+impl std::fmt::Display for Check {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:<4}  {:<22} {}",
+            if self.ok { "ok" } else { "FAIL" },
+            self.name,
+            self.detail
+        )
+    }
+}
+
+fn pass(name: &'static str, detail: impl Into<String>) -> Check {
+    Check {
+        name,
+        ok: true,
+        detail: detail.into(),
+    }
+}
+
+fn fail(name: &'static str, detail: impl Into<String>) -> Check {
+    Check {
+        name,
+        ok: false,
+        detail: detail.into(),
+    }
+}
+
+/// Runs every preflight check; a check that depends on a failed one is reported as skipped.
+pub async fn check(config: &Config) -> Vec<Check> {
+    let mut out = Vec::new();
+    let (target, table) = match target_and_table(config) {
+        Ok(v) => v,
+        Err(e) => {
+            out.push(fail("configuration", e.to_string()));
+            return out;
+        }
+    };
+    match target.connect().await {
+        Err(e) => {
+            out.push(fail("postgres reachable", e.to_string()));
+            for name in [
+                "wal_level",
+                "outbox table",
+                "replication privilege",
+                "publication",
+                "slot",
+            ] {
+                out.push(fail(name, "skipped: Postgres is not reachable"));
+            }
+        }
+        Ok(sql) => {
+            out.push(pass("postgres reachable", target.redacted()));
+            out.push(match catalog::require_logical(&sql).await {
+                Ok(()) => pass("wal_level", "logical"),
+                Err(e) => fail("wal_level", e.to_string()),
+            });
+            out.push(
+                match catalog::require_table(&sql, &table, &ColumnMapping::EVENT_FORGE).await {
+                    Ok(()) => pass("outbox table", format!("{table} has the required columns")),
+                    Err(e) => fail("outbox table", e.to_string()),
+                },
+            );
+            out.push(match catalog::can_replicate(&sql).await {
+                Ok(true) => pass("replication privilege", "role may replicate"),
+                Ok(false) => fail(
+                    "replication privilege",
+                    Error::NoReplicationPrivilege.to_string(),
+                ),
+                Err(e) => fail("replication privilege", e.to_string()),
+            });
+            let publication = &config.postgres.publication;
+            out.push(
+                match catalog::publication_state(&sql, publication, &table).await {
+                    Ok(PublicationState::Missing) if config.postgres.create_missing => pass(
+                        "publication",
+                        format!("{publication} missing; `run` creates it (create_missing = true)"),
+                    ),
+                    Ok(PublicationState::Missing) => fail(
+                        "publication",
+                        Error::PublicationMissing {
+                            publication: publication.clone(),
+                            table: table.to_string(),
+                        }
+                        .to_string(),
+                    ),
+                    Ok(PublicationState::Present {
+                        covers_table: false,
+                        ..
+                    }) => fail(
+                        "publication",
+                        Error::PublicationMismatch {
+                            publication: publication.clone(),
+                            table: table.to_string(),
+                        }
+                        .to_string(),
+                    ),
+                    Ok(PublicationState::Present {
+                        publishes_insert: false,
+                        ..
+                    }) => fail(
+                        "publication",
+                        Error::PublicationNoInsert {
+                            publication: publication.clone(),
+                        }
+                        .to_string(),
+                    ),
+                    Ok(PublicationState::Present { .. }) => pass(
+                        "publication",
+                        format!("{publication} publishes inserts of {table}"),
+                    ),
+                    Err(e) => fail("publication", e.to_string()),
+                },
+            );
+            let slot = &config.postgres.slot;
+            out.push(match catalog::slot_state(&sql, slot).await {
+                Ok(None) if config.postgres.create_missing => pass(
+                    "slot",
+                    format!("{slot} missing; `run` creates it (create_missing = true)"),
+                ),
+                Ok(None) => fail(
+                    "slot",
+                    Error::SlotMissing { slot: slot.clone() }.to_string(),
+                ),
+                Ok(Some(s))
+                    if s.plugin.as_deref() != Some("pgoutput")
+                        || s.database.as_deref() != Some(target.dbname.as_str()) =>
+                {
+                    fail(
+                        "slot",
+                        Error::SlotMismatch {
+                            slot: slot.clone(),
+                            plugin: s.plugin.unwrap_or_else(|| "physical".into()),
+                            database: s.database.unwrap_or_default(),
+                            expected_database: target.dbname.clone(),
+                        }
+                        .to_string(),
+                    )
+                }
+                Ok(Some(s)) => {
+                    let at = s
+                        .confirmed_flush
+                        .map(|l| l.to_string())
+                        .unwrap_or_else(|| "?".into());
+                    let lag = s
+                        .lag_bytes
+                        .map(|b| format!(", {b} bytes behind"))
+                        .unwrap_or_default();
+                    match s.active_pid {
+                        Some(pid) => pass(
+                            "slot",
+                            format!("{slot} at {at}{lag}; active, held by pid {pid}"),
+                        ),
+                        None => pass("slot", format!("{slot} at {at}{lag}; inactive")),
+                    }
+                }
+                Err(e) => fail("slot", e.to_string()),
+            });
+        }
+    }
+    let settings = SinkSettings {
+        url: config.amqp.url.expose().to_string(),
+        exchange: config.amqp.exchange.clone(),
+        declare_exchange: false,
+        reconnect_backoff_max: config.amqp.reconnect_backoff_max,
+    };
+    match sink::connect(&settings).await {
+        Err(e) => {
+            out.push(fail("broker reachable", e.to_string()));
+            out.push(fail("exchange", "skipped: the broker is not reachable"));
+        }
+        Ok(broker) => {
+            out.push(pass(
+                "broker reachable",
+                sink::redact_amqp_url(&settings.url),
+            ));
+            let exchange = &config.amqp.exchange;
+            let result = broker
+                .channel
+                .exchange_declare(
+                    exchange.as_str().into(),
+                    ExchangeKind::Topic,
+                    ExchangeDeclareOptions {
+                        durable: true,
+                        passive: !config.amqp.declare_exchange,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await;
+            out.push(match result {
+                Ok(()) => pass("exchange", format!("{exchange} (topic, durable) declarable")),
+                Err(e) if !config.amqp.declare_exchange => fail(
+                    "exchange",
+                    format!("{exchange} does not exist and declare_exchange = false: {e}; declare it or set [amqp] declare_exchange = true"),
+                ),
+                Err(e) => fail(
+                    "exchange",
+                    format!("cannot declare {exchange} as a durable topic exchange: {e}; if it exists with another type or durability, pick another [amqp] exchange"),
+                ),
+            });
+            let _ = broker
+                .connection
+                .close(200, "outbox-relay check".into())
+                .await;
+        }
+    }
+    out
+}

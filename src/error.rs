@@ -1,0 +1,121 @@
+//! Library errors. Each message says what went wrong and what to do about it.
+
+use crate::config::ConfigError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+
+    #[error("cannot connect to Postgres at {url}: {source} (check [postgres] url and that the server is running)")]
+    PostgresConnect {
+        url: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+
+    #[error("Postgres error while {context}: {}", pg_message(.source))]
+    Postgres {
+        context: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+
+    #[error("wal_level is '{actual}', logical replication needs 'logical': run ALTER SYSTEM SET wal_level = logical; then restart Postgres (or run scripts/setup-services.sh)")]
+    WalLevel { actual: String },
+
+    #[error("outbox table {table} does not exist: run `outbox-relay init --config FILE` or apply sql/outbox_messages.sql")]
+    TableMissing { table: String },
+
+    #[error("outbox table {table} lacks required column(s) {}: add them (see sql/outbox_messages.sql)", .missing.join(", "))]
+    ColumnsMissing { table: String, missing: Vec<String> },
+
+    #[error("role cannot replicate: run ALTER ROLE <role> WITH REPLICATION (or connect as a role that has it)")]
+    NoReplicationPrivilege,
+
+    #[error("publication {publication} does not exist: run `outbox-relay init`, set [postgres] create_missing = true, or CREATE PUBLICATION {publication} FOR TABLE {table} WITH (publish = 'insert')")]
+    PublicationMissing { publication: String, table: String },
+
+    #[error("publication {publication} does not cover {table}: run ALTER PUBLICATION {publication} ADD TABLE {table}")]
+    PublicationMismatch { publication: String, table: String },
+
+    #[error("publication {publication} does not publish inserts: run ALTER PUBLICATION {publication} SET (publish = 'insert')")]
+    PublicationNoInsert { publication: String },
+
+    #[error("replication slot {slot} does not exist: run `outbox-relay init` or set [postgres] create_missing = true")]
+    SlotMissing { slot: String },
+
+    #[error("replication slot {slot} uses plugin '{plugin}' in database '{database}', the relay needs a pgoutput slot in '{expected_database}': drop it (SELECT pg_drop_replication_slot('{slot}')) or choose another [postgres] slot")]
+    SlotMismatch {
+        slot: String,
+        plugin: String,
+        database: String,
+        expected_database: String,
+    },
+
+    #[error("replication slot {slot} is held by another process (pid {pid}): stop that relay or consumer, or SELECT pg_terminate_backend({pid}) if it is stale")]
+    SlotBusy { slot: String, pid: i32 },
+
+    #[error("replication stream failed while {context}: {source}")]
+    Replication {
+        context: String,
+        #[source]
+        source: pgwire_replication::PgWireError,
+    },
+
+    #[error("cannot connect to RabbitMQ at {url}: {source} (check [amqp] url and that the broker is running)")]
+    AmqpConnect {
+        url: String,
+        #[source]
+        source: lapin::Error,
+    },
+
+    #[error("RabbitMQ refused {context}: {source}")]
+    Amqp {
+        context: String,
+        #[source]
+        source: lapin::Error,
+    },
+
+    #[error("cannot decode the replication stream: {0} (is the slot's plugin pgoutput?)")]
+    Decode(String),
+
+    #[error("malformed outbox row {id} in {table}: {reason}; the relay stopped before it, so the slot still holds it: fix the producer and replace the row (insert a corrected one), then drop or advance past it with pg_replication_slot_advance")]
+    MalformedRow {
+        table: String,
+        id: String,
+        reason: String,
+    },
+
+    #[error("shutdown did not finish in time: {0}")]
+    Shutdown(String),
+}
+
+/// The server's message (with detail and hint) rather than tokio-postgres's generic text.
+fn pg_message(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => {
+            let mut s = format!("{} ({})", db.message(), db.code().code());
+            if let Some(h) = db.hint() {
+                s.push_str("; hint: ");
+                s.push_str(h);
+            }
+            s
+        }
+        None => e.to_string(),
+    }
+}
+
+impl Error {
+    /// Errors worth retrying when they happen mid-run (a connection went away).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::PostgresConnect { .. } | Error::AmqpConnect { .. } | Error::SlotBusy { .. } => {
+                true
+            }
+            Error::Postgres { source, .. } => source.as_db_error().is_none() || source.is_closed(),
+            Error::Replication { source, .. } => source.is_transient() || source.is_server(),
+            _ => false,
+        }
+    }
+}

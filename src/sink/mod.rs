@@ -1,0 +1,319 @@
+//! The AMQP side: one long-lived task owns the broker connection and a channel
+//! in confirm mode. It takes publish commands from the relay over a bounded
+//! channel, pipelines them (never one await per message) and reports each
+//! broker answer back. When the connection goes away it says so, reconnects
+//! with backoff and says when it is back; the relay then re-publishes what was
+//! unresolved.
+
+pub mod format;
+
+pub use format::{AggregateKey, OutboundMessage};
+
+use crate::error::Error;
+use futures_util::stream::FuturesUnordered;
+use futures_util::StreamExt;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
+use lapin::types::{FieldTable, ShortString};
+use lapin::{Confirmation, Connection, ConnectionProperties, ExchangeKind};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// What the relay asks of the sink.
+#[derive(Debug)]
+pub enum SinkCommand {
+    /// Publish under `generation`; commands of an older generation are dropped
+    /// (their connection is gone and the relay re-sends them).
+    Publish {
+        seq: u64,
+        generation: u64,
+        message: Arc<OutboundMessage>,
+    },
+}
+
+/// The broker's verdict on one publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Acked and not returned: the only success.
+    Ack,
+    /// Negatively acknowledged by the broker.
+    Nack,
+    /// Unroutable (`mandatory`): returned, even though an ack follows.
+    Returned { reply_code: u16, reply_text: String },
+    /// The channel was not in confirm mode: never a success.
+    NotRequested,
+}
+
+impl Outcome {
+    pub fn describe(&self) -> String {
+        match self {
+            Outcome::Ack => "ack".into(),
+            Outcome::Nack => "nacked by the broker".into(),
+            Outcome::Returned {
+                reply_code,
+                reply_text,
+            } => format!("returned as unroutable ({reply_code} {reply_text}): no queue is bound for its routing key"),
+            Outcome::NotRequested => "confirm not requested".into(),
+        }
+    }
+}
+
+/// What the sink tells the relay.
+#[derive(Debug)]
+pub enum SinkEvent {
+    /// Connected, exchange declared, confirm mode on: publish with this generation.
+    Up { generation: u64 },
+    /// The connection of `generation` is gone; nothing published under it will be answered.
+    Down { generation: u64, reason: String },
+    /// The broker answered the publish `seq` of `generation`.
+    Confirmed {
+        seq: u64,
+        generation: u64,
+        outcome: Outcome,
+    },
+}
+
+/// Connection settings of the sink.
+#[derive(Clone)]
+pub struct SinkSettings {
+    pub url: String,
+    pub exchange: String,
+    pub declare_exchange: bool,
+    pub reconnect_backoff_max: Duration,
+}
+
+impl std::fmt::Debug for SinkSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SinkSettings")
+            .field("url", &redact_amqp_url(&self.url))
+            .field("exchange", &self.exchange)
+            .finish()
+    }
+}
+
+/// The URL with its password removed, for logs and errors.
+pub fn redact_amqp_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) => {
+            if u.password().is_some() {
+                let _ = u.set_password(None);
+            }
+            u.to_string()
+        }
+        Err(_) => "<unparsable amqp url>".to_string(),
+    }
+}
+
+/// An open connection with a confirm-mode channel.
+pub struct Broker {
+    pub connection: Connection,
+    pub channel: lapin::Channel,
+}
+
+/// Connects, declares the exchange (topic, durable) when asked and enables confirms.
+pub async fn connect(settings: &SinkSettings) -> Result<Broker, Error> {
+    let props = ConnectionProperties::default()
+        .with_connection_name(format!("outbox-relay {}", env!("CARGO_PKG_VERSION")).into());
+    let connection = Connection::connect(&settings.url, props)
+        .await
+        .map_err(|source| Error::AmqpConnect {
+            url: redact_amqp_url(&settings.url),
+            source,
+        })?;
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(|source| Error::Amqp {
+            context: "opening a channel".into(),
+            source,
+        })?;
+    if settings.declare_exchange {
+        channel
+            .exchange_declare(
+                settings.exchange.as_str().into(),
+                ExchangeKind::Topic,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|source| Error::Amqp {
+                context: format!(
+                    "declaring exchange {} (topic, durable); if it exists with another type, pick another [amqp] exchange",
+                    settings.exchange
+                ),
+                source,
+            })?;
+    }
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(|source| Error::Amqp {
+            context: "enabling publisher confirms".into(),
+            source,
+        })?;
+    Ok(Broker {
+        connection,
+        channel,
+    })
+}
+
+type ConfirmFuture =
+    Pin<Box<dyn Future<Output = (u64, Result<Confirmation, lapin::Error>)> + Send>>;
+
+/// Runs the sink until the command channel closes. `first` is the connection
+/// made at start-up (so that start-up failures are reported, not retried).
+pub async fn run(
+    settings: SinkSettings,
+    first: Broker,
+    mut commands: mpsc::Receiver<SinkCommand>,
+    events: mpsc::Sender<SinkEvent>,
+) {
+    let exchange: ShortString = settings.exchange.as_str().into();
+    let mut broker = Some(first);
+    let mut generation = 0u64;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let current = match broker.take() {
+            Some(b) => b,
+            None => match connect(&settings).await {
+                Ok(b) => {
+                    backoff = Duration::from_millis(100);
+                    b
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "broker unavailable, retrying");
+                    // Keep draining stale commands while waiting so the relay never blocks on us.
+                    let sleep = tokio::time::sleep(backoff);
+                    tokio::pin!(sleep);
+                    loop {
+                        tokio::select! {
+                            _ = &mut sleep => break,
+                            cmd = commands.recv() => if cmd.is_none() { return },
+                        }
+                    }
+                    backoff = (backoff * 2).min(settings.reconnect_backoff_max);
+                    continue;
+                }
+            },
+        };
+        generation += 1;
+        if events.send(SinkEvent::Up { generation }).await.is_err() {
+            return;
+        }
+        tracing::info!(generation, "broker connected, publishing with confirms");
+        let reason = serve(&current, &exchange, generation, &mut commands, &events).await;
+        let Some(reason) = reason else {
+            let _ = current
+                .connection
+                .close(200, "outbox-relay shutting down".into())
+                .await;
+            return;
+        };
+        tracing::warn!(generation, %reason, "broker connection lost; the relay re-publishes unconfirmed messages after reconnecting");
+        if events
+            .send(SinkEvent::Down { generation, reason })
+            .await
+            .is_err()
+        {
+            return;
+        }
+        let _ = current
+            .connection
+            .close(320, "outbox-relay reconnecting".into())
+            .await;
+    }
+}
+
+/// Publishes and collects confirms on one connection. Returns why it ended, or
+/// `None` when the relay closed the command channel.
+async fn serve(
+    broker: &Broker,
+    exchange: &ShortString,
+    generation: u64,
+    commands: &mut mpsc::Receiver<SinkCommand>,
+    events: &mpsc::Sender<SinkEvent>,
+) -> Option<String> {
+    let mut confirms: FuturesUnordered<ConfirmFuture> = FuturesUnordered::new();
+    let mut conn_events = Box::pin(broker.connection.events_listener());
+    let options = BasicPublishOptions {
+        mandatory: true,
+        immediate: false,
+    };
+    loop {
+        tokio::select! {
+            biased;
+            Some((seq, result)) = confirms.next(), if !confirms.is_empty() => {
+                match outcome_of(result) {
+                    Ok(outcome) => {
+                        if events.send(SinkEvent::Confirmed { seq, generation, outcome }).await.is_err() {
+                            return None;
+                        }
+                    }
+                    Err(reason) => return Some(reason),
+                }
+            }
+            ev = conn_events.next() => {
+                match ev {
+                    Some(lapin::Event::Error(e)) => return Some(format!("connection error: {e}")),
+                    Some(lapin::Event::ConnectionBlocked(r)) => tracing::warn!(reason = %r, "broker blocked publishing (resource alarm); confirms wait until it unblocks"),
+                    Some(lapin::Event::ConnectionUnblocked) => tracing::info!("broker unblocked publishing"),
+                    Some(_) => {}
+                    None => return Some("connection event stream ended".into()),
+                }
+            }
+            cmd = commands.recv() => {
+                let Some(SinkCommand::Publish { seq, generation: g, message }) = cmd else {
+                    return None;
+                };
+                if g != generation {
+                    continue;
+                }
+                let channel = broker.channel.clone();
+                let exchange = exchange.clone();
+                let mut publish: ConfirmFuture = Box::pin(async move {
+                    let sent = channel
+                        .basic_publish(exchange, message.routing_key.clone(), options, &message.body, message.properties.clone())
+                        .await;
+                    match sent {
+                        Ok(confirm) => (seq, confirm.await),
+                        Err(e) => (seq, Err(e)),
+                    }
+                });
+                // The first poll queues the frames and takes the delivery tag, so
+                // publishes leave in command order while their confirms are awaited together.
+                match futures_util::poll!(publish.as_mut()) {
+                    std::task::Poll::Pending => confirms.push(publish),
+                    std::task::Poll::Ready((seq, result)) => match outcome_of(result) {
+                        Ok(outcome) => {
+                            if events.send(SinkEvent::Confirmed { seq, generation, outcome }).await.is_err() {
+                                return None;
+                            }
+                        }
+                        Err(reason) => return Some(reason),
+                    },
+                }
+            }
+        }
+    }
+}
+
+/// Maps lapin's answer to an outcome; an error means the connection or channel is gone.
+fn outcome_of(result: Result<Confirmation, lapin::Error>) -> Result<Outcome, String> {
+    match result {
+        Ok(Confirmation::Ack(None)) => Ok(Outcome::Ack),
+        Ok(Confirmation::Ack(Some(ret))) | Ok(Confirmation::Nack(Some(ret))) => {
+            Ok(Outcome::Returned {
+                reply_code: ret.reply_code,
+                reply_text: ret.reply_text.to_string(),
+            })
+        }
+        Ok(Confirmation::Nack(None)) => Ok(Outcome::Nack),
+        Ok(Confirmation::NotRequested) => Ok(Outcome::NotRequested),
+        Err(e) => Err(format!("publishing: {e}")),
+    }
+}

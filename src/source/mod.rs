@@ -1,0 +1,79 @@
+//! The Postgres side: a logical replication stream (pgwire-replication) on the
+//! slot, and the pgoutput decoding of its changes into outbox events.
+//!
+//! The consumer/worker split: the relay sets the applied LSN on the client
+//! (`update_applied_lsn`); the crate's worker task owns the connection and
+//! reports that LSN to the server every `status_interval`, also while idle.
+
+pub mod decode;
+
+pub use decode::{Decoded, Decoder};
+
+use crate::catalog::{pid_from_slot_error, PgTarget};
+use crate::error::Error;
+use pgwire_replication::{Lsn, PgWireError, ReplicationClient, ReplicationConfig};
+use std::time::Duration;
+
+/// What the replication connection needs.
+#[derive(Debug, Clone)]
+pub struct SourceSettings {
+    pub target: PgTarget,
+    pub slot: String,
+    pub publication: String,
+    pub status_interval: Duration,
+    /// Events buffered between the connection's worker and the relay.
+    pub buffer_events: usize,
+}
+
+/// Starts streaming the slot from `start` (the slot's confirmed position, or the
+/// relay's own applied LSN when that is newer). Returns once the server accepted
+/// `START_REPLICATION`, i.e. the slot is held by this session.
+pub async fn start(settings: &SourceSettings, start: Lsn) -> Result<ReplicationClient, Error> {
+    let t = &settings.target;
+    let cfg = ReplicationConfig::new(
+        t.host.clone(),
+        t.user.clone(),
+        t.password().to_string(),
+        t.dbname.clone(),
+        settings.slot.clone(),
+        settings.publication.clone(),
+    )
+    .with_port(t.port)
+    .with_start_lsn(start)
+    .with_ack_lsn(start)
+    .with_status_interval(settings.status_interval)
+    .with_wakeup_interval(Duration::from_secs(10))
+    .with_buffer_size(settings.buffer_events)
+    // Text values must render the same whatever the server's defaults are.
+    .with_options(
+        "-c datestyle=ISO,YMD -c timezone=UTC -c intervalstyle=iso_8601 -c extra_float_digits=3",
+    )
+    .with_application_name("outbox-relay");
+    let mut client = ReplicationClient::connect(cfg)
+        .await
+        .map_err(|e| map_start_error(settings, e))?;
+    client
+        .wait_started()
+        .await
+        .map_err(|e| map_start_error(settings, e))?;
+    Ok(client)
+}
+
+fn map_start_error(settings: &SourceSettings, e: PgWireError) -> Error {
+    if let PgWireError::Server(msg) = &e {
+        if let Some(pid) = pid_from_slot_error(msg) {
+            return Error::SlotBusy {
+                slot: settings.slot.clone(),
+                pid,
+            };
+        }
+    }
+    Error::Replication {
+        context: format!(
+            "starting replication on slot {} at {}",
+            settings.slot,
+            settings.target.redacted()
+        ),
+        source: e,
+    }
+}
