@@ -7,7 +7,7 @@ pub enum Error {
     #[error(transparent)]
     Config(#[from] ConfigError),
 
-    #[error("cannot connect to Postgres at {url}: {source} (check [postgres] url and that the server is running)")]
+    #[error("cannot connect to Postgres at {url}: {} (check [postgres] url and that the server is running)", pg_message(.source))]
     PostgresConnect {
         url: String,
         #[source]

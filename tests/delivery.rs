@@ -1,0 +1,208 @@
+//! Committed rows arrive, in the Event-Forge wire format; nothing else does.
+
+use crate::support::{ids, wait_for, Fixture};
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(60);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wire_format_is_event_forge() {
+    let f = Fixture::new("wire_format", true).await;
+    let mut relay = f.spawn(&[]);
+    relay.wait_streaming().await;
+    f.db
+        .batch_execute(&format!(
+            "insert into {} (id, aggregate_type, aggregate_id, event_type, payload, metadata, created_at) values \
+             ('7d0c0f7e-1b8e-4a36-9d9e-000000000001', 'Order', 'order-42', 'order.placed', \
+              '{{\"total\": 99.5, \"items\": [1, 2]}}', \
+              '{{\"traceId\": \"4bf92f3577b34da6a3ce929d0e0e4736\", \"spanId\": \"00f067aa0ba902b7\"}}', \
+              '2026-11-27 10:11:12.345678+00'), \
+             ('7d0c0f7e-1b8e-4a36-9d9e-000000000002', 'User', 'u-1', 'user.created', '{{}}', null, '2026-01-02 03:04:05+00')",
+            f.table
+        ))
+        .await
+        .unwrap();
+    f.consumer()
+        .wait_ids(&["7d0c0f7e-1b8e-4a36-9d9e-000000000001".into(), "7d0c0f7e-1b8e-4a36-9d9e-000000000002".into()], T)
+        .await;
+    let all = f.consumer().all();
+    let m = all.iter().find(|r| r.message_id().ends_with("01")).unwrap();
+    assert_eq!(m.routing_key, "Order.order.placed");
+    assert_eq!(
+        m.json(),
+        serde_json::json!({
+            "id": "7d0c0f7e-1b8e-4a36-9d9e-000000000001",
+            "aggregateType": "Order",
+            "aggregateId": "order-42",
+            "eventType": "order.placed",
+            "payload": {"total": 99.5, "items": [1, 2]},
+            "metadata": {"traceId": "4bf92f3577b34da6a3ce929d0e0e4736", "spanId": "00f067aa0ba902b7"},
+            "createdAt": "2026-11-27T10:11:12.345678+00:00",
+        })
+    );
+    let p = &m.properties;
+    assert_eq!(*p.delivery_mode(), Some(2), "persistent");
+    assert_eq!(p.content_type().as_ref().unwrap().as_str(), "application/json");
+    assert_eq!(*p.timestamp(), Some(1_795_774_272), "timestamp = created_at in unix seconds");
+    assert_eq!(m.header("x-aggregate-type").as_deref(), Some("Order"));
+    assert_eq!(m.header("x-aggregate-id").as_deref(), Some("order-42"));
+    assert_eq!(m.header("x-event-type").as_deref(), Some("order.placed"));
+    assert_eq!(
+        m.header("traceparent").as_deref(),
+        Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+    );
+    assert_eq!(p.headers().as_ref().unwrap().inner().len(), 4, "exactly the Event-Forge headers");
+
+    let u = all.iter().find(|r| r.message_id().ends_with("02")).unwrap();
+    assert_eq!(u.routing_key, "User.user.created");
+    assert_eq!(u.json()["metadata"], serde_json::Value::Null);
+    assert_eq!(u.json()["createdAt"], "2026-01-02T03:04:05+00:00");
+    assert_eq!(u.header("traceparent"), None, "no traceparent without trace ids");
+    assert_eq!(u.properties.headers().as_ref().unwrap().inner().len(), 3);
+
+    assert!(relay.terminate(T).await.success());
+    f.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousand_small_and_one_big_transaction_all_arrive() {
+    let f = Fixture::new("bulk", true).await;
+    // A window far smaller than the big transaction: it must flow before its Commit.
+    let mut relay = f.spawn(&[("amqp", "max_in_flight = 128")]);
+    relay.wait_streaming().await;
+    let mut expected = f.insert_each("small", 1000).await;
+    let big = ids("big", 5000);
+    let rows: Vec<_> = big
+        .iter()
+        .enumerate()
+        .map(|(i, id)| (id.clone(), format!("big-agg-{}", i % 50), "bulk.loaded".to_string()))
+        .collect();
+    f.insert_batch(&rows).await;
+    let end = f.current_lsn().await;
+    expected.extend(big);
+    f.consumer().wait_ids(&expected, Duration::from_secs(120)).await;
+    wait_for(T, "slot confirmed past the big transaction", || async {
+        f.confirmed_lsn().await >= end
+    })
+    .await;
+    assert!(relay.terminate(T).await.success());
+    f.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolled_back_rows_are_never_published() {
+    let f = Fixture::new("rollback", true).await;
+    let mut relay = f.spawn(&[]);
+    relay.wait_streaming().await;
+    let t = &f.table;
+    let sql = format!(
+        "begin; insert into {t} (id, aggregate_type, aggregate_id, event_type, payload) values ('rolled-back', 'Order', 'a', 'x', '{{}}'); rollback;
+         begin; insert into {t} (id, aggregate_type, aggregate_id, event_type, payload) values ('kept-1', 'Order', 'a', 'x', '{{}}');
+           savepoint s; insert into {t} (id, aggregate_type, aggregate_id, event_type, payload) values ('savepoint-rolled-back', 'Order', 'a', 'x', '{{}}');
+           rollback to savepoint s;
+           insert into {t} (id, aggregate_type, aggregate_id, event_type, payload) values ('kept-2', 'Order', 'a', 'x', '{{}}');
+         commit;"
+    );
+    f.db.batch_execute(&sql).await.unwrap();
+    let end = f.current_lsn().await;
+    f.consumer().wait_ids(&["kept-1".into(), "kept-2".into()], T).await;
+    wait_for(T, "slot confirmed past the last commit", || async {
+        f.confirmed_lsn().await >= end
+    })
+    .await;
+    let got = f.consumer().ids();
+    assert!(!got.contains("rolled-back"), "rolled-back insert was published");
+    assert!(!got.contains("savepoint-rolled-back"), "insert of a rolled-back savepoint was published");
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert!(relay.terminate(T).await.success());
+    f.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn columns_match_by_name_and_alter_table_while_running() {
+    let f = Fixture::bare("columns").await;
+    // Extra columns and another order than Event-Forge's; text payload (validated), no created_at.
+    f.db
+        .batch_execute(&format!(
+            "create table {} (tenant text default 't1', payload text not null, event_type text not null, \
+             id text primary key, aggregate_id text not null, aggregate_type text not null, metadata jsonb)",
+            f.table
+        ))
+        .await
+        .unwrap();
+    let f = f.with_consumer(true).await;
+    let mut relay = f.spawn(&[]);
+    relay.wait_streaming().await;
+    let t = &f.table;
+    f.db
+        .batch_execute(&format!(
+            "insert into {t} (payload, event_type, id, aggregate_id, aggregate_type) values ('{{\"v\":1}}', 'e1', 'before-alter', 'a', 'Thing')"
+        ))
+        .await
+        .unwrap();
+    f.consumer().wait_ids(&["before-alter".into()], T).await;
+    f.db
+        .batch_execute(&format!(
+            "alter table {t} add column priority int default 5; \
+             insert into {t} (payload, event_type, id, aggregate_id, aggregate_type, priority) values ('[1,2]', 'e2', 'after-alter', 'a', 'Thing', 9)"
+        ))
+        .await
+        .unwrap();
+    f.consumer().wait_ids(&["after-alter".into()], T).await;
+    let all = f.consumer().all();
+    let after = all.iter().find(|r| r.message_id() == "after-alter").unwrap();
+    assert_eq!(after.json()["payload"], serde_json::json!([1, 2]));
+    assert_eq!(after.routing_key, "Thing.e2");
+    // Without a created_at column, createdAt is the commit time.
+    let created = after.json()["createdAt"].as_str().unwrap().to_string();
+    assert!(created.starts_with("20") && created.ends_with("+00:00"), "{created}");
+    assert!(relay.terminate(T).await.success());
+    f.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_reports_the_final_lsn_and_exits_zero() {
+    let f = Fixture::new("sigterm", true).await;
+    let mut relay = f.spawn(&[("postgres", "status_interval = \"30s\"")]);
+    relay.wait_streaming().await;
+    let expected = f.insert_each("term", 50).await;
+    let end = f.current_lsn().await;
+    f.consumer().wait_ids(&expected, T).await;
+    // With a 30 s status interval only the shutdown's final status update can move the slot now.
+    let status = relay.terminate(T).await;
+    assert!(status.success(), "exit {status}:\n{}", relay.log_text());
+    assert!(
+        f.confirmed_lsn().await >= end,
+        "final status update missing: slot at {} < {end}",
+        f.confirmed_lsn().await
+    );
+    f.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_outbox_does_not_hold_wal_while_other_tables_are_busy() {
+    let f = Fixture::new("idle_wal", true).await;
+    let mut relay = f.spawn(&[]);
+    relay.wait_streaming().await;
+    let other = format!("{}_other", f.table);
+    f.db
+        .batch_execute(&format!("drop table if exists {other}; create table {other} (id serial primary key, pad text)"))
+        .await
+        .unwrap();
+    for _ in 0..20 {
+        f.db
+            .batch_execute(&format!("insert into {other} (pad) select repeat('x', 200) from generate_series(1, 500)"))
+            .await
+            .unwrap();
+    }
+    let busy_end = f.current_lsn().await;
+    // Keepalives report the WAL end while nothing is in flight; the slot follows
+    // the unrelated writes instead of staying where the outbox last moved it.
+    wait_for(Duration::from_secs(90), "slot confirmed past unrelated writes", || async {
+        f.confirmed_lsn().await >= busy_end
+    })
+    .await;
+    f.db.batch_execute(&format!("drop table {other}")).await.unwrap();
+    assert!(relay.terminate(T).await.success());
+    f.cleanup().await;
+}

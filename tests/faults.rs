@@ -1,0 +1,92 @@
+//! Fault tests that restart or disturb shared services (RabbitMQ, Postgres).
+//! They run serially (`--test-threads=1`, see README) in their own binary.
+
+mod support;
+
+use std::process::Command;
+use std::time::Duration;
+use support::{ids, wait_for, Fixture};
+
+const T: Duration = Duration::from_secs(60);
+
+fn sh(cmd: &str) {
+    let status = Command::new("bash").args(["-c", cmd]).status().unwrap();
+    assert!(status.success(), "{cmd} failed");
+}
+
+fn pg_restart() {
+    sh("pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql | sort -V | tail -n1) main restart");
+}
+
+/// Writes `ids` in transactions of 10 rows from a task of its own, retrying across outages.
+fn write_in_background(table: String, all: Vec<String>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut db = support::pg_retry(T).await;
+        for chunk in all.chunks(10) {
+            let mut sql = format!("insert into {table} (id, aggregate_type, aggregate_id, event_type, payload) values ");
+            for (i, id) in chunk.iter().enumerate() {
+                if i > 0 {
+                    sql.push(',');
+                }
+                sql.push_str(&format!("('{id}', 'Order', 'agg-{}', 'streamed', '{{}}')", i % 7));
+            }
+            sql.push_str(" on conflict (id) do nothing");
+            loop {
+                match db.batch_execute(&sql).await {
+                    Ok(()) => break,
+                    Err(_) => db = support::pg_retry(T).await,
+                }
+            }
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_closing_connections_mid_stream_loses_nothing() {
+    let f = Fixture::new("f_amqp_close", true).await;
+    let mut relay = f.spawn(&[]);
+    relay.wait_streaming().await;
+    let all = ids("close", 10_000);
+    let writer = write_in_background(f.table.clone(), all.clone());
+    wait_for(T, "some delivered", || async { f.consumer().ids().len() >= 2000 }).await;
+    sh("rabbitmqctl -q close_all_connections 'fault test'");
+    relay.wait_log("broker connection lost", T).await;
+    wait_for(T, "more delivered after reconnect", || async { f.consumer().ids().len() >= 6000 }).await;
+    sh("rabbitmqctl -q close_all_connections 'fault test again'");
+    writer.await.unwrap();
+    f.consumer().wait_ids(&all, Duration::from_secs(180)).await;
+    assert!(relay.log_text().contains("re-publishing unconfirmed messages") || relay.log_text().contains("broker connected"));
+    assert!(relay.terminate(T).await.success());
+    f.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_restart_mid_stream_loses_nothing() {
+    let f = Fixture::new("f_amqp_restart", true).await;
+    let mut relay = f.spawn(&[]);
+    relay.wait_streaming().await;
+    let all = ids("brestart", 10_000);
+    let writer = write_in_background(f.table.clone(), all.clone());
+    wait_for(T, "some delivered", || async { f.consumer().ids().len() >= 2000 }).await;
+    sh("rabbitmqctl -q stop_app && rabbitmqctl -q start_app");
+    writer.await.unwrap();
+    f.consumer().wait_ids(&all, Duration::from_secs(180)).await;
+    assert!(relay.terminate(T).await.success());
+    f.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_restart_mid_stream_loses_nothing() {
+    let f = Fixture::new("f_pg_restart", true).await;
+    let mut relay = f.spawn(&[]);
+    relay.wait_streaming().await;
+    let all = ids("pgrestart", 10_000);
+    let writer = write_in_background(f.table.clone(), all.clone());
+    wait_for(T, "some delivered", || async { f.consumer().ids().len() >= 2000 }).await;
+    pg_restart();
+    relay.wait_log("replication stream resumed", Duration::from_secs(90)).await;
+    writer.await.unwrap();
+    f.consumer().wait_ids(&all, Duration::from_secs(180)).await;
+    assert!(relay.terminate(T).await.success());
+    f.cleanup().await;
+}

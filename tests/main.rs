@@ -1,0 +1,11 @@
+//! Integration tests against the real Postgres and RabbitMQ (run
+//! scripts/setup-services.sh first). Each test owns its table, publication,
+//! slot, exchange and queue. Tests that restart shared services live in
+//! tests/faults.rs, which runs serially.
+
+mod support;
+
+mod delivery;
+mod ordering;
+mod refusal;
+mod crash;

@@ -1,0 +1,629 @@
+//! Shared fixtures for the integration tests: every test gets its own table,
+//! publication, slot, exchange and queue (named after the test), a relay
+//! process spawned from the real binary, a consumer that survives broker
+//! connection loss, and condition waits with timeouts.
+#![allow(dead_code)]
+
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, ExchangeDeclareOptions, ExchangeDeleteOptions,
+    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio_postgres::{Client, NoTls};
+
+pub const PG_URL: &str = "postgresql://postgres@127.0.0.1:5432/test";
+pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// Waits until `cond` returns true, polling every 50 ms; panics with `what` after `timeout`.
+pub async fn wait_for<F, Fut>(timeout: Duration, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond().await {
+            return;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub async fn pg() -> Client {
+    let (client, conn) = tokio_postgres::connect(PG_URL, NoTls)
+        .await
+        .expect("test postgres reachable (run scripts/setup-services.sh)");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}
+
+/// Connects, retrying while Postgres restarts.
+pub async fn pg_retry(timeout: Duration) -> Client {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match tokio_postgres::connect(PG_URL, NoTls).await {
+            Ok((client, conn)) => {
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+                if client.simple_query("select 1").await.is_ok() {
+                    return client;
+                }
+            }
+            Err(e) if Instant::now() > deadline => panic!("postgres did not come back: {e}"),
+            Err(_) => {}
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+pub fn lsn_to_u64(s: &str) -> u64 {
+    let (hi, lo) = s.split_once('/').expect("lsn text");
+    (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap()
+}
+
+/// One test's private objects.
+pub struct Fixture {
+    pub name: String,
+    pub table: String,
+    pub slot: String,
+    pub publication: String,
+    pub exchange: String,
+    pub queue: String,
+    pub dir: PathBuf,
+    pub db: Client,
+    pub consumer: Option<Consumer>,
+}
+
+impl Fixture {
+    /// Drops leftovers of a crashed earlier run, creates the Event-Forge table,
+    /// declares the exchange and (when `bind_queue`) a durable queue bound with `#`.
+    pub async fn new(name: &str, bind_queue: bool) -> Fixture {
+        let f = Self::bare(name).await;
+        f.db
+            .batch_execute(&outbox_relay::catalog::outbox_ddl(
+                &outbox_relay::catalog::TableName::parse(&f.table).unwrap(),
+            ))
+            .await
+            .unwrap();
+        f.with_consumer(bind_queue).await
+    }
+
+    /// Like `new` but creates no table (the test makes its own).
+    pub async fn bare(name: &str) -> Fixture {
+        let db = pg().await;
+        let f = Fixture {
+            name: name.to_string(),
+            table: format!("public.t_{name}"),
+            slot: format!("s_{name}"),
+            publication: format!("p_{name}"),
+            exchange: format!("ex_{name}"),
+            queue: format!("q_{name}"),
+            dir: std::env::temp_dir().join("outbox-relay-tests").join(name),
+            db,
+            consumer: None,
+        };
+        drop_pg_objects(&f.db, &f.slot, &f.publication, &f.table).await;
+        let _ = std::fs::remove_dir_all(&f.dir);
+        std::fs::create_dir_all(&f.dir).unwrap();
+        let conn = amqp_connect().await;
+        let ch = conn.create_channel().await.unwrap();
+        let _ = ch
+            .queue_delete(f.queue.as_str().into(), QueueDeleteOptions::default())
+            .await;
+        let _ = ch
+            .exchange_delete(f.exchange.as_str().into(), ExchangeDeleteOptions::default())
+            .await;
+        let _ = conn.close(200, "bye".into()).await;
+        f
+    }
+
+    pub async fn with_consumer(mut self, bind_queue: bool) -> Fixture {
+        let conn = amqp_connect().await;
+        let ch = conn.create_channel().await.unwrap();
+        ch.exchange_declare(
+            self.exchange.as_str().into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+        ch.queue_declare(
+            self.queue.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+        if bind_queue {
+            self.bind("#").await;
+        }
+        let _ = conn.close(200, "bye".into()).await;
+        self.consumer = Some(Consumer::start(self.queue.clone()));
+        self
+    }
+
+    /// Binds the test queue to the exchange with `pattern`.
+    pub async fn bind(&self, pattern: &str) {
+        let conn = amqp_connect().await;
+        let ch = conn.create_channel().await.unwrap();
+        ch.queue_bind(
+            self.queue.as_str().into(),
+            self.exchange.as_str().into(),
+            pattern.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+        let _ = conn.close(200, "bye".into()).await;
+    }
+
+    pub fn consumer(&self) -> &Consumer {
+        self.consumer.as_ref().expect("fixture has a consumer")
+    }
+
+    /// A config file for this fixture; `extra` is appended per section as TOML lines
+    /// (e.g. `[("amqp", "max_in_flight = 64")]`).
+    pub fn config(&self, extra: &[(&str, &str)]) -> PathBuf {
+        let mut sections: Vec<(&str, Vec<String>)> = vec![
+            (
+                "postgres",
+                vec![
+                    format!("url = \"{PG_URL}\""),
+                    format!("table = \"{}\"", self.table),
+                    format!("slot = \"{}\"", self.slot),
+                    format!("publication = \"{}\"", self.publication),
+                    "slot_wait = \"20s\"".into(),
+                    "reconnect_backoff_max = \"2s\"".into(),
+                ],
+            ),
+            (
+                "amqp",
+                vec![
+                    format!("url = \"{AMQP_URL}\""),
+                    format!("exchange = \"{}\"", self.exchange),
+                    "reconnect_backoff_max = \"2s\"".into(),
+                ],
+            ),
+            (
+                "retry",
+                vec![
+                    "backoff_base = \"100ms\"".into(),
+                    "backoff_max = \"500ms\"".into(),
+                ],
+            ),
+            ("relay", vec![]),
+            ("log", vec!["level = \"info,outbox_relay=debug\"".into()]),
+        ];
+        for (section, line) in extra {
+            let s = sections
+                .iter_mut()
+                .find(|(n, _)| n == section)
+                .expect("known section");
+            let key = line.split('=').next().unwrap().trim();
+            s.1.retain(|l| l.split('=').next().unwrap().trim() != key);
+            s.1.push(line.to_string());
+        }
+        let mut text = String::new();
+        for (name, lines) in sections {
+            text.push_str(&format!("[{name}]\n"));
+            for l in lines {
+                text.push_str(&l);
+                text.push('\n');
+            }
+        }
+        let path = self.dir.join("relay.toml");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// Starts the relay binary with this fixture's config.
+    pub fn spawn(&self, extra: &[(&str, &str)]) -> Relay {
+        Relay::spawn(&self.config(extra), &self.dir, &[])
+    }
+
+    /// Inserts one Event-Forge row per (id, aggregate_id, event_type), all in one transaction.
+    pub async fn insert_batch(&self, rows: &[(String, String, String)]) {
+        let mut sql = format!(
+            "insert into {} (id, aggregate_type, aggregate_id, event_type, payload) values ",
+            self.table
+        );
+        for (i, (id, agg, ev)) in rows.iter().enumerate() {
+            if i > 0 {
+                sql.push(',');
+            }
+            sql.push_str(&format!(
+                "('{id}', 'Order', '{agg}', '{ev}', '{{\"n\": {i}}}')"
+            ));
+        }
+        self.db.batch_execute(&sql).await.unwrap();
+    }
+
+    /// Inserts `n` rows, one transaction each, ids `{prefix}-{i}`; returns the ids.
+    pub async fn insert_each(&self, prefix: &str, n: usize) -> Vec<String> {
+        let mut ids = Vec::with_capacity(n);
+        for i in 0..n {
+            let id = format!("{prefix}-{i}");
+            self.insert_batch(&[(id.clone(), format!("agg-{}", i % 97), "created".into())])
+                .await;
+            ids.push(id);
+        }
+        ids
+    }
+
+    pub async fn current_lsn(&self) -> u64 {
+        let s: String = self
+            .db
+            .query_one("select pg_current_wal_lsn()::text", &[])
+            .await
+            .unwrap()
+            .get(0);
+        lsn_to_u64(&s)
+    }
+
+    /// The slot's confirmed_flush_lsn (0 when the slot does not exist yet).
+    pub async fn confirmed_lsn(&self) -> u64 {
+        let row = self
+            .db
+            .query_opt(
+                "select confirmed_flush_lsn::text from pg_replication_slots where slot_name = $1",
+                &[&self.slot],
+            )
+            .await
+            .unwrap();
+        row.and_then(|r| r.get::<_, Option<String>>(0))
+            .map(|s| lsn_to_u64(&s))
+            .unwrap_or(0)
+    }
+
+    pub async fn slot_active_pid(&self) -> Option<i32> {
+        self.db
+            .query_opt(
+                "select active_pid from pg_replication_slots where slot_name = $1",
+                &[&self.slot],
+            )
+            .await
+            .unwrap()
+            .and_then(|r| r.get(0))
+    }
+
+    /// Drops slot, publication, table, queue and exchange.
+    pub async fn cleanup(mut self) {
+        if let Some(c) = self.consumer.take() {
+            c.stop();
+        }
+        let db = pg_retry(Duration::from_secs(30)).await;
+        drop_pg_objects(&db, &self.slot, &self.publication, &self.table).await;
+        if let Ok(conn) = Connection::connect(AMQP_URL, ConnectionProperties::default()).await {
+            if let Ok(ch) = conn.create_channel().await {
+                let _ = ch
+                    .queue_delete(self.queue.as_str().into(), QueueDeleteOptions::default())
+                    .await;
+                let _ = ch
+                    .exchange_delete(self.exchange.as_str().into(), ExchangeDeleteOptions::default())
+                    .await;
+            }
+            let _ = conn.close(200, "bye".into()).await;
+        }
+        self.slot.clear();
+    }
+}
+
+impl Drop for Fixture {
+    /// A test that panicked still drops its slot (an inactive slot holds WAL forever).
+    fn drop(&mut self) {
+        if self.slot.is_empty() {
+            return;
+        }
+        let (slot, publication, table) = (self.slot.clone(), self.publication.clone(), self.table.clone());
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                if let Ok((db, conn)) = tokio_postgres::connect(PG_URL, NoTls).await {
+                    tokio::spawn(async move {
+                        let _ = conn.await;
+                    });
+                    drop_pg_objects(&db, &slot, &publication, &table).await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+async fn drop_pg_objects(db: &Client, slot: &str, publication: &str, table: &str) {
+    // A walsender may still hold the slot for a moment after its relay died.
+    for _ in 0..100 {
+        let _ = db
+            .execute(
+                "select pg_terminate_backend(active_pid) from pg_replication_slots where slot_name = $1 and active_pid is not null",
+                &[&slot],
+            )
+            .await;
+        match db
+            .execute(
+                "select pg_drop_replication_slot(slot_name) from pg_replication_slots where slot_name = $1",
+                &[&slot],
+            )
+            .await
+        {
+            Ok(_) => break,
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    let _ = db
+        .batch_execute(&format!("drop publication if exists \"{publication}\""))
+        .await;
+    let _ = db.batch_execute(&format!("drop table if exists {table}")).await;
+}
+
+pub async fn amqp_connect() -> Connection {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match Connection::connect(AMQP_URL, ConnectionProperties::default()).await {
+            Ok(c) => return c,
+            Err(e) if Instant::now() > deadline => panic!("rabbitmq not reachable: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+/// One delivered message as the consumer saw it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub routing_key: String,
+    pub body: Vec<u8>,
+    pub properties: BasicProperties,
+}
+
+impl Received {
+    pub fn message_id(&self) -> String {
+        self.properties
+            .message_id()
+            .as_ref()
+            .map(|s| s.as_str().to_string())
+            .unwrap_or_default()
+    }
+
+    pub fn header(&self, key: &str) -> Option<String> {
+        match self.properties.headers().as_ref()?.inner().get(key)? {
+            AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+            other => Some(format!("{other:?}")),
+        }
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).expect("body is JSON")
+    }
+}
+
+/// Consumes the test queue in the background, reconnecting when the broker
+/// closes the connection; messages are acked after they are recorded.
+pub struct Consumer {
+    received: Arc<Mutex<Vec<Received>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Consumer {
+    fn start(queue: String) -> Consumer {
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let sink = received.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok(conn) = Connection::connect(AMQP_URL, ConnectionProperties::default()).await else {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                };
+                let Ok(ch) = conn.create_channel().await else { continue };
+                let _ = ch
+                    .basic_qos(500, lapin::options::BasicQosOptions::default())
+                    .await;
+                let Ok(mut consumer) = ch
+                    .basic_consume(
+                        queue.as_str().into(),
+                        "".into(),
+                        BasicConsumeOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await
+                else {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                };
+                while let Some(Ok(d)) = consumer.next().await {
+                    sink.lock().unwrap().push(Received {
+                        routing_key: d.routing_key.to_string(),
+                        body: d.data.clone(),
+                        properties: d.properties.clone(),
+                    });
+                    if d.ack(BasicAckOptions::default()).await.is_err() {
+                        break;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+        Consumer { received, task }
+    }
+
+    pub fn stop(&self) {
+        self.task.abort();
+    }
+
+    pub fn all(&self) -> Vec<Received> {
+        self.received.lock().unwrap().clone()
+    }
+
+    pub fn ids(&self) -> HashSet<String> {
+        self.received
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|r| r.message_id())
+            .collect()
+    }
+
+    /// Waits until every id in `expected` was received.
+    pub async fn wait_ids(&self, expected: &[String], timeout: Duration) {
+        let want: HashSet<&String> = expected.iter().collect();
+        let deadline = Instant::now() + timeout;
+        loop {
+            let have = self.ids();
+            let missing = want.iter().filter(|id| !have.contains(**id)).count();
+            if missing == 0 {
+                return;
+            }
+            if Instant::now() > deadline {
+                let sample: Vec<_> = want.iter().filter(|id| !have.contains(**id)).take(5).collect();
+                panic!(
+                    "{missing} of {} ids not received within {timeout:?} (e.g. {sample:?})",
+                    want.len()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Received messages grouped by aggregate id, in arrival order.
+    pub fn by_aggregate(&self) -> HashMap<String, Vec<Received>> {
+        let mut out: HashMap<String, Vec<Received>> = HashMap::new();
+        for r in self.all() {
+            out.entry(r.header("x-aggregate-id").unwrap_or_default())
+                .or_default()
+                .push(r);
+        }
+        out
+    }
+}
+
+/// A relay process spawned from the real binary; stderr goes to a log file.
+pub struct Relay {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Relay {
+    pub fn spawn(config: &std::path::Path, dir: &std::path::Path, env: &[(&str, &str)]) -> Relay {
+        Self::command(&["run", "--config", config.to_str().unwrap()], dir, env)
+    }
+
+    /// Runs `outbox-relay <args>` in the background with stderr/stdout in a log file.
+    pub fn command(args: &[&str], dir: &std::path::Path, env: &[(&str, &str)]) -> Relay {
+        std::fs::create_dir_all(dir).unwrap();
+        let n = std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0);
+        let log = dir.join(format!("relay-{n}.log"));
+        let file = std::fs::File::create(&log).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_outbox-relay"));
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .env_remove("RUST_LOG");
+        for (k, _) in std::env::vars() {
+            if k.starts_with("OUTBOX_RELAY_") {
+                cmd.env_remove(k);
+            }
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn outbox-relay");
+        Relay { child, log }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log contains `needle`.
+    pub async fn wait_log(&mut self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.log_text().contains(needle) {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("relay exited ({status}) before logging {needle:?}:\n{}", self.log_text());
+            }
+            if Instant::now() > deadline {
+                panic!("relay did not log {needle:?} within {timeout:?}:\n{}", self.log_text());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until the relay streams (its start-up line).
+    pub async fn wait_streaming(&mut self) {
+        self.wait_log("streaming", Duration::from_secs(60)).await;
+    }
+
+    /// kill -9.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits for the exit code.
+    pub async fn terminate(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status();
+        self.wait_exit(timeout).await
+    }
+
+    pub async fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("relay did not exit within {timeout:?}:\n{}", self.log_text());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Ids of a test run, unique per call.
+pub fn ids(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}-{i}")).collect()
+}
