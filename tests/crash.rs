@@ -16,7 +16,13 @@ async fn kill_9_mid_stream_loses_nothing() {
         let rows: Vec<(String, String, String)> = all
             .iter()
             .enumerate()
-            .map(|(i, id)| (id.clone(), format!("agg-{}", i % 300), "streamed".to_string()))
+            .map(|(i, id)| {
+                (
+                    id.clone(),
+                    format!("agg-{}", i % 300),
+                    "streamed".to_string(),
+                )
+            })
             .collect();
         let table = f.table.clone();
         tokio::spawn(async move {
@@ -33,7 +39,10 @@ async fn kill_9_mid_stream_loses_nothing() {
             }
         })
     };
-    wait_for(T, "a few thousand delivered", || async { f.consumer().ids().len() >= 3000 }).await;
+    wait_for(T, "a few thousand delivered", || async {
+        f.consumer().ids().len() >= 3000
+    })
+    .await;
     relay.kill9();
     let mut relay = crate::support::Relay::spawn(&cfg, &f.dir, &[]);
     relay.wait_streaming().await;
@@ -53,9 +62,11 @@ async fn applied_lsn_is_reported_within_about_a_second() {
     let end = f.current_lsn().await;
     f.consumer().wait_ids(&first, T).await;
     // The worker's default status interval is 10 s; the relay reports about every second.
-    wait_for(Duration::from_secs(4), "applied LSN reported to the server", || async {
-        f.confirmed_lsn().await >= end
-    })
+    wait_for(
+        Duration::from_secs(4),
+        "applied LSN reported to the server",
+        || async { f.confirmed_lsn().await >= end },
+    )
     .await;
     relay.kill9();
     let mut relay = crate::support::Relay::spawn(&cfg, &f.dir, &[]);
@@ -63,7 +74,10 @@ async fn applied_lsn_is_reported_within_about_a_second() {
     let second = f.insert_each("second", 10).await;
     f.consumer().wait_ids(&second, T).await;
     let total = f.consumer().all().len();
-    assert_eq!(total, 210, "kill -9 after the report: nothing replayed twice");
+    assert_eq!(
+        total, 210,
+        "kill -9 after the report: nothing replayed twice"
+    );
     assert!(relay.terminate(T).await.success());
     f.cleanup().await;
 }

@@ -23,7 +23,13 @@ async fn wire_format_is_event_forge() {
         .await
         .unwrap();
     f.consumer()
-        .wait_ids(&["7d0c0f7e-1b8e-4a36-9d9e-000000000001".into(), "7d0c0f7e-1b8e-4a36-9d9e-000000000002".into()], T)
+        .wait_ids(
+            &[
+                "7d0c0f7e-1b8e-4a36-9d9e-000000000001".into(),
+                "7d0c0f7e-1b8e-4a36-9d9e-000000000002".into(),
+            ],
+            T,
+        )
         .await;
     let all = f.consumer().all();
     let m = all.iter().find(|r| r.message_id().ends_with("01")).unwrap();
@@ -42,8 +48,15 @@ async fn wire_format_is_event_forge() {
     );
     let p = &m.properties;
     assert_eq!(*p.delivery_mode(), Some(2), "persistent");
-    assert_eq!(p.content_type().as_ref().unwrap().as_str(), "application/json");
-    assert_eq!(*p.timestamp(), Some(1_795_774_272), "timestamp = created_at in unix seconds");
+    assert_eq!(
+        p.content_type().as_ref().unwrap().as_str(),
+        "application/json"
+    );
+    assert_eq!(
+        *p.timestamp(),
+        Some(1_795_774_272),
+        "timestamp = created_at in unix seconds"
+    );
     assert_eq!(m.header("x-aggregate-type").as_deref(), Some("Order"));
     assert_eq!(m.header("x-aggregate-id").as_deref(), Some("order-42"));
     assert_eq!(m.header("x-event-type").as_deref(), Some("order.placed"));
@@ -51,13 +64,21 @@ async fn wire_format_is_event_forge() {
         m.header("traceparent").as_deref(),
         Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
     );
-    assert_eq!(p.headers().as_ref().unwrap().inner().len(), 4, "exactly the Event-Forge headers");
+    assert_eq!(
+        p.headers().as_ref().unwrap().inner().len(),
+        4,
+        "exactly the Event-Forge headers"
+    );
 
     let u = all.iter().find(|r| r.message_id().ends_with("02")).unwrap();
     assert_eq!(u.routing_key, "User.user.created");
     assert_eq!(u.json()["metadata"], serde_json::Value::Null);
     assert_eq!(u.json()["createdAt"], "2026-01-02T03:04:05+00:00");
-    assert_eq!(u.header("traceparent"), None, "no traceparent without trace ids");
+    assert_eq!(
+        u.header("traceparent"),
+        None,
+        "no traceparent without trace ids"
+    );
     assert_eq!(u.properties.headers().as_ref().unwrap().inner().len(), 3);
 
     assert!(relay.terminate(T).await.success());
@@ -75,12 +96,20 @@ async fn thousand_small_and_one_big_transaction_all_arrive() {
     let rows: Vec<_> = big
         .iter()
         .enumerate()
-        .map(|(i, id)| (id.clone(), format!("big-agg-{}", i % 50), "bulk.loaded".to_string()))
+        .map(|(i, id)| {
+            (
+                id.clone(),
+                format!("big-agg-{}", i % 50),
+                "bulk.loaded".to_string(),
+            )
+        })
         .collect();
     f.insert_batch(&rows).await;
     let end = f.current_lsn().await;
     expected.extend(big);
-    f.consumer().wait_ids(&expected, Duration::from_secs(120)).await;
+    f.consumer()
+        .wait_ids(&expected, Duration::from_secs(120))
+        .await;
     wait_for(T, "slot confirmed past the big transaction", || async {
         f.confirmed_lsn().await >= end
     })
@@ -105,14 +134,22 @@ async fn rolled_back_rows_are_never_published() {
     );
     f.db.batch_execute(&sql).await.unwrap();
     let end = f.current_lsn().await;
-    f.consumer().wait_ids(&["kept-1".into(), "kept-2".into()], T).await;
+    f.consumer()
+        .wait_ids(&["kept-1".into(), "kept-2".into()], T)
+        .await;
     wait_for(T, "slot confirmed past the last commit", || async {
         f.confirmed_lsn().await >= end
     })
     .await;
     let got = f.consumer().ids();
-    assert!(!got.contains("rolled-back"), "rolled-back insert was published");
-    assert!(!got.contains("savepoint-rolled-back"), "insert of a rolled-back savepoint was published");
+    assert!(
+        !got.contains("rolled-back"),
+        "rolled-back insert was published"
+    );
+    assert!(
+        !got.contains("savepoint-rolled-back"),
+        "insert of a rolled-back savepoint was published"
+    );
     assert_eq!(got.len(), 2, "{got:?}");
     assert!(relay.terminate(T).await.success());
     f.cleanup().await;
@@ -150,12 +187,18 @@ async fn columns_match_by_name_and_alter_table_while_running() {
         .unwrap();
     f.consumer().wait_ids(&["after-alter".into()], T).await;
     let all = f.consumer().all();
-    let after = all.iter().find(|r| r.message_id() == "after-alter").unwrap();
+    let after = all
+        .iter()
+        .find(|r| r.message_id() == "after-alter")
+        .unwrap();
     assert_eq!(after.json()["payload"], serde_json::json!([1, 2]));
     assert_eq!(after.routing_key, "Thing.e2");
     // Without a created_at column, createdAt is the commit time.
     let created = after.json()["createdAt"].as_str().unwrap().to_string();
-    assert!(created.starts_with("20") && created.ends_with("+00:00"), "{created}");
+    assert!(
+        created.starts_with("20") && created.ends_with("+00:00"),
+        "{created}"
+    );
     assert!(relay.terminate(T).await.success());
     f.cleanup().await;
 }
@@ -185,24 +228,30 @@ async fn idle_outbox_does_not_hold_wal_while_other_tables_are_busy() {
     let mut relay = f.spawn(&[]);
     relay.wait_streaming().await;
     let other = format!("{}_other", f.table);
-    f.db
-        .batch_execute(&format!("drop table if exists {other}; create table {other} (id serial primary key, pad text)"))
+    f.db.batch_execute(&format!(
+        "drop table if exists {other}; create table {other} (id serial primary key, pad text)"
+    ))
+    .await
+    .unwrap();
+    for _ in 0..20 {
+        f.db.batch_execute(&format!(
+            "insert into {other} (pad) select repeat('x', 200) from generate_series(1, 500)"
+        ))
         .await
         .unwrap();
-    for _ in 0..20 {
-        f.db
-            .batch_execute(&format!("insert into {other} (pad) select repeat('x', 200) from generate_series(1, 500)"))
-            .await
-            .unwrap();
     }
     let busy_end = f.current_lsn().await;
     // Keepalives report the WAL end while nothing is in flight; the slot follows
     // the unrelated writes instead of staying where the outbox last moved it.
-    wait_for(Duration::from_secs(90), "slot confirmed past unrelated writes", || async {
-        f.confirmed_lsn().await >= busy_end
-    })
+    wait_for(
+        Duration::from_secs(90),
+        "slot confirmed past unrelated writes",
+        || async { f.confirmed_lsn().await >= busy_end },
+    )
     .await;
-    f.db.batch_execute(&format!("drop table {other}")).await.unwrap();
+    f.db.batch_execute(&format!("drop table {other}"))
+        .await
+        .unwrap();
     assert!(relay.terminate(T).await.success());
     f.cleanup().await;
 }

@@ -28,7 +28,10 @@ fn write_in_background(table: String, all: Vec<String>) -> tokio::task::JoinHand
                 if i > 0 {
                     sql.push(',');
                 }
-                sql.push_str(&format!("('{id}', 'Order', 'agg-{}', 'streamed', '{{}}')", i % 7));
+                sql.push_str(&format!(
+                    "('{id}', 'Order', 'agg-{}', 'streamed', '{{}}')",
+                    i % 7
+                ));
             }
             sql.push_str(" on conflict (id) do nothing");
             loop {
@@ -48,14 +51,25 @@ async fn broker_closing_connections_mid_stream_loses_nothing() {
     relay.wait_streaming().await;
     let all = ids("close", 10_000);
     let writer = write_in_background(f.table.clone(), all.clone());
-    wait_for(T, "some delivered", || async { f.consumer().ids().len() >= 2000 }).await;
+    wait_for(T, "some delivered", || async {
+        f.consumer().ids().len() >= 2000
+    })
+    .await;
     sh("rabbitmqctl -q close_all_connections 'fault test'");
     relay.wait_log("broker connection lost", T).await;
-    wait_for(T, "more delivered after reconnect", || async { f.consumer().ids().len() >= 6000 }).await;
+    wait_for(T, "more delivered after reconnect", || async {
+        f.consumer().ids().len() >= 6000
+    })
+    .await;
     sh("rabbitmqctl -q close_all_connections 'fault test again'");
     writer.await.unwrap();
     f.consumer().wait_ids(&all, Duration::from_secs(180)).await;
-    assert!(relay.log_text().contains("re-publishing unconfirmed messages") || relay.log_text().contains("broker connected"));
+    assert!(
+        relay
+            .log_text()
+            .contains("re-publishing unconfirmed messages")
+            || relay.log_text().contains("broker connected")
+    );
     assert!(relay.terminate(T).await.success());
     f.cleanup().await;
 }
@@ -67,7 +81,10 @@ async fn broker_restart_mid_stream_loses_nothing() {
     relay.wait_streaming().await;
     let all = ids("brestart", 10_000);
     let writer = write_in_background(f.table.clone(), all.clone());
-    wait_for(T, "some delivered", || async { f.consumer().ids().len() >= 2000 }).await;
+    wait_for(T, "some delivered", || async {
+        f.consumer().ids().len() >= 2000
+    })
+    .await;
     sh("rabbitmqctl -q stop_app && rabbitmqctl -q start_app");
     writer.await.unwrap();
     f.consumer().wait_ids(&all, Duration::from_secs(180)).await;
@@ -82,9 +99,14 @@ async fn postgres_restart_mid_stream_loses_nothing() {
     relay.wait_streaming().await;
     let all = ids("pgrestart", 10_000);
     let writer = write_in_background(f.table.clone(), all.clone());
-    wait_for(T, "some delivered", || async { f.consumer().ids().len() >= 2000 }).await;
+    wait_for(T, "some delivered", || async {
+        f.consumer().ids().len() >= 2000
+    })
+    .await;
     pg_restart();
-    relay.wait_log("replication stream resumed", Duration::from_secs(90)).await;
+    relay
+        .wait_log("replication stream resumed", Duration::from_secs(90))
+        .await;
     writer.await.unwrap();
     f.consumer().wait_ids(&all, Duration::from_secs(180)).await;
     assert!(relay.terminate(T).await.success());

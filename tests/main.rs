@@ -5,7 +5,7 @@
 
 mod support;
 
+mod crash;
 mod delivery;
 mod ordering;
 mod refusal;
-mod crash;

@@ -31,7 +31,13 @@ async fn malformed_toml_and_unknown_keys_are_named() {
     let (code, out) = run_with("unknown_key", "run", "[postgres]\nslott = \"x\"\n", &[]).await;
     assert_eq!(code, 2, "{out}");
     assert!(out.contains("slott"), "{out}");
-    let (code, out) = run_with("unknown_env", "run", "", &[("OUTBOX_RELAY_AMQP_EXCHANGEE", "x")]).await;
+    let (code, out) = run_with(
+        "unknown_env",
+        "run",
+        "",
+        &[("OUTBOX_RELAY_AMQP_EXCHANGEE", "x")],
+    )
+    .await;
     assert_eq!(code, 2, "{out}");
     assert!(out.contains("exchangee"), "{out}");
     let (code, out) = run_with("bad_value", "run", "[amqp]\nmax_in_flight = 0\n", &[]).await;
@@ -45,7 +51,10 @@ async fn unreachable_services_are_named_without_password() {
     let text = "[postgres]\nurl = \"postgresql://postgres:hunter2@127.0.0.1:1/test\"\n";
     let (code, out) = run_with("pg_down", "run", text, &[]).await;
     assert_ne!(code, 0);
-    assert!(out.contains("cannot connect to Postgres at postgresql://postgres@127.0.0.1:1/test"), "{out}");
+    assert!(
+        out.contains("cannot connect to Postgres at postgresql://postgres@127.0.0.1:1/test"),
+        "{out}"
+    );
     assert!(!out.contains("hunter2"), "password leaked: {out}");
 
     // The environment overrides the file.
@@ -53,7 +62,10 @@ async fn unreachable_services_are_named_without_password() {
         "pg_down_env",
         "run",
         &base("pg_down_env"),
-        &[("OUTBOX_RELAY_POSTGRES_URL", "postgresql://postgres:hunter2@127.0.0.1:2/test")],
+        &[(
+            "OUTBOX_RELAY_POSTGRES_URL",
+            "postgresql://postgres:hunter2@127.0.0.1:2/test",
+        )],
     )
     .await;
     assert_ne!(code, 0);
@@ -67,7 +79,10 @@ async fn unreachable_services_are_named_without_password() {
     );
     let (code, out) = run_with("amqp_down", "run", &text, &[]).await;
     assert_ne!(code, 0);
-    assert!(out.contains("cannot connect to RabbitMQ at amqp://guest@127.0.0.1:1/%2f"), "{out}");
+    assert!(
+        out.contains("cannot connect to RabbitMQ at amqp://guest@127.0.0.1:1/%2f"),
+        "{out}"
+    );
     assert!(!out.contains("hunter2"), "password leaked: {out}");
     f.cleanup().await;
 }
@@ -77,19 +92,32 @@ async fn missing_table_and_columns() {
     let f = Fixture::bare("no_table").await;
     let (code, out) = run_with("no_table", "run", &base("no_table"), &[]).await;
     assert_ne!(code, 0);
-    assert!(out.contains("outbox table public.t_no_table does not exist") && out.contains("init"), "{out}");
-    f.db
-        .batch_execute("create table public.t_no_table (id text primary key, payload json)")
+    assert!(
+        out.contains("outbox table public.t_no_table does not exist") && out.contains("init"),
+        "{out}"
+    );
+    f.db.batch_execute("create table public.t_no_table (id text primary key, payload json)")
         .await
         .unwrap();
     let (code, out) = run_with("no_table", "run", &base("no_table"), &[]).await;
     assert_ne!(code, 0);
-    assert!(out.contains("lacks required column(s) aggregate_type, aggregate_id, event_type"), "{out}");
+    assert!(
+        out.contains("lacks required column(s) aggregate_type, aggregate_id, event_type"),
+        "{out}"
+    );
     // check says the same, one line per check, non-zero.
     let (code, out) = run_with("no_table", "check", &base("no_table"), &[]).await;
     assert_eq!(code, 1, "{out}");
-    assert!(out.lines().any(|l| l.starts_with("FAIL") && l.contains("aggregate_type")), "{out}");
-    assert!(out.lines().any(|l| l.starts_with("ok") && l.contains("wal_level")), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("FAIL") && l.contains("aggregate_type")),
+        "{out}"
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("ok") && l.contains("wal_level")),
+        "{out}"
+    );
     f.cleanup().await;
 }
 
@@ -106,7 +134,11 @@ async fn init_creates_what_is_missing_and_check_passes() {
     assert!(out.contains("table public.t_init_check: exists"), "{out}");
     let (code, out) = run_with("init_check", "check", &base("init_check"), &[]).await;
     assert_eq!(code, 0, "{out}");
-    assert_eq!(out.lines().filter(|l| l.starts_with("ok")).count(), 8, "{out}");
+    assert_eq!(
+        out.lines().filter(|l| l.starts_with("ok")).count(),
+        8,
+        "{out}"
+    );
     f.cleanup().await;
 }
 
@@ -115,10 +147,22 @@ async fn a_slot_held_by_another_process_names_its_pid() {
     let f = Fixture::new("slot_busy", true).await;
     let mut first = f.spawn(&[]);
     first.wait_streaming().await;
-    let pid = f.slot_active_pid().await.expect("slot held by the first relay");
-    let (code, out) = run_with("slot_busy_second", "run", &std::fs::read_to_string(f.config(&[("postgres", "slot_wait = \"1s\"")])).unwrap(), &[]).await;
+    let pid = f
+        .slot_active_pid()
+        .await
+        .expect("slot held by the first relay");
+    let (code, out) = run_with(
+        "slot_busy_second",
+        "run",
+        &std::fs::read_to_string(f.config(&[("postgres", "slot_wait = \"1s\"")])).unwrap(),
+        &[],
+    )
+    .await;
     assert_ne!(code, 0);
-    assert!(out.contains(&format!("held by another process (pid {pid})")), "{out}");
+    assert!(
+        out.contains(&format!("held by another process (pid {pid})")),
+        "{out}"
+    );
     assert!(first.terminate(T).await.success());
     f.cleanup().await;
 }
@@ -137,22 +181,30 @@ async fn a_malformed_row_stops_the_relay_before_it() {
     let mut relay = f.spawn(&[]);
     relay.wait_streaming().await;
     let t = &f.table;
-    f.db
-        .batch_execute(&format!("insert into {t} values ('good-1', 'A', 'a', 'e', '{{}}')"))
-        .await
-        .unwrap();
+    f.db.batch_execute(&format!(
+        "insert into {t} values ('good-1', 'A', 'a', 'e', '{{}}')"
+    ))
+    .await
+    .unwrap();
     let before = f.current_lsn().await;
-    f.db
-        .batch_execute(&format!("insert into {t} values ('bad-1', 'A', 'b', 'e', 'not json')"))
-        .await
-        .unwrap();
+    f.db.batch_execute(&format!(
+        "insert into {t} values ('bad-1', 'A', 'b', 'e', 'not json')"
+    ))
+    .await
+    .unwrap();
     let status = relay.wait_exit(T).await;
     assert!(!status.success());
     let log = relay.log_text();
-    assert!(log.contains("malformed outbox row bad-1") && log.contains("payload is not valid JSON"), "{log}");
+    assert!(
+        log.contains("malformed outbox row bad-1") && log.contains("payload is not valid JSON"),
+        "{log}"
+    );
     f.consumer().wait_ids(&["good-1".into()], T).await;
     assert!(!f.consumer().ids().contains("bad-1"));
-    assert!(f.confirmed_lsn().await <= before, "slot passed the malformed row");
+    assert!(
+        f.confirmed_lsn().await <= before,
+        "slot passed the malformed row"
+    );
     f.cleanup().await;
 }
 
@@ -179,15 +231,32 @@ impl ScratchCluster {
                 .args(["-u", "postgres", "--", "bash", "-c", &cmd])
                 .output()
                 .unwrap();
-            assert!(out.status.success(), "{cmd}: {}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "{cmd}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         };
         let _ = std::process::Command::new("runuser")
-            .args(["-u", "postgres", "--", "bash", "-c", &format!("{bin}/pg_ctl -D {} stop -m immediate", dir.display())])
+            .args([
+                "-u",
+                "postgres",
+                "--",
+                "bash",
+                "-c",
+                &format!("{bin}/pg_ctl -D {} stop -m immediate", dir.display()),
+            ])
             .output();
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        std::process::Command::new("chown").args(["postgres", dir.to_str().unwrap()]).status().unwrap();
-        sh(format!("{bin}/initdb -D {}/data -U postgres --auth=trust >/dev/null", dir.display()));
+        std::process::Command::new("chown")
+            .args(["postgres", dir.to_str().unwrap()])
+            .status()
+            .unwrap();
+        sh(format!(
+            "{bin}/initdb -D {}/data -U postgres --auth=trust >/dev/null",
+            dir.display()
+        ));
         sh(format!(
             "{bin}/pg_ctl -D {d}/data -l {d}/log -w -o '-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={d} -c wal_level=replica' start >/dev/null",
             d = dir.display()
@@ -199,7 +268,18 @@ impl ScratchCluster {
 impl Drop for ScratchCluster {
     fn drop(&mut self) {
         let _ = std::process::Command::new("runuser")
-            .args(["-u", "postgres", "--", "bash", "-c", &format!("{}/pg_ctl -D {}/data stop -m immediate", self.bin, self.dir.display())])
+            .args([
+                "-u",
+                "postgres",
+                "--",
+                "bash",
+                "-c",
+                &format!(
+                    "{}/pg_ctl -D {}/data stop -m immediate",
+                    self.bin,
+                    self.dir.display()
+                ),
+            ])
             .output();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
@@ -212,10 +292,15 @@ async fn wal_level_not_logical_is_refused_with_the_fix() {
     let (code, out) = run_with("wal_level", "run", text, &[]).await;
     assert_ne!(code, 0);
     assert!(
-        out.contains("wal_level is 'replica'") && out.contains("ALTER SYSTEM SET wal_level = logical"),
+        out.contains("wal_level is 'replica'")
+            && out.contains("ALTER SYSTEM SET wal_level = logical"),
         "{out}"
     );
     let (code, out) = run_with("wal_level", "check", text, &[]).await;
     assert_eq!(code, 1);
-    assert!(out.lines().any(|l| l.starts_with("FAIL") && l.contains("wal_level")), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("FAIL") && l.contains("wal_level")),
+        "{out}"
+    );
 }

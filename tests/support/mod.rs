@@ -93,12 +93,11 @@ impl Fixture {
     /// declares the exchange and (when `bind_queue`) a durable queue bound with `#`.
     pub async fn new(name: &str, bind_queue: bool) -> Fixture {
         let f = Self::bare(name).await;
-        f.db
-            .batch_execute(&outbox_relay::catalog::outbox_ddl(
-                &outbox_relay::catalog::TableName::parse(&f.table).unwrap(),
-            ))
-            .await
-            .unwrap();
+        f.db.batch_execute(&outbox_relay::catalog::outbox_ddl(
+            &outbox_relay::catalog::TableName::parse(&f.table).unwrap(),
+        ))
+        .await
+        .unwrap();
         f.with_consumer(bind_queue).await
     }
 
@@ -321,7 +320,10 @@ impl Fixture {
                     .queue_delete(self.queue.as_str().into(), QueueDeleteOptions::default())
                     .await;
                 let _ = ch
-                    .exchange_delete(self.exchange.as_str().into(), ExchangeDeleteOptions::default())
+                    .exchange_delete(
+                        self.exchange.as_str().into(),
+                        ExchangeDeleteOptions::default(),
+                    )
                     .await;
             }
             let _ = conn.close(200, "bye".into()).await;
@@ -336,7 +338,11 @@ impl Drop for Fixture {
         if self.slot.is_empty() {
             return;
         }
-        let (slot, publication, table) = (self.slot.clone(), self.publication.clone(), self.table.clone());
+        let (slot, publication, table) = (
+            self.slot.clone(),
+            self.publication.clone(),
+            self.table.clone(),
+        );
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -378,7 +384,9 @@ async fn drop_pg_objects(db: &Client, slot: &str, publication: &str, table: &str
     let _ = db
         .batch_execute(&format!("drop publication if exists \"{publication}\""))
         .await;
-    let _ = db.batch_execute(&format!("drop table if exists {table}")).await;
+    let _ = db
+        .batch_execute(&format!("drop table if exists {table}"))
+        .await;
 }
 
 pub async fn amqp_connect() -> Connection {
@@ -434,11 +442,14 @@ impl Consumer {
         let sink = received.clone();
         let task = tokio::spawn(async move {
             loop {
-                let Ok(conn) = Connection::connect(AMQP_URL, ConnectionProperties::default()).await else {
+                let Ok(conn) = Connection::connect(AMQP_URL, ConnectionProperties::default()).await
+                else {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     continue;
                 };
-                let Ok(ch) = conn.create_channel().await else { continue };
+                let Ok(ch) = conn.create_channel().await else {
+                    continue;
+                };
                 let _ = ch
                     .basic_qos(500, lapin::options::BasicQosOptions::default())
                     .await;
@@ -498,7 +509,11 @@ impl Consumer {
                 return;
             }
             if Instant::now() > deadline {
-                let sample: Vec<_> = want.iter().filter(|id| !have.contains(**id)).take(5).collect();
+                let sample: Vec<_> = want
+                    .iter()
+                    .filter(|id| !have.contains(**id))
+                    .take(5)
+                    .collect();
                 panic!(
                     "{missing} of {} ids not received within {timeout:?} (e.g. {sample:?})",
                     want.len()
@@ -571,10 +586,16 @@ impl Relay {
                 return;
             }
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("relay exited ({status}) before logging {needle:?}:\n{}", self.log_text());
+                panic!(
+                    "relay exited ({status}) before logging {needle:?}:\n{}",
+                    self.log_text()
+                );
             }
             if Instant::now() > deadline {
-                panic!("relay did not log {needle:?} within {timeout:?}:\n{}", self.log_text());
+                panic!(
+                    "relay did not log {needle:?} within {timeout:?}:\n{}",
+                    self.log_text()
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -607,7 +628,10 @@ impl Relay {
             }
             if Instant::now() > deadline {
                 let _ = self.child.kill();
-                panic!("relay did not exit within {timeout:?}:\n{}", self.log_text());
+                panic!(
+                    "relay did not exit within {timeout:?}:\n{}",
+                    self.log_text()
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The project's test command (README and .ci/run use this): lint, unit tests,
+# integration tests, then the fault tests that restart shared services, serially.
+# Needs the local services prepared by scripts/setup-services.sh.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo fmt --all -- --check
+cargo clippy --all-targets -- -D warnings
+cargo test --lib --bins
+cargo test --test main
+# Restarts RabbitMQ and Postgres: one test at a time, nothing else running beside them.
+cargo test --test faults -- --test-threads=1
