@@ -282,6 +282,8 @@ async fn relay_drain(rows: usize, window: usize) -> RelayRun {
         payload: bytes::Bytes::from(sample),
         metadata: None,
         created_at: Some("2026-11-27 06:00:00.123456+00".into()),
+        scheduled_at: None,
+        max_retries: None,
     };
     let body_len = outbox_relay::sink::format::encode(&event, 0)
         .unwrap()

@@ -47,6 +47,17 @@ pub async fn init(config: &Config) -> Result<Vec<String>, Error> {
             "exists"
         }
     ));
+    let retry_table =
+        TableName::parse(&config.postgres.retry_table).map_err(|message| ConfigError::Invalid {
+            key: "postgres.retry_table".into(),
+            message,
+        })?;
+    let existed = catalog::table_columns(&sql, &retry_table).await?.is_some();
+    catalog::create_parked_table(&sql, &retry_table).await?;
+    lines.push(format!(
+        "retry table {retry_table}: {}",
+        if existed { "exists" } else { "created" }
+    ));
     catalog::require_logical(&sql).await?;
     let existed = catalog::slot_state(&sql, &config.postgres.slot)
         .await?
@@ -280,4 +291,145 @@ pub async fn check(config: &Config) -> Vec<Check> {
         }
     }
     out
+}
+
+/// A dead message as `dead list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DeadMessage {
+    pub id: String,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub event_type: Option<String>,
+    pub attempts: i32,
+    pub last_error: Option<String>,
+    pub dead_since: String,
+}
+
+fn retry_table(config: &Config) -> Result<TableName, Error> {
+    Ok(
+        TableName::parse(&config.postgres.retry_table).map_err(|message| ConfigError::Invalid {
+            key: "postgres.retry_table".into(),
+            message,
+        })?,
+    )
+}
+
+/// Dead messages of this relay's slot, oldest first.
+pub async fn dead_list(config: &Config) -> Result<Vec<DeadMessage>, Error> {
+    let (target, _) = target_and_table(config)?;
+    let retry = retry_table(config)?;
+    let sql = target.connect().await?;
+    if catalog::table_columns(&sql, &retry).await?.is_none() {
+        return Ok(Vec::new());
+    }
+    let rows = sql
+        .query(
+            &format!(
+                "select id, aggregate_type, aggregate_id, event_type, attempts, error_message, \
+                 to_char(updated_at at time zone 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') \
+                 from {} where slot = $1 and status = 'dead' order by seq",
+                retry.quoted()
+            ),
+            &[&config.postgres.slot],
+        )
+        .await
+        .map_err(|source| Error::Postgres {
+            context: "listing dead messages".into(),
+            source,
+        })?;
+    Ok(rows
+        .iter()
+        .map(|r| DeadMessage {
+            id: r.get(0),
+            aggregate_type: r.get(1),
+            aggregate_id: r.get(2),
+            event_type: r.get(3),
+            attempts: r.get(4),
+            last_error: r.get(5),
+            dead_since: r.get(6),
+        })
+        .collect())
+}
+
+/// Gives dead messages (`ids`, or all with `None`) a fresh retry budget and wakes the
+/// running relay. Returns the ids requeued; unknown ids are an error naming them.
+pub async fn dead_requeue(config: &Config, ids: Option<&[String]>) -> Result<Vec<String>, Error> {
+    let (target, table) = target_and_table(config)?;
+    let retry = retry_table(config)?;
+    let mut sql = target.connect().await?;
+    if catalog::table_columns(&sql, &retry).await?.is_none() {
+        return Err(Error::Requeue(format!(
+            "retry table {retry} does not exist: nothing is dead"
+        )));
+    }
+    let mirror = catalog::table_columns(&sql, &table)
+        .await?
+        .is_some_and(|cols| {
+            catalog::RETRY_COLUMNS
+                .iter()
+                .all(|c| cols.iter().any(|h| h == c))
+        });
+    let tx = sql.transaction().await.map_err(|source| Error::Postgres {
+        context: "starting the requeue".into(),
+        source,
+    })?;
+    let all = ids.is_none();
+    let wanted: Vec<String> = ids.map(|v| v.to_vec()).unwrap_or_default();
+    let rows = tx
+        .query(
+            &format!(
+                "update {} set status = 'parked', attempts = 0, scheduled_at = now(), updated_at = now() \
+                 where slot = $1 and status = 'dead' and ($2 or id = any($3)) returning id",
+                retry.quoted()
+            ),
+            &[&config.postgres.slot, &all, &wanted],
+        )
+        .await
+        .map_err(|source| Error::Postgres { context: "requeueing dead messages".into(), source })?;
+    let requeued: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    let unknown: Vec<&String> = wanted.iter().filter(|id| !requeued.contains(id)).collect();
+    if !unknown.is_empty() {
+        tx.rollback().await.ok();
+        return Err(Error::Requeue(format!(
+            "not dead in slot {}: {} (see `outbox-relay dead list`)",
+            config.postgres.slot,
+            unknown
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    if mirror && !requeued.is_empty() {
+        let id_type = catalog::table_column_types(&tx, &table)
+            .await?
+            .into_iter()
+            .find(|(n, _, _)| n == "id")
+            .map(|(_, _, t)| t)
+            .unwrap_or_else(|| "text".into());
+        tx.execute(
+            &format!(
+                "update {} set status = 'failed', retry_count = 0, scheduled_at = now(), updated_at = now() \
+                 where id = any($1::text[]::{id_type}[])",
+                table.quoted()
+            ),
+            &[&requeued],
+        )
+        .await
+        .map_err(|source| Error::Postgres { context: "showing the requeue in the outbox rows".into(), source })?;
+    }
+    tx.batch_execute(&format!(
+        "notify {}",
+        catalog::quote_ident(&crate::retry::requeue_channel(&config.postgres.slot))
+    ))
+    .await
+    .map_err(|source| Error::Postgres {
+        context: "notifying the relay".into(),
+        source,
+    })?;
+    tx.commit().await.map_err(|source| Error::Postgres {
+        context: "committing the requeue".into(),
+        source,
+    })?;
+    Ok(requeued)
 }

@@ -68,6 +68,11 @@ impl PgTarget {
         &self.password
     }
 
+    /// The full connection string, password included: only for connecting.
+    pub(crate) fn url(&self) -> &str {
+        &self.url
+    }
+
     /// Opens an SQL session; its connection runs on a task of its own.
     pub async fn connect(&self) -> Result<Client, Error> {
         let (client, connection) =
@@ -406,6 +411,60 @@ pub fn outbox_ddl(table: &TableName) -> String {
         .replace("public.outbox_messages", &table.quoted())
         .replace("idx_outbox_messages_", &format!("idx_{}_", table.name))
 }
+
+/// DDL of the relay-owned retry table.
+pub const PARKED_DDL: &str = include_str!("../sql/outbox_relay_parked.sql");
+
+/// The DDL of `sql/outbox_relay_parked.sql` for another table name.
+pub fn parked_ddl(table: &TableName) -> String {
+    PARKED_DDL
+        .replace("public.outbox_relay_parked", &table.quoted())
+        .replace(
+            "outbox_relay_parked_aggregate",
+            &format!("{}_aggregate", table.name),
+        )
+}
+
+/// Creates the relay-owned retry table when missing.
+pub async fn create_parked_table(client: &Client, table: &TableName) -> Result<(), Error> {
+    client
+        .batch_execute(&parked_ddl(table))
+        .await
+        .map_err(query_err(
+            "creating the retry table (needs CREATE on its schema)",
+        ))
+}
+
+/// Columns of the table with their type oids and SQL type names, in attnum order.
+pub async fn table_column_types<C: tokio_postgres::GenericClient>(
+    client: &C,
+    table: &TableName,
+) -> Result<Vec<(String, u32, String)>, Error> {
+    let rows = client
+        .query(
+            "select a.attname::text, a.atttypid::oid, format_type(a.atttypid, a.atttypmod) from pg_attribute a \
+             join pg_class c on c.oid = a.attrelid join pg_namespace n on n.oid = c.relnamespace \
+             where n.nspname = $1 and c.relname = $2 and a.attnum > 0 and not a.attisdropped \
+             order by a.attnum",
+            &[&table.schema, &table.name],
+        )
+        .await
+        .map_err(query_err("reading the outbox table's column types"))?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect())
+}
+
+/// Event-Forge retry columns: when the table has them all, the relay shows retry
+/// state in the row's own columns too.
+pub const RETRY_COLUMNS: [&str; 5] = [
+    "status",
+    "retry_count",
+    "error_message",
+    "scheduled_at",
+    "updated_at",
+];
 
 /// Parses Postgres's "replication slot \"x\" is active for PID 123".
 pub fn pid_from_slot_error(message: &str) -> Option<i32> {

@@ -68,6 +68,26 @@ pub struct PostgresConfig {
     /// (e.g. the walsender of a relay that was just killed) before giving up.
     #[serde(deserialize_with = "de_duration")]
     pub slot_wait: Duration,
+    /// Column layout of the outbox table.
+    pub mapping: Mapping,
+    /// What happens to a row after its message is acked; default: `mark_published`
+    /// for Event-Forge tables, `keep` otherwise.
+    pub on_success: Option<OnSuccess>,
+    /// Published rows older than this are deleted in the background (`mark_published` only).
+    #[serde(deserialize_with = "de_duration")]
+    pub retention: Duration,
+    /// The relay-owned table that keeps failed and parked messages in commit order.
+    pub retry_table: String,
+}
+
+impl PostgresConfig {
+    /// `on_success` with its mapping-dependent default applied.
+    pub fn on_success(&self) -> OnSuccess {
+        self.on_success.unwrap_or(match self.mapping {
+            Mapping::EventForge => OnSuccess::MarkPublished,
+            Mapping::Debezium => OnSuccess::Keep,
+        })
+    }
 }
 
 impl Default for PostgresConfig {
@@ -81,6 +101,10 @@ impl Default for PostgresConfig {
             status_interval: Duration::from_secs(1),
             reconnect_backoff_max: Duration::from_secs(30),
             slot_wait: Duration::from_secs(10),
+            mapping: Mapping::EventForge,
+            on_success: None,
+            retention: Duration::from_secs(7 * 86400),
+            retry_table: "public.outbox_relay_parked".into(),
         }
     }
 }
@@ -96,6 +120,10 @@ impl fmt::Debug for PostgresConfig {
             .field("status_interval", &self.status_interval)
             .field("reconnect_backoff_max", &self.reconnect_backoff_max)
             .field("slot_wait", &self.slot_wait)
+            .field("mapping", &self.mapping)
+            .field("on_success", &self.on_success)
+            .field("retention", &self.retention)
+            .field("retry_table", &self.retry_table)
             .finish()
     }
 }
@@ -114,6 +142,11 @@ pub struct AmqpConfig {
     pub max_in_flight: usize,
     /// Most message body bytes held in memory at once.
     pub max_in_flight_bytes: usize,
+    /// A message body larger than this is not published; it goes to retry state.
+    pub max_message_bytes: usize,
+    /// Exchange that dead messages are published to (with headers that say why);
+    /// empty: none.
+    pub dead_letter_exchange: String,
     /// Longest wait between reconnect attempts to the broker.
     #[serde(deserialize_with = "de_duration")]
     pub reconnect_backoff_max: Duration,
@@ -127,6 +160,8 @@ impl Default for AmqpConfig {
             declare_exchange: true,
             max_in_flight: 2048,
             max_in_flight_bytes: 16 * 1024 * 1024,
+            max_message_bytes: 8 * 1024 * 1024,
+            dead_letter_exchange: String::new(),
             reconnect_backoff_max: Duration::from_secs(30),
         }
     }
@@ -140,6 +175,8 @@ impl fmt::Debug for AmqpConfig {
             .field("declare_exchange", &self.declare_exchange)
             .field("max_in_flight", &self.max_in_flight)
             .field("max_in_flight_bytes", &self.max_in_flight_bytes)
+            .field("max_message_bytes", &self.max_message_bytes)
+            .field("dead_letter_exchange", &self.dead_letter_exchange)
             .field("reconnect_backoff_max", &self.reconnect_backoff_max)
             .finish()
     }
@@ -176,12 +213,19 @@ impl Default for RelayConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RetryConfig {
-    /// First wait before re-publishing a refused message.
+    /// First wait before re-publishing a failed message.
     #[serde(deserialize_with = "de_duration")]
     pub backoff_base: Duration,
     /// Longest wait between re-publish attempts.
     #[serde(deserialize_with = "de_duration")]
     pub backoff_max: Duration,
+    /// Retries before a message is dead, when the table has no max_retries column.
+    pub max_retries: i32,
+    /// A publish without a confirm after this long is a failure.
+    #[serde(deserialize_with = "de_duration")]
+    pub publish_timeout: Duration,
+    /// When the head of an aggregate's retry queue goes dead: release the rest or hold them.
+    pub on_dead: OnDead,
 }
 
 impl Default for RetryConfig {
@@ -189,8 +233,44 @@ impl Default for RetryConfig {
         Self {
             backoff_base: Duration::from_secs(5),
             backoff_max: Duration::from_secs(3600),
+            max_retries: 3,
+            publish_timeout: Duration::from_secs(30),
+            on_dead: OnDead::Skip,
         }
     }
+}
+
+/// What happens to an aggregate's later messages when its head goes dead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnDead {
+    /// Release the rest of the aggregate's queue.
+    Skip,
+    /// Hold the aggregate until an operator requeues or removes the dead message.
+    Block,
+}
+
+/// Which columns hold the outbox fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mapping {
+    /// Event-Forge `outbox_messages`: id, aggregate_type, aggregate_id, event_type,
+    /// payload, metadata, created_at, status, retry_count, max_retries, scheduled_at, ...
+    EventForge,
+    /// Debezium-style outbox: id, aggregatetype, aggregateid, type, payload.
+    Debezium,
+}
+
+/// What the relay does to an outbox row once its message is acked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnSuccess {
+    /// `status = 'published'` (batched, off the publish path); needs a status column.
+    MarkPublished,
+    /// Delete the row (batched).
+    Delete,
+    /// Leave the row alone.
+    Keep,
 }
 
 /// Log output format.
@@ -317,6 +397,31 @@ impl Config {
             return Err(invalid(
                 "amqp.max_in_flight_bytes",
                 "must be at least 1024".into(),
+            ));
+        }
+        crate::catalog::TableName::parse(&self.postgres.retry_table)
+            .map_err(|m| invalid("postgres.retry_table", m))?;
+        if self.postgres.mapping == Mapping::Debezium
+            && self.postgres.on_success == Some(OnSuccess::MarkPublished)
+        {
+            return Err(invalid(
+                "postgres.on_success",
+                "mark_published needs a status column; Debezium-style tables use \"delete\" or \"keep\"".into(),
+            ));
+        }
+        if self.amqp.max_message_bytes == 0 {
+            return Err(invalid(
+                "amqp.max_message_bytes",
+                "must be at least 1".into(),
+            ));
+        }
+        if self.retry.max_retries < 0 {
+            return Err(invalid("retry.max_retries", "must be 0 or more".into()));
+        }
+        if self.retry.publish_timeout.is_zero() {
+            return Err(invalid(
+                "retry.publish_timeout",
+                "must be greater than 0 (e.g. \"30s\")".into(),
             ));
         }
         if self.retry.backoff_base.is_zero() {

@@ -87,6 +87,9 @@ pub enum Error {
         reason: String,
     },
 
+    #[error("cannot requeue: {0}")]
+    Requeue(String),
+
     #[error("shutdown did not finish in time: {0}")]
     Shutdown(String),
 }

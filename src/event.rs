@@ -21,6 +21,10 @@ pub struct OutboxEvent {
     pub metadata: Option<Bytes>,
     /// `created_at` as Postgres printed it (ISO DateStyle, UTC), when the table has it.
     pub created_at: Option<String>,
+    /// `scheduled_at` as Postgres printed it: not to be published before then.
+    pub scheduled_at: Option<String>,
+    /// The row's own retry budget, when the table has a `max_retries` column.
+    pub max_retries: Option<i32>,
 }
 
 /// Column names of one table layout (Event-Forge by default).
@@ -31,8 +35,10 @@ pub struct ColumnMapping {
     pub aggregate_id: &'static str,
     pub event_type: &'static str,
     pub payload: &'static str,
-    pub metadata: &'static str,
-    pub created_at: &'static str,
+    pub metadata: Option<&'static str>,
+    pub created_at: Option<&'static str>,
+    pub scheduled_at: Option<&'static str>,
+    pub max_retries: Option<&'static str>,
 }
 
 impl ColumnMapping {
@@ -43,9 +49,53 @@ impl ColumnMapping {
         aggregate_id: "aggregate_id",
         event_type: "event_type",
         payload: "payload",
-        metadata: "metadata",
-        created_at: "created_at",
+        metadata: Some("metadata"),
+        created_at: Some("created_at"),
+        scheduled_at: Some("scheduled_at"),
+        max_retries: Some("max_retries"),
     };
+
+    /// A Debezium-style outbox: id, aggregatetype, aggregateid, type, payload.
+    pub const DEBEZIUM: ColumnMapping = ColumnMapping {
+        id: "id",
+        aggregate_type: "aggregatetype",
+        aggregate_id: "aggregateid",
+        event_type: "type",
+        payload: "payload",
+        metadata: None,
+        created_at: None,
+        scheduled_at: None,
+        max_retries: None,
+    };
+
+    pub fn for_config(mapping: crate::config::Mapping) -> ColumnMapping {
+        match mapping {
+            crate::config::Mapping::EventForge => Self::EVENT_FORGE,
+            crate::config::Mapping::Debezium => Self::DEBEZIUM,
+        }
+    }
+
+    /// The columns a `select` re-reading one row needs, in `ResolvedMapping::from_names` order.
+    pub fn select_list(&self) -> Vec<&'static str> {
+        let mut v = vec![
+            self.id,
+            self.aggregate_type,
+            self.aggregate_id,
+            self.event_type,
+            self.payload,
+        ];
+        v.extend(
+            [
+                self.metadata,
+                self.created_at,
+                self.scheduled_at,
+                self.max_retries,
+            ]
+            .into_iter()
+            .flatten(),
+        );
+        v
+    }
 
     fn required(&self) -> [&'static str; 5] {
         [
@@ -75,7 +125,8 @@ impl ColumnMapping {
             return Err(missing);
         }
         let payload = pos(self.payload).expect("checked above");
-        let metadata = pos(self.metadata);
+        let opt = |c: Option<&str>| c.and_then(pos);
+        let metadata = opt(self.metadata);
         Ok(ResolvedMapping {
             id: pos(self.id).expect("checked above"),
             aggregate_type: pos(self.aggregate_type).expect("checked above"),
@@ -85,7 +136,9 @@ impl ColumnMapping {
             payload_is_json: is_json_type(columns[payload].type_id),
             metadata,
             metadata_is_json: metadata.is_some_and(|m| is_json_type(columns[m].type_id)),
-            created_at: pos(self.created_at),
+            created_at: opt(self.created_at),
+            scheduled_at: opt(self.scheduled_at),
+            max_retries: opt(self.max_retries),
         })
     }
 }
@@ -106,98 +159,111 @@ pub struct ResolvedMapping {
     metadata: Option<usize>,
     metadata_is_json: bool,
     created_at: Option<usize>,
+    scheduled_at: Option<usize>,
+    max_retries: Option<usize>,
 }
 
-/// Why a row cannot become a message.
+/// Why a row cannot become a message, with what could be read of it (kept in retry state).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MalformedRow {
     /// The row's id, or a placeholder when even that is unreadable.
     pub id: String,
     pub reason: String,
+    pub aggregate_type: Option<String>,
+    pub aggregate_id: Option<String>,
+    pub event_type: Option<String>,
+    pub payload: Option<Bytes>,
 }
 
 impl ResolvedMapping {
     /// Builds the event from an Insert's new tuple.
+    // The error keeps what could be read of the row (it is parked as-is); it is the
+    // rare path, and the hot Ok path is not affected by its size.
+    #[allow(clippy::result_large_err)]
     pub fn event(&self, tuple: &TupleData) -> Result<OutboxEvent, MalformedRow> {
-        let text = |idx: usize, name: &str| -> Result<Option<Bytes>, String> {
+        let cell = |idx: usize| -> Result<Option<Bytes>, String> {
             let col = tuple
                 .get_column(idx)
-                .ok_or_else(|| format!("column {name} is absent from the tuple"))?;
+                .ok_or_else(|| "a column is absent from the tuple".to_string())?;
             if col.is_null() {
                 return Ok(None);
             }
             if !col.is_text() {
-                return Err(format!(
-                    "column {name} did not arrive in text format (binary replication is not supported)"
-                ));
+                return Err(
+                    "a column did not arrive in text format (binary replication is not supported)"
+                        .into(),
+                );
             }
             Ok(Some(col.raw_bytes()))
         };
-        let string = |b: Bytes, name: &str| -> Result<String, String> {
+        self.build(cell)
+    }
+
+    /// Builds the event from cells fetched by position (a tuple, or a re-read row).
+    #[allow(clippy::result_large_err)]
+    pub fn build(
+        &self,
+        cell: impl Fn(usize) -> Result<Option<Bytes>, String>,
+    ) -> Result<OutboxEvent, MalformedRow> {
+        let text = |idx: usize| -> Option<String> {
+            cell(idx)
+                .ok()
+                .flatten()
+                .and_then(|b| String::from_utf8(b.to_vec()).ok())
+        };
+        let mut bad = MalformedRow {
+            id: text(self.id).unwrap_or_else(|| "<unreadable id>".into()),
+            reason: String::new(),
+            aggregate_type: text(self.aggregate_type),
+            aggregate_id: text(self.aggregate_id),
+            event_type: text(self.event_type),
+            payload: cell(self.payload).ok().flatten(),
+        };
+        let required = |idx: usize, name: &str| -> Result<String, String> {
+            let b = cell(idx).map_err(|e| format!("column {name}: {e}"))?;
+            let b = b.ok_or_else(|| format!("required column {name} is NULL"))?;
             String::from_utf8(b.to_vec()).map_err(|_| format!("column {name} is not valid UTF-8"))
         };
-        let id = match text(self.id, "id") {
-            Ok(Some(b)) => string(b, "id").map_err(|reason| MalformedRow {
-                id: "<unreadable id>".into(),
-                reason,
-            })?,
-            Ok(None) => {
-                return Err(MalformedRow {
-                    id: "<null id>".into(),
-                    reason: "column id is NULL".into(),
-                })
+        let result = (|| -> Result<OutboxEvent, String> {
+            let id = required(self.id, "id")?;
+            let aggregate_type = required(self.aggregate_type, "aggregate_type")?;
+            let aggregate_id = required(self.aggregate_id, "aggregate_id")?;
+            let event_type = required(self.event_type, "event_type")?;
+            let payload = cell(self.payload)?.ok_or("required column payload is NULL")?;
+            if !self.payload_is_json {
+                validate_json(&payload).map_err(|e| format!("payload is not valid JSON: {e}"))?;
             }
-            Err(reason) => {
-                return Err(MalformedRow {
-                    id: "<unreadable id>".into(),
-                    reason,
-                })
-            }
-        };
-        let fail = |reason: String| MalformedRow {
-            id: id.clone(),
-            reason,
-        };
-        let required = |idx: usize, name: &str| -> Result<Bytes, MalformedRow> {
-            text(idx, name)
-                .map_err(fail)?
-                .ok_or_else(|| fail(format!("required column {name} is NULL")))
-        };
-        let aggregate_type = string(
-            required(self.aggregate_type, "aggregate_type")?,
-            "aggregate_type",
-        )
-        .map_err(fail)?;
-        let aggregate_id =
-            string(required(self.aggregate_id, "aggregate_id")?, "aggregate_id").map_err(fail)?;
-        let event_type =
-            string(required(self.event_type, "event_type")?, "event_type").map_err(fail)?;
-        let payload = required(self.payload, "payload")?;
-        if !self.payload_is_json {
-            validate_json(&payload).map_err(|e| fail(format!("payload is not valid JSON: {e}")))?;
-        }
-        let metadata = match self.metadata {
-            Some(idx) => text(idx, "metadata").map_err(fail)?,
-            None => None,
-        };
-        if let (Some(m), false) = (&metadata, self.metadata_is_json) {
-            validate_json(m).map_err(|e| fail(format!("metadata is not valid JSON: {e}")))?;
-        }
-        let created_at = match self.created_at {
-            Some(idx) => match text(idx, "created_at").map_err(fail)? {
-                Some(b) => Some(string(b, "created_at").map_err(fail)?),
+            let metadata = match self.metadata {
+                Some(idx) => cell(idx)?,
                 None => None,
-            },
-            None => None,
-        };
-        Ok(OutboxEvent {
-            id,
-            aggregate_type,
-            aggregate_id,
-            event_type,
-            payload,
-            metadata,
-            created_at,
+            };
+            if let (Some(m), false) = (&metadata, self.metadata_is_json) {
+                validate_json(m).map_err(|e| format!("metadata is not valid JSON: {e}"))?;
+            }
+            let opt_text = |c: Option<usize>| c.and_then(text);
+            let max_retries = match opt_text(self.max_retries) {
+                Some(v) => Some(
+                    v.trim()
+                        .parse::<i32>()
+                        .map_err(|_| format!("max_retries {v:?} is not an integer"))?,
+                ),
+                None => None,
+            };
+            Ok(OutboxEvent {
+                id,
+                aggregate_type,
+                aggregate_id,
+                event_type,
+                payload,
+                metadata,
+                created_at: opt_text(self.created_at),
+                scheduled_at: opt_text(self.scheduled_at),
+                max_retries,
+            })
+        })();
+        result.map_err(|reason| {
+            bad.reason = reason;
+            bad
         })
     }
 }
@@ -259,6 +325,10 @@ mod tests {
     fn missing_columns_are_named() {
         let cols = vec![col("id", 25), col("payload", 114)];
         let missing = ColumnMapping::EVENT_FORGE.resolve(&cols).unwrap_err();
+        assert_eq!(
+            ColumnMapping::DEBEZIUM.missing_required(&["id".into(), "payload".into()]),
+            vec!["aggregatetype", "aggregateid", "type"]
+        );
         assert_eq!(
             missing,
             vec!["aggregate_type", "aggregate_id", "event_type"]

@@ -14,6 +14,7 @@ pub mod error;
 pub mod event;
 pub mod progress;
 pub mod relay;
+pub mod retry;
 pub mod sink;
 pub mod source;
 

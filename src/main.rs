@@ -28,6 +28,34 @@ enum Command {
     Init(ConfigArg),
     /// Preflight: one line per check, non-zero exit when any fails.
     Check(ConfigArg),
+    /// Dead messages: list them, or give them a fresh retry budget.
+    Dead {
+        #[command(subcommand)]
+        command: DeadCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeadCommand {
+    /// List dead messages (id, aggregate, event type, attempts, last error).
+    List {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Print JSON (an array of objects) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Give dead messages a fresh retry budget; the running relay picks them up at once.
+    Requeue {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Ids to requeue (repeatable).
+        #[arg(long = "id", required_unless_present = "all", conflicts_with = "all")]
+        ids: Vec<String>,
+        /// Requeue every dead message of this relay's slot.
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 #[derive(clap::Args)]
@@ -41,6 +69,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let path = match &cli.command {
         Command::Run(a) | Command::Init(a) | Command::Check(a) => a.config.clone(),
+        Command::Dead {
+            command: DeadCommand::List { config, .. } | DeadCommand::Requeue { config, .. },
+        } => config.config.clone(),
     };
     let config = match Config::load(&path) {
         Ok(c) => c,
@@ -100,6 +131,47 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<ExitCode> 
             } else {
                 ExitCode::FAILURE
             })
+        }
+        Command::Dead {
+            command: DeadCommand::List { json, .. },
+        } => {
+            let dead = outbox_relay::admin::dead_list(&config)
+                .await
+                .context("outbox-relay dead list")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&dead)?);
+            } else if dead.is_empty() {
+                println!("no dead messages for slot {}", config.postgres.slot);
+            } else {
+                println!(
+                    "{:<38} {:<40} {:<24} {:>8}  last error",
+                    "id", "aggregate", "event type", "attempts"
+                );
+                for d in dead {
+                    println!(
+                        "{:<38} {:<40} {:<24} {:>8}  {}",
+                        d.id,
+                        format!("{}/{}", d.aggregate_type, d.aggregate_id),
+                        d.event_type.unwrap_or_default(),
+                        d.attempts,
+                        d.last_error.unwrap_or_default()
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Dead {
+            command: DeadCommand::Requeue { ids, all, .. },
+        } => {
+            let ids = (!all).then_some(ids);
+            let done = outbox_relay::admin::dead_requeue(&config, ids.as_deref())
+                .await
+                .context("outbox-relay dead requeue")?;
+            println!(
+                "requeued {} message(s) with a fresh retry budget",
+                done.len()
+            );
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

@@ -31,6 +31,14 @@ impl Tracker {
         Self::default()
     }
 
+    /// Forgets every transaction (the stream replays them). Ids keep increasing, so
+    /// a late resolution of a forgotten transaction is ignored.
+    pub fn reset(&mut self) {
+        self.front_id += self.txns.len() as u64;
+        self.txns.clear();
+        self.open = false;
+    }
+
     /// A transaction starts; returns its id.
     pub fn begin(&mut self) -> TxnId {
         debug_assert!(!self.open, "Begin inside an open transaction");
@@ -147,6 +155,26 @@ mod tests {
         assert!(!t.is_idle());
         t.commit(lsn(7));
         assert_eq!(t.advance(), Some(lsn(7)));
+    }
+
+    #[test]
+    fn reset_ignores_late_resolutions() {
+        let mut t = Tracker::new();
+        let old = t.begin();
+        t.add_message(old);
+        t.reset();
+        let new = t.begin();
+        assert_ne!(old, new);
+        t.add_message(new);
+        t.resolve(old);
+        t.commit(lsn(9));
+        assert_eq!(
+            t.advance(),
+            None,
+            "the old id must not resolve the new transaction"
+        );
+        t.resolve(new);
+        assert_eq!(t.advance(), Some(lsn(9)));
     }
 
     #[test]

@@ -1,24 +1,32 @@
-//! The main loop: WAL in, AMQP out, LSN forward only behind broker acks.
+//! The main loop: WAL in, AMQP out, LSN forward only behind broker acks or
+//! durable retry state.
 //!
 //! One row's path: `source` hands an XLogData payload to the decoder, which
 //! makes an `OutboxEvent`; `sink::format` turns it into an AMQP message; the
-//! `Pipeline` below admits it into the in-flight window and, when its aggregate
-//! is free, sends it to the sink task; the sink's confirm comes back here,
-//! resolves the message in the `progress::Tracker`, and once its transaction
-//! and all earlier ones are resolved and committed the commit's end LSN is set
-//! as applied on the replication client, whose worker reports it to the server.
+//! `Pipeline` admits it into the in-flight window and, when its aggregate is
+//! free, sends it to the sink task; the sink's confirm comes back here and
+//! resolves the message in the `progress::Tracker`; once its transaction and
+//! all earlier ones are resolved and committed, the commit's end LSN is set as
+//! applied on the replication client, whose worker reports it to the server.
+//!
+//! Failure branch: a nack, a return, no confirm in time, an oversized body or a
+//! malformed row parks the message in the retry table (`retry`); the committed
+//! park counts as resolved. While an aggregate has parked messages its later
+//! stream messages are parked behind them; the retry heads are re-published
+//! here when due, in commit order, and dead-lettered after the last retry.
 
 use crate::catalog::{self, PgTarget, TableName};
-use crate::config::{Config, Ordering};
+use crate::config::{Config, ConfigError, Ordering};
 use crate::error::Error;
-use crate::event::ColumnMapping;
+use crate::event::{ColumnMapping, MalformedRow, OutboxEvent};
 use crate::progress::{Tracker, TxnId};
+use crate::retry::{self, Head, Loaded, ParkItem, Store, StoreCommand, StoreEvent, StoreSettings};
 use crate::sink::{
     self, AggregateKey, OutboundMessage, Outcome, SinkCommand, SinkEvent, SinkSettings,
 };
 use crate::source::{self, decode::DecodeError, Decoded, Decoder, SourceSettings};
+use lapin::types::{AMQPValue, LongString, ShortString};
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationEvent};
-use rand::Rng;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::future::Future;
@@ -30,19 +38,15 @@ use tokio::time::Instant;
 /// Runs the relay until `shutdown` resolves (then drains and exits cleanly) or
 /// an error that the relay cannot recover from.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
-    let target = PgTarget::parse(config.postgres.url.expose()).map_err(|message| {
-        crate::config::ConfigError::Invalid {
-            key: "postgres.url".into(),
-            message,
-        }
-    })?;
-    let table = TableName::parse(&config.postgres.table).map_err(|message| {
-        crate::config::ConfigError::Invalid {
-            key: "postgres.table".into(),
-            message,
-        }
-    })?;
-    let mapping = ColumnMapping::EVENT_FORGE;
+    let invalid = |key: &str| {
+        let key = key.to_string();
+        move |message| ConfigError::Invalid { key, message }
+    };
+    let target = PgTarget::parse(config.postgres.url.expose()).map_err(invalid("postgres.url"))?;
+    let table = TableName::parse(&config.postgres.table).map_err(invalid("postgres.table"))?;
+    let retry_table =
+        TableName::parse(&config.postgres.retry_table).map_err(invalid("postgres.retry_table"))?;
+    let mapping = ColumnMapping::for_config(config.postgres.mapping);
 
     // Preflight: everything that would make the relay unable to run fails here, once, clearly.
     let sql = target.connect().await?;
@@ -57,6 +61,19 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     let slot = catalog::ensure_slot(&sql, &config.postgres.slot, &target.dbname, create).await?;
     drop(sql);
+
+    let (store, heads) = Store::open(StoreSettings {
+        target: target.clone(),
+        slot: config.postgres.slot.clone(),
+        table: table.clone(),
+        retry_table,
+        mapping: mapping.clone(),
+        on_success: config.postgres.on_success(),
+        on_dead: config.retry.on_dead,
+        retention: config.postgres.retention,
+        reconnect_backoff_max: config.postgres.reconnect_backoff_max,
+    })
+    .await?;
 
     let sink_settings = SinkSettings {
         url: config.amqp.url.expose().to_string(),
@@ -86,6 +103,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         exchange = %config.amqp.exchange,
         start_lsn = %start_lsn,
         ordering = ?config.relay.ordering,
+        parked_aggregates = heads.len(),
         "outbox-relay {} streaming",
         env!("CARGO_PKG_VERSION")
     );
@@ -94,7 +112,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let (cmd_tx, cmd_rx) = mpsc::channel(window * 2 + 16);
     let (ev_tx, ev_rx) = mpsc::channel(window * 4 + 64);
     let sink_task = tokio::spawn(sink::run(sink_settings, broker, cmd_rx, ev_tx));
+    // Answers outstanding at once: parks (each holds window space), one command per
+    // retried head in flight (window) and loads (capped): the event channel always
+    // has room, so the store never blocks and the main loop never waits on it for long.
+    let (store_tx, store_rx) = mpsc::channel(window * 2 + MAX_LOADING + 16);
+    let (store_ev_tx, store_ev_rx) = mpsc::channel(window * 2 + MAX_LOADING * 2 + 64);
+    let store_task = tokio::spawn(store.run(store_rx, store_ev_tx));
 
+    let dead_letter_exchange = (!config.amqp.dead_letter_exchange.is_empty())
+        .then(|| ShortString::from(config.amqp.dead_letter_exchange.as_str()));
     let mut relay = Relay {
         pipeline: Pipeline::new(&config, cmd_tx),
         tracker: Tracker::new(),
@@ -105,13 +131,26 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         client,
         applied: start_lsn,
         commit_time: 0,
+        store: store_tx,
+        parked: Parked::default(),
+        dead_letter_exchange,
+        succeeded: Vec::new(),
+        succeeded_since: None,
         config,
     };
-    let result = relay.main_loop(ev_rx, shutdown).await;
-    // Closing the command channel ends the sink task, which closes the connection.
-    let Relay { pipeline, .. } = relay;
+    for head in heads {
+        relay.parked.adopt(head);
+    }
+    let result = relay.main_loop(ev_rx, store_ev_rx, shutdown).await;
+    // Closing the command channels ends the sink task (which closes the broker
+    // connection) and the store task (after it flushes pending on_success updates).
+    let Relay {
+        pipeline, store, ..
+    } = relay;
     drop(pipeline);
+    drop(store);
     let _ = tokio::time::timeout(Duration::from_secs(5), sink_task).await;
+    let _ = tokio::time::timeout(Duration::from_secs(10), store_task).await;
     result
 }
 
@@ -146,6 +185,13 @@ struct Relay {
     applied: Lsn,
     /// Commit time (Postgres epoch, µs) of the open transaction.
     commit_time: i64,
+    store: mpsc::Sender<StoreCommand>,
+    parked: Parked,
+    dead_letter_exchange: Option<ShortString>,
+    /// Ids acked since the last hand-over to the store's batched on_success update.
+    succeeded: Vec<String>,
+    /// When the oldest of them was acked: handed over 50 ms later at the latest.
+    succeeded_since: Option<Instant>,
 }
 
 /// Why the WAL stream needs a new connection.
@@ -155,19 +201,33 @@ impl Relay {
     async fn main_loop(
         &mut self,
         mut sink_events: mpsc::Receiver<SinkEvent>,
+        mut store_events: mpsc::Receiver<StoreEvent>,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), Error> {
         tokio::pin!(shutdown);
         let mut draining_until: Option<Instant> = None;
         loop {
-            if draining_until.is_some() && self.pipeline.is_empty() {
+            if draining_until.is_some()
+                && self.pipeline.is_empty()
+                && self.parked.outstanding() == 0
+            {
                 break;
             }
             let read_wal = draining_until.is_none() && self.pipeline.has_room();
-            let next_due = self.pipeline.next_due();
+            let loads = draining_until.is_none() && self.pipeline.has_room();
+            let hand_over = self.succeeded_since.map(|t| t + Duration::from_millis(50));
+            let next_timer = [
+                self.pipeline.next_timer(),
+                self.parked.next_due().filter(|_| loads),
+                hand_over,
+            ]
+            .into_iter()
+            .flatten()
+            .min();
             // Priority, highest first: shutdown, confirms (they free the window and
-            // move the LSN), retries due, WAL (only with room in the window and the
-            // broker up), keepalives (they arrive as WAL events).
+            // move the LSN), retry-state answers, retries and timeouts due, WAL
+            // (only with room in the window and the broker up), keepalives (they
+            // arrive as WAL events).
             tokio::select! {
                 biased;
                 _ = &mut shutdown, if draining_until.is_none() => {
@@ -185,8 +245,14 @@ impl Relay {
                     };
                     self.on_sink_event(ev).await;
                 }
-                _ = sleep_until_opt(next_due) => {
-                    self.pipeline.fire_due(Instant::now()).await;
+                ev = store_events.recv() => {
+                    let Some(ev) = ev else {
+                        return Err(Error::Shutdown("the retry-state task ended unexpectedly".into()));
+                    };
+                    self.on_store_event(ev).await;
+                }
+                _ = sleep_until_opt(next_timer) => {
+                    self.on_timers(loads).await;
                 }
                 ev = self.client.recv(), if read_wal => {
                     let outcome = match ev {
@@ -206,7 +272,9 @@ impl Relay {
                 }
             }
             self.advance();
+            self.hand_over_succeeded(256);
         }
+        self.hand_over_succeeded(1);
         self.finish().await;
         Ok(())
     }
@@ -234,38 +302,29 @@ impl Relay {
                     }
                     other => Err(Error::Decode(other.to_string())),
                 })?;
+                let Some(txn) = self.tracker.current() else {
+                    return match decoded {
+                        Decoded::Ignored => Ok(()),
+                        _ => Err(Err(Error::Decode(
+                            "an insert arrived outside a transaction".into(),
+                        ))),
+                    };
+                };
                 match decoded {
                     Decoded::Ignored => {}
-                    Decoded::Event(event) => {
-                        let Some(txn) = self.tracker.current() else {
-                            return Err(Err(Error::Decode(
-                                "an insert arrived outside a transaction".into(),
-                            )));
+                    Decoded::Event(event) => self.admit_stream_event(Arc::new(event), txn).await,
+                    Decoded::Malformed(row) => {
+                        tracing::warn!(id = %row.id, reason = %row.reason, "malformed outbox row: parked in retry state");
+                        let cause = ParkCause {
+                            failure: Some(format!("malformed row: {}", row.reason)),
+                            not_before: None,
                         };
-                        let message =
-                            sink::format::encode(&event, self.commit_time).map_err(|e| {
-                                Err(Error::MalformedRow {
-                                    table: self.table.to_string(),
-                                    id: event.id.clone(),
-                                    reason: e.0,
-                                })
-                            })?;
-                        self.pipeline
-                            .admit(Arc::new(message), txn, &mut self.tracker)
+                        self.admit_stream(Body::Malformed(row), None, txn, Some(cause))
                             .await;
-                    }
-                    Decoded::Malformed(m) => {
-                        return Err(Err(Error::MalformedRow {
-                            table: self.table.to_string(),
-                            id: m.id,
-                            reason: m.reason,
-                        }))
                     }
                 }
             }
-            ReplicationEvent::Commit { end_lsn, .. } => {
-                self.tracker.commit(end_lsn);
-            }
+            ReplicationEvent::Commit { end_lsn, .. } => self.tracker.commit(end_lsn),
             ReplicationEvent::KeepAlive { wal_end, .. } => self.confirm_when_idle(wal_end),
             ReplicationEvent::Message {
                 transactional: false,
@@ -278,6 +337,133 @@ impl Relay {
             }
         }
         Ok(())
+    }
+
+    async fn admit_stream_event(&mut self, event: Arc<OutboxEvent>, txn: TxnId) {
+        let due = event
+            .scheduled_at
+            .as_deref()
+            .and_then(retry::scheduled_micros);
+        let delayed = due.filter(|d| *d > now_micros());
+        match sink::format::encode(&event, self.commit_time) {
+            Err(e) => {
+                let cause = ParkCause {
+                    failure: Some(format!("cannot be sent: {}", e.0)),
+                    not_before: delayed,
+                };
+                self.admit_stream(Body::Event(event), None, txn, Some(cause))
+                    .await;
+            }
+            Ok(message) => {
+                let limit = self.config.amqp.max_message_bytes;
+                let cause = if message.body.len() > limit {
+                    Some(ParkCause {
+                        failure: Some(format!(
+                            "message body of {} bytes exceeds amqp.max_message_bytes ({limit})",
+                            message.body.len()
+                        )),
+                        not_before: delayed,
+                    })
+                } else {
+                    delayed.map(|d| ParkCause {
+                        failure: None,
+                        not_before: Some(d),
+                    })
+                };
+                self.admit_stream(Body::Event(event), Some(Arc::new(message)), txn, cause)
+                    .await;
+            }
+        }
+    }
+
+    /// Admits a stream message: parked behind its aggregate when that one has retry
+    /// state, parked now when it has a cause of its own, else published.
+    async fn admit_stream(
+        &mut self,
+        body: Body,
+        message: Option<Arc<OutboundMessage>>,
+        txn: TxnId,
+        cause: Option<ParkCause>,
+    ) {
+        self.tracker.add_message(txn);
+        let key = body.key();
+        let origin = Origin::Stream {
+            txn,
+            commit_time: self.commit_time,
+        };
+        if self.parked.is_parked(key) {
+            let seq = self.pipeline.insert(body, message, origin, State::Parking);
+            let mut items = vec![self.park_item(seq, cause.as_ref())];
+            items.extend(
+                self.pipeline
+                    .drain_queue(key)
+                    .into_iter()
+                    .map(|s| self.park_item(s, None)),
+            );
+            self.send_park(items).await;
+            return;
+        }
+        match self.pipeline.admit(body, message, origin, cause) {
+            Admitted::Sent | Admitted::Queued => {}
+            Admitted::ParkNow(seq) => self.park_with_queue(seq).await,
+        }
+    }
+
+    /// Parks `seq` (with its own cause) and everything queued behind it in memory.
+    async fn park_with_queue(&mut self, seq: u64) {
+        let Some(p) = self.pipeline.pending.get(&seq) else {
+            return;
+        };
+        let key = p.body.key();
+        let cause = p.cause.clone();
+        self.pipeline.mark_parking(seq);
+        let mut items = vec![self.park_item(seq, cause.as_ref())];
+        items.extend(
+            self.pipeline
+                .drain_queue(key)
+                .into_iter()
+                .map(|s| self.park_item(s, None)),
+        );
+        self.send_park(items).await;
+    }
+
+    fn park_item(&self, seq: u64, cause: Option<&ParkCause>) -> ParkItem {
+        let p = &self.pipeline.pending[&seq];
+        let commit_time = match p.origin {
+            Origin::Stream { commit_time, .. } => commit_time,
+            _ => 0,
+        };
+        let max = self.config.retry.max_retries;
+        let mut item = match &p.body {
+            Body::Event(e) => ParkItem::from_event(seq, e, commit_time, max),
+            Body::Malformed(m) => ParkItem::from_malformed(seq, m, commit_time, max),
+        };
+        if let Some(c) = cause {
+            if let Some(f) = &c.failure {
+                item.failure = Some(f.clone());
+                let delay = retry::backoff(
+                    self.config.retry.backoff_base,
+                    self.config.retry.backoff_max,
+                    1,
+                );
+                item.not_before = Some(
+                    c.not_before
+                        .unwrap_or(0)
+                        .max(now_micros() + delay.as_micros() as i64),
+                );
+            } else if let Some(nb) = c.not_before {
+                item.not_before = Some(nb);
+            }
+        }
+        item
+    }
+
+    async fn send_park(&mut self, items: Vec<ParkItem>) {
+        for item in &items {
+            self.parked
+                .command_sent(item.key, &item.aggregate_type, &item.aggregate_id);
+        }
+        let _ = self.store.send(StoreCommand::Park(items)).await;
     }
 
     /// With nothing in flight, everything the server has sent is handled:
@@ -296,15 +482,371 @@ impl Relay {
                 generation,
                 outcome,
             } => {
-                self.pipeline
-                    .on_confirm(seq, generation, outcome, &mut self.tracker)
-                    .await
+                if !self.pipeline.is_published(seq, generation) {
+                    return; // a stale confirm: the message was re-sent or already handled
+                }
+                if outcome == Outcome::Ack {
+                    self.on_acked(seq).await;
+                } else {
+                    self.on_failed(seq, outcome.describe()).await;
+                }
             }
             SinkEvent::Down { generation, reason } => {
                 tracing::warn!(generation, %reason, in_flight = self.pipeline.len(), "broker down: stopped reading WAL until it is back");
                 self.pipeline.on_down(generation);
             }
             SinkEvent::Up { generation } => self.pipeline.on_up(generation).await,
+        }
+    }
+
+    async fn on_acked(&mut self, seq: u64) {
+        let (p, next) = self.pipeline.resolve(seq);
+        if let Some(next) = next {
+            self.pipeline_next(next).await;
+        }
+        match p.origin {
+            Origin::Stream { txn, .. } => {
+                self.tracker.resolve(txn);
+                if let Body::Event(e) = &p.body {
+                    if self.succeeded.is_empty() {
+                        self.succeeded_since = Some(Instant::now());
+                    }
+                    self.succeeded.push(e.id.clone());
+                }
+            }
+            Origin::Retry { parked_seq, .. } | Origin::DeadLetter { parked_seq, .. } => {
+                let key = p.body.key();
+                let (aggregate_type, aggregate_id) = self.parked.names(key);
+                let cmd = match p.origin {
+                    Origin::Retry { .. } => StoreCommand::Delivered {
+                        key,
+                        aggregate_type,
+                        aggregate_id,
+                        parked_seq,
+                        id: p.body.id(),
+                    },
+                    Origin::DeadLetter {
+                        attempts,
+                        ref reason,
+                        ..
+                    } => {
+                        tracing::warn!(id = %p.body.id(), attempts, %reason, "dead-lettered");
+                        StoreCommand::Dead {
+                            key,
+                            aggregate_type,
+                            aggregate_id,
+                            parked_seq,
+                            id: p.body.id(),
+                            attempts,
+                            reason: reason.clone(),
+                        }
+                    }
+                    Origin::Stream { .. } => unreachable!(),
+                };
+                self.parked.releasing(key);
+                let _ = self.store.send(cmd).await;
+            }
+        }
+    }
+
+    /// Sends or parks the message whose turn came after an ack.
+    async fn pipeline_next(&mut self, seq: u64) {
+        if self
+            .pipeline
+            .pending
+            .get(&seq)
+            .is_some_and(|p| p.cause.is_some())
+        {
+            self.park_with_queue(seq).await;
+        } else {
+            self.pipeline.send(seq).await;
+        }
+    }
+
+    /// A publish failed (nack, return, timeout).
+    async fn on_failed(&mut self, seq: u64, reason: String) {
+        let Some(p) = self.pipeline.pending.get(&seq) else {
+            return;
+        };
+        match p.origin.clone() {
+            Origin::Stream { .. } => {
+                tracing::warn!(id = %p.body.id(), %reason, "publish failed: parking in retry state");
+                self.pipeline.pending.get_mut(&seq).expect("present").cause = Some(ParkCause {
+                    failure: Some(reason),
+                    not_before: None,
+                });
+                self.park_with_queue(seq).await;
+            }
+            Origin::Retry {
+                parked_seq,
+                attempts,
+                max_retries,
+            } => {
+                let (p, next) = self.pipeline.resolve(seq);
+                if let Some(next) = next {
+                    self.pipeline_next(next).await;
+                }
+                self.retry_failed(
+                    p.body,
+                    p.message,
+                    parked_seq,
+                    attempts + 1,
+                    max_retries,
+                    reason,
+                )
+                .await;
+            }
+            Origin::DeadLetter { .. } => {
+                let delay = retry::backoff(
+                    self.config.retry.backoff_base,
+                    self.config.retry.backoff_max,
+                    1,
+                );
+                tracing::warn!(id = %p.body.id(), %reason, retry_in = ?delay, "dead-letter publish failed; retrying");
+                self.pipeline.backoff(seq, delay);
+            }
+        }
+    }
+
+    /// A retried head failed again: schedule the next attempt, or dead-letter it.
+    async fn retry_failed(
+        &mut self,
+        body: Body,
+        message: Option<Arc<OutboundMessage>>,
+        parked_seq: i64,
+        attempts: i32,
+        max_retries: i32,
+        reason: String,
+    ) {
+        let key = body.key();
+        let (aggregate_type, aggregate_id) = self.parked.names(key);
+        if attempts <= max_retries {
+            let delay = retry::backoff(
+                self.config.retry.backoff_base,
+                self.config.retry.backoff_max,
+                attempts as u32,
+            );
+            tracing::warn!(id = %body.id(), attempts, max_retries, retry_in = ?delay, %reason, "retry failed");
+            self.parked.releasing(key);
+            let _ = self
+                .store
+                .send(StoreCommand::Failed {
+                    key,
+                    parked_seq,
+                    id: body.id(),
+                    attempts,
+                    reason,
+                    delay,
+                })
+                .await;
+            return;
+        }
+        match self.dead_letter_exchange.clone() {
+            Some(dlx) => {
+                let dead = dead_letter_message(
+                    &dlx,
+                    &self.config.amqp.exchange,
+                    &body,
+                    message.as_deref(),
+                    attempts,
+                    &reason,
+                );
+                self.pipeline
+                    .admit_retry(
+                        body,
+                        Arc::new(dead),
+                        Origin::DeadLetter {
+                            parked_seq,
+                            attempts,
+                            reason,
+                        },
+                    )
+                    .await;
+            }
+            None => {
+                tracing::warn!(id = %body.id(), attempts, %reason, "message is dead (no dead_letter_exchange configured)");
+                self.parked.releasing(key);
+                let _ = self
+                    .store
+                    .send(StoreCommand::Dead {
+                        key,
+                        aggregate_type,
+                        aggregate_id,
+                        parked_seq,
+                        id: body.id(),
+                        attempts,
+                        reason,
+                    })
+                    .await;
+            }
+        }
+    }
+
+    async fn on_store_event(&mut self, ev: StoreEvent) {
+        match ev {
+            StoreEvent::Parked { tokens, heads } => {
+                for token in tokens {
+                    let (p, _) = self.pipeline.resolve(token);
+                    self.parked.command_done(p.body.key());
+                    if let Origin::Stream { txn, .. } = p.origin {
+                        self.tracker.resolve(txn);
+                    }
+                }
+                for head in heads {
+                    self.parked.adopt(head);
+                }
+            }
+            StoreEvent::Loaded { key, head } => {
+                self.parked.loaded();
+                match head {
+                    None => self.parked.empty(key),
+                    Some(loaded) => self.publish_loaded(key, loaded).await,
+                }
+            }
+            StoreEvent::Released { key, next } => {
+                self.parked.command_done(key);
+                match next {
+                    Some(head) => self.parked.next_head(head),
+                    None => self.parked.empty(key),
+                }
+            }
+            StoreEvent::Rescheduled { key, due } => {
+                self.parked.command_done(key);
+                self.parked.schedule(key, due);
+            }
+            StoreEvent::Blocked { key } => {
+                self.parked.command_done(key);
+                self.parked.block(key);
+            }
+            StoreEvent::Heads(heads) => {
+                for head in heads {
+                    self.parked.adopt(head);
+                }
+            }
+        }
+    }
+
+    /// Re-publishes a loaded head, or counts a failure when it still cannot be sent.
+    async fn publish_loaded(&mut self, key: AggregateKey, loaded: Loaded) {
+        self.parked.in_flight(key);
+        let Loaded {
+            parked_seq,
+            event,
+            commit_time,
+            attempts,
+            max_retries,
+        } = loaded;
+        let event = match event {
+            Ok(e) => e,
+            Err(bad) => {
+                let reason = format!("malformed row: {}", bad.reason);
+                self.retry_failed(
+                    Body::Malformed(bad),
+                    None,
+                    parked_seq,
+                    attempts + 1,
+                    max_retries,
+                    reason,
+                )
+                .await;
+                return;
+            }
+        };
+        let event = Arc::new(event);
+        let limit = self.config.amqp.max_message_bytes;
+        match sink::format::encode(&event, commit_time) {
+            Err(e) => {
+                let reason = format!("cannot be sent: {}", e.0);
+                self.retry_failed(
+                    Body::Event(event),
+                    None,
+                    parked_seq,
+                    attempts + 1,
+                    max_retries,
+                    reason,
+                )
+                .await
+            }
+            Ok(m) if m.body.len() > limit => {
+                let reason = format!(
+                    "message body of {} bytes exceeds amqp.max_message_bytes ({limit})",
+                    m.body.len()
+                );
+                self.retry_failed(
+                    Body::Event(event),
+                    Some(Arc::new(m)),
+                    parked_seq,
+                    attempts + 1,
+                    max_retries,
+                    reason,
+                )
+                .await
+            }
+            Ok(m) => {
+                self.pipeline
+                    .admit_retry(
+                        Body::Event(event),
+                        Arc::new(m),
+                        Origin::Retry {
+                            parked_seq,
+                            attempts,
+                            max_retries,
+                        },
+                    )
+                    .await
+            }
+        }
+    }
+
+    async fn on_timers(&mut self, loads: bool) {
+        let now = Instant::now();
+        if self
+            .succeeded_since
+            .is_some_and(|t| t + Duration::from_millis(50) <= now)
+        {
+            self.hand_over_succeeded(1);
+        }
+        for seq in self.pipeline.expired(now) {
+            let reason = format!(
+                "no confirm within retry.publish_timeout ({:?})",
+                self.config.retry.publish_timeout
+            );
+            self.on_failed(seq, reason).await;
+        }
+        self.pipeline.fire_backoffs(now).await;
+        if !loads {
+            return;
+        }
+        let room = self
+            .pipeline
+            .max_messages
+            .saturating_sub(self.pipeline.len());
+        for (key, aggregate_type, aggregate_id) in self.parked.due(now, room) {
+            let _ = self
+                .store
+                .send(StoreCommand::Load {
+                    key,
+                    aggregate_type,
+                    aggregate_id,
+                })
+                .await;
+        }
+    }
+
+    /// Passes acked ids to the store in batches, without ever waiting on it: when its
+    /// queue is full (say, Postgres is restarting) the ids wait here for the next try.
+    fn hand_over_succeeded(&mut self, at_least: usize) {
+        if self.succeeded.len() < at_least || self.succeeded.is_empty() {
+            return;
+        }
+        let ids = std::mem::take(&mut self.succeeded);
+        match self.store.try_send(StoreCommand::Succeeded(ids)) {
+            Err(mpsc::error::TrySendError::Full(StoreCommand::Succeeded(ids))) => {
+                // Try again in 50 ms.
+                self.succeeded = ids;
+                self.succeeded_since = Some(Instant::now());
+            }
+            _ => self.succeeded_since = None,
         }
     }
 
@@ -317,8 +859,8 @@ impl Relay {
         }
     }
 
-    /// Replaces a lost replication connection. Everything not yet applied is
-    /// dropped from memory: the server sends it again from the slot's position.
+    /// Replaces a lost replication connection. Stream messages not yet applied are
+    /// dropped from memory: the server sends them again from the slot's position.
     /// Returns false when shutdown was requested while reconnecting.
     async fn reconnect_source(
         &mut self,
@@ -327,8 +869,8 @@ impl Relay {
     ) -> Result<bool, Error> {
         tracing::warn!(%reason, dropped = self.pipeline.len(), "replication stream lost; reconnecting, unapplied transactions will be replayed");
         self.client.abort();
-        self.pipeline.clear();
-        self.tracker = Tracker::new();
+        self.pipeline.drop_stream_messages();
+        self.tracker.reset();
         let mut backoff = Duration::from_millis(200);
         loop {
             let attempt = async {
@@ -391,11 +933,144 @@ impl Relay {
     }
 }
 
+/// The copy published to the dead-letter exchange, with headers that say why.
+fn dead_letter_message(
+    dlx: &ShortString,
+    exchange: &str,
+    body: &Body,
+    original: Option<&OutboundMessage>,
+    attempts: i32,
+    reason: &str,
+) -> OutboundMessage {
+    let long = |s: &str| AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()));
+    let (routing_key, payload, mut properties) = match original {
+        Some(m) => (m.routing_key.clone(), m.body.clone(), m.properties.clone()),
+        None => {
+            let (kind, id, agg_type, agg_id, event_type, raw) = match body {
+                Body::Event(e) => (
+                    "event",
+                    e.id.clone(),
+                    Some(e.aggregate_type.clone()),
+                    Some(e.aggregate_id.clone()),
+                    Some(e.event_type.clone()),
+                    Some(String::from_utf8_lossy(&e.payload).into_owned()),
+                ),
+                Body::Malformed(m) => (
+                    "malformed",
+                    m.id.clone(),
+                    m.aggregate_type.clone(),
+                    m.aggregate_id.clone(),
+                    m.event_type.clone(),
+                    m.payload
+                        .as_ref()
+                        .map(|p| String::from_utf8_lossy(p).into_owned()),
+                ),
+            };
+            let doc = serde_json::json!({
+                "id": id, "aggregateType": agg_type, "aggregateId": agg_id, "eventType": event_type,
+                "rawPayload": raw, "kind": kind,
+            });
+            let rk = format!(
+                "{}.{}",
+                agg_type.unwrap_or_default(),
+                event_type.unwrap_or_default()
+            );
+            let props = lapin::BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_content_type("application/json".into())
+                .with_message_id(ShortString::try_new(id).unwrap_or_default());
+            (
+                ShortString::try_new(rk).unwrap_or_else(|_| "dead".into()),
+                serde_json::to_vec(&doc).unwrap_or_default(),
+                props,
+            )
+        }
+    };
+    let mut headers = properties.headers().clone().unwrap_or_default();
+    headers.insert("x-outbox-error".into(), long(reason));
+    headers.insert("x-outbox-attempts".into(), AMQPValue::LongInt(attempts));
+    headers.insert("x-outbox-original-exchange".into(), long(exchange));
+    headers.insert(
+        "x-outbox-original-routing-key".into(),
+        long(routing_key.as_str()),
+    );
+    properties = properties.with_headers(headers);
+    OutboundMessage {
+        exchange: Some(dlx.clone()),
+        id: body.id(),
+        aggregate: body.key(),
+        routing_key,
+        body: payload,
+        properties,
+    }
+}
+
+fn now_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
 async fn sleep_until_opt(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
+}
+
+/// What a message is made of: an event, or what could be read of a malformed row.
+#[derive(Debug, Clone)]
+enum Body {
+    Event(Arc<OutboxEvent>),
+    Malformed(MalformedRow),
+}
+
+impl Body {
+    fn key(&self) -> AggregateKey {
+        match self {
+            Body::Event(e) => AggregateKey::of(&e.aggregate_type, &e.aggregate_id),
+            Body::Malformed(m) => AggregateKey::of(
+                m.aggregate_type.as_deref().unwrap_or_default(),
+                m.aggregate_id.as_deref().unwrap_or_default(),
+            ),
+        }
+    }
+
+    fn id(&self) -> String {
+        match self {
+            Body::Event(e) => e.id.clone(),
+            Body::Malformed(m) => m.id.clone(),
+        }
+    }
+}
+
+/// Where a message came from, which decides what its resolution means.
+#[derive(Debug, Clone)]
+enum Origin {
+    /// From the WAL: resolving it moves the LSN.
+    Stream { txn: TxnId, commit_time: i64 },
+    /// A retried head of an aggregate's retry queue.
+    Retry {
+        parked_seq: i64,
+        attempts: i32,
+        max_retries: i32,
+    },
+    /// The dead-letter copy of a head out of retries.
+    DeadLetter {
+        parked_seq: i64,
+        attempts: i32,
+        reason: String,
+    },
+}
+
+/// Why a stream message is parked instead of (or after) being published.
+#[derive(Debug, Clone)]
+struct ParkCause {
+    /// Its own failure (counts as an attempt).
+    failure: Option<String>,
+    /// Not before this time (Unix µs): a delayed message.
+    not_before: Option<i64>,
 }
 
 /// Where one message is in its life.
@@ -407,23 +1082,36 @@ enum State {
     Published { generation: u64 },
     /// Holds its aggregate's turn; to be sent when the broker is up.
     Unsent,
-    /// Refused by the broker; re-published when its backoff ends.
+    /// A dead-letter publish waiting for its backoff.
     Backoff,
+    /// Being written to the retry table; resolved when that commits.
+    Parking,
 }
 
 struct Pending {
-    message: Arc<OutboundMessage>,
-    txn: TxnId,
-    attempts: u32,
+    body: Body,
+    message: Option<Arc<OutboundMessage>>,
+    origin: Origin,
     state: State,
+    /// Set for messages to be parked when their turn comes.
+    cause: Option<ParkCause>,
+    /// Holds its aggregate's turn.
+    has_turn: bool,
 }
 
 #[derive(Default)]
 struct Aggregate {
-    /// Messages of this aggregate that hold a turn (published, unsent or in backoff).
+    /// Messages of this aggregate that hold a turn.
     active: u32,
     /// Messages waiting for the turn, in commit order.
     queue: VecDeque<u64>,
+}
+
+enum Admitted {
+    Sent,
+    Queued,
+    /// Has a park cause and its turn: park it now.
+    ParkNow(u64),
 }
 
 /// The in-flight window: every message from admission to its resolution.
@@ -431,8 +1119,7 @@ struct Pipeline {
     ordering: Ordering,
     max_messages: usize,
     max_bytes: usize,
-    backoff_base: Duration,
-    backoff_max: Duration,
+    publish_timeout: Duration,
     commands: mpsc::Sender<SinkCommand>,
     /// Broker connection generation currently up, if any.
     generation: Option<u64>,
@@ -440,7 +1127,10 @@ struct Pipeline {
     pending: HashMap<u64, Pending>,
     aggregates: HashMap<AggregateKey, Aggregate>,
     bytes: usize,
-    due: BinaryHeap<Reverse<(Instant, u64)>>,
+    /// Dead-letter publishes waiting for their backoff.
+    backoffs: BinaryHeap<Reverse<(Instant, u64)>>,
+    /// Publish deadlines in publish order (the timeout is constant).
+    deadlines: VecDeque<(Instant, u64, u64)>,
 }
 
 impl Pipeline {
@@ -449,15 +1139,15 @@ impl Pipeline {
             ordering: config.relay.ordering,
             max_messages: config.amqp.max_in_flight,
             max_bytes: config.amqp.max_in_flight_bytes,
-            backoff_base: config.retry.backoff_base,
-            backoff_max: config.retry.backoff_max,
+            publish_timeout: config.retry.publish_timeout,
             commands,
             generation: None,
             next_seq: 0,
             pending: HashMap::new(),
             aggregates: HashMap::new(),
             bytes: 0,
-            due: BinaryHeap::new(),
+            backoffs: BinaryHeap::new(),
+            deadlines: VecDeque::new(),
         }
     }
 
@@ -477,132 +1167,218 @@ impl Pipeline {
             && (self.bytes < self.max_bytes || self.pending.is_empty())
     }
 
-    fn next_due(&self) -> Option<Instant> {
-        self.due.peek().map(|Reverse((at, _))| *at)
+    fn next_timer(&self) -> Option<Instant> {
+        let backoff = self.backoffs.peek().map(|Reverse((at, _))| *at);
+        let deadline = self.deadlines.front().map(|(at, _, _)| *at);
+        [backoff, deadline].into_iter().flatten().min()
     }
 
-    async fn admit(&mut self, message: Arc<OutboundMessage>, txn: TxnId, tracker: &mut Tracker) {
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        tracker.add_message(txn);
-        self.bytes += message.weight();
-        let agg = self.aggregates.entry(message.aggregate).or_default();
-        let wait = self.ordering == Ordering::Strict && (agg.active > 0 || !agg.queue.is_empty());
-        let state = if wait {
-            agg.queue.push_back(seq);
-            State::Queued
-        } else {
-            agg.active += 1;
-            State::Unsent
-        };
-        self.pending.insert(
-            seq,
-            Pending {
-                message,
-                txn,
-                attempts: 0,
-                state,
-            },
-        );
-        if state == State::Unsent {
-            self.send(seq).await;
+    fn weight(body: &Body, message: Option<&Arc<OutboundMessage>>) -> usize {
+        match (message, body) {
+            (Some(m), _) => m.weight(),
+            (None, Body::Event(e)) => e.payload.len() + 256,
+            (None, Body::Malformed(m)) => m.payload.as_ref().map_or(0, |p| p.len()) + 256,
         }
     }
 
-    /// Sends an `Unsent` or `Backoff` message if the broker is up.
-    async fn send(&mut self, seq: u64) {
+    fn insert(
+        &mut self,
+        body: Body,
+        message: Option<Arc<OutboundMessage>>,
+        origin: Origin,
+        state: State,
+    ) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.bytes += Self::weight(&body, message.as_ref());
+        self.pending.insert(
+            seq,
+            Pending {
+                body,
+                message,
+                origin,
+                state,
+                cause: None,
+                has_turn: false,
+            },
+        );
+        seq
+    }
+
+    /// Admits a stream message that is not parked behind its aggregate.
+    fn admit(
+        &mut self,
+        body: Body,
+        message: Option<Arc<OutboundMessage>>,
+        origin: Origin,
+        cause: Option<ParkCause>,
+    ) -> Admitted {
+        let key = body.key();
+        let seq = self.insert(body, message, origin, State::Queued);
+        let agg = self.aggregates.entry(key).or_default();
+        let busy = agg.active > 0 || !agg.queue.is_empty();
+        let p = self.pending.get_mut(&seq).expect("just inserted");
+        p.cause = cause;
+        if self.ordering == Ordering::Strict && busy {
+            agg.queue.push_back(seq);
+            return Admitted::Queued;
+        }
+        if p.cause.is_some() {
+            return Admitted::ParkNow(seq);
+        }
+        agg.active += 1;
+        p.has_turn = true;
+        p.state = State::Unsent;
+        self.send_now(seq);
+        Admitted::Sent
+    }
+
+    /// Admits a retried head or a dead-letter copy: published at once (it holds its aggregate's turn).
+    async fn admit_retry(&mut self, body: Body, message: Arc<OutboundMessage>, origin: Origin) {
+        let key = body.key();
+        let seq = self.insert(body, Some(message), origin, State::Unsent);
+        self.aggregates.entry(key).or_default().active += 1;
+        self.pending.get_mut(&seq).expect("just inserted").has_turn = true;
+        self.send(seq).await;
+    }
+
+    fn send_now(&mut self, seq: u64) {
         let Some(p) = self.pending.get_mut(&seq) else {
+            return;
+        };
+        let Some(message) = p.message.clone() else {
             return;
         };
         match self.generation {
             Some(generation) => {
                 p.state = State::Published { generation };
-                let cmd = SinkCommand::Publish {
-                    seq,
-                    generation,
-                    message: p.message.clone(),
-                };
-                // The sink always drains its commands; a closed channel means it ended,
-                // which the main loop learns from the event channel.
-                let _ = self.commands.send(cmd).await;
+                self.deadlines
+                    .push_back((Instant::now() + self.publish_timeout, seq, generation));
+                // The command channel holds twice the window: this never waits in practice,
+                // and the sink always drains it. A closed channel means the sink ended, which
+                // the main loop learns from the event channel.
+                if let Err(mpsc::error::TrySendError::Full(cmd)) =
+                    self.commands.try_send(SinkCommand::Publish {
+                        seq,
+                        generation,
+                        message,
+                    })
+                {
+                    let commands = self.commands.clone();
+                    tokio::spawn(async move {
+                        let _ = commands.send(cmd).await;
+                    });
+                }
             }
             None => p.state = State::Unsent,
         }
     }
 
-    async fn on_confirm(
-        &mut self,
-        seq: u64,
-        generation: u64,
-        outcome: Outcome,
-        tracker: &mut Tracker,
-    ) {
-        let Some(p) = self.pending.get_mut(&seq) else {
-            return; // dropped by a replication reconnect
-        };
-        if p.state != (State::Published { generation }) {
-            return; // a confirm from a connection that is gone
-        }
-        if outcome == Outcome::Ack {
-            let p = self.pending.remove(&seq).expect("present");
-            self.bytes -= p.message.weight();
-            tracker.resolve(p.txn);
-            let key = p.message.aggregate;
-            let next = {
-                let agg = self
-                    .aggregates
-                    .get_mut(&key)
-                    .expect("aggregate of a pending message");
-                agg.active -= 1;
-                let next = if agg.active == 0 {
-                    agg.queue.pop_front()
-                } else {
-                    None
-                };
-                if next.is_some() {
-                    agg.active += 1;
-                }
-                next
-            };
-            match next {
-                Some(next) => {
-                    if let Some(n) = self.pending.get_mut(&next) {
-                        n.state = State::Unsent;
-                    }
-                    self.send(next).await;
-                }
-                None => {
-                    if self
-                        .aggregates
-                        .get(&key)
-                        .is_some_and(|a| a.active == 0 && a.queue.is_empty())
-                    {
-                        self.aggregates.remove(&key);
-                    }
-                }
+    /// Sends a message that holds its turn.
+    async fn send(&mut self, seq: u64) {
+        if let Some(p) = self.pending.get_mut(&seq) {
+            if !p.has_turn {
+                let key = p.body.key();
+                p.has_turn = true;
+                self.aggregates.entry(key).or_default().active += 1;
             }
-            return;
         }
-        p.attempts += 1;
-        p.state = State::Backoff;
-        let delay = backoff(self.backoff_base, self.backoff_max, p.attempts);
-        tracing::warn!(
-            id = %p.message.id,
-            routing_key = %p.message.routing_key,
-            attempt = p.attempts,
-            retry_in = ?delay,
-            reason = %outcome.describe(),
-            "broker refused a message; re-publishing after backoff, the slot waits for it"
-        );
-        self.due.push(Reverse((Instant::now() + delay, seq)));
+        self.send_now(seq);
     }
 
-    async fn fire_due(&mut self, now: Instant) {
-        while let Some(Reverse((at, seq))) = self.due.peek().copied() {
+    fn is_published(&self, seq: u64, generation: u64) -> bool {
+        self.pending
+            .get(&seq)
+            .is_some_and(|p| p.state == State::Published { generation })
+    }
+
+    /// Gives up `seq`'s aggregate turn; returns the next queued message to run, if any.
+    fn release_turn(&mut self, seq: u64) -> Option<u64> {
+        let p = self.pending.get_mut(&seq)?;
+        if !p.has_turn {
+            return None;
+        }
+        p.has_turn = false;
+        let key = p.body.key();
+        let agg = self.aggregates.get_mut(&key)?;
+        agg.active -= 1;
+        let next = if agg.active == 0 {
+            agg.queue.pop_front()
+        } else {
+            None
+        };
+        if agg.active == 0 && agg.queue.is_empty() && next.is_none() {
+            self.aggregates.remove(&key);
+        }
+        next
+    }
+
+    /// Removes a resolved message; returns it and the next message whose turn came.
+    fn resolve(&mut self, seq: u64) -> (Pending, Option<u64>) {
+        let next = self.release_turn(seq);
+        let p = self
+            .pending
+            .remove(&seq)
+            .expect("resolving a pending message");
+        self.bytes -= Self::weight(&p.body, p.message.as_ref());
+        (p, next)
+    }
+
+    /// The message goes to the retry table (it keeps counting in the window until that commits).
+    fn mark_parking(&mut self, seq: u64) {
+        if let Some(p) = self.pending.get_mut(&seq) {
+            p.state = State::Parking;
+        }
+        self.release_turn_without_next(seq);
+    }
+
+    fn release_turn_without_next(&mut self, seq: u64) {
+        let Some(p) = self.pending.get_mut(&seq) else {
+            return;
+        };
+        if !p.has_turn {
+            return;
+        }
+        p.has_turn = false;
+        let key = p.body.key();
+        if let Some(agg) = self.aggregates.get_mut(&key) {
+            agg.active -= 1;
+            if agg.active == 0 && agg.queue.is_empty() {
+                self.aggregates.remove(&key);
+            }
+        }
+    }
+
+    /// Takes everything queued behind an aggregate's turn (to be parked behind it).
+    fn drain_queue(&mut self, key: AggregateKey) -> Vec<u64> {
+        let Some(agg) = self.aggregates.get_mut(&key) else {
+            return Vec::new();
+        };
+        let drained: Vec<u64> = agg.queue.drain(..).collect();
+        if agg.active == 0 {
+            self.aggregates.remove(&key);
+        }
+        for seq in &drained {
+            if let Some(p) = self.pending.get_mut(seq) {
+                p.state = State::Parking;
+            }
+        }
+        drained
+    }
+
+    fn backoff(&mut self, seq: u64, delay: Duration) {
+        if let Some(p) = self.pending.get_mut(&seq) {
+            p.state = State::Backoff;
+            self.backoffs.push(Reverse((Instant::now() + delay, seq)));
+        }
+    }
+
+    async fn fire_backoffs(&mut self, now: Instant) {
+        while let Some(Reverse((at, seq))) = self.backoffs.peek().copied() {
             if at > now {
                 break;
             }
-            self.due.pop();
+            self.backoffs.pop();
             if self
                 .pending
                 .get(&seq)
@@ -611,6 +1387,21 @@ impl Pipeline {
                 self.send(seq).await;
             }
         }
+    }
+
+    /// Published messages whose confirm is overdue.
+    fn expired(&mut self, now: Instant) -> Vec<u64> {
+        let mut out = Vec::new();
+        while let Some(&(at, seq, generation)) = self.deadlines.front() {
+            if at > now {
+                break;
+            }
+            self.deadlines.pop_front();
+            if self.is_published(seq, generation) {
+                out.push(seq);
+            }
+        }
+        out
     }
 
     fn on_down(&mut self, generation: u64) {
@@ -622,6 +1413,8 @@ impl Pipeline {
                 p.state = State::Unsent;
             }
         }
+        // A broker outage is not a per-message failure: no publish timeouts run while it lasts.
+        self.deadlines.clear();
     }
 
     /// The broker is back: re-publish what was unresolved, in admission order.
@@ -642,46 +1435,261 @@ impl Pipeline {
             );
         }
         for seq in unsent {
-            self.send(seq).await;
+            self.send_now(seq);
         }
     }
 
-    /// Forgets everything (the replication stream replays what was not applied).
-    fn clear(&mut self) {
-        self.pending.clear();
-        self.aggregates.clear();
-        self.due.clear();
-        self.bytes = 0;
+    /// Forgets stream messages that are not being parked (the replication stream
+    /// replays what was not applied); retried heads, dead-letter copies and parks
+    /// in progress stay.
+    fn drop_stream_messages(&mut self) {
+        let drop: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| matches!(p.origin, Origin::Stream { .. }) && p.state != State::Parking)
+            .map(|(seq, _)| *seq)
+            .collect();
+        for seq in drop {
+            if let Some(p) = self.pending.get(&seq) {
+                let key = p.body.key();
+                if let Some(agg) = self.aggregates.get_mut(&key) {
+                    agg.queue.retain(|s| *s != seq);
+                }
+            }
+            self.release_turn_without_next(seq);
+            let p = self.pending.remove(&seq).expect("present");
+            self.bytes -= Self::weight(&p.body, p.message.as_ref());
+        }
     }
 }
 
-/// min(base · 2^(attempt-1), max) ± 10 % jitter.
-fn backoff(base: Duration, max: Duration, attempt: u32) -> Duration {
-    let exp = base.saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
-    let capped = exp.min(max);
-    let jitter = rand::rng().random_range(0.9..=1.1);
-    capped.mul_f64(jitter)
+/// What the main loop knows of each aggregate with retry state: the store's
+/// last word plus its own commands not yet answered.
+#[derive(Default)]
+struct Parked {
+    aggregates: HashMap<AggregateKey, ParkedAggregate>,
+    due: BinaryHeap<Reverse<(Instant, AggregateKey)>>,
+    /// Loads requested and not yet answered (bounded, so answers never pile up).
+    loading: usize,
+}
+
+/// Most heads loaded at once.
+const MAX_LOADING: usize = 64;
+
+struct ParkedAggregate {
+    aggregate_type: String,
+    aggregate_id: String,
+    /// The store last said the aggregate has parked rows.
+    store_parked: bool,
+    /// Commands for this aggregate the store has not answered yet.
+    outstanding: u32,
+    head: HeadState,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HeadState {
+    /// Nothing scheduled.
+    Idle,
+    /// Load when this time comes.
+    Scheduled(Instant),
+    /// Load requested, or published, or its outcome being recorded.
+    Busy,
+    /// Dead head holding the aggregate (`on_dead = "block"`).
+    Blocked,
+}
+
+impl Parked {
+    fn is_parked(&self, key: AggregateKey) -> bool {
+        self.aggregates
+            .get(&key)
+            .is_some_and(|a| a.store_parked || a.outstanding > 0 || a.head != HeadState::Idle)
+    }
+
+    fn outstanding(&self) -> u32 {
+        self.aggregates.values().map(|a| a.outstanding).sum()
+    }
+
+    fn names(&self, key: AggregateKey) -> (String, String) {
+        self.aggregates
+            .get(&key)
+            .map(|a| (a.aggregate_type.clone(), a.aggregate_id.clone()))
+            .unwrap_or_default()
+    }
+
+    fn entry(
+        &mut self,
+        key: AggregateKey,
+        aggregate_type: &str,
+        aggregate_id: &str,
+    ) -> &mut ParkedAggregate {
+        self.aggregates
+            .entry(key)
+            .or_insert_with(|| ParkedAggregate {
+                aggregate_type: aggregate_type.to_string(),
+                aggregate_id: aggregate_id.to_string(),
+                store_parked: false,
+                outstanding: 0,
+                head: HeadState::Idle,
+            })
+    }
+
+    fn command_sent(&mut self, key: AggregateKey, aggregate_type: &str, aggregate_id: &str) {
+        self.entry(key, aggregate_type, aggregate_id).outstanding += 1;
+    }
+
+    fn command_done(&mut self, key: AggregateKey) {
+        if let Some(a) = self.aggregates.get_mut(&key) {
+            a.outstanding = a.outstanding.saturating_sub(1);
+        }
+        self.forget_if_clear(key);
+    }
+
+    /// A head reported by the store (start-up, a new head after a park, the next after a release, a requeue).
+    fn adopt(&mut self, head: Head) {
+        let a = self.entry(head.key, &head.aggregate_type, &head.aggregate_id);
+        a.store_parked = true;
+        match a.head {
+            HeadState::Idle | HeadState::Blocked if head.blocked => a.head = HeadState::Blocked,
+            HeadState::Idle | HeadState::Blocked => self.schedule(head.key, head.due),
+            HeadState::Scheduled(_) | HeadState::Busy => {}
+        }
+    }
+
+    /// The head after a release: replaces the one that was busy.
+    fn next_head(&mut self, head: Head) {
+        if let Some(a) = self.aggregates.get_mut(&head.key) {
+            a.head = HeadState::Idle;
+        }
+        self.adopt(head);
+    }
+
+    fn schedule(&mut self, key: AggregateKey, due_micros: i64) {
+        let at = retry::instant_of(due_micros);
+        if let Some(a) = self.aggregates.get_mut(&key) {
+            a.store_parked = true;
+            a.head = HeadState::Scheduled(at);
+            self.due.push(Reverse((at, key)));
+        }
+    }
+
+    fn block(&mut self, key: AggregateKey) {
+        if let Some(a) = self.aggregates.get_mut(&key) {
+            a.head = HeadState::Blocked;
+            a.store_parked = true;
+        }
+    }
+
+    fn in_flight(&mut self, key: AggregateKey) {
+        if let Some(a) = self.aggregates.get_mut(&key) {
+            a.head = HeadState::Busy;
+        }
+    }
+
+    /// A command about the head is on its way to the store.
+    fn releasing(&mut self, key: AggregateKey) {
+        if let Some(a) = self.aggregates.get_mut(&key) {
+            a.outstanding += 1;
+            a.head = HeadState::Busy;
+        }
+    }
+
+    /// The store says the aggregate's queue is empty.
+    fn empty(&mut self, key: AggregateKey) {
+        if let Some(a) = self.aggregates.get_mut(&key) {
+            a.store_parked = false;
+            a.head = HeadState::Idle;
+        }
+        self.forget_if_clear(key);
+    }
+
+    fn forget_if_clear(&mut self, key: AggregateKey) {
+        if self
+            .aggregates
+            .get(&key)
+            .is_some_and(|a| !a.store_parked && a.outstanding == 0 && a.head == HeadState::Idle)
+        {
+            self.aggregates.remove(&key);
+        }
+    }
+
+    fn next_due(&self) -> Option<Instant> {
+        self.due.peek().map(|Reverse((at, _))| *at)
+    }
+
+    fn loaded(&mut self) {
+        self.loading = self.loading.saturating_sub(1);
+    }
+
+    /// Heads whose time has come, at most `room` and the load cap:
+    /// (key, aggregate_type, aggregate_id) to load.
+    fn due(&mut self, now: Instant, room: usize) -> Vec<(AggregateKey, String, String)> {
+        let mut out = Vec::new();
+        while let Some(Reverse((at, key))) = self.due.peek().copied() {
+            if at > now || out.len() >= room || self.loading >= MAX_LOADING {
+                break;
+            }
+            self.due.pop();
+            if let Some(a) = self.aggregates.get_mut(&key) {
+                if a.head == HeadState::Scheduled(at) {
+                    a.head = HeadState::Busy;
+                    self.loading += 1;
+                    out.push((key, a.aggregate_type.clone(), a.aggregate_id.clone()));
+                }
+            }
+        }
+        out
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn head(key: u64, due: i64, blocked: bool) -> Head {
+        Head {
+            key: AggregateKey(key),
+            aggregate_type: "A".into(),
+            aggregate_id: key.to_string(),
+            due,
+            blocked,
+        }
+    }
+
     #[test]
-    fn backoff_grows_and_is_capped() {
-        let base = Duration::from_millis(100);
-        let max = Duration::from_secs(1);
-        let b1 = backoff(base, max, 1);
+    fn parked_aggregate_stays_parked_until_the_store_and_its_commands_agree() {
+        let mut p = Parked::default();
+        let k = AggregateKey(1);
+        assert!(!p.is_parked(k));
+        p.command_sent(k, "A", "1");
+        assert!(p.is_parked(k), "a park on its way parks the aggregate");
+        p.adopt(head(1, 0, false));
+        p.command_done(k);
+        assert!(p.is_parked(k));
+        let due = p.due(Instant::now() + Duration::from_millis(1), 10);
+        assert_eq!(due.len(), 1, "the head is loaded once due");
         assert!(
-            b1 >= Duration::from_millis(90) && b1 <= Duration::from_millis(110),
-            "{b1:?}"
+            p.due(Instant::now() + Duration::from_secs(1), 10)
+                .is_empty(),
+            "and only once"
         );
-        let b3 = backoff(base, max, 3);
-        assert!(
-            b3 >= Duration::from_millis(360) && b3 <= Duration::from_millis(440),
-            "{b3:?}"
-        );
-        let b10 = backoff(base, max, 10);
-        assert!(b10 <= Duration::from_millis(1100), "{b10:?}");
+        p.loaded();
+        p.releasing(k);
+        // The store answered an empty queue while another park is on its way.
+        p.command_sent(k, "A", "1");
+        p.command_done(k);
+        p.empty(k);
+        assert!(p.is_parked(k), "the park still on its way keeps it parked");
+        p.command_done(k);
+        assert!(!p.is_parked(k));
+    }
+
+    #[test]
+    fn a_blocked_head_is_not_scheduled_until_requeued() {
+        let mut p = Parked::default();
+        p.adopt(head(2, 0, true));
+        assert!(p.is_parked(AggregateKey(2)));
+        assert!(p.next_due().is_none());
+        p.adopt(head(2, 0, false));
+        assert!(p.next_due().is_some());
     }
 }

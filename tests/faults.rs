@@ -112,3 +112,47 @@ async fn postgres_restart_mid_stream_loses_nothing() {
     assert!(relay.terminate(T).await.success());
     f.cleanup().await;
 }
+
+/// Restores the broker's memory watermark even when the test panics.
+struct Unblock;
+
+impl Drop for Unblock {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl")
+            .args(["-q", "set_vm_memory_high_watermark", "0.4"])
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_without_confirm_times_out_into_retry_state() {
+    let f = Fixture::new("f_timeout", true).await;
+    let mut relay = f.spawn(&[("retry", "publish_timeout = \"1s\"")]);
+    relay.wait_streaming().await;
+    // A memory alarm blocks publishers: frames are accepted by TCP, confirms never come.
+    let unblock = Unblock;
+    sh("rabbitmqctl -q set_vm_memory_high_watermark 0");
+    f.insert_batch(&[("timed-out".into(), "t".into(), "e".into())])
+        .await;
+    let end = f.current_lsn().await;
+    wait_for(T, "parked because no confirm came in time", || async {
+        f.parked().await.first().is_some_and(|p| {
+            p.3.as_deref()
+                .unwrap_or("")
+                .contains("no confirm within retry.publish_timeout")
+        })
+    })
+    .await;
+    wait_for(T, "slot past the timed-out message", || async {
+        f.confirmed_lsn().await >= end
+    })
+    .await;
+    drop(unblock);
+    f.consumer().wait_ids(&["timed-out".into()], T).await;
+    wait_for(T, "retry table drained", || async {
+        f.parked().await.is_empty()
+    })
+    .await;
+    assert!(relay.terminate(T).await.success());
+    f.cleanup().await;
+}

@@ -9,3 +9,4 @@ mod crash;
 mod delivery;
 mod ordering;
 mod refusal;
+mod retry;

@@ -1,7 +1,7 @@
 //! Per-aggregate commit order, and the LSN gate: the slot never passes a
 //! commit whose messages the broker has not acked.
 
-use crate::support::{wait_for, Fixture, Received};
+use crate::support::{holds_for, wait_for, Fixture, Received};
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -15,7 +15,7 @@ fn seq_of(r: &Received) -> (String, usize) {
 }
 
 /// Asserts each aggregate's first deliveries arrived in increasing order.
-fn assert_in_order(received: &[Received]) {
+pub fn assert_in_order(received: &[Received]) {
     let mut last: HashMap<String, usize> = HashMap::new();
     let mut seen = std::collections::HashSet::new();
     for r in received {
@@ -68,8 +68,9 @@ async fn per_aggregate_commit_order_is_kept() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_message_holds_back_its_aggregate_only() {
     let f = Fixture::new("order_fail", false).await;
+    // Event-Forge rows carry their own retry budget (default 3); this test wants it unbounded.
     f.bind("Order.step").await;
-    let mut relay = f.spawn(&[]);
+    let mut relay = f.spawn(&[("retry", "max_retries = 1000")]);
     relay.wait_streaming().await;
     // victim-1 is unroutable (Order.late has no binding) until we bind it.
     let mut victim = Vec::new();
@@ -93,7 +94,26 @@ async fn a_refused_message_holds_back_its_aggregate_only() {
     // Other aggregates flow at full speed while the victim is held.
     f.consumer().wait_ids(&others, T).await;
     f.consumer().wait_ids(&["victim-0".into()], T).await;
-    relay.wait_log("broker refused a message", T).await;
+    // The refused message and the ones behind it are durably parked: the slot moves on.
+    wait_for(T, "slot confirmed past the parked messages", || async {
+        f.confirmed_lsn().await >= end
+    })
+    .await;
+    let parked = f.parked().await;
+    assert_eq!(parked.len(), 9, "victim-1 and the 8 behind it: {parked:?}");
+    assert_eq!(parked[0].0, "victim-1");
+    assert!(
+        parked[0]
+            .3
+            .as_deref()
+            .unwrap_or("")
+            .contains("returned as unroutable"),
+        "{parked:?}"
+    );
+    let (status, retries, error) = f.row_state("victim-1").await;
+    assert_eq!(status, "failed");
+    assert!(retries >= 1);
+    assert!(error.unwrap_or_default().contains("unroutable"));
     let got = f.consumer().ids();
     for i in 1..10 {
         assert!(
@@ -101,30 +121,38 @@ async fn a_refused_message_holds_back_its_aggregate_only() {
             "victim-{i} overtook the refused victim-1"
         );
     }
-    assert!(
-        f.confirmed_lsn().await < end,
-        "slot passed a refused message"
-    );
     f.bind("Order.late").await;
     let victims: Vec<String> = victim.iter().map(|v| v.0.clone()).collect();
     f.consumer().wait_ids(&victims, T).await;
     assert_in_order(&f.consumer().all());
-    wait_for(
-        T,
-        "slot confirmed past everything once victim-1 is delivered",
-        || async { f.confirmed_lsn().await >= end },
-    )
+    wait_for(T, "retry table drained", || async {
+        f.parked().await.is_empty()
+    })
     .await;
+    wait_for(T, "victims marked published", || async {
+        f.row_state("victim-9").await.0 == "published"
+    })
+    .await;
+    assert_eq!(f.row_state("victim-1").await.0, "published");
     assert!(relay.terminate(T).await.success());
     f.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn slot_lsn_waits_for_an_unroutable_message() {
+async fn slot_lsn_waits_for_an_ack_or_durable_retry_state() {
     let f = Fixture::new("lsn_gate", false).await;
     f.bind("Pass.#").await;
-    let mut relay = f.spawn(&[]);
+    let mut relay = f.spawn(&[("retry", "max_retries = 1000")]);
     relay.wait_streaming().await;
+    // Hold the retry table: a refused message cannot be parked while the lock is held.
+    let mut locker = crate::support::pg().await;
+    let lock = locker.transaction().await.unwrap();
+    lock.batch_execute(&format!(
+        "lock table {} in access exclusive mode",
+        f.retry_table
+    ))
+    .await
+    .unwrap();
     let t = &f.table;
     let before = f.current_lsn().await;
     f.db
@@ -142,23 +170,29 @@ async fn slot_lsn_waits_for_an_unroutable_message() {
         .unwrap();
     let end = f.current_lsn().await;
     f.consumer().wait_ids(&["passes".into()], T).await;
-    // ... and the refused one has been retried for longer than two status
-    // intervals (1 s each; backoff 100 ms doubling to 500 ms: 8 refusals > 3 s) ...
-    wait_for(T, "eight refusals logged", || async {
-        relay.log_text().matches("broker refused a message").count() >= 8
+    relay
+        .wait_log("publish failed: parking in retry state", T)
+        .await;
+    // ... yet for three status intervals the slot stays before the refused message's
+    // commit: it is neither acked nor durably parked.
+    holds_for(
+        Duration::from_secs(3),
+        "slot before the unresolved commit",
+        || async { f.confirmed_lsn().await <= before },
+    )
+    .await;
+    assert!(!f.consumer().ids().contains("gated"));
+    // Once the retry state commits, the slot moves past both transactions.
+    lock.rollback().await.unwrap();
+    wait_for(T, "slot moves on once the message is parked", || async {
+        f.confirmed_lsn().await >= end
     })
     .await;
-    // ... yet the slot has not moved past the refused message's commit, nor past the later one.
-    let confirmed = f.confirmed_lsn().await;
-    assert!(
-        confirmed <= before,
-        "slot at {confirmed} passed the unacked commit (before it: {before})"
-    );
-    assert!(!f.consumer().ids().contains("gated"));
+    assert!(!f.consumer().ids().contains("gated"), "still undeliverable");
     f.bind("Gate.#").await;
     f.consumer().wait_ids(&["gated".into()], T).await;
-    wait_for(T, "slot moves on once the message is acked", || async {
-        f.confirmed_lsn().await >= end
+    wait_for(T, "retry table drained", || async {
+        f.parked().await.is_empty()
     })
     .await;
     assert!(relay.terminate(T).await.success());

@@ -8,7 +8,7 @@ use std::hash::{Hash, Hasher};
 
 /// Identity of an aggregate for ordering: a hash of (aggregate_type, aggregate_id).
 /// Two aggregates that collide are merely ordered together, which is always safe.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct AggregateKey(pub u64);
 
 impl AggregateKey {
@@ -25,6 +25,8 @@ impl AggregateKey {
 /// A message ready for `basic.publish`.
 #[derive(Debug, Clone)]
 pub struct OutboundMessage {
+    /// Exchange override (the dead-letter exchange); `None`: the configured exchange.
+    pub exchange: Option<ShortString>,
     /// The outbox row id, also the AMQP `message_id`.
     pub id: String,
     pub aggregate: AggregateKey,
@@ -123,6 +125,7 @@ pub fn encode(
     }
 
     Ok(OutboundMessage {
+        exchange: None,
         id: event.id.clone(),
         aggregate: crate::sink::format::AggregateKey::of(
             &event.aggregate_type,
@@ -149,6 +152,17 @@ fn traceparent(metadata: &[u8]) -> Option<String> {
     }
     let t: Trace = serde_json::from_slice(metadata).ok()?;
     Some(format!("00-{}-{}-01", t.trace_id?, t.span_id?))
+}
+
+/// Postgres ISO text to Unix microseconds.
+pub fn pg_timestamp_to_unix_micros(s: &str) -> Option<i64> {
+    let (iso, secs) = pg_timestamp_to_iso(s)?;
+    let micros = iso
+        .get(19..)
+        .and_then(|r| r.strip_prefix('.'))
+        .map(|f| f[..6].parse::<i64>().unwrap_or(0))
+        .unwrap_or(0);
+    Some(secs * 1_000_000 + micros)
 }
 
 /// Postgres ISO text (`2026-11-27 06:00:00.5+00`) to Python-style ISO-8601
@@ -284,6 +298,8 @@ mod tests {
             payload: Bytes::from_static(b"{\"total\": 12.5}"),
             metadata: Some(Bytes::from_static(b"{\"traceId\":\"4bf92f3577b34da6a3ce929d0e0e4736\",\"spanId\":\"00f067aa0ba902b7\"}")),
             created_at: Some("2026-11-27 06:00:00.25+00".into()),
+            scheduled_at: None,
+            max_retries: None,
         }
     }
 
@@ -371,6 +387,10 @@ mod tests {
         );
         assert_eq!(pg_timestamp_to_iso("1970-01-01 00:00:00").unwrap().1, 0);
         assert_eq!(pg_timestamp_to_iso("infinity"), None);
+        assert_eq!(
+            pg_timestamp_to_unix_micros("2026-11-27 06:00:00.25+00"),
+            Some(1_795_759_200_250_000)
+        );
         assert_eq!(
             unix_micros_to_iso(1_795_759_200_000_000),
             "2026-11-27T06:00:00+00:00"

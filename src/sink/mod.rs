@@ -11,10 +11,11 @@ pub use format::{AggregateKey, OutboundMessage};
 
 use crate::error::Error;
 use futures_util::stream::FuturesUnordered;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
 use lapin::types::{FieldTable, ShortString};
 use lapin::{Confirmation, Connection, ConnectionProperties, ExchangeKind};
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -244,14 +245,24 @@ async fn serve(
         mandatory: true,
         immediate: false,
     };
+    let mut returns = Returns::default();
     loop {
         tokio::select! {
             biased;
-            Some((seq, result)) = confirms.next(), if !confirms.is_empty() => {
-                match outcome_of(result) {
-                    Ok(outcome) => {
-                        if events.send(SinkEvent::Confirmed { seq, generation, outcome }).await.is_err() {
-                            return None;
+            Some(first) = confirms.next(), if !confirms.is_empty() => {
+                // Every confirm that is ready now, as one batch: lapin hands a returned
+                // message to whichever confirm it resolves next, not to the publish it
+                // belongs to, so returns are matched to publishes by message id.
+                let mut batch = vec![first];
+                while let Some(Some(more)) = confirms.next().now_or_never() {
+                    batch.push(more);
+                }
+                match returns.classify(batch) {
+                    Ok(outcomes) => {
+                        for (seq, outcome) in outcomes {
+                            if events.send(SinkEvent::Confirmed { seq, generation, outcome }).await.is_err() {
+                                return None;
+                            }
                         }
                     }
                     Err(reason) => return Some(reason),
@@ -273,8 +284,9 @@ async fn serve(
                 if g != generation {
                     continue;
                 }
+                returns.published(seq, &message.id);
                 let channel = broker.channel.clone();
-                let exchange = exchange.clone();
+                let exchange = message.exchange.clone().unwrap_or_else(|| exchange.clone());
                 let mut publish: ConfirmFuture = Box::pin(async move {
                     let sent = channel
                         .basic_publish(exchange, message.routing_key.clone(), options, &message.body, message.properties.clone())
@@ -288,10 +300,12 @@ async fn serve(
                 // publishes leave in command order while their confirms are awaited together.
                 match futures_util::poll!(publish.as_mut()) {
                     std::task::Poll::Pending => confirms.push(publish),
-                    std::task::Poll::Ready((seq, result)) => match outcome_of(result) {
-                        Ok(outcome) => {
-                            if events.send(SinkEvent::Confirmed { seq, generation, outcome }).await.is_err() {
-                                return None;
+                    std::task::Poll::Ready(done) => match returns.classify(vec![done]) {
+                        Ok(outcomes) => {
+                            for (seq, outcome) in outcomes {
+                                if events.send(SinkEvent::Confirmed { seq, generation, outcome }).await.is_err() {
+                                    return None;
+                                }
                             }
                         }
                         Err(reason) => return Some(reason),
@@ -302,18 +316,73 @@ async fn serve(
     }
 }
 
-/// Maps lapin's answer to an outcome; an error means the connection or channel is gone.
-fn outcome_of(result: Result<Confirmation, lapin::Error>) -> Result<Outcome, String> {
-    match result {
-        Ok(Confirmation::Ack(None)) => Ok(Outcome::Ack),
-        Ok(Confirmation::Ack(Some(ret))) | Ok(Confirmation::Nack(Some(ret))) => {
-            Ok(Outcome::Returned {
-                reply_code: ret.reply_code,
-                reply_text: ret.reply_text.to_string(),
-            })
+/// Matches returned (unroutable) messages to their publishes. RabbitMQ sends a
+/// publish's `basic.return` before its `basic.ack`, but lapin attaches each return
+/// to the next confirm it resolves — with `multiple` acks, any of several publishes.
+/// So returns are counted by message id and consumed by that id's own confirm.
+#[derive(Default)]
+struct Returns {
+    /// Publishes awaiting a confirm: seq -> message id.
+    in_flight: HashMap<u64, String>,
+    /// Returns not yet matched: message id -> (count, reply code, reply text).
+    pending: HashMap<String, (u32, u16, String)>,
+}
+
+impl Returns {
+    fn published(&mut self, seq: u64, id: &str) {
+        self.in_flight.insert(seq, id.to_string());
+    }
+
+    /// Turns a batch of ready confirms into outcomes; an error means the connection is gone.
+    fn classify(
+        &mut self,
+        batch: Vec<(u64, Result<Confirmation, lapin::Error>)>,
+    ) -> Result<Vec<(u64, Outcome)>, String> {
+        let mut kinds = Vec::with_capacity(batch.len());
+        for (seq, result) in batch {
+            let confirmation = result.map_err(|e| format!("publishing: {e}"))?;
+            let (kind, returned) = match confirmation {
+                Confirmation::Ack(r) => (Outcome::Ack, r),
+                Confirmation::Nack(r) => (Outcome::Nack, r),
+                Confirmation::NotRequested => (Outcome::NotRequested, None),
+            };
+            if let Some(ret) = returned {
+                let id = ret
+                    .delivery
+                    .properties
+                    .message_id()
+                    .as_ref()
+                    .map(|s| s.as_str().to_string())
+                    .unwrap_or_default();
+                let entry = self.pending.entry(id).or_insert((
+                    0,
+                    ret.reply_code,
+                    ret.reply_text.to_string(),
+                ));
+                entry.0 += 1;
+            }
+            kinds.push((seq, kind));
         }
-        Ok(Confirmation::Nack(None)) => Ok(Outcome::Nack),
-        Ok(Confirmation::NotRequested) => Ok(Outcome::NotRequested),
-        Err(e) => Err(format!("publishing: {e}")),
+        Ok(kinds
+            .into_iter()
+            .map(|(seq, kind)| {
+                let id = self.in_flight.remove(&seq).unwrap_or_default();
+                let outcome = match self.pending.get_mut(&id) {
+                    Some(entry) => {
+                        entry.0 -= 1;
+                        let outcome = Outcome::Returned {
+                            reply_code: entry.1,
+                            reply_text: entry.2.clone(),
+                        };
+                        if entry.0 == 0 {
+                            self.pending.remove(&id);
+                        }
+                        outcome
+                    }
+                    None => kind,
+                };
+                (seq, outcome)
+            })
+            .collect())
     }
 }

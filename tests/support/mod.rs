@@ -79,6 +79,8 @@ pub fn lsn_to_u64(s: &str) -> u64 {
 pub struct Fixture {
     pub name: String,
     pub table: String,
+    /// The relay-owned retry table, one per test.
+    pub retry_table: String,
     pub slot: String,
     pub publication: String,
     pub exchange: String,
@@ -98,6 +100,14 @@ impl Fixture {
         ))
         .await
         .unwrap();
+        // Rows carry their own retry budget (Event-Forge default 3); tests that want a
+        // message to die set max_retries on the row.
+        f.db.batch_execute(&format!(
+            "alter table {} alter column max_retries set default 100000",
+            f.table
+        ))
+        .await
+        .unwrap();
         f.with_consumer(bind_queue).await
     }
 
@@ -107,6 +117,7 @@ impl Fixture {
         let f = Fixture {
             name: name.to_string(),
             table: format!("public.t_{name}"),
+            retry_table: format!("public.r_{name}"),
             slot: format!("s_{name}"),
             publication: format!("p_{name}"),
             exchange: format!("ex_{name}"),
@@ -116,6 +127,9 @@ impl Fixture {
             consumer: None,
         };
         drop_pg_objects(&f.db, &f.slot, &f.publication, &f.table).await;
+        let _ =
+            f.db.batch_execute(&format!("drop table if exists {}", f.retry_table))
+                .await;
         let _ = std::fs::remove_dir_all(&f.dir);
         std::fs::create_dir_all(&f.dir).unwrap();
         let conn = amqp_connect().await;
@@ -193,6 +207,7 @@ impl Fixture {
                     format!("table = \"{}\"", self.table),
                     format!("slot = \"{}\"", self.slot),
                     format!("publication = \"{}\"", self.publication),
+                    format!("retry_table = \"{}\"", self.retry_table),
                     "slot_wait = \"20s\"".into(),
                     "reconnect_backoff_max = \"2s\"".into(),
                 ],
@@ -296,6 +311,43 @@ impl Fixture {
             .unwrap_or(0)
     }
 
+    /// Rows of the retry table: (id, status, attempts, error_message).
+    pub async fn parked(&self) -> Vec<(String, String, i32, Option<String>)> {
+        match self
+            .db
+            .query(
+                &format!(
+                    "select id, status, attempts, error_message from {} order by seq",
+                    self.retry_table
+                ),
+                &[],
+            )
+            .await
+        {
+            Ok(rows) => rows
+                .iter()
+                .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+                .collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// (status, retry_count, error_message) of an Event-Forge outbox row.
+    pub async fn row_state(&self, id: &str) -> (String, i32, Option<String>) {
+        let r = self
+            .db
+            .query_one(
+                &format!(
+                    "select status, retry_count, error_message from {} where id = $1",
+                    self.table
+                ),
+                &[&id],
+            )
+            .await
+            .unwrap();
+        (r.get(0), r.get(1), r.get(2))
+    }
+
     pub async fn slot_active_pid(&self) -> Option<i32> {
         self.db
             .query_opt(
@@ -314,6 +366,9 @@ impl Fixture {
         }
         let db = pg_retry(Duration::from_secs(30)).await;
         drop_pg_objects(&db, &self.slot, &self.publication, &self.table).await;
+        let _ = db
+            .batch_execute(&format!("drop table if exists {}", self.retry_table))
+            .await;
         if let Ok(conn) = Connection::connect(AMQP_URL, ConnectionProperties::default()).await {
             if let Ok(ch) = conn.create_channel().await {
                 let _ = ch
@@ -343,6 +398,7 @@ impl Drop for Fixture {
             self.publication.clone(),
             self.table.clone(),
         );
+        let retry_table = self.retry_table.clone();
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -354,6 +410,9 @@ impl Drop for Fixture {
                         let _ = conn.await;
                     });
                     drop_pg_objects(&db, &slot, &publication, &table).await;
+                    let _ = db
+                        .batch_execute(&format!("drop table if exists {retry_table}"))
+                        .await;
                 }
             });
         })
@@ -403,6 +462,8 @@ pub async fn amqp_connect() -> Connection {
 /// One delivered message as the consumer saw it.
 #[derive(Debug, Clone)]
 pub struct Received {
+    /// When the consumer got it.
+    pub at: std::time::SystemTime,
     pub routing_key: String,
     pub body: Vec<u8>,
     pub properties: BasicProperties,
@@ -467,6 +528,7 @@ impl Consumer {
                 };
                 while let Some(Ok(d)) = consumer.next().await {
                     sink.lock().unwrap().push(Received {
+                        at: std::time::SystemTime::now(),
                         routing_key: d.routing_key.to_string(),
                         body: d.data.clone(),
                         properties: d.properties.clone(),
@@ -645,6 +707,21 @@ impl Drop for Relay {
             let _ = self.child.wait();
         }
     }
+}
+
+/// Asserts `cond` holds at every check during `window` (a negative assertion:
+/// something must not happen for a while).
+pub async fn holds_for<F, Fut>(window: Duration, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let end = Instant::now() + window;
+    while Instant::now() < end {
+        assert!(cond().await, "no longer true: {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(cond().await, "no longer true: {what}");
 }
 
 /// Ids of a test run, unique per call.
