@@ -196,8 +196,15 @@ async fn shutdown_signal() {
 }
 
 fn init_tracing(format: LogFormat, level: &str) {
+    // lapin logs every returned message with its whole body at WARN; the relay logs
+    // the failure itself, so that one is quieted unless asked for.
+    let level = if level.contains("lapin") {
+        level.to_string()
+    } else {
+        format!("{level},lapin::returned_messages=error")
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -116,8 +116,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     // retried head in flight (window) and loads (capped): the event channel always
     // has room, so the store never blocks and the main loop never waits on it for long.
     let (store_tx, store_rx) = mpsc::channel(window * 2 + MAX_LOADING + 16);
+    let (loads_tx, loads_rx) = mpsc::channel(MAX_LOADING + 16);
+    let (parks_tx, parks_rx) = mpsc::channel(window + 16);
     let (store_ev_tx, store_ev_rx) = mpsc::channel(window * 2 + MAX_LOADING * 2 + 64);
-    let store_task = tokio::spawn(store.run(store_rx, store_ev_tx));
+    let store_task = tokio::spawn(store.run(parks_rx, store_rx, loads_rx, store_ev_tx));
 
     let dead_letter_exchange = (!config.amqp.dead_letter_exchange.is_empty())
         .then(|| ShortString::from(config.amqp.dead_letter_exchange.as_str()));
@@ -132,6 +134,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         applied: start_lsn,
         commit_time: 0,
         store: store_tx,
+        loads: loads_tx,
+        parks: parks_tx,
         parked: Parked::default(),
         dead_letter_exchange,
         succeeded: Vec::new(),
@@ -145,10 +149,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     // Closing the command channels ends the sink task (which closes the broker
     // connection) and the store task (after it flushes pending on_success updates).
     let Relay {
-        pipeline, store, ..
+        pipeline,
+        store,
+        loads,
+        parks,
+        ..
     } = relay;
     drop(pipeline);
+    drop(parks);
     drop(store);
+    drop(loads);
     let _ = tokio::time::timeout(Duration::from_secs(5), sink_task).await;
     let _ = tokio::time::timeout(Duration::from_secs(10), store_task).await;
     result
@@ -186,6 +196,10 @@ struct Relay {
     /// Commit time (Postgres epoch, µs) of the open transaction.
     commit_time: i64,
     store: mpsc::Sender<StoreCommand>,
+    /// Retry loads, served by the store after everything in `store`.
+    loads: mpsc::Sender<StoreCommand>,
+    /// Parks, served by the store before anything else (they hold window and LSN).
+    parks: mpsc::Sender<StoreCommand>,
     parked: Parked,
     dead_letter_exchange: Option<ShortString>,
     /// Ids acked since the last hand-over to the store's batched on_success update.
@@ -214,7 +228,10 @@ impl Relay {
                 break;
             }
             let read_wal = draining_until.is_none() && self.pipeline.has_room();
-            let loads = draining_until.is_none() && self.pipeline.has_room();
+            // Due heads only count as a timer while a load can start: a past due time
+            // that cannot be served would wake the loop for nothing, ahead of the WAL.
+            let loads =
+                draining_until.is_none() && self.pipeline.has_room() && self.parked.can_load();
             let hand_over = self.succeeded_since.map(|t| t + Duration::from_millis(50));
             let next_timer = [
                 self.pipeline.next_timer(),
@@ -463,7 +480,7 @@ impl Relay {
             self.parked
                 .command_sent(item.key, &item.aggregate_type, &item.aggregate_id);
         }
-        let _ = self.store.send(StoreCommand::Park(items)).await;
+        let _ = self.parks.send(StoreCommand::Park(items)).await;
     }
 
     /// With nothing in flight, everything the server has sent is handled:
@@ -823,7 +840,7 @@ impl Relay {
             .saturating_sub(self.pipeline.len());
         for (key, aggregate_type, aggregate_id) in self.parked.due(now, room) {
             let _ = self
-                .store
+                .loads
                 .send(StoreCommand::Load {
                     key,
                     aggregate_type,
@@ -1614,6 +1631,10 @@ impl Parked {
 
     fn next_due(&self) -> Option<Instant> {
         self.due.peek().map(|Reverse((at, _))| *at)
+    }
+
+    fn can_load(&self) -> bool {
+        self.loading < MAX_LOADING
     }
 
     fn loaded(&mut self) {

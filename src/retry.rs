@@ -317,45 +317,35 @@ impl Store {
     }
 
     /// Serves commands until the channel closes; flushes pending on_success updates first.
+    /// Served in priority order: `parks` (they hold the relay's window and LSN),
+    /// then `commands` (retry outcomes, on_success batches), then `loads` (retry
+    /// loads), so a retry storm slows retries down but never starves the stream.
     pub async fn run(
         mut self,
+        mut parks: mpsc::Receiver<StoreCommand>,
         mut commands: mpsc::Receiver<StoreCommand>,
+        mut loads: mpsc::Receiver<StoreCommand>,
         events: mpsc::Sender<StoreEvent>,
     ) {
+        let mut parks_open = true;
         loop {
-            tokio::select! {
+            let cmd = tokio::select! {
                 biased;
-                cmd = commands.recv() => {
-                    let Some(cmd) = cmd else { break };
-                    let mut backoff = Duration::from_millis(100);
-                    loop {
-                        match self.handle(&cmd).await {
-                            Ok(Some(ev)) => {
-                                if events.send(ev).await.is_err() {
-                                    return;
-                                }
-                                break;
-                            }
-                            Ok(None) => break,
-                            Err(e) => {
-                                tracing::warn!(error = %e, retry_in = ?backoff, "retry store write failed; retrying (the slot waits)");
-                                tokio::time::sleep(backoff).await;
-                                backoff = (backoff * 2).min(self.settings.reconnect_backoff_max);
-                                self.reconnect().await;
-                            }
-                        }
+                cmd = parks.recv(), if parks_open => match cmd {
+                    Some(cmd) => cmd,
+                    None => {
+                        parks_open = false;
+                        continue;
                     }
-                }
+                },
+                cmd = commands.recv() => match cmd {
+                    Some(cmd) => cmd,
+                    None => break,
+                },
+                Some(cmd) = loads.recv() => cmd,
                 Some(_) = self.notifications.recv() => {
-                    match self.heads().await {
-                        Ok(heads) => {
-                            tracing::info!(aggregates = heads.len(), "requeue notification: retry queue reloaded");
-                            if events.send(StoreEvent::Heads(heads)).await.is_err() {
-                                return;
-                            }
-                        }
-                        Err(e) => tracing::warn!(error = %e, "cannot reload the retry queue after a requeue notification"),
-                    }
+                    self.reload_heads(&events).await;
+                    continue;
                 }
                 _ = sleep_opt(self.flush_at) => {
                     if let Err(e) = self.flush_succeeded().await {
@@ -363,11 +353,31 @@ impl Store {
                         self.flush_at = Some(Instant::now() + Duration::from_secs(1));
                         self.reconnect().await;
                     }
+                    continue;
                 }
                 _ = sleep_opt(self.retention_at) => {
                     if let Err(e) = self.sweep_retention().await {
                         tracing::warn!(error = %e, "retention sweep failed; retrying in a minute");
                         self.retention_at = Some(Instant::now() + Duration::from_secs(60));
+                        self.reconnect().await;
+                    }
+                    continue;
+                }
+            };
+            let mut backoff = Duration::from_millis(100);
+            loop {
+                match self.handle(&cmd).await {
+                    Ok(Some(ev)) => {
+                        if events.send(ev).await.is_err() {
+                            return;
+                        }
+                        break;
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, retry_in = ?backoff, "retry store write failed; retrying (the slot waits)");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(self.settings.reconnect_backoff_max);
                         self.reconnect().await;
                     }
                 }
@@ -380,6 +390,21 @@ impl Store {
                     tracing::warn!(error = %e, "final on_success update failed");
                     self.reconnect().await;
                 }
+            }
+        }
+    }
+
+    async fn reload_heads(&mut self, events: &mpsc::Sender<StoreEvent>) {
+        match self.heads().await {
+            Ok(heads) => {
+                tracing::info!(
+                    aggregates = heads.len(),
+                    "requeue notification: retry queue reloaded"
+                );
+                let _ = events.send(StoreEvent::Heads(heads)).await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot reload the retry queue after a requeue notification")
             }
         }
     }

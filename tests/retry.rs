@@ -625,18 +625,20 @@ async fn soak_50k_messages_500_aggregates_1pct_failures() {
 async fn returns_are_matched_to_their_own_publish_under_pipelining() {
     // lapin hands a returned message to whichever confirm it resolves next; with
     // multiple-acks that is often another publish. Every 10th message is unroutable,
-    // each in its own aggregate, all in one transaction: exactly those must be parked.
+    // each in its own aggregate, in large transactions: exactly those must be parked.
     let f = Fixture::new("retry_returns", false).await;
     f.bind("Order.ok").await;
     let mut relay = f.spawn(&[]);
     relay.wait_streaming().await;
-    let rows: Vec<(String, String, String)> = (0..3000)
+    let rows: Vec<(String, String, String)> = (0..20_000)
         .map(|i| {
             let ev = if i % 10 == 4 { "nowhere" } else { "ok" };
             (format!("ret-{i}"), format!("agg-{i}"), ev.to_string())
         })
         .collect();
-    f.insert_batch(&rows).await;
+    for chunk in rows.chunks(2000) {
+        f.insert_batch(chunk).await;
+    }
     let routable: Vec<String> = rows
         .iter()
         .filter(|r| r.2 == "ok")
@@ -662,6 +664,44 @@ async fn returns_are_matched_to_their_own_publish_under_pipelining() {
         .consumer()
         .ids()
         .is_disjoint(&unroutable.iter().cloned().collect()));
+    assert!(relay.terminate(T).await.success());
+    f.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn published_rows_past_retention_are_deleted_in_the_background() {
+    let f = Fixture::new("retry_retention", true).await;
+    let mut relay = f.spawn(&[("postgres", "retention = \"2s\"")]);
+    relay.wait_streaming().await;
+    let expected = f.insert_each("ret", 30).await;
+    f.consumer().wait_ids(&expected, T).await;
+    let db = &f.db;
+    let table = f.table.clone();
+    let count = |status: &'static str| {
+        let table = table.clone();
+        async move {
+            db.query_one(
+                &format!("select count(*) from {table} where status = $1"),
+                &[&status],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+        }
+    };
+    wait_for(T, "rows marked published", || async {
+        count("published").await == 30
+    })
+    .await;
+    let marked = std::time::Instant::now();
+    wait_for(T, "published rows deleted after the retention", || async {
+        count("published").await == 0
+    })
+    .await;
+    assert!(
+        marked.elapsed() >= Duration::from_millis(1500),
+        "deleted before the retention passed"
+    );
     assert!(relay.terminate(T).await.success());
     f.cleanup().await;
 }
