@@ -284,10 +284,11 @@ pub async fn check(config: &Config) -> Vec<Check> {
                     format!("cannot declare {exchange} as a durable topic exchange: {e}; if it exists with another type or durability, pick another [amqp] exchange"),
                 ),
             });
-            let _ = broker
-                .connection
-                .close(200, "outbox-relay check".into())
-                .await;
+            let _ = tokio::time::timeout(
+                std::time::Duration::from_secs(2),
+                broker.connection.close(200, "outbox-relay check".into()),
+            )
+            .await;
         }
     }
     out
@@ -432,4 +433,108 @@ pub async fn dead_requeue(config: &Config, ids: Option<&[String]>) -> Result<Vec
         source,
     })?;
     Ok(requeued)
+}
+
+/// The replication slot as `status` shows it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct SlotStatus {
+    pub name: String,
+    pub exists: bool,
+    pub active: bool,
+    pub holder_pid: Option<i32>,
+    pub confirmed_lsn: Option<String>,
+    pub lag_bytes: Option<i64>,
+}
+
+/// What `outbox-relay status` reports.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Status {
+    pub slot: SlotStatus,
+    /// Messages in retry state (failed, delayed or parked behind another).
+    pub retries_pending: i64,
+    pub dead_letters: i64,
+    /// Age of the oldest message in retry state, in seconds.
+    pub oldest_pending_age_seconds: Option<f64>,
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = &self.slot;
+        if !s.exists {
+            writeln!(
+                f,
+                "slot            {}: missing (`outbox-relay init` creates it)",
+                s.name
+            )?;
+        } else {
+            let holder = match (s.active, s.holder_pid) {
+                (true, Some(pid)) => format!("active, held by pid {pid}"),
+                _ => "inactive".to_string(),
+            };
+            writeln!(f, "slot            {}: {holder}", s.name)?;
+            writeln!(
+                f,
+                "confirmed LSN   {}",
+                s.confirmed_lsn.as_deref().unwrap_or("-")
+            )?;
+            writeln!(
+                f,
+                "lag             {} bytes",
+                s.lag_bytes
+                    .map(|b| b.to_string())
+                    .unwrap_or_else(|| "-".into())
+            )?;
+        }
+        writeln!(f, "retries pending {}", self.retries_pending)?;
+        writeln!(f, "dead letters    {}", self.dead_letters)?;
+        match self.oldest_pending_age_seconds {
+            Some(age) => write!(f, "oldest pending  {age:.1} s"),
+            None => write!(f, "oldest pending  -"),
+        }
+    }
+}
+
+/// Reads the slot and the retry table.
+pub async fn status(config: &Config) -> Result<Status, Error> {
+    let (target, _) = target_and_table(config)?;
+    let retry = retry_table(config)?;
+    let sql = target.connect().await?;
+    let slot = catalog::slot_state(&sql, &config.postgres.slot).await?;
+    let slot = SlotStatus {
+        name: config.postgres.slot.clone(),
+        exists: slot.is_some(),
+        active: slot.as_ref().is_some_and(|s| s.active_pid.is_some()),
+        holder_pid: slot.as_ref().and_then(|s| s.active_pid),
+        confirmed_lsn: slot
+            .as_ref()
+            .and_then(|s| s.confirmed_flush)
+            .map(|l| l.to_string()),
+        lag_bytes: slot.as_ref().and_then(|s| s.lag_bytes),
+    };
+    let (retries_pending, dead_letters, oldest) = if catalog::table_columns(&sql, &retry)
+        .await?
+        .is_some()
+    {
+        let row = sql
+            .query_one(
+                &format!(
+                    "select count(*) filter (where status = 'parked'), count(*) filter (where status = 'dead'), \
+                     extract(epoch from now() - min(parked_at) filter (where status = 'parked'))::float8 \
+                     from {} where slot = $1",
+                    retry.quoted()
+                ),
+                &[&config.postgres.slot],
+            )
+            .await
+            .map_err(|source| Error::Postgres { context: "reading the retry table".into(), source })?;
+        (row.get(0), row.get(1), row.get(2))
+    } else {
+        (0, 0, None)
+    };
+    Ok(Status {
+        slot,
+        retries_pending,
+        dead_letters,
+        oldest_pending_age_seconds: oldest,
+    })
 }

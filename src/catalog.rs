@@ -425,8 +425,12 @@ pub fn parked_ddl(table: &TableName) -> String {
         )
 }
 
-/// Creates the relay-owned retry table when missing.
+/// Creates the relay-owned retry table when missing (a role without CREATE on the
+/// schema can use one an owner created: nothing is created when it exists).
 pub async fn create_parked_table(client: &Client, table: &TableName) -> Result<(), Error> {
+    if table_columns(client, table).await?.is_some() {
+        return Ok(());
+    }
     client
         .batch_execute(&parked_ddl(table))
         .await

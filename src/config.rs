@@ -12,7 +12,7 @@ use std::time::Duration;
 pub const ENV_PREFIX: &str = "OUTBOX_RELAY_";
 
 /// Sections of the configuration file, in the order they are documented.
-pub const SECTIONS: &[&str] = &["postgres", "amqp", "relay", "retry", "log"];
+pub const SECTIONS: &[&str] = &["postgres", "amqp", "relay", "retry", "metrics", "log"];
 
 /// Environment variables with the prefix that are not configuration keys
 /// (read by the command line parser).
@@ -42,7 +42,24 @@ pub struct Config {
     pub amqp: AmqpConfig,
     pub relay: RelayConfig,
     pub retry: RetryConfig,
+    pub metrics: MetricsConfig,
     pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Address of the `/metrics`, `/healthz`, `/readyz` endpoint; empty: off.
+    /// Port 0 picks a free port (logged at start-up).
+    pub listen: String,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9187".into(),
+        }
+    }
 }
 
 #[derive(Clone, Deserialize)]
@@ -78,6 +95,13 @@ pub struct PostgresConfig {
     pub retention: Duration,
     /// The relay-owned table that keeps failed and parked messages in commit order.
     pub retry_table: String,
+    /// Emit a non-transactional logical message this often so an otherwise idle
+    /// slot keeps moving; "0s": off.
+    #[serde(deserialize_with = "de_duration")]
+    pub heartbeat_interval: Duration,
+    /// When another process holds the slot: wait as a hot standby and take over
+    /// when it is released (true), or give up after `slot_wait` (false).
+    pub standby: bool,
 }
 
 impl PostgresConfig {
@@ -105,6 +129,8 @@ impl Default for PostgresConfig {
             on_success: None,
             retention: Duration::from_secs(7 * 86400),
             retry_table: "public.outbox_relay_parked".into(),
+            heartbeat_interval: Duration::ZERO,
+            standby: false,
         }
     }
 }
@@ -124,6 +150,8 @@ impl fmt::Debug for PostgresConfig {
             .field("on_success", &self.on_success)
             .field("retention", &self.retention)
             .field("retry_table", &self.retry_table)
+            .field("heartbeat_interval", &self.heartbeat_interval)
+            .field("standby", &self.standby)
             .finish()
     }
 }
@@ -408,6 +436,19 @@ impl Config {
                 "postgres.on_success",
                 "mark_published needs a status column; Debezium-style tables use \"delete\" or \"keep\"".into(),
             ));
+        }
+        if !self.metrics.listen.is_empty() {
+            self.metrics
+                .listen
+                .parse::<std::net::SocketAddr>()
+                .map_err(|e| {
+                    invalid(
+                        "metrics.listen",
+                        format!(
+                            "{e}; use host:port like \"127.0.0.1:9187\", or \"\" to turn it off"
+                        ),
+                    )
+                })?;
         }
         if self.amqp.max_message_bytes == 0 {
             return Err(invalid(

@@ -87,6 +87,9 @@ pub enum Error {
         reason: String,
     },
 
+    #[error("cannot listen on {addr} for metrics: {message} (change [metrics] listen, or set it to \"\" to turn the endpoint off)")]
+    Listen { addr: String, message: String },
+
     #[error("cannot requeue: {0}")]
     Requeue(String),
 

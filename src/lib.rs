@@ -12,6 +12,7 @@ pub mod catalog;
 pub mod config;
 pub mod error;
 pub mod event;
+pub mod metrics;
 pub mod progress;
 pub mod relay;
 pub mod retry;

@@ -28,6 +28,15 @@ enum Command {
     Init(ConfigArg),
     /// Preflight: one line per check, non-zero exit when any fails.
     Check(ConfigArg),
+    /// Slot (active, holder pid, confirmed LSN, lag), pending retries, dead letters,
+    /// age of the oldest pending message.
+    Status {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Dead messages: list them, or give them a fresh retry budget.
     Dead {
         #[command(subcommand)]
@@ -71,7 +80,8 @@ fn main() -> ExitCode {
         Command::Run(a) | Command::Init(a) | Command::Check(a) => a.config.clone(),
         Command::Dead {
             command: DeadCommand::List { config, .. } | DeadCommand::Requeue { config, .. },
-        } => config.config.clone(),
+        }
+        | Command::Status { config, .. } => config.config.clone(),
     };
     let config = match Config::load(&path) {
         Ok(c) => c,
@@ -131,6 +141,17 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<ExitCode> 
             } else {
                 ExitCode::FAILURE
             })
+        }
+        Command::Status { json, .. } => {
+            let status = outbox_relay::admin::status(&config)
+                .await
+                .context("outbox-relay status")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                println!("{status}");
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Dead {
             command: DeadCommand::List { json, .. },

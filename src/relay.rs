@@ -19,6 +19,7 @@ use crate::catalog::{self, PgTarget, TableName};
 use crate::config::{Config, ConfigError, Ordering};
 use crate::error::Error;
 use crate::event::{ColumnMapping, MalformedRow, OutboxEvent};
+use crate::metrics::{self, Health, LagSource};
 use crate::progress::{Tracker, TxnId};
 use crate::retry::{self, Head, Loaded, ParkItem, Store, StoreCommand, StoreEvent, StoreSettings};
 use crate::sink::{
@@ -38,6 +39,7 @@ use tokio::time::Instant;
 /// Runs the relay until `shutdown` resolves (then drains and exits cleanly) or
 /// an error that the relay cannot recover from.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+    tokio::pin!(shutdown);
     let invalid = |key: &str| {
         let key = key.to_string();
         move |message| ConfigError::Invalid { key, message }
@@ -47,6 +49,36 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let retry_table =
         TableName::parse(&config.postgres.retry_table).map_err(invalid("postgres.retry_table"))?;
     let mapping = ColumnMapping::for_config(config.postgres.mapping);
+
+    // /healthz answers from the start; /readyz says why it is not ready yet.
+    let health = Arc::new(Health::default());
+    let _metrics_server = match config.metrics.listen.as_str() {
+        "" => None,
+        listen => {
+            let addr =
+                listen
+                    .parse()
+                    .map_err(|e: std::net::AddrParseError| ConfigError::Invalid {
+                        key: "metrics.listen".into(),
+                        message: e.to_string(),
+                    })?;
+            let listener = metrics::bind(addr).await?;
+            let local = listener
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default();
+            tracing::info!(listen = %local, "metrics listening on {local}: /metrics /healthz /readyz");
+            let lag = LagSource {
+                target: target.clone(),
+                slot: config.postgres.slot.clone(),
+            };
+            Some(AbortOnDrop(tokio::spawn(metrics::serve(
+                listener,
+                health.clone(),
+                lag,
+            ))))
+        }
+    };
 
     // Preflight: everything that would make the relay unable to run fails here, once, clearly.
     let sql = target.connect().await?;
@@ -59,7 +91,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     if catalog::ensure_publication(&sql, &config.postgres.publication, &table, create).await? {
         tracing::info!(publication = %config.postgres.publication, %table, "created publication (inserts only)");
     }
-    let slot = catalog::ensure_slot(&sql, &config.postgres.slot, &target.dbname, create).await?;
+    catalog::ensure_slot(&sql, &config.postgres.slot, &target.dbname, create).await?;
     drop(sql);
 
     let (store, heads) = Store::open(StoreSettings {
@@ -90,9 +122,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         status_interval: config.postgres.status_interval,
         buffer_events: 4096,
     };
-    let start_lsn = slot.confirmed_flush.unwrap_or(Lsn::from_u64(0));
-    let client =
-        start_waiting_for_slot(&source_settings, start_lsn, config.postgres.slot_wait).await?;
+    let Some((client, start_lsn)) =
+        take_slot(&source_settings, &config, &health, &mut shutdown).await?
+    else {
+        tracing::info!("stopped while waiting for the slot");
+        return Ok(());
+    };
+    health.set_streaming(true);
 
     tracing::info!(
         postgres = %target.redacted(),
@@ -107,6 +143,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         "outbox-relay {} streaming",
         env!("CARGO_PKG_VERSION")
     );
+    metrics::metrics()
+        .confirmed_lsn
+        .set(start_lsn.as_u64() as f64);
+    let _heartbeat = (!config.postgres.heartbeat_interval.is_zero()).then(|| {
+        AbortOnDrop(tokio::spawn(heartbeat(
+            target.clone(),
+            config.postgres.heartbeat_interval,
+        )))
+    });
 
     let window = config.amqp.max_in_flight;
     let (cmd_tx, cmd_rx) = mpsc::channel(window * 2 + 16);
@@ -140,6 +185,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         dead_letter_exchange,
         succeeded: Vec::new(),
         succeeded_since: None,
+        health: health.clone(),
         config,
     };
     for head in heads {
@@ -164,20 +210,102 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     result
 }
 
-/// Starts replication; while another process holds the slot, keeps trying for `wait`.
-async fn start_waiting_for_slot(
+/// Aborts a background task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Starts replication on the slot from its confirmed position. While another
+/// process holds it: as a standby, waits (with backoff) until it is released;
+/// otherwise gives up after `slot_wait` naming the holder. `None`: shutdown came first.
+async fn take_slot(
     settings: &SourceSettings,
-    start: Lsn,
-    wait: Duration,
-) -> Result<ReplicationClient, Error> {
-    let deadline = Instant::now() + wait;
+    config: &Config,
+    health: &Health,
+    shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> Result<Option<(ReplicationClient, Lsn)>, Error> {
+    let deadline = Instant::now() + config.postgres.slot_wait;
+    let mut backoff = Duration::from_millis(250);
+    let mut logged_pid = None;
     loop {
-        match source::start(settings, start).await {
-            Err(Error::SlotBusy { slot, pid }) if Instant::now() < deadline => {
-                tracing::info!(%slot, pid, "slot is held by another process, waiting for it to be released");
-                tokio::time::sleep(Duration::from_millis(250)).await;
+        let attempt = async {
+            let sql = settings.target.connect().await?;
+            let state = catalog::slot_state(&sql, &settings.slot)
+                .await?
+                .ok_or_else(|| Error::SlotMissing {
+                    slot: settings.slot.clone(),
+                })?;
+            drop(sql);
+            let start = state.confirmed_flush.unwrap_or(Lsn::from_u64(0));
+            source::start(settings, start).await.map(|c| (c, start))
+        };
+        let result = tokio::select! {
+            biased;
+            _ = shutdown.as_mut() => return Ok(None),
+            r = attempt => r,
+        };
+        match result {
+            Ok(taken) => {
+                if logged_pid.is_some() {
+                    tracing::info!(slot = %settings.slot, "slot released by its holder: taking over");
+                }
+                health.set_standby(None);
+                return Ok(Some(taken));
             }
-            other => return other,
+            Err(Error::SlotBusy { slot, pid })
+                if config.postgres.standby || Instant::now() < deadline =>
+            {
+                if config.postgres.standby {
+                    health.set_standby(Some(pid));
+                }
+                if logged_pid != Some(pid) {
+                    let role = if config.postgres.standby {
+                        "waiting as a hot standby"
+                    } else {
+                        "waiting for it to be released"
+                    };
+                    tracing::info!(%slot, pid, "slot is held by another process (pid {pid}): {role}");
+                    logged_pid = Some(pid);
+                }
+                tokio::select! {
+                    biased;
+                    _ = shutdown.as_mut() => return Ok(None),
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                if config.postgres.standby {
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Emits a non-transactional logical message every `interval`, so an otherwise
+/// idle slot keeps moving (the relay confirms it when nothing is in flight).
+async fn heartbeat(target: PgTarget, interval: Duration) {
+    let mut client = None;
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if client.is_none() {
+            client = target.connect().await.ok();
+        }
+        if let Some(c) = &client {
+            if let Err(e) = c
+                .batch_execute(
+                    "select pg_logical_emit_message(false, 'outbox-relay-heartbeat', '')",
+                )
+                .await
+            {
+                tracing::warn!(error = %e, "heartbeat failed; reconnecting for the next one");
+                client = None;
+            }
         }
     }
 }
@@ -206,6 +334,7 @@ struct Relay {
     succeeded: Vec<String>,
     /// When the oldest of them was acked: handed over 50 ms later at the latest.
     succeeded_since: Option<Instant>,
+    health: Arc<Health>,
 }
 
 /// Why the WAL stream needs a new connection.
@@ -290,6 +419,7 @@ impl Relay {
             }
             self.advance();
             self.hand_over_succeeded(256);
+            metrics::metrics().inflight.set(self.pipeline.len() as i64);
         }
         self.hand_over_succeeded(1);
         self.finish().await;
@@ -457,6 +587,7 @@ impl Relay {
         };
         if let Some(c) = cause {
             if let Some(f) = &c.failure {
+                metrics::metrics().failure(failure_label(f));
                 item.failure = Some(f.clone());
                 let delay = retry::backoff(
                     self.config.retry.backoff_base,
@@ -487,9 +618,14 @@ impl Relay {
     /// confirm its position so unrelated WAL is not retained for this slot.
     fn confirm_when_idle(&mut self, lsn: Lsn) {
         if self.tracker.is_idle() && lsn > self.applied {
-            self.applied = lsn;
-            self.client.update_applied_lsn(lsn);
+            self.set_applied(lsn);
         }
+    }
+
+    fn set_applied(&mut self, lsn: Lsn) {
+        self.applied = lsn;
+        self.client.update_applied_lsn(lsn);
+        metrics::metrics().confirmed_lsn.set(lsn.as_u64() as f64);
     }
 
     async fn on_sink_event(&mut self, ev: SinkEvent) {
@@ -510,14 +646,30 @@ impl Relay {
             }
             SinkEvent::Down { generation, reason } => {
                 tracing::warn!(generation, %reason, in_flight = self.pipeline.len(), "broker down: stopped reading WAL until it is back");
+                self.health.set_broker(false);
                 self.pipeline.on_down(generation);
             }
-            SinkEvent::Up { generation } => self.pipeline.on_up(generation).await,
+            SinkEvent::Up { generation } => {
+                self.health.set_broker(true);
+                if generation > 1 {
+                    metrics::metrics().reconnect("amqp");
+                }
+                self.pipeline.on_up(generation).await
+            }
         }
     }
 
     async fn on_acked(&mut self, seq: u64) {
         let (p, next) = self.pipeline.resolve(seq);
+        let m = metrics::metrics();
+        if !matches!(p.origin, Origin::DeadLetter { .. }) {
+            m.published.inc();
+        }
+        if let Origin::Stream { commit_time, .. } = p.origin {
+            let latency_micros = now_micros() - (commit_time + PG_EPOCH_OFFSET_MICROS);
+            m.delivery_latency
+                .observe(latency_micros.max(0) as f64 / 1e6);
+        }
         if let Some(next) = next {
             self.pipeline_next(next).await;
         }
@@ -637,6 +789,7 @@ impl Relay {
     ) {
         let key = body.key();
         let (aggregate_type, aggregate_id) = self.parked.names(key);
+        metrics::metrics().failure(failure_label(&reason));
         if attempts <= max_retries {
             let delay = retry::backoff(
                 self.config.retry.backoff_base,
@@ -870,8 +1023,7 @@ impl Relay {
     fn advance(&mut self) {
         if let Some(lsn) = self.tracker.advance() {
             if lsn > self.applied {
-                self.applied = lsn;
-                self.client.update_applied_lsn(lsn);
+                self.set_applied(lsn);
             }
         }
     }
@@ -885,6 +1037,7 @@ impl Relay {
         shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
     ) -> Result<bool, Error> {
         tracing::warn!(%reason, dropped = self.pipeline.len(), "replication stream lost; reconnecting, unapplied transactions will be replayed");
+        self.health.set_streaming(false);
         self.client.abort();
         self.pipeline.drop_stream_messages();
         self.tracker.reset();
@@ -910,6 +1063,8 @@ impl Relay {
                 res = attempt => match res {
                     Ok((client, start)) => {
                         tracing::info!(start_lsn = %start, "replication stream resumed");
+                        metrics::metrics().reconnect("postgres");
+                        self.health.set_streaming(true);
                         self.client = client;
                         self.decoder = Decoder::new(self.table.clone(), self.mapping.clone());
                         return Ok(true);
@@ -1021,6 +1176,24 @@ fn dead_letter_message(
         properties,
     }
 }
+
+/// The `reason` label of `outbox_relay_publish_failures_total` for a failure text.
+fn failure_label(reason: &str) -> &'static str {
+    if reason.starts_with("nacked") {
+        "nack"
+    } else if reason.starts_with("returned") {
+        "returned"
+    } else if reason.starts_with("no confirm") {
+        "timeout"
+    } else if reason.starts_with("message body of") {
+        "too_large"
+    } else {
+        "malformed"
+    }
+}
+
+/// Postgres epoch (2000-01-01) minus Unix epoch, in microseconds.
+const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
 
 fn now_micros() -> i64 {
     std::time::SystemTime::now()
@@ -1702,6 +1875,28 @@ mod tests {
         assert!(p.is_parked(k), "the park still on its way keeps it parked");
         p.command_done(k);
         assert!(!p.is_parked(k));
+    }
+
+    #[test]
+    fn failure_labels() {
+        assert_eq!(failure_label(&Outcome::Nack.describe()), "nack");
+        let r = Outcome::Returned {
+            reply_code: 312,
+            reply_text: "NO_ROUTE".into(),
+        };
+        assert_eq!(failure_label(&r.describe()), "returned");
+        assert_eq!(
+            failure_label("no confirm within retry.publish_timeout (1s)"),
+            "timeout"
+        );
+        assert_eq!(
+            failure_label("message body of 9 bytes exceeds amqp.max_message_bytes (1)"),
+            "too_large"
+        );
+        assert_eq!(
+            failure_label("malformed row: payload is not valid JSON"),
+            "malformed"
+        );
     }
 
     #[test]

@@ -312,6 +312,7 @@ impl Store {
             retention_at: None,
         };
         let heads = store.heads().await?;
+        store.count_pending().await?;
         store.schedule_retention_from_table().await?;
         Ok((store, heads))
     }
@@ -394,7 +395,26 @@ impl Store {
         }
     }
 
+    /// Sets `outbox_relay_retries_pending` from the table (start-up and requeue only).
+    async fn count_pending(&mut self) -> Result<(), Error> {
+        let n: i64 = self
+            .client
+            .query_one(
+                &format!(
+                    "select count(*) from {} where slot = $1 and status = 'parked'",
+                    self.settings.retry_table.quoted()
+                ),
+                &[&self.settings.slot],
+            )
+            .await
+            .map_err(q("counting pending retries"))?
+            .get(0);
+        crate::metrics::metrics().retries_pending.set(n);
+        Ok(())
+    }
+
     async fn reload_heads(&mut self, events: &mpsc::Sender<StoreEvent>) {
+        let _ = self.count_pending().await;
         match self.heads().await {
             Ok(heads) => {
                 tracing::info!(
@@ -456,6 +476,7 @@ impl Store {
                     )
                     .await
                     .map_err(q("removing a delivered message from the retry table"))?;
+                crate::metrics::metrics().retries_pending.dec();
                 self.on_success_now(id).await?;
                 let next = self.next_head(*key, aggregate_type, aggregate_id).await?;
                 Ok(Some(StoreEvent::Released { key: *key, next }))
@@ -506,6 +527,8 @@ impl Store {
                     )
                     .await
                     .map_err(q("marking a message dead"))?;
+                crate::metrics::metrics().retries_pending.dec();
+                crate::metrics::metrics().dead_letters.inc();
                 self.mirror_failed(id, reason, "permanently_failed", None)
                     .await?;
                 match self.settings.on_dead {
@@ -624,6 +647,9 @@ impl Store {
             }
         }
         tx.commit().await.map_err(q("committing retry state"))?;
+        crate::metrics::metrics()
+            .retries_pending
+            .add(items.len() as i64);
         Ok(StoreEvent::Parked {
             tokens: items.iter().map(|i| i.token).collect(),
             heads,

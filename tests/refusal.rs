@@ -19,7 +19,7 @@ async fn run_with(name: &str, cmd: &str, text: &str, env: &[(&str, &str)]) -> (i
 fn base(name: &str) -> String {
     format!(
         "[postgres]\nurl = \"{PG_URL}\"\ntable = \"public.t_{name}\"\nslot = \"s_{name}\"\npublication = \"p_{name}\"\nretry_table = \"public.r_{name}\"\nslot_wait = \"1s\"\n\
-         [amqp]\nurl = \"{AMQP_URL}\"\nexchange = \"ex_{name}\"\n"
+         [amqp]\nurl = \"{AMQP_URL}\"\nexchange = \"ex_{name}\"\n[metrics]\nlisten = \"\"\n"
     )
 }
 
@@ -48,7 +48,7 @@ async fn malformed_toml_and_unknown_keys_are_named() {
 
 #[tokio::test]
 async fn unreachable_services_are_named_without_password() {
-    let text = "[postgres]\nurl = \"postgresql://postgres:hunter2@127.0.0.1:1/test\"\n";
+    let text = "[postgres]\nurl = \"postgresql://postgres:hunter2@127.0.0.1:1/test\"\n[metrics]\nlisten = \"\"\n";
     let (code, out) = run_with("pg_down", "run", text, &[]).await;
     assert_ne!(code, 0);
     assert!(
@@ -74,7 +74,7 @@ async fn unreachable_services_are_named_without_password() {
 
     let f = Fixture::new("amqp_down", false).await;
     let text = format!(
-        "{}[amqp]\nurl = \"amqp://guest:hunter2@127.0.0.1:1/%2f\"\n",
+        "{}[amqp]\nurl = \"amqp://guest:hunter2@127.0.0.1:1/%2f\"\n[metrics]\nlisten = \"\"\n",
         base("amqp_down").split("[amqp]").next().unwrap()
     );
     let (code, out) = run_with("amqp_down", "run", &text, &[]).await;
@@ -247,7 +247,7 @@ impl Drop for ScratchCluster {
 #[tokio::test]
 async fn wal_level_not_logical_is_refused_with_the_fix() {
     let _cluster = ScratchCluster::start(54391);
-    let text = "[postgres]\nurl = \"postgresql://postgres@127.0.0.1:54391/postgres\"\n";
+    let text = "[postgres]\nurl = \"postgresql://postgres@127.0.0.1:54391/postgres\"\n[metrics]\nlisten = \"\"\n";
     let (code, out) = run_with("wal_level", "run", text, &[]).await;
     assert_ne!(code, 0);
     assert!(

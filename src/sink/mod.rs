@@ -209,10 +209,7 @@ pub async fn run(
         tracing::info!(generation, "broker connected, publishing with confirms");
         let reason = serve(&current, &exchange, generation, &mut commands, &events).await;
         let Some(reason) = reason else {
-            let _ = current
-                .connection
-                .close(200, "outbox-relay shutting down".into())
-                .await;
+            close(&current.connection, 200, "outbox-relay shutting down").await;
             return;
         };
         tracing::warn!(generation, %reason, "broker connection lost; the relay re-publishes unconfirmed messages after reconnecting");
@@ -223,11 +220,14 @@ pub async fn run(
         {
             return;
         }
-        let _ = current
-            .connection
-            .close(320, "outbox-relay reconnecting".into())
-            .await;
+        close(&current.connection, 320, "outbox-relay reconnecting").await;
     }
+}
+
+/// Closes a connection without waiting long: on a connection that is already
+/// gone, lapin's close can wait forever for an answer that never comes.
+async fn close(connection: &Connection, code: u16, text: &str) {
+    let _ = tokio::time::timeout(Duration::from_secs(2), connection.close(code, text.into())).await;
 }
 
 /// Publishes and collects confirms on one connection. Returns why it ended, or

@@ -228,6 +228,7 @@ impl Fixture {
                 ],
             ),
             ("relay", vec![]),
+            ("metrics", vec!["listen = \"127.0.0.1:0\"".into()]),
             ("log", vec!["level = \"info,outbox_relay=debug\"".into()]),
         ];
         for (section, line) in extra {
@@ -663,6 +664,15 @@ impl Relay {
         }
     }
 
+    /// The address of the relay's metrics endpoint (from its start-up log).
+    pub async fn metrics_addr(&mut self) -> String {
+        self.wait_log("metrics listening on ", Duration::from_secs(30))
+            .await;
+        let text = self.log_text();
+        let at = text.find("metrics listening on ").unwrap() + "metrics listening on ".len();
+        text[at..].split(':').take(2).collect::<Vec<_>>().join(":")
+    }
+
     /// Waits until the relay streams (its start-up line).
     pub async fn wait_streaming(&mut self) {
         self.wait_log("streaming", Duration::from_secs(60)).await;
@@ -722,6 +732,41 @@ where
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(cond().await, "no longer true: {what}");
+}
+
+/// GET `path` from `addr`: (status code, body).
+pub async fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("metrics endpoint reachable");
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    stream.read_to_end(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (code, body)
+}
+
+/// The value of a metric line `name{labels} value` (labels as written, "" for none).
+pub fn metric_value(text: &str, name_and_labels: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.split_whitespace().next() == Some(name_and_labels))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
 }
 
 /// Ids of a test run, unique per call.
