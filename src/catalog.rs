@@ -75,8 +75,20 @@ impl PgTarget {
 
     /// Opens an SQL session; its connection runs on a task of its own.
     pub async fn connect(&self) -> Result<Client, Error> {
+        self.connect_as("outbox-relay").await
+    }
+
+    /// Like `connect`, with this `application_name` (shown in pg_stat_activity).
+    pub async fn connect_as(&self, application_name: &str) -> Result<Client, Error> {
+        let mut config: tokio_postgres::Config =
+            self.url.parse().map_err(|source| Error::PostgresConnect {
+                url: self.redacted(),
+                source,
+            })?;
+        config.application_name(application_name);
         let (client, connection) =
-            tokio_postgres::connect(&self.url, NoTls)
+            config
+                .connect(NoTls)
                 .await
                 .map_err(|source| Error::PostgresConnect {
                     url: self.redacted(),

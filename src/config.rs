@@ -596,6 +596,13 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_documents_the_defaults() {
+        let example = load(include_str!("../config.example.toml"), &[]).unwrap();
+        let defaults = load("", &[]).unwrap();
+        assert_eq!(format!("{example:?}"), format!("{defaults:?}"));
+    }
+
+    #[test]
     fn durations() {
         assert_eq!(parse_duration("200ms").unwrap(), Duration::from_millis(200));
         assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));

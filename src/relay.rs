@@ -149,6 +149,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let _heartbeat = (!config.postgres.heartbeat_interval.is_zero()).then(|| {
         AbortOnDrop(tokio::spawn(heartbeat(
             target.clone(),
+            heartbeat_application_name(&config.postgres.slot),
             config.postgres.heartbeat_interval,
         )))
     });
@@ -287,14 +288,21 @@ async fn take_slot(
 
 /// Emits a non-transactional logical message every `interval`, so an otherwise
 /// idle slot keeps moving (the relay confirms it when nothing is in flight).
-async fn heartbeat(target: PgTarget, interval: Duration) {
+/// `application_name` of the heartbeat's session.
+pub fn heartbeat_application_name(slot: &str) -> String {
+    let mut name = format!("outbox-relay heartbeat {slot}");
+    name.truncate(63);
+    name
+}
+
+async fn heartbeat(target: PgTarget, application_name: String, interval: Duration) {
     let mut client = None;
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         if client.is_none() {
-            client = target.connect().await.ok();
+            client = target.connect_as(&application_name).await.ok();
         }
         if let Some(c) = &client {
             if let Err(e) = c

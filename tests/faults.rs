@@ -88,6 +88,16 @@ async fn broker_restart_mid_stream_loses_nothing() {
     sh("rabbitmqctl -q stop_app && rabbitmqctl -q start_app");
     writer.await.unwrap();
     f.consumer().wait_ids(&all, Duration::from_secs(180)).await;
+    // An outage is not a per-message failure: nothing was counted or parked.
+    assert!(
+        f.parked().await.is_empty(),
+        "messages parked during a broker outage"
+    );
+    assert!(
+        !relay.log_text().contains("publish failed"),
+        "{}",
+        relay.log_text()
+    );
     assert!(relay.terminate(T).await.success());
     f.cleanup().await;
 }
@@ -155,4 +165,80 @@ async fn a_publish_without_confirm_times_out_into_retry_state() {
     .await;
     assert!(relay.terminate(T).await.success());
     f.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_is_503_while_the_broker_is_away_and_200_when_it_returns() {
+    let f = Fixture::new("f_readyz", true).await;
+    let mut relay = f.spawn(&[]);
+    let addr = relay.metrics_addr().await;
+    relay.wait_streaming().await;
+    wait_for(T, "ready", || async {
+        support::http_get(&addr, "/readyz").await.0 == 200
+    })
+    .await;
+    sh("rabbitmqctl -q stop_app");
+    let restart = Restart;
+    wait_for(T, "not ready without the broker", || async {
+        let (code, body) = support::http_get(&addr, "/readyz").await;
+        code == 503 && body.contains("broker")
+    })
+    .await;
+    assert_eq!(
+        support::http_get(&addr, "/healthz").await.0,
+        200,
+        "alive all the same"
+    );
+    drop(restart);
+    wait_for(T, "ready again", || async {
+        support::http_get(&addr, "/readyz").await.0 == 200
+    })
+    .await;
+    let metrics = support::http_get(&addr, "/metrics").await.1;
+    assert!(
+        support::metric_value(&metrics, "outbox_relay_reconnects_total{peer=\"amqp\"}").unwrap()
+            >= 1.0,
+        "{metrics}"
+    );
+    f.insert_batch(&[("after-outage".into(), "a".into(), "e".into())])
+        .await;
+    f.consumer().wait_ids(&["after-outage".into()], T).await;
+    assert!(relay.terminate(T).await.success());
+    f.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_restart_counts_a_reconnect() {
+    let f = Fixture::new("f_pg_reconnect", true).await;
+    let mut relay = f.spawn(&[]);
+    let addr = relay.metrics_addr().await;
+    relay.wait_streaming().await;
+    pg_restart();
+    relay
+        .wait_log("replication stream resumed", Duration::from_secs(90))
+        .await;
+    let metrics = support::http_get(&addr, "/metrics").await.1;
+    assert!(
+        support::metric_value(&metrics, "outbox_relay_reconnects_total{peer=\"postgres\"}")
+            .unwrap()
+            >= 1.0,
+        "{metrics}"
+    );
+    wait_for(T, "ready again", || async {
+        support::http_get(&addr, "/readyz").await.0 == 200
+    })
+    .await;
+    assert!(relay.terminate(T).await.success());
+    f.cleanup().await;
+}
+
+/// Starts the broker again even when the test panics.
+struct Restart;
+
+impl Drop for Restart {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl")
+            .args(["-q", "start_app"])
+            .status();
+    }
 }

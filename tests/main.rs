@@ -7,6 +7,7 @@ mod support;
 
 mod crash;
 mod delivery;
+mod operate;
 mod ordering;
 mod refusal;
 mod retry;
