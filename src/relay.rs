@@ -26,6 +26,7 @@ use crate::sink::{
     self, AggregateKey, OutboundMessage, Outcome, SinkCommand, SinkEvent, SinkSettings,
 };
 use crate::source::{self, decode::DecodeError, Decoded, Decoder, SourceSettings};
+use futures_util::FutureExt;
 use lapin::types::{AMQPValue, LongString, ShortString};
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationEvent};
 use std::cmp::Reverse;
@@ -186,6 +187,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         dead_letter_exchange,
         succeeded: Vec::new(),
         succeeded_since: None,
+        collect_succeeded: config.postgres.on_success() != crate::config::OnSuccess::Keep,
         health: health.clone(),
         config,
     };
@@ -210,6 +212,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let _ = tokio::time::timeout(Duration::from_secs(10), store_task).await;
     result
 }
+
+/// Most WAL events handled in one turn of the main loop.
+const WAL_BATCH: usize = 256;
 
 /// Aborts a background task when dropped.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
@@ -342,6 +347,8 @@ struct Relay {
     succeeded: Vec<String>,
     /// When the oldest of them was acked: handed over 50 ms later at the latest.
     succeeded_since: Option<Instant>,
+    /// `on_success` does something with acked rows (not `keep`).
+    collect_succeeded: bool,
     health: Arc<Health>,
 }
 
@@ -409,18 +416,30 @@ impl Relay {
                     self.on_timers(loads).await;
                 }
                 ev = self.client.recv(), if read_wal => {
-                    let outcome = match ev {
-                        Ok(Some(ev)) => self.on_wal_event(ev).await,
-                        Ok(None) => Err(Ok(StreamLost("the server ended the replication stream".into()))),
-                        Err(e) => Err(Ok(StreamLost(e.to_string()))),
-                    };
-                    match outcome {
-                        Ok(()) => {}
-                        Err(Err(fatal)) => return Err(fatal),
-                        Err(Ok(StreamLost(reason))) => {
-                            if !self.reconnect_source(reason, &mut shutdown).await? {
-                                draining_until = Some(Instant::now());
+                    // Whatever else is already buffered is handled in the same turn (up
+                    // to WAL_BATCH, while the window has room): fewer wake-ups, and the
+                    // sink gets its publishes in bursts.
+                    let mut next = Some(ev);
+                    let mut handled = 0;
+                    while let Some(ev) = next.take() {
+                        let outcome = match ev {
+                            Ok(Some(ev)) => self.on_wal_event(ev).await,
+                            Ok(None) => Err(Ok(StreamLost("the server ended the replication stream".into()))),
+                            Err(e) => Err(Ok(StreamLost(e.to_string()))),
+                        };
+                        match outcome {
+                            Ok(()) => {}
+                            Err(Err(fatal)) => return Err(fatal),
+                            Err(Ok(StreamLost(reason))) => {
+                                if !self.reconnect_source(reason, &mut shutdown).await? {
+                                    draining_until = Some(Instant::now());
+                                }
+                                break;
                             }
+                        }
+                        handled += 1;
+                        if handled < WAL_BATCH && self.pipeline.has_room() {
+                            next = self.client.recv().now_or_never();
                         }
                     }
                 }
@@ -639,17 +658,18 @@ impl Relay {
     async fn on_sink_event(&mut self, ev: SinkEvent) {
         match ev {
             SinkEvent::Confirmed {
-                seq,
                 generation,
-                outcome,
+                outcomes,
             } => {
-                if !self.pipeline.is_published(seq, generation) {
-                    return; // a stale confirm: the message was re-sent or already handled
-                }
-                if outcome == Outcome::Ack {
-                    self.on_acked(seq).await;
-                } else {
-                    self.on_failed(seq, outcome.describe()).await;
+                for (seq, outcome) in outcomes {
+                    if !self.pipeline.is_published(seq, generation) {
+                        continue; // a stale confirm: the message was re-sent or already handled
+                    }
+                    if outcome == Outcome::Ack {
+                        self.on_acked(seq).await;
+                    } else {
+                        self.on_failed(seq, outcome.describe()).await;
+                    }
                 }
             }
             SinkEvent::Down { generation, reason } => {
@@ -684,7 +704,7 @@ impl Relay {
         match p.origin {
             Origin::Stream { txn, .. } => {
                 self.tracker.resolve(txn);
-                if let Body::Event(e) = &p.body {
+                if let (Body::Event(e), true) = (&p.body, self.collect_succeeded) {
                     if self.succeeded.is_empty() {
                         self.succeeded_since = Some(Instant::now());
                     }

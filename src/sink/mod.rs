@@ -68,11 +68,10 @@ pub enum SinkEvent {
     Up { generation: u64 },
     /// The connection of `generation` is gone; nothing published under it will be answered.
     Down { generation: u64, reason: String },
-    /// The broker answered the publish `seq` of `generation`.
+    /// The broker answered these publishes (seq, outcome) of `generation`.
     Confirmed {
-        seq: u64,
         generation: u64,
-        outcome: Outcome,
+        outcomes: Vec<(u64, Outcome)>,
     },
 }
 
@@ -259,10 +258,8 @@ async fn serve(
                 }
                 match returns.classify(batch) {
                     Ok(outcomes) => {
-                        for (seq, outcome) in outcomes {
-                            if events.send(SinkEvent::Confirmed { seq, generation, outcome }).await.is_err() {
-                                return None;
-                            }
+                        if events.send(SinkEvent::Confirmed { generation, outcomes }).await.is_err() {
+                            return None;
                         }
                     }
                     Err(reason) => return Some(reason),
@@ -278,43 +275,56 @@ async fn serve(
                 }
             }
             cmd = commands.recv() => {
-                let Some(SinkCommand::Publish { seq, generation: g, message }) = cmd else {
-                    return None;
-                };
-                if g != generation {
-                    continue;
-                }
-                returns.published(seq, &message.id);
-                let channel = broker.channel.clone();
-                let exchange = message.exchange.clone().unwrap_or_else(|| exchange.clone());
-                let mut publish: ConfirmFuture = Box::pin(async move {
-                    let sent = channel
-                        .basic_publish(exchange, message.routing_key.clone(), options, &message.body, message.properties.clone())
-                        .await;
-                    match sent {
-                        Ok(confirm) => (seq, confirm.await),
-                        Err(e) => (seq, Err(e)),
+                // A closed command channel: the relay is shutting down.
+                let first = cmd?;
+                // Publish everything queued now in one go: the io loop then wakes once
+                // for many frames instead of once per message.
+                let mut next = Some(first);
+                let mut done = Vec::new();
+                let mut published = 0;
+                while let Some(SinkCommand::Publish { seq, generation: g, message }) = next.take() {
+                    if g == generation {
+                        returns.published(seq, &message.id);
+                        let channel = broker.channel.clone();
+                        let exchange = message.exchange.clone().unwrap_or_else(|| exchange.clone());
+                        let mut publish: ConfirmFuture = Box::pin(async move {
+                            let sent = channel
+                                .basic_publish(exchange, message.routing_key.clone(), options, &message.body, message.properties.clone())
+                                .await;
+                            match sent {
+                                Ok(confirm) => (seq, confirm.await),
+                                Err(e) => (seq, Err(e)),
+                            }
+                        });
+                        // The first poll queues the frames and takes the delivery tag, so
+                        // publishes leave in command order while their confirms are awaited together.
+                        match futures_util::poll!(publish.as_mut()) {
+                            std::task::Poll::Pending => confirms.push(publish),
+                            std::task::Poll::Ready(result) => done.push(result),
+                        }
+                        published += 1;
                     }
-                });
-                // The first poll queues the frames and takes the delivery tag, so
-                // publishes leave in command order while their confirms are awaited together.
-                match futures_util::poll!(publish.as_mut()) {
-                    std::task::Poll::Pending => confirms.push(publish),
-                    std::task::Poll::Ready(done) => match returns.classify(vec![done]) {
+                    if published < PUBLISH_BATCH {
+                        next = commands.try_recv().ok();
+                    }
+                }
+                if !done.is_empty() {
+                    match returns.classify(done) {
                         Ok(outcomes) => {
-                            for (seq, outcome) in outcomes {
-                                if events.send(SinkEvent::Confirmed { seq, generation, outcome }).await.is_err() {
-                                    return None;
-                                }
+                            if events.send(SinkEvent::Confirmed { generation, outcomes }).await.is_err() {
+                                return None;
                             }
                         }
                         Err(reason) => return Some(reason),
-                    },
+                    }
                 }
             }
         }
     }
 }
+
+/// Most publishes queued in one go before confirms are looked at again.
+const PUBLISH_BATCH: usize = 256;
 
 /// Matches returned (unroutable) messages to their publishes. RabbitMQ sends a
 /// publish's `basic.return` before its `basic.ack`, but lapin attaches each return
