@@ -8,9 +8,9 @@
 //! - the same for a 10x larger backlog (peak RSS must not grow with the backlog);
 //! - live: a steady insert rate, one row per transaction, commit-to-consumer latency.
 //!
-//!   cargo bench --bench drain
-//!   (BENCH_ROWS=100000 BENCH_WINDOW=2048 BENCH_BIG_ROWS=1000000 BENCH_LIVE_RATE=1000 BENCH_LIVE_SECS=10;
-//!    BENCH_BIG_ROWS=0 skips the large backlog)
+//! Run with `cargo bench --bench drain`. Environment: BENCH_ROWS=100000,
+//! BENCH_WINDOW=2048, BENCH_BIG_ROWS=1000000 (0 skips the large backlog),
+//! BENCH_LIVE_RATE=1000, BENCH_LIVE_SECS=10, BENCH_PERF=FILE (profile the relay).
 //!
 //! Needs the local services prepared by scripts/setup-services.sh.
 
