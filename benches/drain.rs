@@ -515,12 +515,12 @@ async fn main() {
     let (ceiling, ceiling_broker_cpu) = lapin_ceiling(rows, window, &message).await;
     let marked = relay_drain(rows, window, "mark_published").await;
     let kept = relay_drain(rows, window, "keep").await;
+    let (p50, p99, max, live_n) = live(live_rate, live_secs, window).await;
     let big = if big_rows > 0 {
         Some(relay_drain(big_rows, window, "keep").await)
     } else {
         None
     };
-    let (p50, p99, max, live_n) = live(live_rate, live_secs, window).await;
     amqp_teardown().await;
 
     let per100k = |d: &Drain, n: usize| {

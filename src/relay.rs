@@ -1539,6 +1539,14 @@ impl Pipeline {
             .remove(&seq)
             .expect("resolving a pending message");
         self.bytes -= Self::weight(&p.body, p.message.as_ref());
+        // Deadlines of answered publishes leave from the front (answers come roughly
+        // in publish order), so the queue stays as small as the window.
+        while let Some(&(_, s, g)) = self.deadlines.front() {
+            if self.is_published(s, g) {
+                break;
+            }
+            self.deadlines.pop_front();
+        }
         (p, next)
     }
 
