@@ -202,17 +202,8 @@ pub async fn table_columns(
     if exists.is_none() {
         return Ok(None);
     }
-    let rows = client
-        .query(
-            "select a.attname::text from pg_attribute a \
-             join pg_class c on c.oid = a.attrelid join pg_namespace n on n.oid = c.relnamespace \
-             where n.nspname = $1 and c.relname = $2 and a.attnum > 0 and not a.attisdropped \
-             order by a.attnum",
-            &[&table.schema, &table.name],
-        )
-        .await
-        .map_err(query_err("reading the outbox table's columns"))?;
-    Ok(Some(rows.iter().map(|r| r.get(0)).collect()))
+    let columns = table_column_types(client, table).await?;
+    Ok(Some(columns.into_iter().map(|(name, _, _)| name).collect()))
 }
 
 /// The table exists and has every column the mapping requires.

@@ -567,14 +567,7 @@ impl Relay {
         };
         if self.parked.is_parked(key) {
             let seq = self.pipeline.insert(body, message, origin, State::Parking);
-            let mut items = vec![self.park_item(seq, cause.as_ref())];
-            items.extend(
-                self.pipeline
-                    .drain_queue(key)
-                    .into_iter()
-                    .map(|s| self.park_item(s, None)),
-            );
-            self.send_park(items).await;
+            self.park_behind(seq, key, cause).await;
             return;
         }
         match self.pipeline.admit(body, message, origin, cause) {
@@ -591,6 +584,11 @@ impl Relay {
         let key = p.body.key();
         let cause = p.cause.clone();
         self.pipeline.mark_parking(seq);
+        self.park_behind(seq, key, cause).await;
+    }
+
+    /// Parks `seq` (with its own cause) followed by whatever waits behind it in memory.
+    async fn park_behind(&mut self, seq: u64, key: AggregateKey, cause: Option<ParkCause>) {
         let mut items = vec![self.park_item(seq, cause.as_ref())];
         items.extend(
             self.pipeline
