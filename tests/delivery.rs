@@ -110,10 +110,8 @@ async fn thousand_small_and_one_big_transaction_all_arrive() {
     f.consumer()
         .wait_ids(&expected, Duration::from_secs(120))
         .await;
-    wait_for(T, "slot confirmed past the big transaction", || async {
-        f.confirmed_lsn().await >= end
-    })
-    .await;
+    f.wait_slot_past(end, "slot confirmed past the big transaction")
+        .await;
     assert!(relay.terminate(T).await.success());
     f.cleanup().await;
 }
@@ -137,10 +135,8 @@ async fn rolled_back_rows_are_never_published() {
     f.consumer()
         .wait_ids(&["kept-1".into(), "kept-2".into()], T)
         .await;
-    wait_for(T, "slot confirmed past the last commit", || async {
-        f.confirmed_lsn().await >= end
-    })
-    .await;
+    f.wait_slot_past(end, "slot confirmed past the last commit")
+        .await;
     let got = f.consumer().ids();
     assert!(
         !got.contains("rolled-back"),

@@ -145,24 +145,13 @@ async fn a_publish_without_confirm_times_out_into_retry_state() {
     f.insert_batch(&[("timed-out".into(), "t".into(), "e".into())])
         .await;
     let end = f.current_lsn().await;
-    wait_for(T, "parked because no confirm came in time", || async {
-        f.parked().await.first().is_some_and(|p| {
-            p.3.as_deref()
-                .unwrap_or("")
-                .contains("no confirm within retry.publish_timeout")
-        })
-    })
-    .await;
-    wait_for(T, "slot past the timed-out message", || async {
-        f.confirmed_lsn().await >= end
-    })
-    .await;
+    f.wait_head_failed_with("no confirm within retry.publish_timeout")
+        .await;
+    f.wait_slot_past(end, "slot past the timed-out message")
+        .await;
     drop(unblock);
     f.consumer().wait_ids(&["timed-out".into()], T).await;
-    wait_for(T, "retry table drained", || async {
-        f.parked().await.is_empty()
-    })
-    .await;
+    f.wait_retry_drained().await;
     assert!(relay.terminate(T).await.success());
     f.cleanup().await;
 }

@@ -95,10 +95,8 @@ async fn a_refused_message_holds_back_its_aggregate_only() {
     f.consumer().wait_ids(&others, T).await;
     f.consumer().wait_ids(&["victim-0".into()], T).await;
     // The refused message and the ones behind it are durably parked: the slot moves on.
-    wait_for(T, "slot confirmed past the parked messages", || async {
-        f.confirmed_lsn().await >= end
-    })
-    .await;
+    f.wait_slot_past(end, "slot confirmed past the parked messages")
+        .await;
     let parked = f.parked().await;
     assert_eq!(parked.len(), 9, "victim-1 and the 8 behind it: {parked:?}");
     assert_eq!(parked[0].0, "victim-1");
@@ -125,10 +123,7 @@ async fn a_refused_message_holds_back_its_aggregate_only() {
     let victims: Vec<String> = victim.iter().map(|v| v.0.clone()).collect();
     f.consumer().wait_ids(&victims, T).await;
     assert_in_order(&f.consumer().all());
-    wait_for(T, "retry table drained", || async {
-        f.parked().await.is_empty()
-    })
-    .await;
+    f.wait_retry_drained().await;
     wait_for(T, "victims marked published", || async {
         f.row_state("victim-9").await.0 == "published"
     })
@@ -184,17 +179,12 @@ async fn slot_lsn_waits_for_an_ack_or_durable_retry_state() {
     assert!(!f.consumer().ids().contains("gated"));
     // Once the retry state commits, the slot moves past both transactions.
     lock.rollback().await.unwrap();
-    wait_for(T, "slot moves on once the message is parked", || async {
-        f.confirmed_lsn().await >= end
-    })
-    .await;
+    f.wait_slot_past(end, "slot moves on once the message is parked")
+        .await;
     assert!(!f.consumer().ids().contains("gated"), "still undeliverable");
     f.bind("Gate.#").await;
     f.consumer().wait_ids(&["gated".into()], T).await;
-    wait_for(T, "retry table drained", || async {
-        f.parked().await.is_empty()
-    })
-    .await;
+    f.wait_retry_drained().await;
     assert!(relay.terminate(T).await.success());
     f.cleanup().await;
 }

@@ -196,16 +196,7 @@ impl ScratchCluster {
                 String::from_utf8_lossy(&out.stderr)
             );
         };
-        let _ = std::process::Command::new("runuser")
-            .args([
-                "-u",
-                "postgres",
-                "--",
-                "bash",
-                "-c",
-                &format!("{bin}/pg_ctl -D {} stop -m immediate", dir.display()),
-            ])
-            .output();
+        stop_cluster(&bin, &dir);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         std::process::Command::new("chown")
@@ -226,22 +217,23 @@ impl ScratchCluster {
 
 impl Drop for ScratchCluster {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("runuser")
-            .args([
-                "-u",
-                "postgres",
-                "--",
-                "bash",
-                "-c",
-                &format!(
-                    "{}/pg_ctl -D {}/data stop -m immediate",
-                    self.bin,
-                    self.dir.display()
-                ),
-            ])
-            .output();
+        stop_cluster(&self.bin, &self.dir);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Stops a scratch cluster at once (nothing in it is worth a clean shutdown).
+fn stop_cluster(bin: &str, dir: &std::path::Path) {
+    let _ = std::process::Command::new("runuser")
+        .args([
+            "-u",
+            "postgres",
+            "--",
+            "bash",
+            "-c",
+            &format!("{bin}/pg_ctl -D {}/data stop -m immediate", dir.display()),
+        ])
+        .output();
 }
 
 #[tokio::test]

@@ -43,20 +43,11 @@ async fn a_nacked_message_is_parked_and_delivered_once_the_cause_is_removed() {
     relay.wait_streaming().await;
     f.insert_batch(&[("nacked-1".into(), "n".into(), "e".into())])
         .await;
-    wait_for(T, "parked with the nack as reason", || async {
-        f.parked()
-            .await
-            .first()
-            .is_some_and(|p| p.3.as_deref().unwrap_or("").contains("nacked"))
-    })
-    .await;
+    f.wait_head_failed_with("nacked").await;
     assert_eq!(f.row_state("nacked-1").await.0, "failed");
     rabbitmqctl(&["clear_policy", policy]);
     f.consumer().wait_ids(&["nacked-1".into()], T).await;
-    wait_for(T, "retry table drained", || async {
-        f.parked().await.is_empty()
-    })
-    .await;
+    f.wait_retry_drained().await;
     wait_for(T, "row marked published", || async {
         f.row_state("nacked-1").await.0 == "published"
     })
@@ -81,18 +72,10 @@ async fn an_oversized_message_is_parked_and_delivered_after_the_limit_is_raised(
         .unwrap();
     let end = f.current_lsn().await;
     f.consumer().wait_ids(&["small-1".into()], T).await;
-    wait_for(T, "parked as too large", || async {
-        f.parked().await.first().is_some_and(|p| {
-            p.3.as_deref()
-                .unwrap_or("")
-                .contains("exceeds amqp.max_message_bytes")
-        })
-    })
-    .await;
-    wait_for(T, "slot past the oversized message", || async {
-        f.confirmed_lsn().await >= end
-    })
-    .await;
+    f.wait_head_failed_with("exceeds amqp.max_message_bytes")
+        .await;
+    f.wait_slot_past(end, "slot past the oversized message")
+        .await;
     assert!(relay.terminate(T).await.success());
     // The cause removed: a larger limit. The restarted relay finds the parked message itself.
     let mut relay = f.spawn(&[("amqp", "max_message_bytes = 100000")]);
@@ -104,10 +87,7 @@ async fn an_oversized_message_is_parked_and_delivered_after_the_limit_is_raised(
         big_msg.json()["payload"]["blob"].as_str().unwrap().len(),
         5000
     );
-    wait_for(T, "retry table drained", || async {
-        f.parked().await.is_empty()
-    })
-    .await;
+    f.wait_retry_drained().await;
     assert!(relay.terminate(T).await.success());
     f.cleanup().await;
 }
@@ -187,10 +167,7 @@ async fn a_malformed_row_is_parked_and_delivered_once_fixed_debezium_style() {
             == 0
     })
     .await;
-    wait_for(T, "retry table drained", || async {
-        f.parked().await.is_empty()
-    })
-    .await;
+    f.wait_retry_drained().await;
     assert!(relay.terminate(T).await.success());
     f.cleanup().await;
 }
@@ -307,10 +284,7 @@ async fn dead_letters_reach_the_dead_letter_exchange_and_requeue_revives_them() 
     let (code, out) = relay_cmd(&f, &["dead", "requeue", "--id", "nope"]).await;
     assert_ne!(code, 0);
     assert!(out.contains("not dead in slot s_retry_dead: nope"), "{out}");
-    wait_for(T, "retry table drained", || async {
-        f.parked().await.is_empty()
-    })
-    .await;
+    f.wait_retry_drained().await;
     assert!(relay.terminate(T).await.success());
     let _ = ch.queue_delete(dlq.into(), Default::default()).await;
     let _ = ch.exchange_delete(dlx.into(), Default::default()).await;
@@ -456,10 +430,7 @@ async fn kill_9_between_retry_state_and_republish_loses_nothing() {
     relay.wait_streaming().await;
     let all: Vec<String> = rows.iter().map(|r| r.0.clone()).collect();
     f.consumer().wait_ids(&all, T).await;
-    wait_for(T, "retry table drained", || async {
-        f.parked().await.is_empty()
-    })
-    .await;
+    f.wait_retry_drained().await;
     assert!(relay.terminate(T).await.success());
     f.cleanup().await;
 }

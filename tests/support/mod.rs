@@ -333,6 +333,37 @@ impl Fixture {
         }
     }
 
+    /// Waits until the retry table is empty (every parked message delivered).
+    pub async fn wait_retry_drained(&self) {
+        wait_for(Duration::from_secs(60), "retry table drained", || async {
+            self.parked().await.is_empty()
+        })
+        .await;
+    }
+
+    /// Waits until the slot's confirmed LSN reaches `lsn`.
+    pub async fn wait_slot_past(&self, lsn: u64, what: &str) {
+        wait_for(Duration::from_secs(60), what, || async {
+            self.confirmed_lsn().await >= lsn
+        })
+        .await;
+    }
+
+    /// Waits until the head of the retry table failed with a reason containing `reason`.
+    pub async fn wait_head_failed_with(&self, reason: &str) {
+        wait_for(
+            Duration::from_secs(60),
+            &format!("head of the retry table failed with {reason:?}"),
+            || async {
+                self.parked()
+                    .await
+                    .first()
+                    .is_some_and(|p| p.3.as_deref().unwrap_or("").contains(reason))
+            },
+        )
+        .await;
+    }
+
     /// (status, retry_count, error_message) of an Event-Forge outbox row.
     pub async fn row_state(&self, id: &str) -> (String, i32, Option<String>) {
         let r = self
