@@ -21,7 +21,10 @@ use crate::error::Error;
 use crate::event::{ColumnMapping, MalformedRow, OutboxEvent};
 use crate::metrics::{self, Health, LagSource};
 use crate::progress::{Tracker, TxnId};
-use crate::retry::{self, Head, Loaded, ParkItem, Store, StoreCommand, StoreEvent, StoreSettings};
+use crate::retry::{
+    self, now_micros, sleep_until_opt, Head, Loaded, ParkItem, Store, StoreCommand, StoreEvent,
+    StoreSettings,
+};
 use crate::sink::{
     self, AggregateKey, OutboundMessage, Outcome, SinkCommand, SinkEvent, SinkSettings,
 };
@@ -692,7 +695,8 @@ impl Relay {
             m.published.inc();
         }
         if let Origin::Stream { commit_time, .. } = p.origin {
-            let latency_micros = now_micros() - (commit_time + PG_EPOCH_OFFSET_MICROS);
+            let latency_micros =
+                now_micros() - (commit_time + sink::format::PG_EPOCH_OFFSET_MICROS);
             m.delivery_latency
                 .observe(latency_micros.max(0) as f64 / 1e6);
         }
@@ -1218,23 +1222,6 @@ fn failure_label(reason: &str) -> &'static str {
     }
 }
 
-/// Postgres epoch (2000-01-01) minus Unix epoch, in microseconds.
-const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
-
-fn now_micros() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0)
-}
-
-async fn sleep_until_opt(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
-}
-
 /// What a message is made of: an event, or what could be read of a malformed row.
 #[derive(Debug, Clone)]
 enum Body {
@@ -1508,24 +1495,41 @@ impl Pipeline {
             .is_some_and(|p| p.state == State::Published { generation })
     }
 
-    /// Gives up `seq`'s aggregate turn; returns the next queued message to run, if any.
-    fn release_turn(&mut self, seq: u64) -> Option<u64> {
+    /// Gives up `seq`'s aggregate turn; returns the aggregate when it held one.
+    fn give_up_turn(&mut self, seq: u64) -> Option<AggregateKey> {
         let p = self.pending.get_mut(&seq)?;
         if !p.has_turn {
             return None;
         }
         p.has_turn = false;
         let key = p.body.key();
+        if let Some(agg) = self.aggregates.get_mut(&key) {
+            agg.active -= 1;
+        }
+        Some(key)
+    }
+
+    /// Forgets an aggregate with no turn held and nothing queued.
+    fn forget_if_idle(&mut self, key: AggregateKey) {
+        if self
+            .aggregates
+            .get(&key)
+            .is_some_and(|a| a.active == 0 && a.queue.is_empty())
+        {
+            self.aggregates.remove(&key);
+        }
+    }
+
+    /// Gives up `seq`'s aggregate turn; returns the next queued message to run, if any.
+    fn release_turn(&mut self, seq: u64) -> Option<u64> {
+        let key = self.give_up_turn(seq)?;
         let agg = self.aggregates.get_mut(&key)?;
-        agg.active -= 1;
         let next = if agg.active == 0 {
             agg.queue.pop_front()
         } else {
             None
         };
-        if agg.active == 0 && agg.queue.is_empty() && next.is_none() {
-            self.aggregates.remove(&key);
-        }
+        self.forget_if_idle(key);
         next
     }
 
@@ -1557,19 +1561,8 @@ impl Pipeline {
     }
 
     fn release_turn_without_next(&mut self, seq: u64) {
-        let Some(p) = self.pending.get_mut(&seq) else {
-            return;
-        };
-        if !p.has_turn {
-            return;
-        }
-        p.has_turn = false;
-        let key = p.body.key();
-        if let Some(agg) = self.aggregates.get_mut(&key) {
-            agg.active -= 1;
-            if agg.active == 0 && agg.queue.is_empty() {
-                self.aggregates.remove(&key);
-            }
+        if let Some(key) = self.give_up_turn(seq) {
+            self.forget_if_idle(key);
         }
     }
 

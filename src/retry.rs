@@ -207,7 +207,8 @@ struct TableShape {
     has_max_retries: bool,
 }
 
-fn now_micros() -> i64 {
+/// Now, in Unix microseconds.
+pub(crate) fn now_micros() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_micros() as i64)
@@ -348,7 +349,7 @@ impl Store {
                     self.reload_heads(&events).await;
                     continue;
                 }
-                _ = sleep_opt(self.flush_at) => {
+                _ = sleep_until_opt(self.flush_at) => {
                     if let Err(e) = self.flush_succeeded().await {
                         tracing::warn!(error = %e, "on_success update failed; retrying");
                         self.flush_at = Some(Instant::now() + Duration::from_secs(1));
@@ -356,7 +357,7 @@ impl Store {
                     }
                     continue;
                 }
-                _ = sleep_opt(self.retention_at) => {
+                _ = sleep_until_opt(self.retention_at) => {
                     if let Err(e) = self.sweep_retention().await {
                         tracing::warn!(error = %e, "retention sweep failed; retrying in a minute");
                         self.retention_at = Some(Instant::now() + Duration::from_secs(60));
@@ -988,7 +989,8 @@ async fn table_shape(client: &Client, settings: &StoreSettings) -> Result<TableS
     })
 }
 
-async fn sleep_opt(at: Option<Instant>) {
+/// Sleeps until `at`, or forever without one (a disabled `select!` timer).
+pub(crate) async fn sleep_until_opt(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,

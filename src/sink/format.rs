@@ -47,7 +47,7 @@ impl OutboundMessage {
 pub struct FormatError(pub String);
 
 /// Postgres epoch (2000-01-01) minus Unix epoch, in microseconds.
-const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
+pub(crate) const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
 
 /// Encodes an event. `commit_time_micros` (Postgres epoch) stands in for `created_at`
 /// when the table has no such column.
