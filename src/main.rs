@@ -6,6 +6,11 @@ use outbox_relay::config::{Config, LogFormat};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+/// mimalloc instead of glibc's allocator: the hot path allocates many small,
+/// short-lived buffers on one thread and frees them on another (see README, Performance).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "outbox-relay",
@@ -94,7 +99,7 @@ fn main() -> ExitCode {
         cli.log_format.unwrap_or(config.log.format),
         &config.log.level,
     );
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
