@@ -1317,6 +1317,31 @@ enum Admitted {
     ParkNow(u64),
 }
 
+/// A map keyed by the relay's own u64s (sequence numbers, aggregate keys that are
+/// already hashes): one multiply instead of SipHash on the hot path.
+type FastMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<U64Hasher>>;
+
+#[derive(Default, Clone, Copy)]
+struct U64Hasher(u64);
+
+impl std::hash::Hasher for U64Hasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.write_u64(u64::from(*b));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        // Folded multiply: every input bit reaches the high bits hashbrown uses.
+        let m = u128::from(self.0 ^ n) * 0x9E37_79B9_7F4A_7C15u128;
+        self.0 = (m as u64) ^ ((m >> 64) as u64);
+    }
+}
+
 /// The in-flight window: every message from admission to its resolution.
 struct Pipeline {
     ordering: Ordering,
@@ -1327,8 +1352,8 @@ struct Pipeline {
     /// Broker connection generation currently up, if any.
     generation: Option<u64>,
     next_seq: u64,
-    pending: HashMap<u64, Pending>,
-    aggregates: HashMap<AggregateKey, Aggregate>,
+    pending: FastMap<u64, Pending>,
+    aggregates: FastMap<AggregateKey, Aggregate>,
     bytes: usize,
     /// Dead-letter publishes waiting for their backoff.
     backoffs: BinaryHeap<Reverse<(Instant, u64)>>,
@@ -1346,8 +1371,8 @@ impl Pipeline {
             commands,
             generation: None,
             next_seq: 0,
-            pending: HashMap::new(),
-            aggregates: HashMap::new(),
+            pending: FastMap::default(),
+            aggregates: FastMap::default(),
             bytes: 0,
             backoffs: BinaryHeap::new(),
             deadlines: VecDeque::new(),
@@ -1684,7 +1709,7 @@ impl Pipeline {
 /// last word plus its own commands not yet answered.
 #[derive(Default)]
 struct Parked {
-    aggregates: HashMap<AggregateKey, ParkedAggregate>,
+    aggregates: FastMap<AggregateKey, ParkedAggregate>,
     due: BinaryHeap<Reverse<(Instant, AggregateKey)>>,
     /// Loads requested and not yet answered (bounded, so answers never pile up).
     loading: usize,

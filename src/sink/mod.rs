@@ -162,8 +162,15 @@ pub async fn connect(settings: &SinkSettings) -> Result<Broker, Error> {
     })
 }
 
-type ConfirmFuture =
-    Pin<Box<dyn Future<Output = (u64, Result<Confirmation, lapin::Error>)> + Send>>;
+/// One publish until its confirm: gives back its seq and message (for its id).
+type ConfirmFuture<'a> = Pin<Box<dyn Future<Output = Answer> + Send + 'a>>;
+
+/// A broker answer to one publish.
+type Answer = (
+    u64,
+    Arc<OutboundMessage>,
+    Result<Confirmation, lapin::Error>,
+);
 
 /// Runs the sink until the command channel closes. `first` is the connection
 /// made at start-up (so that start-up failures are reported, not retried).
@@ -238,7 +245,7 @@ async fn serve(
     commands: &mut mpsc::Receiver<SinkCommand>,
     events: &mpsc::Sender<SinkEvent>,
 ) -> Option<String> {
-    let mut confirms: FuturesUnordered<ConfirmFuture> = FuturesUnordered::new();
+    let mut confirms: FuturesUnordered<ConfirmFuture<'_>> = FuturesUnordered::new();
     let mut conn_events = Box::pin(broker.connection.events_listener());
     let options = BasicPublishOptions {
         mandatory: true,
@@ -284,16 +291,15 @@ async fn serve(
                 let mut published = 0;
                 while let Some(SinkCommand::Publish { seq, generation: g, message }) = next.take() {
                     if g == generation {
-                        returns.published(seq, &message.id);
-                        let channel = broker.channel.clone();
+                        let channel = &broker.channel;
                         let exchange = message.exchange.clone().unwrap_or_else(|| exchange.clone());
-                        let mut publish: ConfirmFuture = Box::pin(async move {
+                        let mut publish: ConfirmFuture<'_> = Box::pin(async move {
                             let sent = channel
                                 .basic_publish(exchange, message.routing_key.clone(), options, &message.body, message.properties.clone())
                                 .await;
                             match sent {
-                                Ok(confirm) => (seq, confirm.await),
-                                Err(e) => (seq, Err(e)),
+                                Ok(confirm) => (seq, message, confirm.await),
+                                Err(e) => (seq, message, Err(e)),
                             }
                         });
                         // The first poll queues the frames and takes the delivery tag, so
@@ -332,24 +338,15 @@ const PUBLISH_BATCH: usize = 256;
 /// So returns are counted by message id and consumed by that id's own confirm.
 #[derive(Default)]
 struct Returns {
-    /// Publishes awaiting a confirm: seq -> message id.
-    in_flight: HashMap<u64, String>,
     /// Returns not yet matched: message id -> (count, reply code, reply text).
     pending: HashMap<String, (u32, u16, String)>,
 }
 
 impl Returns {
-    fn published(&mut self, seq: u64, id: &str) {
-        self.in_flight.insert(seq, id.to_string());
-    }
-
     /// Turns a batch of ready confirms into outcomes; an error means the connection is gone.
-    fn classify(
-        &mut self,
-        batch: Vec<(u64, Result<Confirmation, lapin::Error>)>,
-    ) -> Result<Vec<(u64, Outcome)>, String> {
+    fn classify(&mut self, batch: Vec<Answer>) -> Result<Vec<(u64, Outcome)>, String> {
         let mut kinds = Vec::with_capacity(batch.len());
-        for (seq, result) in batch {
+        for (seq, message, result) in batch {
             let confirmation = result.map_err(|e| format!("publishing: {e}"))?;
             let (kind, returned) = match confirmation {
                 Confirmation::Ack(r) => (Outcome::Ack, r),
@@ -371,13 +368,19 @@ impl Returns {
                 ));
                 entry.0 += 1;
             }
-            kinds.push((seq, kind));
+            kinds.push((seq, message, kind));
+        }
+        if self.pending.is_empty() {
+            return Ok(kinds
+                .into_iter()
+                .map(|(seq, _, kind)| (seq, kind))
+                .collect());
         }
         Ok(kinds
             .into_iter()
-            .map(|(seq, kind)| {
-                let id = self.in_flight.remove(&seq).unwrap_or_default();
-                let outcome = match self.pending.get_mut(&id) {
+            .map(|(seq, message, kind)| {
+                let id = message.id.as_str();
+                let outcome = match self.pending.get_mut(id) {
                     Some(entry) => {
                         entry.0 -= 1;
                         let outcome = Outcome::Returned {
@@ -385,7 +388,7 @@ impl Returns {
                             reply_text: entry.2.clone(),
                         };
                         if entry.0 == 0 {
-                            self.pending.remove(&id);
+                            self.pending.remove(id);
                         }
                         outcome
                     }
