@@ -122,7 +122,7 @@ impl Default for PostgresConfig {
             slot: "outbox_relay".into(),
             publication: "outbox_relay".into(),
             create_missing: true,
-            status_interval: Duration::from_secs(1),
+            status_interval: Duration::from_millis(100),
             reconnect_backoff_max: Duration::from_secs(30),
             slot_wait: Duration::from_secs(10),
             mapping: Mapping::EventForge,
@@ -618,7 +618,7 @@ mod tests {
     fn defaults_apply_to_an_empty_file() {
         let c = load("", &[]).unwrap();
         assert_eq!(c.postgres.table, "public.outbox_messages");
-        assert_eq!(c.postgres.status_interval, Duration::from_secs(1));
+        assert_eq!(c.postgres.status_interval, Duration::from_millis(100));
         assert_eq!(c.amqp.exchange, "events");
         assert_eq!(c.relay.ordering, Ordering::Strict);
     }
