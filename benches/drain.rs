@@ -10,7 +10,8 @@
 //!
 //! Run with `cargo bench --bench drain`. Environment: BENCH_ROWS=100000,
 //! BENCH_WINDOW=2048, BENCH_BIG_ROWS=1000000 (0 skips the large backlog),
-//! BENCH_LIVE_RATE=1000, BENCH_LIVE_SECS=10, BENCH_PERF=FILE (profile the relay).
+//! BENCH_LIVE_RATE=1000, BENCH_LIVE_SECS=10, BENCH_PERF=FILE (profile each relay run
+//! into FILE-<pid>), BENCH_ROUNDS=3, BENCH_AGGREGATES=10000, BENCH_SHAPES=0,1 (rows to run).
 //!
 //! Needs the local services prepared by scripts/setup-services.sh.
 
@@ -19,7 +20,7 @@ use futures_util::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions,
     ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
-    QueueDeleteOptions, QueuePurgeOptions,
+    QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties, ExchangeKind};
@@ -69,6 +70,10 @@ async fn amqp_setup() -> (Connection, lapin::Channel) {
         .await
         .unwrap();
     let ch = conn.create_channel().await.unwrap();
+    // A fresh queue for every run: each one starts from the same broker state.
+    ch.queue_delete(QUEUE.into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
     ch.exchange_declare(
         EXCHANGE.into(),
         ExchangeKind::Topic,
@@ -99,9 +104,6 @@ async fn amqp_setup() -> (Connection, lapin::Channel) {
     )
     .await
     .unwrap();
-    ch.queue_purge(QUEUE.into(), QueuePurgeOptions::default())
-        .await
-        .unwrap();
     (conn, ch)
 }
 
@@ -144,6 +146,21 @@ fn cpu_seconds(pid: u32) -> f64 {
     ticks / 100.0
 }
 
+/// CPU seconds used so far by all running Postgres processes (walsender, backends,
+/// background writers).
+fn postgres_cpu_seconds() -> f64 {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim() == "postgres")
+        })
+        .map(cpu_seconds)
+        .sum()
+}
+
 /// Peak resident set size in MB.
 fn peak_rss_mb(pid: u32) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -154,6 +171,20 @@ fn peak_rss_mb(pid: u32) -> f64 {
         .and_then(|kb| kb.parse::<f64>().ok())
         .map(|kb| kb / 1024.0)
         .unwrap_or(0.0)
+}
+
+/// Waits until the broker is quiet (under 5 % of a core over 250 ms, at most 60 s):
+/// the purge of the previous run's messages must not be billed to the next one.
+async fn settle_broker() {
+    let Some(pid) = broker_pid() else { return };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        let before = cpu_seconds(pid);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        if cpu_seconds(pid) - before < 0.0125 {
+            return;
+        }
+    }
 }
 
 fn broker_pid() -> Option<u32> {
@@ -175,7 +206,7 @@ async fn lapin_ceiling(
     rows: usize,
     window: usize,
     message: &outbox_relay::sink::OutboundMessage,
-) -> (f64, f64) {
+) -> Ceiling {
     let (conn, ch) = amqp_setup().await;
     let pub_ch = conn.create_channel().await.unwrap();
     pub_ch
@@ -184,8 +215,10 @@ async fn lapin_ceiling(
         .unwrap();
     let props = message.properties.clone();
     let body = &message.body;
+    settle_broker().await;
     let broker = broker_pid();
     let broker_cpu0 = broker.map(cpu_seconds).unwrap_or(0.0);
+    let own_cpu0 = cpu_seconds(std::process::id());
     let start = Instant::now();
     let mut inflight = FuturesUnordered::new();
     for i in 0..rows {
@@ -213,9 +246,21 @@ async fn lapin_ceiling(
     }
     let secs = start.elapsed().as_secs_f64();
     let broker_cpu = broker.map(cpu_seconds).unwrap_or(0.0) - broker_cpu0;
+    let own_cpu = cpu_seconds(std::process::id()) - own_cpu0;
     assert_eq!(queue_depth(&ch).await as usize, rows);
     let _ = conn.close(200, "bye".into()).await;
-    (rows as f64 / secs, broker_cpu * 100_000.0 / rows as f64)
+    Ceiling {
+        rate: rows as f64 / secs,
+        publisher_cpu: own_cpu * 100_000.0 / rows as f64,
+        broker_cpu: broker_cpu * 100_000.0 / rows as f64,
+    }
+}
+
+struct Ceiling {
+    rate: f64,
+    /// CPU seconds per 100k of this benchmark process (the plain publisher).
+    publisher_cpu: f64,
+    broker_cpu: f64,
 }
 
 /// Drops and recreates table, publication and slot.
@@ -256,8 +301,9 @@ async fn drop_outbox(db: &Client) {
         .await;
 }
 
-/// Writes `rows` rows, 1 000 per transaction, 1 000 aggregates. Returns the LSN after the last commit.
-async fn write_backlog(db: &Client, rows: usize) -> String {
+/// Writes `rows` rows, 1 000 per transaction, round robin over `aggregates`
+/// aggregates. Returns the LSN after the last commit.
+async fn write_backlog(db: &Client, rows: usize, aggregates: usize) -> String {
     for start in (0..rows).step_by(1000) {
         let end = (start + 1000).min(rows);
         let mut sql = format!(
@@ -269,7 +315,7 @@ async fn write_backlog(db: &Client, rows: usize) -> String {
             }
             sql.push_str(&format!(
                 "('{i:08}-bench', 'Order', 'order-{}', 'order.placed', '{}')",
-                i % 1000,
+                i % aggregates,
                 payload(i)
             ));
         }
@@ -281,7 +327,29 @@ async fn write_backlog(db: &Client, rows: usize) -> String {
         .get(0)
 }
 
-fn spawn_relay(window: usize, on_success: &str) -> std::process::Child {
+/// What a drain run looks like: the backlog's aggregates and the relay's settings.
+#[derive(Clone, Copy)]
+struct Shape {
+    aggregates: usize,
+    on_success: &'static str,
+    ordering: &'static str,
+}
+
+impl Shape {
+    fn label(&self, rows: usize) -> String {
+        format!(
+            "relay drains {rows} rows over {} aggregates, on_success = {}, ordering = {}",
+            self.aggregates, self.on_success, self.ordering
+        )
+    }
+}
+
+fn spawn_relay(window: usize, shape: Shape) -> std::process::Child {
+    let Shape {
+        on_success,
+        ordering,
+        ..
+    } = shape;
     let dir = std::env::temp_dir().join("outbox-relay-bench");
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = dir.join("bench.toml");
@@ -291,30 +359,12 @@ fn spawn_relay(window: usize, on_success: &str) -> std::process::Child {
             "[postgres]\nurl = \"{PG_URL}\"\ntable = \"{TABLE}\"\nslot = \"{SLOT}\"\npublication = \"{SLOT}\"\n\
              retry_table = \"public.bench_parked\"\non_success = \"{on_success}\"\n\
              [amqp]\nurl = \"{AMQP_URL}\"\nexchange = \"{EXCHANGE}\"\nmax_in_flight = {window}\nmax_in_flight_bytes = 268435456\n\
-             [metrics]\nlisten = \"\"\n[log]\nlevel = \"warn\"\n"
+             [relay]\nordering = \"{ordering}\"\n[metrics]\nlisten = \"\"\n[log]\nlevel = \"warn\"\n"
         ),
     )
     .unwrap();
     let log = std::fs::File::create(dir.join("relay.log")).unwrap();
-    // BENCH_PERF=FILE records a CPU profile of the relay with `perf record`.
-    let mut command = match std::env::var("BENCH_PERF") {
-        Ok(out) => {
-            let mut c = Command::new("perf");
-            c.args([
-                "record",
-                "-F",
-                "999",
-                "-g",
-                "-o",
-                &out,
-                "--",
-                env!("CARGO_BIN_EXE_outbox-relay"),
-            ]);
-            c
-        }
-        Err(_) => Command::new(env!("CARGO_BIN_EXE_outbox-relay")),
-    };
-    command
+    Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
         .args(["run", "--config", cfg.to_str().unwrap()])
         .stdout(Stdio::null())
         .stderr(log)
@@ -322,39 +372,86 @@ fn spawn_relay(window: usize, on_success: &str) -> std::process::Child {
         .unwrap()
 }
 
+/// BENCH_PERF=FILE: `perf record` attached to the relay (FILE-<pid>), stopped with it.
+fn profile(pid: u32) -> Option<std::process::Child> {
+    let out = std::env::var("BENCH_PERF").ok()?;
+    Command::new("perf")
+        .args([
+            "record",
+            "-F",
+            "499",
+            "--call-graph",
+            "dwarf,32768",
+            "-p",
+            &pid.to_string(),
+            "-o",
+        ])
+        .arg(format!("{out}-{pid}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()
+}
+
 fn stop(child: &mut std::process::Child) {
+    signal(child, "-TERM");
+}
+
+fn signal(child: &mut std::process::Child, signal: &str) {
     let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args([signal, &child.id().to_string()])
         .status();
     let _ = child.wait();
 }
 
 struct Drain {
     rate: f64,
+    /// Seconds until every message was in the queue (the slot confirms after that).
+    delivered_secs: f64,
+    secs: f64,
     rss_mb: f64,
     relay_cpu: f64,
     broker_cpu: f64,
+    postgres_cpu: f64,
 }
 
 /// Drains a backlog of `rows` rows; timed from the relay's start until the slot's
 /// confirmed LSN passes the last commit (and every message is in the queue).
-async fn relay_drain(rows: usize, window: usize, on_success: &str) -> Drain {
+async fn relay_drain(rows: usize, window: usize, shape: Shape) -> Drain {
     let db = pg().await;
     fresh_outbox(&db).await;
     let t = Instant::now();
-    let end_lsn = write_backlog(&db, rows).await;
+    let end_lsn = write_backlog(&db, rows, shape.aggregates).await;
+    // What autovacuum would do to a freshly loaded table, and a checkpoint, before
+    // the clock starts rather than at some point during the run.
+    db.batch_execute(&format!("vacuum analyze {TABLE}"))
+        .await
+        .unwrap();
+    db.batch_execute("checkpoint").await.unwrap();
     eprintln!(
         "backlog of {rows} rows written in {:.1} s",
         t.elapsed().as_secs_f64()
     );
     let (amqp, ch) = amqp_setup().await;
+    settle_broker().await;
     let broker = broker_pid();
     let broker_cpu0 = broker.map(cpu_seconds).unwrap_or(0.0);
+    let postgres_cpu0 = postgres_cpu_seconds();
     let start = Instant::now();
-    let mut child = spawn_relay(window, on_success);
+    let mut child = spawn_relay(window, shape);
     let pid = child.id();
+    let mut perf = profile(pid);
     let deadline = Instant::now() + Duration::from_secs(1800);
+    let mut delivered_secs = None;
+    let mut first_secs = None;
     loop {
+        let depth = queue_depth(&ch).await as usize;
+        if first_secs.is_none() && depth > 0 {
+            first_secs = Some(start.elapsed().as_secs_f64());
+        }
+        if delivered_secs.is_none() && depth >= rows {
+            delivered_secs = Some(start.elapsed().as_secs_f64());
+        }
         let confirmed: Option<String> = db
             .query_one(
                 "select confirmed_flush_lsn::text from pg_replication_slots where slot_name = $1",
@@ -363,9 +460,7 @@ async fn relay_drain(rows: usize, window: usize, on_success: &str) -> Drain {
             .await
             .unwrap()
             .get(0);
-        if confirmed.is_some_and(|c| lsn(&c) >= lsn(&end_lsn))
-            && queue_depth(&ch).await as usize >= rows
-        {
+        if confirmed.is_some_and(|c| lsn(&c) >= lsn(&end_lsn)) && delivered_secs.is_some() {
             break;
         }
         assert!(
@@ -377,15 +472,22 @@ async fn relay_drain(rows: usize, window: usize, on_success: &str) -> Drain {
             "relay exited early; see the log in {}",
             std::env::temp_dir().join("outbox-relay-bench").display()
         );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let secs = start.elapsed().as_secs_f64();
+    eprintln!("  first message after {:.2} s, all in queue after {:.2} s, slot confirmed after {secs:.2} s", first_secs.unwrap_or(0.0), delivered_secs.unwrap_or(0.0));
     let drain = Drain {
         rate: rows as f64 / secs,
+        delivered_secs: delivered_secs.unwrap_or(secs),
+        secs,
         rss_mb: peak_rss_mb(pid),
         relay_cpu: cpu_seconds(pid),
         broker_cpu: broker.map(cpu_seconds).unwrap_or(0.0) - broker_cpu0,
+        postgres_cpu: postgres_cpu_seconds() - postgres_cpu0,
     };
+    if let Some(perf) = perf.as_mut() {
+        signal(perf, "-INT");
+    }
     stop(&mut child);
     let _ = amqp.close(200, "bye".into()).await;
     drop_outbox(&db).await;
@@ -397,7 +499,14 @@ async fn live(rate: usize, secs: usize, window: usize) -> (f64, f64, f64, usize)
     let db = pg().await;
     fresh_outbox(&db).await;
     let (amqp, ch) = amqp_setup().await;
-    let mut child = spawn_relay(window, "mark_published");
+    let mut child = spawn_relay(
+        window,
+        Shape {
+            aggregates: 1000,
+            on_success: "mark_published",
+            ordering: "strict",
+        },
+    );
     // Wait until the relay streams: one probe row arrives.
     db.batch_execute(&format!("insert into {TABLE} (id, aggregate_type, aggregate_id, event_type, payload) values ('probe', 'P', 'p', 'e', '{{}}')"))
         .await
@@ -487,6 +596,39 @@ fn parse_iso_micros(s: &str) -> i64 {
     (days * 86400 + h * 3600 + mi * 60 + se) * 1_000_000 + micros
 }
 
+/// The median of some figures.
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// One row of the table: the median of `runs`, its ratio to the median ceiling,
+/// and the range of the per-round ratios.
+fn drain_row(label: &str, runs: &[Drain], ceilings: &[f64], rows: usize) {
+    let rate = median(runs.iter().map(|d| d.rate).collect());
+    let ceiling = median(ceilings.to_vec());
+    let ratios: Vec<f64> = runs.iter().zip(ceilings).map(|(d, c)| d.rate / c).collect();
+    let (lo, hi) = ratios
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(lo, hi), r| (lo.min(*r), hi.max(*r)));
+    let per100k = |v: f64| v * 100_000.0 / rows as f64;
+    println!(
+        "| {label} | {rate:.0} | {:.2} ({lo:.2}–{hi:.2}) | {:.1} MB | {:.2} | {:.2} | {:.2} | {:.2} s / {:.2} s |",
+        rate / ceiling,
+        runs.iter().map(|d| d.rss_mb).fold(0.0, f64::max),
+        per100k(median(runs.iter().map(|d| d.relay_cpu).collect())),
+        per100k(median(runs.iter().map(|d| d.broker_cpu).collect())),
+        per100k(median(runs.iter().map(|d| d.postgres_cpu).collect())),
+        median(runs.iter().map(|d| d.delivered_secs).collect()),
+        median(runs.iter().map(|d| d.secs).collect()),
+    );
+}
+
 #[tokio::main]
 async fn main() {
     if std::env::args().any(|a| a == "--list") {
@@ -497,6 +639,7 @@ async fn main() {
     let window = env_usize("BENCH_WINDOW", 2048);
     let live_rate = env_usize("BENCH_LIVE_RATE", 1000);
     let live_secs = env_usize("BENCH_LIVE_SECS", 10);
+    let rounds = env_usize("BENCH_ROUNDS", 3).max(1);
 
     let event = outbox_relay::event::OutboxEvent {
         id: "00000000-bench".into(),
@@ -512,35 +655,110 @@ async fn main() {
     let message = outbox_relay::sink::format::encode(&event, 0).unwrap();
     let body_len = message.body.len();
 
-    let (ceiling, ceiling_broker_cpu) = lapin_ceiling(rows, window, &message).await;
-    let marked = relay_drain(rows, window, "mark_published").await;
-    let kept = relay_drain(rows, window, "keep").await;
+    let aggregates = env_usize("BENCH_AGGREGATES", 10_000);
+    let shapes = [
+        Shape {
+            aggregates,
+            on_success: "mark_published",
+            ordering: "strict",
+        },
+        Shape {
+            aggregates,
+            on_success: "keep",
+            ordering: "strict",
+        },
+        // Hot aggregates: strict ordering allows one unconfirmed message per
+        // aggregate, so the broker sees at most 1 000 in flight whatever the window.
+        Shape {
+            aggregates: 1000,
+            on_success: "mark_published",
+            ordering: "strict",
+        },
+        Shape {
+            aggregates: 1000,
+            on_success: "mark_published",
+            ordering: "relaxed",
+        },
+    ];
+
+    // BENCH_SHAPES=0,2 runs only those rows of the table (0-based), e.g. to profile one.
+    let only: Option<Vec<usize>> = std::env::var("BENCH_SHAPES")
+        .ok()
+        .map(|v| v.split(',').filter_map(|i| i.trim().parse().ok()).collect());
+    let shapes: Vec<Shape> = shapes
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| only.as_ref().is_none_or(|o| o.contains(i)))
+        .map(|(_, s)| s)
+        .collect();
+
+    // Rounds interleave the ceiling with the relay runs, so that both see the same
+    // machine (the ceiling goes first in odd rounds, last in even ones): each ratio
+    // is a relay run over the ceiling of its own round.
+    let mut ceiling_runs: Vec<Ceiling> = Vec::new();
+    let mut drains: Vec<Vec<Drain>> = shapes.iter().map(|_| Vec::new()).collect();
+    for round in 1..=rounds {
+        if round % 2 == 1 {
+            ceiling_runs.push(lapin_ceiling(rows, window, &message).await);
+        }
+        for (shape, runs) in shapes.iter().zip(drains.iter_mut()) {
+            let d = relay_drain(rows, window, *shape).await;
+            eprintln!(
+                "round {round}/{rounds}: {}: {:.0} msg/s",
+                shape.label(rows),
+                d.rate
+            );
+            runs.push(d);
+        }
+        if round % 2 == 0 {
+            ceiling_runs.push(lapin_ceiling(rows, window, &message).await);
+        }
+        eprintln!(
+            "round {round}/{rounds}: ceiling {:.0} msg/s",
+            ceiling_runs.last().unwrap().rate
+        );
+    }
+    let ceilings: Vec<f64> = ceiling_runs.iter().map(|c| c.rate).collect();
     let (p50, p99, max, live_n) = live(live_rate, live_secs, window).await;
+    let big_shape = Shape {
+        aggregates,
+        on_success: "keep",
+        ordering: "strict",
+    };
     let big = if big_rows > 0 {
-        Some(relay_drain(big_rows, window, "keep").await)
+        let c = lapin_ceiling(big_rows, window, &message).await.rate;
+        Some((relay_drain(big_rows, window, big_shape).await, c))
     } else {
         None
     };
     amqp_teardown().await;
 
-    let per100k = |d: &Drain, n: usize| {
-        (
-            d.relay_cpu * 100_000.0 / n as f64,
-            d.broker_cpu * 100_000.0 / n as f64,
-        )
-    };
     println!();
-    println!("outbox-relay end-to-end benchmark: body {body_len} bytes, window {window}, one durable queue, {} cores", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0));
-    println!("| measurement | msg/s | ratio to ceiling | relay peak RSS | relay CPU s / 100k | broker CPU s / 100k |");
-    println!("|---|---|---|---|---|---|");
-    println!("| plain lapin publisher with confirms, same messages (ceiling), {rows} msgs | {ceiling:.0} | 1.00 | | | {ceiling_broker_cpu:.2} |");
-    let (rc, bc) = per100k(&marked, rows);
-    println!("| relay drains {rows} rows, on_success = mark_published | {:.0} | {:.2} | {:.1} MB | {rc:.2} | {bc:.2} |", marked.rate, marked.rate / ceiling, marked.rss_mb);
-    let (rc, bc) = per100k(&kept, rows);
-    println!("| relay drains {rows} rows, on_success = keep | {:.0} | {:.2} | {:.1} MB | {rc:.2} | {bc:.2} |", kept.rate, kept.rate / ceiling, kept.rss_mb);
-    if let Some(big) = &big {
-        let (rc, bc) = per100k(big, big_rows);
-        println!("| relay drains {big_rows} rows, on_success = keep | {:.0} | {:.2} | {:.1} MB | {rc:.2} | {bc:.2} |", big.rate, big.rate / ceiling, big.rss_mb);
+    println!(
+        "outbox-relay end-to-end benchmark: body {body_len} bytes, window {window}, one durable queue, {} cores, median of {rounds} rounds",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
+    );
+    println!("| measurement | msg/s | ratio to ceiling (range) | relay peak RSS | relay CPU s / 100k | broker CPU s / 100k | Postgres CPU s / 100k | all in queue / slot confirmed |");
+    println!("|---|---|---|---|---|---|---|---|");
+    println!(
+        "| plain lapin publisher with confirms, same messages (ceiling), {rows} msgs | {:.0} | 1.00 | | {:.2} (the publisher) | {:.2} | | |",
+        median(ceilings.clone()),
+        median(ceiling_runs.iter().map(|c| c.publisher_cpu).collect()),
+        median(ceiling_runs.iter().map(|c| c.broker_cpu).collect()),
+    );
+    for (shape, runs) in shapes.iter().zip(&drains) {
+        drain_row(&shape.label(rows), runs, &ceilings, rows);
+    }
+    if let Some((big, c)) = big {
+        drain_row(
+            &format!(
+                "{} (ceiling: {big_rows} msgs, {c:.0} msg/s)",
+                big_shape.label(big_rows)
+            ),
+            &[big],
+            &[c],
+            big_rows,
+        );
     }
     println!();
     println!("live: {live_n} inserts at {live_rate}/s, one row per transaction: commit-to-consumer latency p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms");
