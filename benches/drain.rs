@@ -1,17 +1,27 @@
 //! End-to-end benchmark against the local Postgres and RabbitMQ, one table:
 //!
-//! - the ceiling: a plain lapin publisher with confirms (same window, same body
-//!   size, same durable queue), measured in the same run;
-//! - the relay draining a backlog of Event-Forge rows (default `mark_published`, and
-//!   `keep`), timed until the slot's confirmed LSN passes the last commit, with its
-//!   peak RSS and CPU seconds next to the broker's;
-//! - the same for a 10x larger backlog (peak RSS must not grow with the backlog);
+//! - the ceiling: a plain lapin publisher with confirms (same messages, same window,
+//!   one fresh durable queue), measured in every round;
+//! - the relay draining a backlog of Event-Forge rows, timed from its start until the
+//!   slot's confirmed LSN passes the last commit, with its peak RSS and the CPU seconds
+//!   of the relay, the broker and Postgres, for several backlog shapes: 10 000
+//!   aggregates with `mark_published` (the Event-Forge default) and `keep`, and 1 000
+//!   hot aggregates with strict and relaxed ordering;
+//! - a 10x larger backlog next to its own ceiling (peak RSS must not grow with it);
 //! - live: a steady insert rate, one row per transaction, commit-to-consumer latency.
 //!
+//! Rounds interleave the ceiling with the relay runs (the ceiling first in odd rounds,
+//! last in even ones); each figure is the median over rounds, each ratio range is the
+//! relay runs over their own round's ceiling. Before each run the broker is left to
+//! settle and the backlog is vacuumed and checkpointed, so one run's leftovers are not
+//! billed to the next.
+//!
 //! Run with `cargo bench --bench drain`. Environment: BENCH_ROWS=100000,
-//! BENCH_WINDOW=2048, BENCH_BIG_ROWS=1000000 (0 skips the large backlog),
-//! BENCH_LIVE_RATE=1000, BENCH_LIVE_SECS=10, BENCH_PERF=FILE (profile each relay run
-//! into FILE-<pid>), BENCH_ROUNDS=3, BENCH_AGGREGATES=10000, BENCH_SHAPES=0,1 (rows to run).
+//! BENCH_WINDOW=2048, BENCH_ROUNDS=3, BENCH_AGGREGATES=10000, BENCH_BIG_ROWS=1000000
+//! (0 skips the large backlog), BENCH_LIVE_RATE=1000, BENCH_LIVE_SECS=10,
+//! BENCH_SHAPES=0,1 (only these drain rows), BENCH_PERF=FILE (perf profile of each
+//! relay run into FILE-<pid>), BENCH_CEILING_CHANNELS=N (only the ceiling, on 1..=N
+//! channels).
 //!
 //! Needs the local services prepared by scripts/setup-services.sh.
 
@@ -206,44 +216,57 @@ async fn lapin_ceiling(
     rows: usize,
     window: usize,
     message: &outbox_relay::sink::OutboundMessage,
+    channels: usize,
 ) -> Ceiling {
     let (conn, ch) = amqp_setup().await;
-    let pub_ch = conn.create_channel().await.unwrap();
-    pub_ch
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
-    let props = message.properties.clone();
+    let mut pub_channels = Vec::new();
+    for _ in 0..channels {
+        let pub_ch = conn.create_channel().await.unwrap();
+        pub_ch
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        pub_channels.push(pub_ch);
+    }
+    let props = &message.properties;
     let body = &message.body;
     settle_broker().await;
     let broker = broker_pid();
     let broker_cpu0 = broker.map(cpu_seconds).unwrap_or(0.0);
     let own_cpu0 = cpu_seconds(std::process::id());
     let start = Instant::now();
-    let mut inflight = FuturesUnordered::new();
-    for i in 0..rows {
-        if inflight.len() >= window {
-            let c: lapin::Confirmation = inflight.next().await.unwrap();
-            assert!(c.is_ack());
-        }
-        let confirm = pub_ch
-            .basic_publish(
-                EXCHANGE.into(),
-                "Order.order.placed".into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    immediate: false,
-                },
-                body,
-                props.clone().with_message_id(format!("ceiling-{i}").into()),
-            )
-            .await
-            .unwrap();
-        inflight.push(async move { confirm.await.unwrap() });
-    }
-    while let Some(c) = inflight.next().await {
-        assert!(c.is_ack());
-    }
+    // Each channel publishes its share with its share of the window.
+    let publishers = pub_channels
+        .iter()
+        .enumerate()
+        .map(|(c, pub_ch)| async move {
+            let window = (window / channels).max(1);
+            let mut inflight = FuturesUnordered::new();
+            for i in (c..rows).step_by(channels) {
+                if inflight.len() >= window {
+                    let c: lapin::Confirmation = inflight.next().await.unwrap();
+                    assert!(c.is_ack());
+                }
+                let confirm = pub_ch
+                    .basic_publish(
+                        EXCHANGE.into(),
+                        "Order.order.placed".into(),
+                        BasicPublishOptions {
+                            mandatory: true,
+                            immediate: false,
+                        },
+                        body,
+                        props.clone().with_message_id(format!("ceiling-{i}").into()),
+                    )
+                    .await
+                    .unwrap();
+                inflight.push(async move { confirm.await.unwrap() });
+            }
+            while let Some(c) = inflight.next().await {
+                assert!(c.is_ack());
+            }
+        });
+    futures_util::future::join_all(publishers).await;
     let secs = start.elapsed().as_secs_f64();
     let broker_cpu = broker.map(cpu_seconds).unwrap_or(0.0) - broker_cpu0;
     let own_cpu = cpu_seconds(std::process::id()) - own_cpu0;
@@ -495,7 +518,17 @@ async fn relay_drain(rows: usize, window: usize, shape: Shape) -> Drain {
 }
 
 /// Steady inserts, one row per transaction, for `secs`; commit-to-consumer latency.
-async fn live(rate: usize, secs: usize, window: usize) -> (f64, f64, f64, usize) {
+struct Live {
+    p50: f64,
+    p99: f64,
+    max: f64,
+    rss_mb: f64,
+    relay_cpu: f64,
+    broker_cpu: f64,
+    postgres_cpu: f64,
+}
+
+async fn live(rate: usize, secs: usize, window: usize) -> Live {
     let db = pg().await;
     fresh_outbox(&db).await;
     let (amqp, ch) = amqp_setup().await;
@@ -523,6 +556,13 @@ async fn live(rate: usize, secs: usize, window: usize) -> (f64, f64, f64, usize)
         .unwrap();
     let first = consumer.next().await.unwrap().unwrap();
     first.ack(BasicAckOptions::default()).await.unwrap();
+    let pid = child.id();
+    let broker = broker_pid();
+    let (relay_cpu0, broker_cpu0, postgres_cpu0) = (
+        cpu_seconds(pid),
+        broker.map(cpu_seconds).unwrap_or(0.0),
+        postgres_cpu_seconds(),
+    );
     let total = rate * secs;
     let writers = 4;
     let mut tasks = Vec::new();
@@ -561,13 +601,28 @@ async fn live(rate: usize, secs: usize, window: usize) -> (f64, f64, f64, usize)
     for t in tasks {
         t.await.unwrap();
     }
+    let (relay_cpu, broker_cpu, postgres_cpu) = (
+        cpu_seconds(pid) - relay_cpu0,
+        broker.map(cpu_seconds).unwrap_or(0.0) - broker_cpu0,
+        postgres_cpu_seconds() - postgres_cpu0,
+    );
+    let rss_mb = peak_rss_mb(pid);
     stop(&mut child);
     let _ = amqp.close(200, "bye".into()).await;
     let _ = ch;
     drop_outbox(&db).await;
     latencies.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
-    (pct(0.5), pct(0.99), latencies[latencies.len() - 1], total)
+    let per100k = |v: f64| v * 100_000.0 / total as f64;
+    Live {
+        p50: pct(0.5),
+        p99: pct(0.99),
+        max: latencies[latencies.len() - 1],
+        rss_mb,
+        relay_cpu: per100k(relay_cpu),
+        broker_cpu: per100k(broker_cpu),
+        postgres_cpu: per100k(postgres_cpu),
+    }
 }
 
 /// `2026-11-27T06:00:00.123456+00:00` to Unix microseconds (UTC offsets only).
@@ -681,6 +736,21 @@ async fn main() {
         },
     ];
 
+    // BENCH_CEILING_CHANNELS=N: only the ceiling, on 1..=N channels (is one channel the limit?).
+    if let Some(n) = std::env::var("BENCH_CEILING_CHANNELS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        for round in 1..=rounds {
+            for channels in 1..=n {
+                let c = lapin_ceiling(rows, window, &message, channels).await;
+                println!("round {round}: ceiling on {channels} channel(s): {:.0} msg/s, broker CPU {:.2} s / 100k", c.rate, c.broker_cpu);
+            }
+        }
+        amqp_teardown().await;
+        return;
+    }
+
     // BENCH_SHAPES=0,2 runs only those rows of the table (0-based), e.g. to profile one.
     let only: Option<Vec<usize>> = std::env::var("BENCH_SHAPES")
         .ok()
@@ -699,7 +769,7 @@ async fn main() {
     let mut drains: Vec<Vec<Drain>> = shapes.iter().map(|_| Vec::new()).collect();
     for round in 1..=rounds {
         if round % 2 == 1 {
-            ceiling_runs.push(lapin_ceiling(rows, window, &message).await);
+            ceiling_runs.push(lapin_ceiling(rows, window, &message, 1).await);
         }
         for (shape, runs) in shapes.iter().zip(drains.iter_mut()) {
             let d = relay_drain(rows, window, *shape).await;
@@ -711,7 +781,7 @@ async fn main() {
             runs.push(d);
         }
         if round % 2 == 0 {
-            ceiling_runs.push(lapin_ceiling(rows, window, &message).await);
+            ceiling_runs.push(lapin_ceiling(rows, window, &message, 1).await);
         }
         eprintln!(
             "round {round}/{rounds}: ceiling {:.0} msg/s",
@@ -719,14 +789,14 @@ async fn main() {
         );
     }
     let ceilings: Vec<f64> = ceiling_runs.iter().map(|c| c.rate).collect();
-    let (p50, p99, max, live_n) = live(live_rate, live_secs, window).await;
+    let live = live(live_rate, live_secs, window).await;
     let big_shape = Shape {
         aggregates,
         on_success: "keep",
         ordering: "strict",
     };
     let big = if big_rows > 0 {
-        let c = lapin_ceiling(big_rows, window, &message).await.rate;
+        let c = lapin_ceiling(big_rows, window, &message, 1).await.rate;
         Some((relay_drain(big_rows, window, big_shape).await, c))
     } else {
         None
@@ -738,7 +808,7 @@ async fn main() {
         "outbox-relay end-to-end benchmark: body {body_len} bytes, window {window}, one durable queue, {} cores, median of {rounds} rounds",
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
     );
-    println!("| measurement | msg/s | ratio to ceiling (range) | relay peak RSS | relay CPU s / 100k | broker CPU s / 100k | Postgres CPU s / 100k | all in queue / slot confirmed |");
+    println!("| measurement | msg/s | ratio to ceiling (range) | relay peak RSS | relay CPU s / 100k | broker CPU s / 100k | Postgres CPU s / 100k | time: all in queue / slot confirmed |");
     println!("|---|---|---|---|---|---|---|---|");
     println!(
         "| plain lapin publisher with confirms, same messages (ceiling), {rows} msgs | {:.0} | 1.00 | | {:.2} (the publisher) | {:.2} | | |",
@@ -760,6 +830,8 @@ async fn main() {
             big_rows,
         );
     }
-    println!();
-    println!("live: {live_n} inserts at {live_rate}/s, one row per transaction: commit-to-consumer latency p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms");
+    println!(
+        "| live: {live_rate} inserts/s for {live_secs} s, one row per transaction, 1000 aggregates, on_success = mark_published | {live_rate} | | {:.1} MB | {:.2} | {:.2} | {:.2} | commit to consumer: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms |",
+        live.rss_mb, live.relay_cpu, live.broker_cpu, live.postgres_cpu, live.p50, live.p99, live.max
+    );
 }
