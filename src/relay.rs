@@ -1891,6 +1891,25 @@ impl Parked {
 mod tests {
     use super::*;
 
+    #[test]
+    fn sequence_numbers_spread_over_the_hash_table() {
+        use std::hash::{BuildHasher, BuildHasherDefault};
+        // hashbrown picks the bucket from the low bits and a tag from the top 7 bits:
+        // a window of consecutive sequence numbers must use both well.
+        let build = BuildHasherDefault::<U64Hasher>::default();
+        let hashes: Vec<u64> = (1_000_000u64..1_002_048)
+            .map(|s| build.hash_one(s))
+            .collect();
+        let buckets: std::collections::HashSet<u64> = hashes.iter().map(|h| h & 2047).collect();
+        let tags: std::collections::HashSet<u64> = hashes.iter().map(|h| h >> 57).collect();
+        assert!(
+            buckets.len() > 1200,
+            "{} of 2048 buckets used",
+            buckets.len()
+        );
+        assert_eq!(tags.len(), 128, "every 7-bit tag is used");
+    }
+
     fn head(key: u64, due: i64, blocked: bool) -> Head {
         Head {
             key: AggregateKey(key),
