@@ -248,6 +248,7 @@ pub async fn check(config: &Config) -> Vec<Check> {
         exchange: config.amqp.exchange.clone(),
         declare_exchange: false,
         reconnect_backoff_max: config.amqp.reconnect_backoff_max,
+        connect_timeout: config.amqp.connect_timeout,
     };
     match sink::connect(&settings).await {
         Err(e) => {

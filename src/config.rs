@@ -178,6 +178,10 @@ pub struct AmqpConfig {
     /// Longest wait between reconnect attempts to the broker.
     #[serde(deserialize_with = "de_duration")]
     pub reconnect_backoff_max: Duration,
+    /// Longest wait for a connection to be ready (TCP, handshake, channel,
+    /// exchange, confirm mode); a broker that accepts but never answers is retried.
+    #[serde(deserialize_with = "de_duration")]
+    pub connect_timeout: Duration,
 }
 
 impl Default for AmqpConfig {
@@ -191,6 +195,7 @@ impl Default for AmqpConfig {
             max_message_bytes: 8 * 1024 * 1024,
             dead_letter_exchange: String::new(),
             reconnect_backoff_max: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -206,6 +211,7 @@ impl fmt::Debug for AmqpConfig {
             .field("max_message_bytes", &self.max_message_bytes)
             .field("dead_letter_exchange", &self.dead_letter_exchange)
             .field("reconnect_backoff_max", &self.reconnect_backoff_max)
+            .field("connect_timeout", &self.connect_timeout)
             .finish()
     }
 }
@@ -408,6 +414,12 @@ impl Config {
             return Err(invalid(
                 "amqp.url",
                 "must start with amqp:// (e.g. \"amqp://guest:guest@127.0.0.1:5672/%2f\")".into(),
+            ));
+        }
+        if self.amqp.connect_timeout.is_zero() {
+            return Err(invalid(
+                "amqp.connect_timeout",
+                "must be greater than 0 (e.g. \"10s\")".into(),
             ));
         }
         lapin::uri::AMQPUri::from_str(self.amqp.url.expose())

@@ -1,6 +1,7 @@
 //! Library errors. Each message says what went wrong and what to do about it.
 
 use crate::config::ConfigError;
+use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -70,6 +71,9 @@ pub enum Error {
         source: lapin::Error,
     },
 
+    #[error("RabbitMQ at {url} accepted the connection but did not get it ready within {timeout:?} (amqp.connect_timeout): check that the broker has finished starting and is not overloaded, or raise the timeout")]
+    AmqpConnectTimeout { url: String, timeout: Duration },
+
     #[error("RabbitMQ refused {context}: {source}")]
     Amqp {
         context: String,
@@ -116,9 +120,10 @@ impl Error {
     /// Errors worth retrying when they happen mid-run (a connection went away).
     pub fn is_transient(&self) -> bool {
         match self {
-            Error::PostgresConnect { .. } | Error::AmqpConnect { .. } | Error::SlotBusy { .. } => {
-                true
-            }
+            Error::PostgresConnect { .. }
+            | Error::AmqpConnect { .. }
+            | Error::AmqpConnectTimeout { .. }
+            | Error::SlotBusy { .. } => true,
             Error::Postgres { source, .. } => source.as_db_error().is_none() || source.is_closed(),
             Error::Replication { source, .. } => source.is_transient() || source.is_server(),
             _ => false,

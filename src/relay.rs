@@ -116,6 +116,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         exchange: config.amqp.exchange.clone(),
         declare_exchange: config.amqp.declare_exchange,
         reconnect_backoff_max: config.amqp.reconnect_backoff_max,
+        connect_timeout: config.amqp.connect_timeout,
     };
     let broker = sink::connect(&sink_settings).await?;
 

@@ -88,6 +88,35 @@ async fn unreachable_services_are_named_without_password() {
 }
 
 #[tokio::test]
+async fn a_broker_that_accepts_but_never_answers_is_given_up_on() {
+    // A listener that takes the TCP connection and says nothing (a broker still booting).
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let held = std::thread::spawn(move || {
+        let (conn, _) = silent.accept().unwrap();
+        std::thread::sleep(Duration::from_secs(20));
+        drop(conn);
+    });
+    let f = Fixture::new("amqp_silent", false).await;
+    let text = format!(
+        "{}[amqp]\nurl = \"amqp://guest:hunter2@127.0.0.1:{port}/%2f\"\nconnect_timeout = \"1s\"\n[metrics]\nlisten = \"\"\n",
+        base("amqp_silent").split("[amqp]").next().unwrap()
+    );
+    let started = std::time::Instant::now();
+    let (code, out) = run_with("amqp_silent", "run", &text, &[]).await;
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "waited for the silent broker: {out}"
+    );
+    assert!(out.contains("amqp.connect_timeout"), "{out}");
+    assert!(out.contains(&format!("127.0.0.1:{port}")), "{out}");
+    assert!(!out.contains("hunter2"), "password leaked: {out}");
+    f.cleanup().await;
+    drop(held);
+}
+
+#[tokio::test]
 async fn missing_table_and_columns() {
     let f = Fixture::bare("no_table").await;
     let (code, out) = run_with("no_table", "run", &base("no_table"), &[]).await;

@@ -82,6 +82,7 @@ pub struct SinkSettings {
     pub exchange: String,
     pub declare_exchange: bool,
     pub reconnect_backoff_max: Duration,
+    pub connect_timeout: Duration,
 }
 
 impl std::fmt::Debug for SinkSettings {
@@ -112,8 +113,21 @@ pub struct Broker {
     pub channel: lapin::Channel,
 }
 
-/// Connects, declares the exchange (topic, durable) when asked and enables confirms.
+/// Connects, declares the exchange (topic, durable) when asked and enables confirms,
+/// within `connect_timeout`: a broker that accepts the connection but never answers
+/// (say, while it boots) must not hold the sink forever.
 pub async fn connect(settings: &SinkSettings) -> Result<Broker, Error> {
+    tokio::time::timeout(settings.connect_timeout, connect_now(settings))
+        .await
+        .unwrap_or_else(|_| {
+            Err(Error::AmqpConnectTimeout {
+                url: redact_amqp_url(&settings.url),
+                timeout: settings.connect_timeout,
+            })
+        })
+}
+
+async fn connect_now(settings: &SinkSettings) -> Result<Broker, Error> {
     let props = ConnectionProperties::default()
         .with_connection_name(format!("outbox-relay {}", env!("CARGO_PKG_VERSION")).into());
     let connection = Connection::connect(&settings.url, props)
