@@ -535,40 +535,78 @@ impl Consumer {
         let sink = received.clone();
         let task = tokio::spawn(async move {
             loop {
-                let Ok(conn) = Connection::connect(AMQP_URL, ConnectionProperties::default()).await
-                else {
+                // Every step is bounded: a broker that is restarting may accept a
+                // connection and never answer it.
+                let attempt = tokio::time::timeout(Duration::from_secs(5), async {
+                    let conn = Connection::connect(AMQP_URL, ConnectionProperties::default())
+                        .await
+                        .ok()?;
+                    let ch = conn.create_channel().await.ok()?;
+                    let probe = conn.create_channel().await.ok()?;
+                    ch.basic_qos(500, lapin::options::BasicQosOptions::default())
+                        .await
+                        .ok()?;
+                    let consumer = ch
+                        .basic_consume(
+                            queue.as_str().into(),
+                            "".into(),
+                            BasicConsumeOptions::default(),
+                            FieldTable::default(),
+                        )
+                        .await
+                        .ok()?;
+                    Some((conn, probe, consumer))
+                })
+                .await;
+                let Ok(Some((conn, probe, mut consumer))) = attempt else {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     continue;
                 };
-                let Ok(ch) = conn.create_channel().await else {
-                    continue;
-                };
-                let _ = ch
-                    .basic_qos(500, lapin::options::BasicQosOptions::default())
-                    .await;
-                let Ok(mut consumer) = ch
-                    .basic_consume(
-                        queue.as_str().into(),
-                        "".into(),
-                        BasicConsumeOptions::default(),
-                        FieldTable::default(),
-                    )
-                    .await
-                else {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    continue;
-                };
-                while let Some(Ok(d)) = consumer.next().await {
-                    sink.lock().unwrap().push(Received {
-                        at: std::time::SystemTime::now(),
-                        routing_key: d.routing_key.to_string(),
-                        body: d.data.clone(),
-                        properties: d.properties.clone(),
-                    });
-                    if d.ack(BasicAckOptions::default()).await.is_err() {
-                        break;
+                // Whether this consumer still exists as far as the broker is concerned:
+                // after a broker restart the delivery stream does not always end.
+                let mut check = tokio::time::interval(Duration::from_secs(1));
+                check.tick().await;
+                loop {
+                    tokio::select! {
+                        d = consumer.next() => {
+                            let Some(Ok(d)) = d else { break };
+                            sink.lock().unwrap().push(Received {
+                                at: std::time::SystemTime::now(),
+                                routing_key: d.routing_key.to_string(),
+                                body: d.data.clone(),
+                                properties: d.properties.clone(),
+                            });
+                            let acked = tokio::time::timeout(
+                                Duration::from_secs(5),
+                                d.ack(BasicAckOptions::default()),
+                            )
+                            .await;
+                            if !matches!(acked, Ok(Ok(_))) {
+                                break;
+                            }
+                        }
+                        _ = check.tick() => {
+                            let passive = QueueDeclareOptions {
+                                passive: true,
+                                durable: true,
+                                ..Default::default()
+                            };
+                            let alive = tokio::time::timeout(
+                                Duration::from_secs(5),
+                                probe.queue_declare(queue.as_str().into(), passive, FieldTable::default()),
+                            )
+                            .await;
+                            if !matches!(alive, Ok(Ok(q)) if q.consumer_count() > 0) {
+                                break;
+                            }
+                        }
                     }
                 }
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    conn.close(200, "test consumer reconnecting".into()),
+                )
+                .await;
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         });
