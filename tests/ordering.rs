@@ -149,13 +149,24 @@ async fn slot_lsn_waits_for_an_ack_or_durable_retry_state() {
     .await
     .unwrap();
     let t = &f.table;
-    let before = f.current_lsn().await;
-    f.db
+    // The WAL insert position just before the refused message's commit record: with
+    // nothing in flight the relay may confirm up to the server's keepalive position
+    // (other tests write WAL all the time), but never past this commit.
+    let mut writer = crate::support::pg().await;
+    let gated = writer.transaction().await.unwrap();
+    gated
         .batch_execute(&format!(
             "insert into {t} (id, aggregate_type, aggregate_id, event_type, payload) values ('gated', 'Gate', 'g', 'e', '{{}}')"
         ))
         .await
         .unwrap();
+    let before_commit: String = gated
+        .query_one("select pg_current_wal_insert_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let before = crate::support::lsn_to_u64(&before_commit);
+    gated.commit().await.unwrap();
     // A later transaction of another aggregate is acked ...
     f.db
         .batch_execute(&format!(
