@@ -171,6 +171,36 @@ fn postgres_cpu_seconds() -> f64 {
         .sum()
 }
 
+/// CPU seconds used so far by one process (the relay or the plain publisher), the
+/// broker and Postgres; the difference of two is what a run cost each of them.
+#[derive(Clone, Copy, Default)]
+struct CpuUse {
+    process: f64,
+    broker: f64,
+    postgres: f64,
+}
+
+impl CpuUse {
+    /// `process: None` counts the process as zero (it has not started yet).
+    fn now(process: Option<u32>, broker: Option<u32>) -> CpuUse {
+        CpuUse {
+            process: process.map(cpu_seconds).unwrap_or(0.0),
+            broker: broker.map(cpu_seconds).unwrap_or(0.0),
+            postgres: postgres_cpu_seconds(),
+        }
+    }
+
+    /// What was used since `before`, per 100 000 of `messages`.
+    fn per_100k_since(self, before: CpuUse, messages: usize) -> CpuUse {
+        let per = |now: f64, then: f64| (now - then) * 100_000.0 / messages as f64;
+        CpuUse {
+            process: per(self.process, before.process),
+            broker: per(self.broker, before.broker),
+            postgres: per(self.postgres, before.postgres),
+        }
+    }
+}
+
 /// Peak resident set size in MB.
 fn peak_rss_mb(pid: u32) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -231,9 +261,8 @@ async fn lapin_ceiling(
     let props = &message.properties;
     let body = &message.body;
     settle_broker().await;
-    let broker = broker_pid();
-    let broker_cpu0 = broker.map(cpu_seconds).unwrap_or(0.0);
-    let own_cpu0 = cpu_seconds(std::process::id());
+    let (own, broker) = (Some(std::process::id()), broker_pid());
+    let cpu0 = CpuUse::now(own, broker);
     let start = Instant::now();
     // Each channel publishes its share with its share of the window.
     let publishers = pub_channels
@@ -268,22 +297,19 @@ async fn lapin_ceiling(
         });
     futures_util::future::join_all(publishers).await;
     let secs = start.elapsed().as_secs_f64();
-    let broker_cpu = broker.map(cpu_seconds).unwrap_or(0.0) - broker_cpu0;
-    let own_cpu = cpu_seconds(std::process::id()) - own_cpu0;
+    let cpu = CpuUse::now(own, broker).per_100k_since(cpu0, rows);
     assert_eq!(queue_depth(&ch).await as usize, rows);
     let _ = conn.close(200, "bye".into()).await;
     Ceiling {
         rate: rows as f64 / secs,
-        publisher_cpu: own_cpu * 100_000.0 / rows as f64,
-        broker_cpu: broker_cpu * 100_000.0 / rows as f64,
+        cpu,
     }
 }
 
 struct Ceiling {
     rate: f64,
-    /// CPU seconds per 100k of this benchmark process (the plain publisher).
-    publisher_cpu: f64,
-    broker_cpu: f64,
+    /// Per 100k; the process is this benchmark (the plain publisher).
+    cpu: CpuUse,
 }
 
 /// Drops and recreates table, publication and slot.
@@ -433,9 +459,8 @@ struct Drain {
     delivered_secs: f64,
     secs: f64,
     rss_mb: f64,
-    relay_cpu: f64,
-    broker_cpu: f64,
-    postgres_cpu: f64,
+    /// Per 100k; the process is the relay.
+    cpu: CpuUse,
 }
 
 /// Drains a backlog of `rows` rows; timed from the relay's start until the slot's
@@ -458,8 +483,7 @@ async fn relay_drain(rows: usize, window: usize, shape: Shape) -> Drain {
     let (amqp, ch) = amqp_setup().await;
     settle_broker().await;
     let broker = broker_pid();
-    let broker_cpu0 = broker.map(cpu_seconds).unwrap_or(0.0);
-    let postgres_cpu0 = postgres_cpu_seconds();
+    let cpu0 = CpuUse::now(None, broker);
     let start = Instant::now();
     let mut child = spawn_relay(window, shape);
     let pid = child.id();
@@ -504,9 +528,7 @@ async fn relay_drain(rows: usize, window: usize, shape: Shape) -> Drain {
         delivered_secs: delivered_secs.unwrap_or(secs),
         secs,
         rss_mb: peak_rss_mb(pid),
-        relay_cpu: cpu_seconds(pid),
-        broker_cpu: broker.map(cpu_seconds).unwrap_or(0.0) - broker_cpu0,
-        postgres_cpu: postgres_cpu_seconds() - postgres_cpu0,
+        cpu: CpuUse::now(Some(pid), broker).per_100k_since(cpu0, rows),
     };
     if let Some(perf) = perf.as_mut() {
         signal(perf, "-INT");
@@ -523,9 +545,8 @@ struct Live {
     p99: f64,
     max: f64,
     rss_mb: f64,
-    relay_cpu: f64,
-    broker_cpu: f64,
-    postgres_cpu: f64,
+    /// Per 100k; the process is the relay.
+    cpu: CpuUse,
 }
 
 async fn live(rate: usize, secs: usize, window: usize) -> Live {
@@ -556,13 +577,8 @@ async fn live(rate: usize, secs: usize, window: usize) -> Live {
         .unwrap();
     let first = consumer.next().await.unwrap().unwrap();
     first.ack(BasicAckOptions::default()).await.unwrap();
-    let pid = child.id();
-    let broker = broker_pid();
-    let (relay_cpu0, broker_cpu0, postgres_cpu0) = (
-        cpu_seconds(pid),
-        broker.map(cpu_seconds).unwrap_or(0.0),
-        postgres_cpu_seconds(),
-    );
+    let (pid, broker) = (child.id(), broker_pid());
+    let cpu0 = CpuUse::now(Some(pid), broker);
     let total = rate * secs;
     let writers = 4;
     let mut tasks = Vec::new();
@@ -601,11 +617,7 @@ async fn live(rate: usize, secs: usize, window: usize) -> Live {
     for t in tasks {
         t.await.unwrap();
     }
-    let (relay_cpu, broker_cpu, postgres_cpu) = (
-        cpu_seconds(pid) - relay_cpu0,
-        broker.map(cpu_seconds).unwrap_or(0.0) - broker_cpu0,
-        postgres_cpu_seconds() - postgres_cpu0,
-    );
+    let cpu = CpuUse::now(Some(pid), broker).per_100k_since(cpu0, total);
     let rss_mb = peak_rss_mb(pid);
     stop(&mut child);
     let _ = amqp.close(200, "bye".into()).await;
@@ -613,15 +625,12 @@ async fn live(rate: usize, secs: usize, window: usize) -> Live {
     drop_outbox(&db).await;
     latencies.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
-    let per100k = |v: f64| v * 100_000.0 / total as f64;
     Live {
         p50: pct(0.5),
         p99: pct(0.99),
         max: latencies[latencies.len() - 1],
         rss_mb,
-        relay_cpu: per100k(relay_cpu),
-        broker_cpu: per100k(broker_cpu),
-        postgres_cpu: per100k(postgres_cpu),
+        cpu,
     }
 }
 
@@ -664,21 +673,20 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// One row of the table: the median of `runs`, its ratio to the median ceiling,
 /// and the range of the per-round ratios.
-fn drain_row(label: &str, runs: &[Drain], ceilings: &[f64], rows: usize) {
+fn drain_row(label: &str, runs: &[Drain], ceilings: &[f64]) {
     let rate = median(runs.iter().map(|d| d.rate).collect());
     let ceiling = median(ceilings.to_vec());
     let ratios: Vec<f64> = runs.iter().zip(ceilings).map(|(d, c)| d.rate / c).collect();
     let (lo, hi) = ratios
         .iter()
         .fold((f64::MAX, f64::MIN), |(lo, hi), r| (lo.min(*r), hi.max(*r)));
-    let per100k = |v: f64| v * 100_000.0 / rows as f64;
     println!(
         "| {label} | {rate:.0} | {:.2} ({lo:.2}–{hi:.2}) | {:.1} MB | {:.2} | {:.2} | {:.2} | {:.2} s / {:.2} s |",
         rate / ceiling,
         runs.iter().map(|d| d.rss_mb).fold(0.0, f64::max),
-        per100k(median(runs.iter().map(|d| d.relay_cpu).collect())),
-        per100k(median(runs.iter().map(|d| d.broker_cpu).collect())),
-        per100k(median(runs.iter().map(|d| d.postgres_cpu).collect())),
+        median(runs.iter().map(|d| d.cpu.process).collect()),
+        median(runs.iter().map(|d| d.cpu.broker).collect()),
+        median(runs.iter().map(|d| d.cpu.postgres).collect()),
         median(runs.iter().map(|d| d.delivered_secs).collect()),
         median(runs.iter().map(|d| d.secs).collect()),
     );
@@ -744,7 +752,7 @@ async fn main() {
         for round in 1..=rounds {
             for channels in 1..=n {
                 let c = lapin_ceiling(rows, window, &message, channels).await;
-                println!("round {round}: ceiling on {channels} channel(s): {:.0} msg/s, broker CPU {:.2} s / 100k", c.rate, c.broker_cpu);
+                println!("round {round}: ceiling on {channels} channel(s): {:.0} msg/s, broker CPU {:.2} s / 100k", c.rate, c.cpu.broker);
             }
         }
         amqp_teardown().await;
@@ -813,11 +821,11 @@ async fn main() {
     println!(
         "| plain lapin publisher with confirms, same messages (ceiling), {rows} msgs | {:.0} | 1.00 | | {:.2} (the publisher) | {:.2} | | |",
         median(ceilings.clone()),
-        median(ceiling_runs.iter().map(|c| c.publisher_cpu).collect()),
-        median(ceiling_runs.iter().map(|c| c.broker_cpu).collect()),
+        median(ceiling_runs.iter().map(|c| c.cpu.process).collect()),
+        median(ceiling_runs.iter().map(|c| c.cpu.broker).collect()),
     );
     for (shape, runs) in shapes.iter().zip(&drains) {
-        drain_row(&shape.label(rows), runs, &ceilings, rows);
+        drain_row(&shape.label(rows), runs, &ceilings);
     }
     if let Some((big, c)) = big {
         drain_row(
@@ -827,11 +835,10 @@ async fn main() {
             ),
             &[big],
             &[c],
-            big_rows,
         );
     }
     println!(
         "| live: {live_rate} inserts/s for {live_secs} s, one row per transaction, 1000 aggregates, on_success = mark_published | {live_rate} | | {:.1} MB | {:.2} | {:.2} | {:.2} | commit to consumer: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms |",
-        live.rss_mb, live.relay_cpu, live.broker_cpu, live.postgres_cpu, live.p50, live.p99, live.max
+        live.rss_mb, live.cpu.process, live.cpu.broker, live.cpu.postgres, live.p50, live.p99, live.max
     );
 }
