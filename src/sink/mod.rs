@@ -384,12 +384,6 @@ impl Returns {
             }
             kinds.push((seq, message, kind));
         }
-        if self.pending.is_empty() {
-            return Ok(kinds
-                .into_iter()
-                .map(|(seq, _, kind)| (seq, kind))
-                .collect());
-        }
         Ok(kinds
             .into_iter()
             .map(|(seq, message, kind)| {
