@@ -243,12 +243,10 @@ pub async fn check(config: &Config) -> Vec<Check> {
             });
         }
     }
+    // `check` only looks: it never declares the exchange.
     let settings = SinkSettings {
-        url: config.amqp.url.expose().to_string(),
-        exchange: config.amqp.exchange.clone(),
         declare_exchange: false,
-        reconnect_backoff_max: config.amqp.reconnect_backoff_max,
-        connect_timeout: config.amqp.connect_timeout,
+        ..SinkSettings::from_config(&config.amqp)
     };
     match sink::connect(&settings).await {
         Err(e) => {

@@ -416,14 +416,14 @@ impl Config {
                 "must start with amqp:// (e.g. \"amqp://guest:guest@127.0.0.1:5672/%2f\")".into(),
             ));
         }
+        lapin::uri::AMQPUri::from_str(self.amqp.url.expose())
+            .map_err(|e| invalid("amqp.url", format!("cannot be parsed: {e}")))?;
         if self.amqp.connect_timeout.is_zero() {
             return Err(invalid(
                 "amqp.connect_timeout",
                 "must be greater than 0 (e.g. \"10s\")".into(),
             ));
         }
-        lapin::uri::AMQPUri::from_str(self.amqp.url.expose())
-            .map_err(|e| invalid("amqp.url", format!("cannot be parsed: {e}")))?;
         if self.amqp.exchange.is_empty() {
             return Err(invalid(
                 "amqp.exchange",

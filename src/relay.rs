@@ -111,13 +111,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     })
     .await?;
 
-    let sink_settings = SinkSettings {
-        url: config.amqp.url.expose().to_string(),
-        exchange: config.amqp.exchange.clone(),
-        declare_exchange: config.amqp.declare_exchange,
-        reconnect_backoff_max: config.amqp.reconnect_backoff_max,
-        connect_timeout: config.amqp.connect_timeout,
-    };
+    let sink_settings = SinkSettings::from_config(&config.amqp);
     let broker = sink::connect(&sink_settings).await?;
 
     let source_settings = SourceSettings {

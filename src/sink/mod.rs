@@ -85,6 +85,19 @@ pub struct SinkSettings {
     pub connect_timeout: Duration,
 }
 
+impl SinkSettings {
+    /// The `[amqp]` section's connection settings.
+    pub fn from_config(amqp: &crate::config::AmqpConfig) -> SinkSettings {
+        SinkSettings {
+            url: amqp.url.expose().to_string(),
+            exchange: amqp.exchange.clone(),
+            declare_exchange: amqp.declare_exchange,
+            reconnect_backoff_max: amqp.reconnect_backoff_max,
+            connect_timeout: amqp.connect_timeout,
+        }
+    }
+}
+
 impl std::fmt::Debug for SinkSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SinkSettings")
