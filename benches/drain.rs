@@ -322,8 +322,8 @@ async fn fresh_outbox(db: &Client) {
     ))
     .await
     .unwrap();
-    db.batch_execute(&outbox_relay::catalog::outbox_ddl(
-        &outbox_relay::catalog::TableName::parse(TABLE).unwrap(),
+    db.batch_execute(&outbox_relay::pg::catalog::outbox_ddl(
+        &outbox_relay::pg::TableName::parse(TABLE).unwrap(),
     ))
     .await
     .unwrap();

@@ -5,8 +5,8 @@
 
 use bytes::Bytes;
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
-use outbox_relay::catalog::TableName;
-use outbox_relay::event::ColumnMapping;
+use outbox_relay::config::ColumnMapping;
+use outbox_relay::pg::TableName;
 use outbox_relay::source::{Decoded, Decoder};
 
 const COLUMNS: &[(&str, u32)] = &[

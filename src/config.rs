@@ -1,9 +1,14 @@
-//! Configuration: TOML with unknown keys refused, defaults in code, environment
-//! overrides (`OUTBOX_RELAY_<SECTION>_<KEY>`), validated at start-up with messages
-//! that name the key.
+//! Configuration, a leaf of the crate: TOML with unknown keys refused, defaults
+//! in code, environment overrides (`OUTBOX_RELAY_<SECTION>_<KEY>`), validated
+//! once at start-up into typed values (a parsed Postgres target, table names, the
+//! column mapping) with messages that name the key. Everything else takes these
+//! typed values; nothing parses a setting again.
 
+use crate::pg::names::{check_identifier, TableName};
+use crate::pg::target::PgTarget;
 use serde::{Deserialize, Deserializer};
 use std::fmt;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
@@ -34,9 +39,8 @@ pub enum ConfigError {
     Invalid { key: String, message: String },
 }
 
-/// The whole configuration of one relay.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+/// The whole configuration of one relay, validated.
+#[derive(Debug, Clone)]
 pub struct Config {
     pub postgres: PostgresConfig,
     pub amqp: AmqpConfig,
@@ -46,29 +50,13 @@ pub struct Config {
     pub log: LogConfig,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct MetricsConfig {
-    /// Address of the `/metrics`, `/healthz`, `/readyz` endpoint; empty: off.
-    /// Port 0 picks a free port (logged at start-up).
-    pub listen: String,
-}
-
-impl Default for MetricsConfig {
-    fn default() -> Self {
-        Self {
-            listen: "127.0.0.1:9187".into(),
-        }
-    }
-}
-
-#[derive(Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+/// `[postgres]`, validated.
+#[derive(Debug, Clone)]
 pub struct PostgresConfig {
-    /// Connection URL (or key=value string). The role needs REPLICATION.
-    pub url: Secret,
-    /// Outbox table, `schema.table` or `table` (schema `public`).
-    pub table: String,
+    /// Where and as whom to connect (the password never shows in `Debug`).
+    pub target: PgTarget,
+    /// The outbox table.
+    pub table: TableName,
     /// Logical replication slot (pgoutput) the relay consumes.
     pub slot: String,
     /// Publication that covers the outbox table (inserts only).
@@ -76,143 +64,69 @@ pub struct PostgresConfig {
     /// `run` creates a missing publication and slot.
     pub create_missing: bool,
     /// How often the applied LSN is reported to the server.
-    #[serde(deserialize_with = "de_duration")]
     pub status_interval: Duration,
     /// Longest wait between reconnect attempts to Postgres.
-    #[serde(deserialize_with = "de_duration")]
     pub reconnect_backoff_max: Duration,
-    /// At start-up, how long to wait for a slot held by another process
-    /// (e.g. the walsender of a relay that was just killed) before giving up.
-    #[serde(deserialize_with = "de_duration")]
+    /// At start-up, how long to wait for a slot held by another process.
     pub slot_wait: Duration,
-    /// Column layout of the outbox table.
+    /// Column layout of the outbox table, by name.
     pub mapping: Mapping,
-    /// What happens to a row after its message is acked; default: `mark_published`
-    /// for Event-Forge tables, `keep` otherwise.
-    pub on_success: Option<OnSuccess>,
+    /// The column names of `mapping`.
+    pub columns: ColumnMapping,
+    /// What happens to a row after its message is acked (mapping default applied).
+    pub on_success: OnSuccess,
     /// Published rows older than this are deleted in the background (`mark_published` only).
-    #[serde(deserialize_with = "de_duration")]
     pub retention: Duration,
     /// The relay-owned table that keeps failed and parked messages in commit order.
-    pub retry_table: String,
-    /// Emit a non-transactional logical message this often so an otherwise idle
-    /// slot keeps moving; "0s": off.
-    #[serde(deserialize_with = "de_duration")]
+    pub retry_table: TableName,
+    /// Emit a non-transactional logical message this often; zero: off.
     pub heartbeat_interval: Duration,
-    /// When another process holds the slot: wait as a hot standby and take over
-    /// when it is released (true), or give up after `slot_wait` (false).
+    /// When another process holds the slot: wait as a hot standby (true) or give up.
     pub standby: bool,
 }
 
-impl PostgresConfig {
-    /// `on_success` with its mapping-dependent default applied.
-    pub fn on_success(&self) -> OnSuccess {
-        self.on_success.unwrap_or(match self.mapping {
-            Mapping::EventForge => OnSuccess::MarkPublished,
-            Mapping::Debezium => OnSuccess::Keep,
-        })
-    }
-}
-
-impl Default for PostgresConfig {
-    fn default() -> Self {
-        Self {
-            url: Secret("postgresql://postgres@127.0.0.1:5432/test".into()),
-            table: "public.outbox_messages".into(),
-            slot: "outbox_relay".into(),
-            publication: "outbox_relay".into(),
-            create_missing: true,
-            status_interval: Duration::from_millis(100),
-            reconnect_backoff_max: Duration::from_secs(30),
-            slot_wait: Duration::from_secs(10),
-            mapping: Mapping::EventForge,
-            on_success: None,
-            retention: Duration::from_secs(7 * 86400),
-            retry_table: "public.outbox_relay_parked".into(),
-            heartbeat_interval: Duration::ZERO,
-            standby: false,
-        }
-    }
-}
-
-impl fmt::Debug for PostgresConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PostgresConfig")
-            .field("url", &crate::catalog::redact_pg_url(self.url.expose()))
-            .field("table", &self.table)
-            .field("slot", &self.slot)
-            .field("publication", &self.publication)
-            .field("create_missing", &self.create_missing)
-            .field("status_interval", &self.status_interval)
-            .field("reconnect_backoff_max", &self.reconnect_backoff_max)
-            .field("slot_wait", &self.slot_wait)
-            .field("mapping", &self.mapping)
-            .field("on_success", &self.on_success)
-            .field("retention", &self.retention)
-            .field("retry_table", &self.retry_table)
-            .field("heartbeat_interval", &self.heartbeat_interval)
-            .field("standby", &self.standby)
-            .finish()
-    }
-}
-
-#[derive(Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+/// `[amqp]`, validated.
+#[derive(Debug, Clone)]
 pub struct AmqpConfig {
-    /// AMQP 0-9-1 URL, e.g. `amqp://user:pass@host:5672/%2f`.
-    pub url: Secret,
+    /// AMQP 0-9-1 URL (the password never shows in `Debug`).
+    pub url: AmqpUrl,
     /// Topic exchange the messages go to.
     pub exchange: String,
     /// Declare the exchange (topic, durable) at start-up.
     pub declare_exchange: bool,
-    /// Most messages held in memory at once (published and unconfirmed, or
-    /// waiting behind their aggregate). Backpressure on the WAL stream.
+    /// Most messages held in memory at once (backpressure on the WAL stream).
     pub max_in_flight: usize,
-    /// Most message body bytes held in memory at once.
+    /// Most message bytes held in memory at once.
     pub max_in_flight_bytes: usize,
     /// A message body larger than this is not published; it goes to retry state.
     pub max_message_bytes: usize,
-    /// Exchange that dead messages are published to (with headers that say why);
-    /// empty: none.
-    pub dead_letter_exchange: String,
+    /// Exchange that dead messages are published to, if any.
+    pub dead_letter_exchange: Option<String>,
     /// Longest wait between reconnect attempts to the broker.
-    #[serde(deserialize_with = "de_duration")]
     pub reconnect_backoff_max: Duration,
-    /// Longest wait for a connection to be ready (TCP, handshake, channel,
-    /// exchange, confirm mode); a broker that accepts but never answers is retried.
-    #[serde(deserialize_with = "de_duration")]
+    /// Longest wait for a connection to be ready.
     pub connect_timeout: Duration,
 }
 
-impl Default for AmqpConfig {
-    fn default() -> Self {
-        Self {
-            url: Secret("amqp://guest:guest@127.0.0.1:5672/%2f".into()),
-            exchange: "events".into(),
-            declare_exchange: true,
-            max_in_flight: 2048,
-            max_in_flight_bytes: 16 * 1024 * 1024,
-            max_message_bytes: 8 * 1024 * 1024,
-            dead_letter_exchange: String::new(),
-            reconnect_backoff_max: Duration::from_secs(30),
-            connect_timeout: Duration::from_secs(10),
-        }
+/// An AMQP URL; `Debug` shows it without its password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AmqpUrl(String);
+
+impl AmqpUrl {
+    /// The full URL, password included: only for connecting.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL without its password, for logs and errors.
+    pub fn redacted(&self) -> String {
+        crate::redact::amqp_url(&self.0)
     }
 }
 
-impl fmt::Debug for AmqpConfig {
+impl fmt::Debug for AmqpUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("AmqpConfig")
-            .field("url", &crate::sink::redact_amqp_url(self.url.expose()))
-            .field("exchange", &self.exchange)
-            .field("declare_exchange", &self.declare_exchange)
-            .field("max_in_flight", &self.max_in_flight)
-            .field("max_in_flight_bytes", &self.max_in_flight_bytes)
-            .field("max_message_bytes", &self.max_message_bytes)
-            .field("dead_letter_exchange", &self.dead_letter_exchange)
-            .field("reconnect_backoff_max", &self.reconnect_backoff_max)
-            .field("connect_timeout", &self.connect_timeout)
-            .finish()
+        f.write_str(&self.redacted())
     }
 }
 
@@ -226,50 +140,50 @@ pub enum Ordering {
     Relaxed,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+/// `[relay]`, validated.
+#[derive(Debug, Clone)]
 pub struct RelayConfig {
     pub ordering: Ordering,
     /// On SIGTERM/SIGINT, how long to wait for outstanding confirms.
-    #[serde(deserialize_with = "de_duration")]
     pub shutdown_timeout: Duration,
 }
 
-impl Default for RelayConfig {
-    fn default() -> Self {
-        Self {
-            ordering: Ordering::Strict,
-            shutdown_timeout: Duration::from_secs(10),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+/// `[retry]`, validated.
+#[derive(Debug, Clone)]
 pub struct RetryConfig {
     /// First wait before re-publishing a failed message.
-    #[serde(deserialize_with = "de_duration")]
     pub backoff_base: Duration,
     /// Longest wait between re-publish attempts.
-    #[serde(deserialize_with = "de_duration")]
     pub backoff_max: Duration,
-    /// Retries before a message is dead, when the table has no max_retries column.
+    /// Retries before a message is dead, when the row has no max_retries of its own.
     pub max_retries: i32,
     /// A publish without a confirm after this long is a failure.
-    #[serde(deserialize_with = "de_duration")]
     pub publish_timeout: Duration,
     /// When the head of an aggregate's retry queue goes dead: release the rest or hold them.
     pub on_dead: OnDead,
 }
 
-impl Default for RetryConfig {
+/// `[metrics]`, validated.
+#[derive(Debug, Clone)]
+pub struct MetricsConfig {
+    /// Address of the `/metrics`, `/healthz`, `/readyz` endpoint; `None`: off.
+    pub listen: Option<SocketAddr>,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A tracing filter, e.g. `info` or `outbox_relay=debug,info`. `RUST_LOG` wins.
+    pub level: String,
+}
+
+impl Default for LogConfig {
     fn default() -> Self {
         Self {
-            backoff_base: Duration::from_secs(5),
-            backoff_max: Duration::from_secs(3600),
-            max_retries: 3,
-            publish_timeout: Duration::from_secs(30),
-            on_dead: OnDead::Skip,
+            format: LogFormat::Text,
+            level: "info".into(),
         }
     }
 }
@@ -315,37 +229,76 @@ pub enum LogFormat {
     Json,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LogConfig {
-    pub format: LogFormat,
-    /// A tracing filter, e.g. `info` or `outbox_relay=debug,info`. `RUST_LOG` wins.
-    pub level: String,
+/// Column names of one table layout (Event-Forge by default).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ColumnMapping {
+    pub id: &'static str,
+    pub aggregate_type: &'static str,
+    pub aggregate_id: &'static str,
+    pub event_type: &'static str,
+    pub payload: &'static str,
+    pub metadata: Option<&'static str>,
+    pub created_at: Option<&'static str>,
+    pub scheduled_at: Option<&'static str>,
+    pub max_retries: Option<&'static str>,
+    /// The Event-Forge status column, when the layout has one.
+    pub status: Option<&'static str>,
 }
 
-impl Default for LogConfig {
-    fn default() -> Self {
-        Self {
-            format: LogFormat::Text,
-            level: "info".into(),
+impl ColumnMapping {
+    /// The Event-Forge `outbox_messages` layout.
+    pub const EVENT_FORGE: ColumnMapping = ColumnMapping {
+        id: "id",
+        aggregate_type: "aggregate_type",
+        aggregate_id: "aggregate_id",
+        event_type: "event_type",
+        payload: "payload",
+        metadata: Some("metadata"),
+        created_at: Some("created_at"),
+        scheduled_at: Some("scheduled_at"),
+        max_retries: Some("max_retries"),
+        status: Some("status"),
+    };
+
+    /// A Debezium-style outbox: id, aggregatetype, aggregateid, type, payload.
+    pub const DEBEZIUM: ColumnMapping = ColumnMapping {
+        id: "id",
+        aggregate_type: "aggregatetype",
+        aggregate_id: "aggregateid",
+        event_type: "type",
+        payload: "payload",
+        metadata: None,
+        created_at: None,
+        scheduled_at: None,
+        max_retries: None,
+        status: None,
+    };
+
+    pub fn of(mapping: Mapping) -> ColumnMapping {
+        match mapping {
+            Mapping::EventForge => Self::EVENT_FORGE,
+            Mapping::Debezium => Self::DEBEZIUM,
         }
     }
-}
 
-/// A string that never shows in `Debug` output (connection URLs carry passwords).
-#[derive(Clone, Deserialize, PartialEq, Eq)]
-#[serde(transparent)]
-pub struct Secret(pub String);
-
-impl Secret {
-    pub fn expose(&self) -> &str {
-        &self.0
+    /// The columns every row must have.
+    pub fn required(&self) -> [&'static str; 5] {
+        [
+            self.id,
+            self.aggregate_type,
+            self.aggregate_id,
+            self.event_type,
+            self.payload,
+        ]
     }
-}
 
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("\"<redacted>\"")
+    /// Required columns absent from `columns`.
+    pub fn missing_required(&self, columns: &[String]) -> Vec<String> {
+        self.required()
+            .iter()
+            .filter(|c| !columns.iter().any(|have| have == *c))
+            .map(|c| c.to_string())
+            .collect()
     }
 }
 
@@ -370,7 +323,7 @@ impl Config {
             text.parse()
                 .map_err(|e: toml::de::Error| ConfigError::Parse {
                     path: origin.to_string(),
-                    message: one_line(&e.to_string()),
+                    message: describe_toml_error(&e, text),
                 })?;
         let mut overrides: Vec<(String, String)> = env
             .into_iter()
@@ -380,133 +333,314 @@ impl Config {
         for (var, value) in overrides {
             apply_env(&mut table, &var, &value)?;
         }
-        let config: Config =
-            Config::deserialize(toml::Value::Table(table)).map_err(|e| ConfigError::Parse {
+        // Deserializing the parsed table: the error names the key (`in relay.x`) and
+        // carries no source text, so no line of the file is echoed.
+        let raw = raw::Config::deserialize(toml::Value::Table(table)).map_err(|e| {
+            ConfigError::Parse {
                 path: origin.to_string(),
                 message: one_line(&e.to_string()),
-            })?;
-        config.validate()?;
-        Ok(config)
+            }
+        })?;
+        raw.validate()
+    }
+}
+
+/// The raw file as it deserializes, before validation: strings where the typed
+/// configuration has parsed values.
+mod raw {
+    use super::*;
+
+    #[derive(Debug, Clone, Default, Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct Config {
+        pub postgres: Postgres,
+        pub amqp: Amqp,
+        pub relay: Relay,
+        pub retry: Retry,
+        pub metrics: Metrics,
+        pub log: LogConfig,
     }
 
-    /// Checks values that parse but cannot work.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |key: &str, message: String| ConfigError::Invalid {
+    #[derive(Debug, Clone, Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct Postgres {
+        pub url: String,
+        pub table: String,
+        pub slot: String,
+        pub publication: String,
+        pub create_missing: bool,
+        #[serde(deserialize_with = "de_duration")]
+        pub status_interval: Duration,
+        #[serde(deserialize_with = "de_duration")]
+        pub reconnect_backoff_max: Duration,
+        #[serde(deserialize_with = "de_duration")]
+        pub slot_wait: Duration,
+        pub mapping: Mapping,
+        pub on_success: Option<OnSuccess>,
+        #[serde(deserialize_with = "de_duration")]
+        pub retention: Duration,
+        pub retry_table: String,
+        #[serde(deserialize_with = "de_duration")]
+        pub heartbeat_interval: Duration,
+        pub standby: bool,
+    }
+
+    impl Default for Postgres {
+        fn default() -> Self {
+            Self {
+                url: "postgresql://postgres@127.0.0.1:5432/test".into(),
+                table: "public.outbox_messages".into(),
+                slot: "outbox_relay".into(),
+                publication: "outbox_relay".into(),
+                create_missing: true,
+                status_interval: Duration::from_millis(100),
+                reconnect_backoff_max: Duration::from_secs(30),
+                slot_wait: Duration::from_secs(10),
+                mapping: Mapping::EventForge,
+                on_success: None,
+                retention: Duration::from_secs(7 * 86400),
+                retry_table: "public.outbox_relay_parked".into(),
+                heartbeat_interval: Duration::ZERO,
+                standby: false,
+            }
+        }
+    }
+
+    #[derive(Debug, Clone, Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct Amqp {
+        pub url: String,
+        pub exchange: String,
+        pub declare_exchange: bool,
+        pub max_in_flight: usize,
+        pub max_in_flight_bytes: usize,
+        pub max_message_bytes: usize,
+        pub dead_letter_exchange: String,
+        #[serde(deserialize_with = "de_duration")]
+        pub reconnect_backoff_max: Duration,
+        #[serde(deserialize_with = "de_duration")]
+        pub connect_timeout: Duration,
+    }
+
+    impl Default for Amqp {
+        fn default() -> Self {
+            Self {
+                url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+                exchange: "events".into(),
+                declare_exchange: true,
+                max_in_flight: 2048,
+                max_in_flight_bytes: 16 * 1024 * 1024,
+                max_message_bytes: 8 * 1024 * 1024,
+                dead_letter_exchange: String::new(),
+                reconnect_backoff_max: Duration::from_secs(30),
+                connect_timeout: Duration::from_secs(10),
+            }
+        }
+    }
+
+    #[derive(Debug, Clone, Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct Relay {
+        pub ordering: Ordering,
+        #[serde(deserialize_with = "de_duration")]
+        pub shutdown_timeout: Duration,
+    }
+
+    impl Default for Relay {
+        fn default() -> Self {
+            Self {
+                ordering: Ordering::Strict,
+                shutdown_timeout: Duration::from_secs(10),
+            }
+        }
+    }
+
+    #[derive(Debug, Clone, Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct Retry {
+        #[serde(deserialize_with = "de_duration")]
+        pub backoff_base: Duration,
+        #[serde(deserialize_with = "de_duration")]
+        pub backoff_max: Duration,
+        pub max_retries: i32,
+        #[serde(deserialize_with = "de_duration")]
+        pub publish_timeout: Duration,
+        pub on_dead: OnDead,
+    }
+
+    impl Default for Retry {
+        fn default() -> Self {
+            Self {
+                backoff_base: Duration::from_secs(5),
+                backoff_max: Duration::from_secs(3600),
+                max_retries: 3,
+                publish_timeout: Duration::from_secs(30),
+                on_dead: OnDead::Skip,
+            }
+        }
+    }
+
+    #[derive(Debug, Clone, Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct Metrics {
+        pub listen: String,
+    }
+
+    impl Default for Metrics {
+        fn default() -> Self {
+            Self {
+                listen: "127.0.0.1:9187".into(),
+            }
+        }
+    }
+
+    fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_duration(&s).map_err(serde::de::Error::custom)
+    }
+
+    fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
             key: key.to_string(),
-            message,
-        };
-        crate::catalog::PgTarget::parse(self.postgres.url.expose())
-            .map_err(|m| invalid("postgres.url", m))?;
-        crate::catalog::TableName::parse(&self.postgres.table)
-            .map_err(|m| invalid("postgres.table", m))?;
-        check_identifier(&self.postgres.slot).map_err(|m| invalid("postgres.slot", m))?;
-        check_identifier(&self.postgres.publication)
-            .map_err(|m| invalid("postgres.publication", m))?;
-        if self.postgres.status_interval.is_zero() {
+            message: message.into(),
+        }
+    }
+
+    fn positive(key: &str, d: Duration, example: &str) -> Result<Duration, ConfigError> {
+        if d.is_zero() {
             return Err(invalid(
-                "postgres.status_interval",
-                "must be greater than 0 (e.g. \"1s\")".into(),
+                key,
+                format!("must be greater than 0 (e.g. \"{example}\")"),
             ));
         }
-        if !(self.amqp.url.expose().starts_with("amqp://")
-            || self.amqp.url.expose().starts_with("amqps://"))
-        {
-            return Err(invalid(
-                "amqp.url",
-                "must start with amqp:// (e.g. \"amqp://guest:guest@127.0.0.1:5672/%2f\")".into(),
-            ));
-        }
-        lapin::uri::AMQPUri::from_str(self.amqp.url.expose())
-            .map_err(|e| invalid("amqp.url", format!("cannot be parsed: {e}")))?;
-        if self.amqp.connect_timeout.is_zero() {
-            return Err(invalid(
-                "amqp.connect_timeout",
-                "must be greater than 0 (e.g. \"10s\")".into(),
-            ));
-        }
-        if self.amqp.exchange.is_empty() {
-            return Err(invalid(
-                "amqp.exchange",
-                "must name a topic exchange (the default exchange cannot route by topic)".into(),
-            ));
-        }
-        if self.amqp.max_in_flight == 0 {
-            return Err(invalid("amqp.max_in_flight", "must be at least 1".into()));
-        }
-        if self.amqp.max_in_flight_bytes < 1024 {
-            return Err(invalid(
-                "amqp.max_in_flight_bytes",
-                "must be at least 1024".into(),
-            ));
-        }
-        crate::catalog::TableName::parse(&self.postgres.retry_table)
-            .map_err(|m| invalid("postgres.retry_table", m))?;
-        if self.postgres.mapping == Mapping::Debezium
-            && self.postgres.on_success == Some(OnSuccess::MarkPublished)
-        {
-            return Err(invalid(
-                "postgres.on_success",
-                "mark_published needs a status column; Debezium-style tables use \"delete\" or \"keep\"".into(),
-            ));
-        }
-        if !self.metrics.listen.is_empty() {
-            self.metrics
-                .listen
-                .parse::<std::net::SocketAddr>()
-                .map_err(|e| {
+        Ok(d)
+    }
+
+    impl Config {
+        /// Checks values that parse but cannot work, and returns the typed configuration.
+        pub fn validate(self) -> Result<super::Config, ConfigError> {
+            let Config {
+                postgres: pg,
+                amqp,
+                relay,
+                retry,
+                metrics,
+                log,
+            } = self;
+            let target = PgTarget::parse(&pg.url).map_err(|m| invalid("postgres.url", m))?;
+            let table = TableName::parse(&pg.table).map_err(|m| invalid("postgres.table", m))?;
+            check_identifier(&pg.slot).map_err(|m| invalid("postgres.slot", m))?;
+            check_identifier(&pg.publication).map_err(|m| invalid("postgres.publication", m))?;
+            let status_interval =
+                positive("postgres.status_interval", pg.status_interval, "100ms")?;
+            let retry_table = TableName::parse(&pg.retry_table)
+                .map_err(|m| invalid("postgres.retry_table", m))?;
+            if pg.mapping == Mapping::Debezium && pg.on_success == Some(OnSuccess::MarkPublished) {
+                return Err(invalid(
+                    "postgres.on_success",
+                    "mark_published needs a status column; Debezium-style tables use \"delete\" or \"keep\"",
+                ));
+            }
+            let on_success = pg.on_success.unwrap_or(match pg.mapping {
+                Mapping::EventForge => OnSuccess::MarkPublished,
+                Mapping::Debezium => OnSuccess::Keep,
+            });
+
+            if !(amqp.url.starts_with("amqp://") || amqp.url.starts_with("amqps://")) {
+                return Err(invalid(
+                    "amqp.url",
+                    "must start with amqp:// (e.g. \"amqp://guest:guest@127.0.0.1:5672/%2f\")",
+                ));
+            }
+            lapin::uri::AMQPUri::from_str(&amqp.url)
+                .map_err(|e| invalid("amqp.url", format!("cannot be parsed: {e}")))?;
+            let connect_timeout = positive("amqp.connect_timeout", amqp.connect_timeout, "10s")?;
+            if amqp.exchange.is_empty() {
+                return Err(invalid(
+                    "amqp.exchange",
+                    "must name a topic exchange (the default exchange cannot route by topic)",
+                ));
+            }
+            if amqp.max_in_flight == 0 {
+                return Err(invalid("amqp.max_in_flight", "must be at least 1"));
+            }
+            if amqp.max_in_flight_bytes < 1024 {
+                return Err(invalid("amqp.max_in_flight_bytes", "must be at least 1024"));
+            }
+            if amqp.max_message_bytes == 0 {
+                return Err(invalid("amqp.max_message_bytes", "must be at least 1"));
+            }
+
+            let listen = match metrics.listen.as_str() {
+                "" => None,
+                s => Some(s.parse::<SocketAddr>().map_err(|e| {
                     invalid(
                         "metrics.listen",
                         format!(
                             "{e}; use host:port like \"127.0.0.1:9187\", or \"\" to turn it off"
                         ),
                     )
-                })?;
-        }
-        if self.amqp.max_message_bytes == 0 {
-            return Err(invalid(
-                "amqp.max_message_bytes",
-                "must be at least 1".into(),
-            ));
-        }
-        if self.retry.max_retries < 0 {
-            return Err(invalid("retry.max_retries", "must be 0 or more".into()));
-        }
-        if self.retry.publish_timeout.is_zero() {
-            return Err(invalid(
-                "retry.publish_timeout",
-                "must be greater than 0 (e.g. \"30s\")".into(),
-            ));
-        }
-        if self.retry.backoff_base.is_zero() {
-            return Err(invalid(
-                "retry.backoff_base",
-                "must be greater than 0 (e.g. \"5s\")".into(),
-            ));
-        }
-        if self.retry.backoff_max < self.retry.backoff_base {
-            return Err(invalid(
-                "retry.backoff_max",
-                "must not be smaller than retry.backoff_base".into(),
-            ));
-        }
-        Ok(())
-    }
-}
+                })?),
+            };
 
-/// A slot or publication name: what Postgres accepts unquoted for slots.
-fn check_identifier(name: &str) -> Result<(), String> {
-    if name.is_empty() || name.len() > 63 {
-        return Err("must be 1 to 63 characters".into());
+            if retry.max_retries < 0 {
+                return Err(invalid("retry.max_retries", "must be 0 or more"));
+            }
+            let publish_timeout = positive("retry.publish_timeout", retry.publish_timeout, "30s")?;
+            let backoff_base = positive("retry.backoff_base", retry.backoff_base, "5s")?;
+            if retry.backoff_max < backoff_base {
+                return Err(invalid(
+                    "retry.backoff_max",
+                    "must not be smaller than retry.backoff_base",
+                ));
+            }
+
+            Ok(super::Config {
+                postgres: PostgresConfig {
+                    target,
+                    table,
+                    slot: pg.slot,
+                    publication: pg.publication,
+                    create_missing: pg.create_missing,
+                    status_interval,
+                    reconnect_backoff_max: pg.reconnect_backoff_max,
+                    slot_wait: pg.slot_wait,
+                    mapping: pg.mapping,
+                    columns: ColumnMapping::of(pg.mapping),
+                    on_success,
+                    retention: pg.retention,
+                    retry_table,
+                    heartbeat_interval: pg.heartbeat_interval,
+                    standby: pg.standby,
+                },
+                amqp: AmqpConfig {
+                    url: AmqpUrl(amqp.url),
+                    exchange: amqp.exchange,
+                    declare_exchange: amqp.declare_exchange,
+                    max_in_flight: amqp.max_in_flight,
+                    max_in_flight_bytes: amqp.max_in_flight_bytes,
+                    max_message_bytes: amqp.max_message_bytes,
+                    dead_letter_exchange: (!amqp.dead_letter_exchange.is_empty())
+                        .then_some(amqp.dead_letter_exchange),
+                    reconnect_backoff_max: amqp.reconnect_backoff_max,
+                    connect_timeout,
+                },
+                relay: RelayConfig {
+                    ordering: relay.ordering,
+                    shutdown_timeout: relay.shutdown_timeout,
+                },
+                retry: RetryConfig {
+                    backoff_base,
+                    backoff_max: retry.backoff_max,
+                    max_retries: retry.max_retries,
+                    publish_timeout,
+                    on_dead: retry.on_dead,
+                },
+                metrics: MetricsConfig { listen },
+                log,
+            })
+        }
     }
-    if !name
-        .chars()
-        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-    {
-        return Err(format!(
-            "{name:?} may contain only lower-case letters, digits and underscores"
-        ));
-    }
-    Ok(())
 }
 
 fn apply_env(table: &mut toml::Table, var: &str, value: &str) -> Result<(), ConfigError> {
@@ -543,56 +677,29 @@ fn apply_env(table: &mut toml::Table, var: &str, value: &str) -> Result<(), Conf
     Ok(())
 }
 
+/// A TOML syntax error as line, column and message — never the offending line
+/// itself, which may hold a URL with a password.
+fn describe_toml_error(e: &toml::de::Error, text: &str) -> String {
+    let message = one_line(e.message());
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!("line {line}, column {column}: {message}")
+        }
+        None => message,
+    }
+}
+
 fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-/// Parses "200ms", "5s", "10m", "1h", "0s", or combinations like "1m30s".
+/// Parses "200ms", "5s", "10m", "1h", "7d", "0s", or combinations like "1m30s" (humantime).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    if s.is_empty() {
-        return Err("empty duration".into());
-    }
-    let mut total = Duration::ZERO;
-    let mut rest = s;
-    while !rest.is_empty() {
-        let digits = rest
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        if digits == 0 {
-            return Err(format!(
-                "{s:?} is not a duration (use e.g. \"200ms\", \"5s\", \"1h\")"
-            ));
-        }
-        let n: u64 = rest[..digits]
-            .parse()
-            .map_err(|_| format!("{s:?}: number too large"))?;
-        rest = &rest[digits..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        let unit = &rest[..unit_len];
-        rest = &rest[unit_len..];
-        let d = match unit {
-            "ms" => Duration::from_millis(n),
-            "s" => Duration::from_secs(n),
-            "m" => Duration::from_secs(n * 60),
-            "h" => Duration::from_secs(n * 3600),
-            "d" => Duration::from_secs(n * 86400),
-            _ => {
-                return Err(format!(
-                    "{s:?}: unknown unit {unit:?} (use ms, s, m, h or d, e.g. \"5s\")"
-                ))
-            }
-        };
-        total += d;
-    }
-    Ok(total)
-}
-
-fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let s = String::deserialize(d)?;
-    parse_duration(&s).map_err(serde::de::Error::custom)
+    humantime::parse_duration(s.trim())
+        .map_err(|e| format!("{s:?} is not a duration ({e}); use e.g. \"200ms\", \"5s\", \"1h\""))
 }
 
 #[cfg(test)]
@@ -620,6 +727,10 @@ mod tests {
         assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
         assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
         assert_eq!(parse_duration("1m30s").unwrap(), Duration::from_secs(90));
+        assert_eq!(
+            parse_duration("7d").unwrap(),
+            Duration::from_secs(7 * 86400)
+        );
         assert_eq!(parse_duration("0s").unwrap(), Duration::ZERO);
         assert!(parse_duration("5").is_err());
         assert!(parse_duration("5x").is_err());
@@ -629,10 +740,27 @@ mod tests {
     #[test]
     fn defaults_apply_to_an_empty_file() {
         let c = load("", &[]).unwrap();
-        assert_eq!(c.postgres.table, "public.outbox_messages");
+        assert_eq!(c.postgres.table.to_string(), "public.outbox_messages");
         assert_eq!(c.postgres.status_interval, Duration::from_millis(100));
+        assert_eq!(c.postgres.on_success, OnSuccess::MarkPublished);
         assert_eq!(c.amqp.exchange, "events");
+        assert_eq!(c.amqp.dead_letter_exchange, None);
         assert_eq!(c.relay.ordering, Ordering::Strict);
+        assert_eq!(c.metrics.listen, Some("127.0.0.1:9187".parse().unwrap()));
+    }
+
+    #[test]
+    fn typed_values_come_out_of_validation() {
+        let c = load(
+            "[postgres]\nurl = \"postgresql://relay@db:6543/app\"\ntable = \"app.out\"\nmapping = \"debezium\"\n[metrics]\nlisten = \"\"\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.postgres.target.port, 6543);
+        assert_eq!(c.postgres.table.schema, "app");
+        assert_eq!(c.postgres.columns, ColumnMapping::DEBEZIUM);
+        assert_eq!(c.postgres.on_success, OnSuccess::Keep);
+        assert_eq!(c.metrics.listen, None);
     }
 
     #[test]
@@ -677,18 +805,23 @@ mod tests {
 
     #[test]
     fn validation_names_the_key() {
-        let e = load("[postgres]\nslot = \"Bad-Name\"\n", &[])
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("postgres.slot"), "{e}");
-        let e = load("[amqp]\nmax_in_flight = 0\n", &[])
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("amqp.max_in_flight"), "{e}");
-        let e = load("[relay]\nshutdown_timeout = \"10\"\n", &[])
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("shutdown_timeout"), "{e}");
+        for (text, key) in [
+            ("[postgres]\nslot = \"Bad-Name\"\n", "postgres.slot"),
+            ("[postgres]\ntable = \"a;b\"\n", "postgres.table"),
+            ("[postgres]\nurl = \"postgresql://h/db\"\n", "postgres.url"),
+            ("[amqp]\nmax_in_flight = 0\n", "amqp.max_in_flight"),
+            ("[amqp]\nurl = \"http://x\"\n", "amqp.url"),
+            ("[relay]\nshutdown_timeout = \"10\"\n", "shutdown_timeout"),
+            ("[retry]\nbackoff_max = \"1s\"\n", "retry.backoff_max"),
+            ("[metrics]\nlisten = \"nowhere\"\n", "metrics.listen"),
+            (
+                "[postgres]\nmapping = \"debezium\"\non_success = \"mark_published\"\n",
+                "postgres.on_success",
+            ),
+        ] {
+            let e = load(text, &[]).unwrap_err().to_string();
+            assert!(e.contains(key), "{text}: {e}");
+        }
     }
 
     #[test]
@@ -700,5 +833,21 @@ mod tests {
         .unwrap();
         let s = format!("{c:?}");
         assert!(!s.contains("hunter2") && !s.contains("hunter3"), "{s}");
+    }
+
+    #[test]
+    fn a_syntax_error_never_prints_the_line_that_holds_the_password() {
+        let e = load(
+            "[postgres]\nurl = \"postgresql://u:hunter2@h/db\" oops\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(!e.contains("hunter2"), "{e}");
+        assert!(e.contains("line 2"), "{e}");
+        let e = load("[amqp]\nurl = 'amqp://u:hunter3@h:5672\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains("hunter3"), "{e}");
     }
 }

@@ -22,6 +22,14 @@ pub enum Error {
         source: tokio_postgres::Error,
     },
 
+    #[error("unexpected value in column {column} while {context}: {source} (was the table altered? compare it with the DDL in sql/)")]
+    Column {
+        context: &'static str,
+        column: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+
     #[error("wal_level is '{actual}', logical replication needs 'logical': run ALTER SYSTEM SET wal_level = logical; then restart Postgres (or run scripts/setup-services.sh)")]
     WalLevel { actual: String },
 
@@ -83,13 +91,6 @@ pub enum Error {
 
     #[error("cannot decode the replication stream: {0} (is the slot's plugin pgoutput?)")]
     Decode(String),
-
-    #[error("malformed outbox row {id} in {table}: {reason}; the relay stopped before it, so the slot still holds it: fix the producer and replace the row (insert a corrected one), then drop or advance past it with pg_replication_slot_advance")]
-    MalformedRow {
-        table: String,
-        id: String,
-        reason: String,
-    },
 
     #[error("cannot listen on {addr} for metrics: {message} (change [metrics] listen, or set it to \"\" to turn the endpoint off)")]
     Listen { addr: String, message: String },

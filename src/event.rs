@@ -1,8 +1,10 @@
 //! An outbox row as the relay sees it, and the mapping from the table's columns
 //! (matched by name from the pgoutput Relation message) to its fields.
 
+use crate::config::ColumnMapping;
 use bytes::Bytes;
 use pg_walstream::{ColumnInfo, TupleData};
+use std::hash::{Hash, Hasher};
 
 /// Postgres type oids whose text form is always valid JSON.
 const JSON_OID: u32 = 114;
@@ -27,119 +29,60 @@ pub struct OutboxEvent {
     pub max_retries: Option<i32>,
 }
 
-/// Column names of one table layout (Event-Forge by default).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ColumnMapping {
-    pub id: &'static str,
-    pub aggregate_type: &'static str,
-    pub aggregate_id: &'static str,
-    pub event_type: &'static str,
-    pub payload: &'static str,
-    pub metadata: Option<&'static str>,
-    pub created_at: Option<&'static str>,
-    pub scheduled_at: Option<&'static str>,
-    pub max_retries: Option<&'static str>,
+/// Identity of an aggregate for ordering: a hash of (aggregate_type, aggregate_id).
+/// Two aggregates that collide are merely ordered together, which is always safe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct AggregateKey(pub u64);
+
+impl AggregateKey {
+    pub fn of(aggregate_type: &str, aggregate_id: &str) -> Self {
+        // SipHash with fixed keys: stable within and across runs.
+        #[allow(deprecated)]
+        let mut h = std::hash::SipHasher::new();
+        aggregate_type.hash(&mut h);
+        aggregate_id.hash(&mut h);
+        AggregateKey(h.finish())
+    }
 }
 
-impl ColumnMapping {
-    /// The Event-Forge `outbox_messages` layout.
-    pub const EVENT_FORGE: ColumnMapping = ColumnMapping {
-        id: "id",
-        aggregate_type: "aggregate_type",
-        aggregate_id: "aggregate_id",
-        event_type: "event_type",
-        payload: "payload",
-        metadata: Some("metadata"),
-        created_at: Some("created_at"),
-        scheduled_at: Some("scheduled_at"),
-        max_retries: Some("max_retries"),
-    };
+impl OutboxEvent {
+    pub fn key(&self) -> AggregateKey {
+        AggregateKey::of(&self.aggregate_type, &self.aggregate_id)
+    }
+}
 
-    /// A Debezium-style outbox: id, aggregatetype, aggregateid, type, payload.
-    pub const DEBEZIUM: ColumnMapping = ColumnMapping {
-        id: "id",
-        aggregate_type: "aggregatetype",
-        aggregate_id: "aggregateid",
-        event_type: "type",
-        payload: "payload",
-        metadata: None,
-        created_at: None,
-        scheduled_at: None,
-        max_retries: None,
-    };
+/// An outbox row as the relay carries it: an event, or what could be read of a
+/// row that cannot become one (kept so it can be parked and dead-lettered).
+#[derive(Debug, Clone)]
+pub enum Row {
+    Event(std::sync::Arc<OutboxEvent>),
+    Malformed(MalformedRow),
+}
 
-    pub fn for_config(mapping: crate::config::Mapping) -> ColumnMapping {
-        match mapping {
-            crate::config::Mapping::EventForge => Self::EVENT_FORGE,
-            crate::config::Mapping::Debezium => Self::DEBEZIUM,
+impl Row {
+    pub fn key(&self) -> AggregateKey {
+        match self {
+            Row::Event(e) => e.key(),
+            Row::Malformed(m) => AggregateKey::of(
+                m.aggregate_type.as_deref().unwrap_or_default(),
+                m.aggregate_id.as_deref().unwrap_or_default(),
+            ),
         }
     }
 
-    /// The columns a `select` re-reading one row needs, in `ResolvedMapping::from_names` order.
-    pub fn select_list(&self) -> Vec<&'static str> {
-        let mut v = vec![
-            self.id,
-            self.aggregate_type,
-            self.aggregate_id,
-            self.event_type,
-            self.payload,
-        ];
-        v.extend(
-            [
-                self.metadata,
-                self.created_at,
-                self.scheduled_at,
-                self.max_retries,
-            ]
-            .into_iter()
-            .flatten(),
-        );
-        v
-    }
-
-    fn required(&self) -> [&'static str; 5] {
-        [
-            self.id,
-            self.aggregate_type,
-            self.aggregate_id,
-            self.event_type,
-            self.payload,
-        ]
-    }
-
-    /// Required columns absent from `columns`.
-    pub fn missing_required(&self, columns: &[String]) -> Vec<String> {
-        self.required()
-            .iter()
-            .filter(|c| !columns.iter().any(|have| have == *c))
-            .map(|c| c.to_string())
-            .collect()
-    }
-
-    /// Resolves column positions for one Relation message.
-    pub fn resolve(&self, columns: &[ColumnInfo]) -> Result<ResolvedMapping, Vec<String>> {
-        let pos = |name: &str| columns.iter().position(|c| &*c.name == name);
-        let names: Vec<String> = columns.iter().map(|c| c.name.to_string()).collect();
-        let missing = self.missing_required(&names);
-        if !missing.is_empty() {
-            return Err(missing);
+    pub fn id(&self) -> &str {
+        match self {
+            Row::Event(e) => &e.id,
+            Row::Malformed(m) => &m.id,
         }
-        let payload = pos(self.payload).expect("checked above");
-        let opt = |c: Option<&str>| c.and_then(pos);
-        let metadata = opt(self.metadata);
-        Ok(ResolvedMapping {
-            id: pos(self.id).expect("checked above"),
-            aggregate_type: pos(self.aggregate_type).expect("checked above"),
-            aggregate_id: pos(self.aggregate_id).expect("checked above"),
-            event_type: pos(self.event_type).expect("checked above"),
-            payload,
-            payload_is_json: is_json_type(columns[payload].type_id),
-            metadata,
-            metadata_is_json: metadata.is_some_and(|m| is_json_type(columns[m].type_id)),
-            created_at: opt(self.created_at),
-            scheduled_at: opt(self.scheduled_at),
-            max_retries: opt(self.max_retries),
-        })
+    }
+
+    /// Bytes this row holds in memory when it has no encoded message.
+    pub fn weight(&self) -> usize {
+        256 + match self {
+            Row::Event(e) => e.payload.len() + e.metadata.as_ref().map_or(0, |m| m.len()),
+            Row::Malformed(m) => m.payload.as_ref().map_or(0, |p| p.len()),
+        }
     }
 }
 
@@ -176,6 +119,34 @@ pub struct MalformedRow {
 }
 
 impl ResolvedMapping {
+    /// Resolves column positions of `mapping` for one Relation message; the
+    /// error lists the required columns that are missing.
+    pub fn resolve(mapping: &ColumnMapping, columns: &[ColumnInfo]) -> Result<Self, Vec<String>> {
+        let pos = |name: &str| columns.iter().position(|c| &*c.name == name);
+        let names: Vec<String> = columns.iter().map(|c| c.name.to_string()).collect();
+        let missing = mapping.missing_required(&names);
+        if !missing.is_empty() {
+            return Err(missing);
+        }
+        let required = |name: &str| pos(name).ok_or_else(|| vec![name.to_string()]);
+        let payload = required(mapping.payload)?;
+        let opt = |c: Option<&str>| c.and_then(pos);
+        let metadata = opt(mapping.metadata);
+        Ok(ResolvedMapping {
+            id: required(mapping.id)?,
+            aggregate_type: required(mapping.aggregate_type)?,
+            aggregate_id: required(mapping.aggregate_id)?,
+            event_type: required(mapping.event_type)?,
+            payload,
+            payload_is_json: is_json_type(columns[payload].type_id),
+            metadata,
+            metadata_is_json: metadata.is_some_and(|m| is_json_type(columns[m].type_id)),
+            created_at: opt(mapping.created_at),
+            scheduled_at: opt(mapping.scheduled_at),
+            max_retries: opt(mapping.max_retries),
+        })
+    }
+
     /// Builds the event from an Insert's new tuple.
     // The error keeps what could be read of the row (it is parked as-is); it is the
     // rare path, and the hot Ok path is not affected by its size.
@@ -301,7 +272,7 @@ mod tests {
 
     #[test]
     fn columns_are_matched_by_name() {
-        let m = ColumnMapping::EVENT_FORGE.resolve(&relation()).unwrap();
+        let m = ResolvedMapping::resolve(&ColumnMapping::EVENT_FORGE, &relation()).unwrap();
         let tuple = TupleData::new(vec![
             t("x"),
             t("{\"a\":1}"),
@@ -324,7 +295,7 @@ mod tests {
     #[test]
     fn missing_columns_are_named() {
         let cols = vec![col("id", 25), col("payload", 114)];
-        let missing = ColumnMapping::EVENT_FORGE.resolve(&cols).unwrap_err();
+        let missing = ResolvedMapping::resolve(&ColumnMapping::EVENT_FORGE, &cols).unwrap_err();
         assert_eq!(
             ColumnMapping::DEBEZIUM.missing_required(&["id".into(), "payload".into()]),
             vec!["aggregatetype", "aggregateid", "type"]
@@ -344,7 +315,7 @@ mod tests {
             col("event_type", 25),
             col("payload", 25),
         ];
-        let m = ColumnMapping::EVENT_FORGE.resolve(&cols).unwrap();
+        let m = ResolvedMapping::resolve(&ColumnMapping::EVENT_FORGE, &cols).unwrap();
         let bad = TupleData::new(vec![t("i"), t("A"), t("1"), t("e"), t("{nope")]);
         let e = m.event(&bad).unwrap_err();
         assert_eq!(e.id, "i");

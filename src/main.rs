@@ -120,86 +120,62 @@ fn main() -> ExitCode {
 }
 
 async fn dispatch(command: Command, config: Config) -> anyhow::Result<ExitCode> {
+    use outbox_relay::admin;
     match command {
         Command::Run(_) => {
             outbox_relay::run(config, shutdown_signal())
                 .await
                 .context("outbox-relay run")?;
-            Ok(ExitCode::SUCCESS)
         }
         Command::Init(_) => {
-            for line in outbox_relay::admin::init(&config)
-                .await
-                .context("outbox-relay init")?
-            {
-                println!("{line}");
-            }
-            Ok(ExitCode::SUCCESS)
+            let lines = admin::init(&config).await.context("outbox-relay init")?;
+            println!("{}", lines.join("\n"));
         }
         Command::Check(_) => {
-            let checks = outbox_relay::admin::check(&config).await;
-            for c in &checks {
-                println!("{c}");
+            let checks = admin::check(&config).await;
+            print!("{checks}");
+            if !checks.all_ok() {
+                return Ok(ExitCode::FAILURE);
             }
-            Ok(if checks.iter().all(|c| c.ok) {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
         }
         Command::Status { json, .. } => {
-            let status = outbox_relay::admin::status(&config)
+            let status = admin::status(&config)
                 .await
                 .context("outbox-relay status")?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&status)?);
-            } else {
-                println!("{status}");
-            }
-            Ok(ExitCode::SUCCESS)
+            print_as(&status, json)?;
         }
         Command::Dead {
             command: DeadCommand::List { json, .. },
         } => {
-            let dead = outbox_relay::admin::dead_list(&config)
+            let dead = admin::dead_list(&config)
                 .await
                 .context("outbox-relay dead list")?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&dead)?);
-            } else if dead.is_empty() {
-                println!("no dead messages for slot {}", config.postgres.slot);
-            } else {
-                println!(
-                    "{:<38} {:<40} {:<24} {:>8}  last error",
-                    "id", "aggregate", "event type", "attempts"
-                );
-                for d in dead {
-                    println!(
-                        "{:<38} {:<40} {:<24} {:>8}  {}",
-                        d.id,
-                        format!("{}/{}", d.aggregate_type, d.aggregate_id),
-                        d.event_type.unwrap_or_default(),
-                        d.attempts,
-                        d.last_error.unwrap_or_default()
-                    );
-                }
-            }
-            Ok(ExitCode::SUCCESS)
+            print_as(&dead, json)?;
         }
         Command::Dead {
             command: DeadCommand::Requeue { ids, all, .. },
         } => {
             let ids = (!all).then_some(ids);
-            let done = outbox_relay::admin::dead_requeue(&config, ids.as_deref())
+            let done = admin::dead_requeue(&config, ids.as_deref())
                 .await
                 .context("outbox-relay dead requeue")?;
             println!(
                 "requeued {} message(s) with a fresh retry budget",
                 done.len()
             );
-            Ok(ExitCode::SUCCESS)
         }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints `value` as pretty JSON or as its text form.
+fn print_as<T: serde::Serialize + std::fmt::Display>(value: &T, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(value)?);
+    } else {
+        print!("{value}");
+    }
+    Ok(())
 }
 
 /// Resolves on SIGTERM or SIGINT.

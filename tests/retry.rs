@@ -463,7 +463,7 @@ async fn an_idle_relay_with_nothing_failed_queries_nothing() {
         let last_query: Option<String> =
             f.db.query_opt(
                 "select state_change::text from pg_stat_activity where application_name = $1",
-                &[&outbox_relay::retry::application_name(&f.slot)],
+                &[&outbox_relay::retry::store_application_name(&f.slot)],
             )
             .await
             .unwrap()

@@ -1,26 +1,10 @@
 //! The Event-Forge wire format: body, properties, headers and routing key of
 //! one outbox row (see `reference/event-forge.md`).
 
-use crate::event::OutboxEvent;
+use crate::event::{AggregateKey, OutboxEvent, Row};
+use crate::time::{pg_timestamp_to_iso, unix_micros_to_iso, PG_EPOCH_OFFSET_MICROS};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::BasicProperties;
-use std::hash::{Hash, Hasher};
-
-/// Identity of an aggregate for ordering: a hash of (aggregate_type, aggregate_id).
-/// Two aggregates that collide are merely ordered together, which is always safe.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct AggregateKey(pub u64);
-
-impl AggregateKey {
-    pub fn of(aggregate_type: &str, aggregate_id: &str) -> Self {
-        // SipHash with fixed keys: stable within and across runs.
-        #[allow(deprecated)]
-        let mut h = std::hash::SipHasher::new();
-        aggregate_type.hash(&mut h);
-        aggregate_id.hash(&mut h);
-        AggregateKey(h.finish())
-    }
-}
 
 /// A message ready for `basic.publish`.
 #[derive(Debug, Clone)]
@@ -45,9 +29,6 @@ impl OutboundMessage {
 /// Why a row cannot be sent in this format.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FormatError(pub String);
-
-/// Postgres epoch (2000-01-01) minus Unix epoch, in microseconds.
-pub(crate) const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
 
 /// Encodes an event. `commit_time_micros` (Postgres epoch) stands in for `created_at`
 /// when the table has no such column.
@@ -127,14 +108,85 @@ pub fn encode(
     Ok(OutboundMessage {
         exchange: None,
         id: event.id.clone(),
-        aggregate: crate::sink::format::AggregateKey::of(
-            &event.aggregate_type,
-            &event.aggregate_id,
-        ),
+        aggregate: event.key(),
         routing_key,
         body,
         properties,
     })
+}
+
+/// The copy of a dead message published to the dead-letter exchange `dlx`: the
+/// original message when it could be encoded (else a JSON document with what could
+/// be read of the row), plus headers that say why.
+pub fn dead_letter(
+    dlx: &ShortString,
+    exchange: &str,
+    row: &Row,
+    original: Option<&OutboundMessage>,
+    attempts: i32,
+    reason: &str,
+) -> OutboundMessage {
+    let long = |s: &str| AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()));
+    let (routing_key, payload, mut properties) = match original {
+        Some(m) => (m.routing_key.clone(), m.body.clone(), m.properties.clone()),
+        None => {
+            let (kind, id, agg_type, agg_id, event_type, raw) = match row {
+                Row::Event(e) => (
+                    "event",
+                    e.id.clone(),
+                    Some(e.aggregate_type.clone()),
+                    Some(e.aggregate_id.clone()),
+                    Some(e.event_type.clone()),
+                    Some(String::from_utf8_lossy(&e.payload).into_owned()),
+                ),
+                Row::Malformed(m) => (
+                    "malformed",
+                    m.id.clone(),
+                    m.aggregate_type.clone(),
+                    m.aggregate_id.clone(),
+                    m.event_type.clone(),
+                    m.payload
+                        .as_ref()
+                        .map(|p| String::from_utf8_lossy(p).into_owned()),
+                ),
+            };
+            let doc = serde_json::json!({
+                "id": id, "aggregateType": agg_type, "aggregateId": agg_id, "eventType": event_type,
+                "rawPayload": raw, "kind": kind,
+            });
+            let rk = format!(
+                "{}.{}",
+                agg_type.unwrap_or_default(),
+                event_type.unwrap_or_default()
+            );
+            let props = BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_content_type("application/json".into())
+                .with_message_id(ShortString::try_new(id).unwrap_or_default());
+            (
+                ShortString::try_new(rk).unwrap_or_else(|_| "dead".into()),
+                serde_json::to_vec(&doc).unwrap_or_default(),
+                props,
+            )
+        }
+    };
+    let mut headers = properties.headers().clone().unwrap_or_default();
+    headers.insert("x-outbox-error".into(), long(reason));
+    headers.insert("x-outbox-attempts".into(), AMQPValue::LongInt(attempts));
+    headers.insert("x-outbox-original-exchange".into(), long(exchange));
+    headers.insert(
+        "x-outbox-original-routing-key".into(),
+        long(routing_key.as_str()),
+    );
+    properties = properties.with_headers(headers);
+    OutboundMessage {
+        exchange: Some(dlx.clone()),
+        id: row.id().to_string(),
+        aggregate: row.key(),
+        routing_key,
+        body: payload,
+        properties,
+    }
 }
 
 fn write_json_str(out: &mut Vec<u8>, s: &str) {
@@ -152,136 +204,6 @@ fn traceparent(metadata: &[u8]) -> Option<String> {
     }
     let t: Trace = serde_json::from_slice(metadata).ok()?;
     Some(format!("00-{}-{}-01", t.trace_id?, t.span_id?))
-}
-
-/// Postgres ISO text to Unix microseconds.
-pub fn pg_timestamp_to_unix_micros(s: &str) -> Option<i64> {
-    let (iso, secs) = pg_timestamp_to_iso(s)?;
-    let micros = iso
-        .get(19..)
-        .and_then(|r| r.strip_prefix('.'))
-        .map(|f| f[..6].parse::<i64>().unwrap_or(0))
-        .unwrap_or(0);
-    Some(secs * 1_000_000 + micros)
-}
-
-/// Postgres ISO text (`2026-11-27 06:00:00.5+00`) to Python-style ISO-8601
-/// (`2026-11-27T06:00:00.500000+00:00`) and Unix seconds.
-pub fn pg_timestamp_to_iso(s: &str) -> Option<(String, i64)> {
-    let b = s.as_bytes();
-    if b.len() < 19
-        || b[4] != b'-'
-        || b[7] != b'-'
-        || (b[10] != b' ' && b[10] != b'T')
-        || b[13] != b':'
-        || b[16] != b':'
-    {
-        return None;
-    }
-    let num = |r: std::ops::Range<usize>| -> Option<i64> {
-        let part = s.get(r)?;
-        if part.bytes().all(|c| c.is_ascii_digit()) {
-            part.parse().ok()
-        } else {
-            None
-        }
-    };
-    let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
-    let (hour, minute, second) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    let mut rest = &s[19..];
-    let mut micros = 0i64;
-    if let Some(frac) = rest.strip_prefix('.') {
-        let digits = frac.bytes().take_while(|c| c.is_ascii_digit()).count();
-        if digits == 0 || digits > 6 {
-            return None;
-        }
-        micros = frac[..digits].parse::<i64>().ok()? * 10i64.pow(6 - digits as u32);
-        rest = &frac[digits..];
-    }
-    let offset_secs = if rest.is_empty() {
-        None
-    } else {
-        let sign = match rest.as_bytes()[0] {
-            b'+' => 1,
-            b'-' => -1,
-            _ => return None,
-        };
-        let parts: Vec<&str> = rest[1..].split(':').collect();
-        if parts.is_empty()
-            || parts.len() > 3
-            || parts
-                .iter()
-                .any(|p| p.len() != 2 || !p.bytes().all(|c| c.is_ascii_digit()))
-        {
-            return None;
-        }
-        let v: Vec<i64> = parts.iter().map(|p| p.parse().unwrap_or(0)).collect();
-        Some(sign * (v[0] * 3600 + v.get(1).unwrap_or(&0) * 60 + v.get(2).unwrap_or(&0)))
-    };
-    if !(1..=12).contains(&month)
-        || !(1..=31).contains(&day)
-        || hour > 23
-        || minute > 59
-        || second > 60
-    {
-        return None;
-    }
-    let days = days_from_civil(year, month, day);
-    let unix = days * 86400 + hour * 3600 + minute * 60 + second - offset_secs.unwrap_or(0);
-    let mut iso = format!("{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}");
-    if micros != 0 {
-        iso.push_str(&format!(".{micros:06}"));
-    }
-    if let Some(off) = offset_secs {
-        let sign = if off < 0 { '-' } else { '+' };
-        let a = off.abs();
-        iso.push_str(&format!("{sign}{:02}:{:02}", a / 3600, (a % 3600) / 60));
-    }
-    Some((iso, unix))
-}
-
-/// Unix microseconds to `YYYY-MM-DDTHH:MM:SS[.ffffff]+00:00`.
-pub fn unix_micros_to_iso(unix_micros: i64) -> String {
-    let secs = unix_micros.div_euclid(1_000_000);
-    let micros = unix_micros.rem_euclid(1_000_000);
-    let days = secs.div_euclid(86400);
-    let sod = secs.rem_euclid(86400);
-    let (y, m, d) = civil_from_days(days);
-    let mut s = format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}",
-        sod / 3600,
-        (sod % 3600) / 60,
-        sod % 60
-    );
-    if micros != 0 {
-        s.push_str(&format!(".{micros:06}"));
-    }
-    s.push_str("+00:00");
-    s
-}
-
-// Howard Hinnant's civil calendar algorithms.
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-fn civil_from_days(z: i64) -> (i64, i64, i64) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
 #[cfg(test)]
@@ -369,35 +291,50 @@ mod tests {
     }
 
     #[test]
+    fn dead_letter_copy_keeps_the_message_and_says_why() {
+        let e = std::sync::Arc::new(event());
+        let original = encode(&e, 0).unwrap();
+        let dlx: ShortString = "dlx".into();
+        let m = dead_letter(
+            &dlx,
+            "events",
+            &Row::Event(e.clone()),
+            Some(&original),
+            4,
+            "nacked",
+        );
+        assert_eq!(m.exchange.as_ref().map(|s| s.as_str()), Some("dlx"));
+        assert_eq!(m.body, original.body);
+        assert_eq!(m.routing_key, original.routing_key);
+        let h = m.properties.headers().as_ref().unwrap().inner();
+        assert_eq!(h.get("x-outbox-attempts"), Some(&AMQPValue::LongInt(4)));
+        assert!(h.contains_key("x-outbox-error") && h.contains_key("x-aggregate-id"));
+        let bad = crate::event::MalformedRow {
+            id: "m-1".into(),
+            reason: "payload is not valid JSON".into(),
+            aggregate_type: Some("Order".into()),
+            aggregate_id: None,
+            event_type: Some("placed".into()),
+            payload: Some(bytes::Bytes::from_static(b"{nope")),
+        };
+        let m = dead_letter(
+            &dlx,
+            "events",
+            &Row::Malformed(bad),
+            None,
+            1,
+            "malformed row",
+        );
+        let body: serde_json::Value = serde_json::from_slice(&m.body).unwrap();
+        assert_eq!(body["kind"], "malformed");
+        assert_eq!(body["rawPayload"], "{nope");
+        assert_eq!(m.routing_key.as_str(), "Order.placed");
+    }
+
+    #[test]
     fn too_long_routing_key_is_refused() {
         let mut e = event();
         e.event_type = "x".repeat(300);
         assert!(encode(&e, 0).is_err());
-    }
-
-    #[test]
-    fn timestamps() {
-        assert_eq!(
-            pg_timestamp_to_iso("2026-11-27 06:00:00+00"),
-            Some(("2026-11-27T06:00:00+00:00".into(), 1_795_759_200))
-        );
-        assert_eq!(
-            pg_timestamp_to_iso("2026-11-27 08:30:00.000001+02:30").unwrap(),
-            ("2026-11-27T08:30:00.000001+02:30".into(), 1_795_759_200)
-        );
-        assert_eq!(pg_timestamp_to_iso("1970-01-01 00:00:00").unwrap().1, 0);
-        assert_eq!(pg_timestamp_to_iso("infinity"), None);
-        assert_eq!(
-            pg_timestamp_to_unix_micros("2026-11-27 06:00:00.25+00"),
-            Some(1_795_759_200_250_000)
-        );
-        assert_eq!(
-            unix_micros_to_iso(1_795_759_200_000_000),
-            "2026-11-27T06:00:00+00:00"
-        );
-        assert_eq!(
-            unix_micros_to_iso(1_500_000),
-            "1970-01-01T00:00:01.500000+00:00"
-        );
     }
 }

@@ -7,8 +7,9 @@
 
 pub mod format;
 
-pub use format::{AggregateKey, OutboundMessage};
+pub use format::OutboundMessage;
 
+use crate::config::AmqpUrl;
 use crate::error::Error;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
@@ -47,20 +48,6 @@ pub enum Outcome {
     NotRequested,
 }
 
-impl Outcome {
-    pub fn describe(&self) -> String {
-        match self {
-            Outcome::Ack => "ack".into(),
-            Outcome::Nack => "nacked by the broker".into(),
-            Outcome::Returned {
-                reply_code,
-                reply_text,
-            } => format!("returned as unroutable ({reply_code} {reply_text}): no queue is bound for its routing key"),
-            Outcome::NotRequested => "confirm not requested".into(),
-        }
-    }
-}
-
 /// What the sink tells the relay.
 #[derive(Debug)]
 pub enum SinkEvent {
@@ -76,9 +63,9 @@ pub enum SinkEvent {
 }
 
 /// Connection settings of the sink.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct SinkSettings {
-    pub url: String,
+    pub url: AmqpUrl,
     pub exchange: String,
     pub declare_exchange: bool,
     pub reconnect_backoff_max: Duration,
@@ -89,34 +76,12 @@ impl SinkSettings {
     /// The `[amqp]` section's connection settings.
     pub fn from_config(amqp: &crate::config::AmqpConfig) -> SinkSettings {
         SinkSettings {
-            url: amqp.url.expose().to_string(),
+            url: amqp.url.clone(),
             exchange: amqp.exchange.clone(),
             declare_exchange: amqp.declare_exchange,
             reconnect_backoff_max: amqp.reconnect_backoff_max,
             connect_timeout: amqp.connect_timeout,
         }
-    }
-}
-
-impl std::fmt::Debug for SinkSettings {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SinkSettings")
-            .field("url", &redact_amqp_url(&self.url))
-            .field("exchange", &self.exchange)
-            .finish()
-    }
-}
-
-/// The URL with its password removed, for logs and errors.
-pub fn redact_amqp_url(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) => {
-            if u.password().is_some() {
-                let _ = u.set_password(None);
-            }
-            u.to_string()
-        }
-        Err(_) => "<unparsable amqp url>".to_string(),
     }
 }
 
@@ -134,7 +99,7 @@ pub async fn connect(settings: &SinkSettings) -> Result<Broker, Error> {
         .await
         .unwrap_or_else(|_| {
             Err(Error::AmqpConnectTimeout {
-                url: redact_amqp_url(&settings.url),
+                url: settings.url.redacted(),
                 timeout: settings.connect_timeout,
             })
         })
@@ -143,10 +108,10 @@ pub async fn connect(settings: &SinkSettings) -> Result<Broker, Error> {
 async fn connect_now(settings: &SinkSettings) -> Result<Broker, Error> {
     let props = ConnectionProperties::default()
         .with_connection_name(format!("outbox-relay {}", env!("CARGO_PKG_VERSION")).into());
-    let connection = Connection::connect(&settings.url, props)
+    let connection = Connection::connect(settings.url.expose(), props)
         .await
         .map_err(|source| Error::AmqpConnect {
-            url: redact_amqp_url(&settings.url),
+            url: settings.url.redacted(),
             source,
         })?;
     let channel = connection

@@ -3,8 +3,9 @@
 //! Begin and Commit arrive as their own replication events (the transport splits
 //! them out), everything else is ignored.
 
-use crate::catalog::TableName;
-use crate::event::{ColumnMapping, MalformedRow, OutboxEvent, ResolvedMapping};
+use crate::config::ColumnMapping;
+use crate::event::{MalformedRow, OutboxEvent, ResolvedMapping};
+use crate::pg::TableName;
 use bytes::Bytes;
 use pg_walstream::{LogicalReplicationMessage, LogicalReplicationParser};
 use std::collections::HashMap;
@@ -66,12 +67,13 @@ impl Decoder {
             } => {
                 let ours = *namespace == *self.table.schema && *relation_name == *self.table.name;
                 let resolved = if ours {
-                    let m = self.mapping.resolve(&columns).map_err(|missing| {
-                        DecodeError::ColumnsMissing {
-                            table: self.table.to_string(),
-                            missing,
-                        }
-                    })?;
+                    let m =
+                        ResolvedMapping::resolve(&self.mapping, &columns).map_err(|missing| {
+                            DecodeError::ColumnsMissing {
+                                table: self.table.to_string(),
+                                missing,
+                            }
+                        })?;
                     tracing::debug!(relation_id, table = %self.table, "outbox relation mapped");
                     Some(m)
                 } else {

@@ -9,8 +9,9 @@ pub mod decode;
 
 pub use decode::{Decoded, Decoder};
 
-use crate::catalog::{pid_from_slot_error, PgTarget};
 use crate::error::Error;
+use crate::pg::catalog::pid_from_slot_error;
+use crate::pg::PgTarget;
 use pgwire_replication::{Lsn, PgWireError, ReplicationClient, ReplicationConfig};
 use std::time::Duration;
 

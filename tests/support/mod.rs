@@ -95,8 +95,8 @@ impl Fixture {
     /// declares the exchange and (when `bind_queue`) a durable queue bound with `#`.
     pub async fn new(name: &str, bind_queue: bool) -> Fixture {
         let f = Self::bare(name).await;
-        f.db.batch_execute(&outbox_relay::catalog::outbox_ddl(
-            &outbox_relay::catalog::TableName::parse(&f.table).unwrap(),
+        f.db.batch_execute(&outbox_relay::pg::catalog::outbox_ddl(
+            &outbox_relay::pg::TableName::parse(&f.table).unwrap(),
         ))
         .await
         .unwrap();

@@ -1,181 +1,23 @@
-//! Everything the relay asks Postgres over plain SQL: connection targets,
-//! server settings, the outbox table's shape, the publication and the slot.
+//! What the relay asks Postgres's catalog over plain SQL: server settings, the
+//! outbox table's shape, the publication and the slot; and the DDL of the
+//! tables the relay creates (`sql/`).
 
+use super::names::{quote_ident, TableName};
+use super::{get, query_err};
+use crate::config::ColumnMapping;
 use crate::error::Error;
-use crate::event::ColumnMapping;
 use pgwire_replication::Lsn;
-use std::fmt;
-use tokio_postgres::config::Host;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 /// DDL of the Event-Forge outbox table, shared by `init`, the README and the tests.
-pub const OUTBOX_DDL: &str = include_str!("../sql/outbox_messages.sql");
-
-/// Where and as whom to connect, parsed from `[postgres] url`.
-#[derive(Clone)]
-pub struct PgTarget {
-    pub host: String,
-    pub port: u16,
-    pub user: String,
-    password: String,
-    pub dbname: String,
-    url: String,
-}
-
-impl PgTarget {
-    /// Parses a `postgresql://` URL or a `key=value` connection string.
-    pub fn parse(url: &str) -> Result<Self, String> {
-        let cfg: tokio_postgres::Config = url.parse().map_err(|e| {
-            format!("cannot be parsed ({e}); use postgresql://user:password@host:5432/dbname")
-        })?;
-        let host = match cfg.get_hosts().first() {
-            Some(Host::Tcp(h)) => h.clone(),
-            Some(Host::Unix(p)) => p.display().to_string(),
-            None => "localhost".to_string(),
-        };
-        let port = cfg.get_ports().first().copied().unwrap_or(5432);
-        let user = cfg
-            .get_user()
-            .ok_or("names no user; use postgresql://user@host:5432/dbname")?
-            .to_string();
-        let password = cfg
-            .get_password()
-            .map(|p| String::from_utf8_lossy(p).into_owned())
-            .unwrap_or_default();
-        let dbname = cfg.get_dbname().unwrap_or(&user).to_string();
-        if matches!(cfg.get_ssl_mode(), tokio_postgres::config::SslMode::Require) {
-            return Err("sslmode=require is not supported yet: connect over a trusted network or a local socket".into());
-        }
-        Ok(Self {
-            host,
-            port,
-            user,
-            password,
-            dbname,
-            url: url.to_string(),
-        })
-    }
-
-    /// The connection string with its password removed, for logs and errors.
-    pub fn redacted(&self) -> String {
-        format!(
-            "postgresql://{}@{}:{}/{}",
-            self.user, self.host, self.port, self.dbname
-        )
-    }
-
-    pub(crate) fn password(&self) -> &str {
-        &self.password
-    }
-
-    /// The full connection string, password included: only for connecting.
-    pub(crate) fn url(&self) -> &str {
-        &self.url
-    }
-
-    /// Opens an SQL session; its connection runs on a task of its own.
-    pub async fn connect(&self) -> Result<Client, Error> {
-        self.connect_as("outbox-relay").await
-    }
-
-    /// Like `connect`, with this `application_name` (shown in pg_stat_activity).
-    pub async fn connect_as(&self, application_name: &str) -> Result<Client, Error> {
-        let mut config: tokio_postgres::Config =
-            self.url.parse().map_err(|source| Error::PostgresConnect {
-                url: self.redacted(),
-                source,
-            })?;
-        config.application_name(application_name);
-        let (client, connection) =
-            config
-                .connect(NoTls)
-                .await
-                .map_err(|source| Error::PostgresConnect {
-                    url: self.redacted(),
-                    source,
-                })?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "postgres sql connection ended");
-            }
-        });
-        Ok(client)
-    }
-}
-
-impl fmt::Debug for PgTarget {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.redacted())
-    }
-}
-
-/// A URL or connection string for logs: the password is never shown.
-pub fn redact_pg_url(url: &str) -> String {
-    match PgTarget::parse(url) {
-        Ok(t) => t.redacted(),
-        Err(_) => "<unparsable postgres url>".to_string(),
-    }
-}
-
-/// `schema.table`, each part as Postgres stores it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TableName {
-    pub schema: String,
-    pub name: String,
-}
-
-impl TableName {
-    pub fn parse(s: &str) -> Result<Self, String> {
-        let (schema, name) = match s.split_once('.') {
-            Some((a, b)) => (a, b),
-            None => ("public", s),
-        };
-        let ok = |p: &str| {
-            !p.is_empty()
-                && p.len() <= 63
-                && p.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '$')
-        };
-        if !ok(schema) || !ok(name) {
-            return Err(format!(
-                "{s:?} is not a table name; use schema.table with letters, digits and underscores"
-            ));
-        }
-        Ok(Self {
-            schema: schema.to_string(),
-            name: name.to_string(),
-        })
-    }
-
-    /// Quoted for SQL text.
-    pub fn quoted(&self) -> String {
-        format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.name))
-    }
-}
-
-impl fmt::Display for TableName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{}", self.schema, self.name)
-    }
-}
-
-pub fn quote_ident(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
-}
-
-fn query_err(context: &str) -> impl FnOnce(tokio_postgres::Error) -> Error + '_ {
-    move |source| Error::Postgres {
-        context: context.to_string(),
-        source,
-    }
-}
+pub const OUTBOX_DDL: &str = include_str!("../../sql/outbox_messages.sql");
 
 pub async fn wal_level(client: &Client) -> Result<String, Error> {
     let row = client
         .query_one("show wal_level", &[])
         .await
         .map_err(query_err("reading wal_level"))?;
-    Ok(row.get(0))
+    get(&row, 0, "reading wal_level")
 }
 
 pub async fn require_logical(client: &Client) -> Result<(), Error> {
@@ -235,7 +77,7 @@ pub async fn can_replicate(client: &Client) -> Result<bool, Error> {
         )
         .await
         .map_err(query_err("reading the role's attributes"))?;
-    Ok(row.get(0))
+    get(&row, 0, "reading the role's attributes")
 }
 
 /// What Postgres says about the publication.
@@ -264,7 +106,7 @@ pub async fn publication_state(
     let Some(row) = row else {
         return Ok(PublicationState::Missing);
     };
-    let publishes_insert: bool = row.get(0);
+    let publishes_insert: bool = get(&row, 0, "looking up the publication")?;
     let covers = client
         .query_opt(
             "select 1 from pg_publication_tables where pubname = $1 and schemaname = $2 and tablename = $3",
@@ -348,14 +190,14 @@ pub async fn slot_state(client: &Client, slot: &str) -> Result<Option<SlotState>
         )
         .await
         .map_err(query_err("looking up the replication slot"))?;
-    Ok(row.map(|r| SlotState {
-        plugin: r.get(0),
-        database: r.get(1),
-        active_pid: r.get(2),
-        confirmed_flush: r
-            .get::<_, Option<String>>(3)
-            .and_then(|s| Lsn::parse(&s).ok()),
-        lag_bytes: r.get(4),
+    let Some(r) = row else { return Ok(None) };
+    const CONTEXT: &str = "looking up the replication slot";
+    Ok(Some(SlotState {
+        plugin: get(&r, 0, CONTEXT)?,
+        database: get(&r, 1, CONTEXT)?,
+        active_pid: get(&r, 2, CONTEXT)?,
+        confirmed_flush: get::<Option<String>>(&r, 3, CONTEXT)?.and_then(|s| Lsn::parse(&s).ok()),
+        lag_bytes: get(&r, 4, CONTEXT)?,
     }))
 }
 
@@ -415,33 +257,6 @@ pub fn outbox_ddl(table: &TableName) -> String {
         .replace("idx_outbox_messages_", &format!("idx_{}_", table.name))
 }
 
-/// DDL of the relay-owned retry table.
-pub const PARKED_DDL: &str = include_str!("../sql/outbox_relay_parked.sql");
-
-/// The DDL of `sql/outbox_relay_parked.sql` for another table name.
-pub fn parked_ddl(table: &TableName) -> String {
-    PARKED_DDL
-        .replace("public.outbox_relay_parked", &table.quoted())
-        .replace(
-            "outbox_relay_parked_aggregate",
-            &format!("{}_aggregate", table.name),
-        )
-}
-
-/// Creates the relay-owned retry table when missing (a role without CREATE on the
-/// schema can use one an owner created: nothing is created when it exists).
-pub async fn create_parked_table(client: &Client, table: &TableName) -> Result<(), Error> {
-    if table_columns(client, table).await?.is_some() {
-        return Ok(());
-    }
-    client
-        .batch_execute(&parked_ddl(table))
-        .await
-        .map_err(query_err(
-            "creating the retry table (needs CREATE on its schema)",
-        ))
-}
-
 /// Columns of the table with their type oids and SQL type names, in attnum order.
 pub async fn table_column_types<C: tokio_postgres::GenericClient>(
     client: &C,
@@ -457,21 +272,17 @@ pub async fn table_column_types<C: tokio_postgres::GenericClient>(
         )
         .await
         .map_err(query_err("reading the outbox table's column types"))?;
-    Ok(rows
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
-        .collect())
+    const CONTEXT: &str = "reading the outbox table's column types";
+    rows.iter()
+        .map(|r| {
+            Ok((
+                get(r, 0, CONTEXT)?,
+                get(r, 1, CONTEXT)?,
+                get(r, 2, CONTEXT)?,
+            ))
+        })
+        .collect()
 }
-
-/// Event-Forge retry columns: when the table has them all, the relay shows retry
-/// state in the row's own columns too.
-pub const RETRY_COLUMNS: [&str; 5] = [
-    "status",
-    "retry_count",
-    "error_message",
-    "scheduled_at",
-    "updated_at",
-];
 
 /// Parses Postgres's "replication slot \"x\" is active for PID 123".
 pub fn pid_from_slot_error(message: &str) -> Option<i32> {
@@ -487,28 +298,6 @@ pub fn pid_from_slot_error(message: &str) -> Option<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn target_redacts_password() {
-        let t = PgTarget::parse("postgresql://relay:s3cret@db.example:6543/app").unwrap();
-        assert_eq!(t.redacted(), "postgresql://relay@db.example:6543/app");
-        assert_eq!(t.password(), "s3cret");
-        assert!(!format!("{t:?}").contains("s3cret"));
-        let t = PgTarget::parse("host=h user=u password=p dbname=d").unwrap();
-        assert_eq!(t.redacted(), "postgresql://u@h:5432/d");
-    }
-
-    #[test]
-    fn table_names() {
-        let t = TableName::parse("outbox").unwrap();
-        assert_eq!(t.to_string(), "public.outbox");
-        assert_eq!(
-            TableName::parse("app.outbox").unwrap().quoted(),
-            "\"app\".\"outbox\""
-        );
-        assert!(TableName::parse("a;drop").is_err());
-        assert!(TableName::parse("").is_err());
-    }
 
     #[test]
     fn ddl_is_renamed() {

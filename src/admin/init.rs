@@ -1,0 +1,61 @@
+//! `outbox-relay init`: creates what is missing — the outbox table (Event-Forge
+//! layout only), the retry table, the publication and the slot.
+
+use super::retry_table;
+use crate::config::{Config, Mapping};
+use crate::error::Error;
+use crate::pg::catalog;
+
+/// Creates what is missing; returns one line per object saying what was done.
+pub async fn init(config: &Config) -> Result<Vec<String>, Error> {
+    let pg = &config.postgres;
+    let table = &pg.table;
+    let sql = pg.target.connect().await?;
+    let mut lines = Vec::new();
+    let existed = catalog::table_columns(&sql, table).await?.is_some();
+    if !existed {
+        match pg.mapping {
+            Mapping::EventForge => catalog::create_outbox_table(&sql, table).await?,
+            // The relay has no DDL of its own for other layouts: the owner creates them.
+            Mapping::Debezium => {
+                return Err(Error::TableMissing {
+                    table: table.to_string(),
+                })
+            }
+        }
+    }
+    catalog::require_table(&sql, table, &pg.columns).await?;
+    lines.push(format!(
+        "table {table}: {}",
+        if existed { "exists" } else { "created" }
+    ));
+    let created = catalog::ensure_publication(&sql, &pg.publication, table, true).await?;
+    lines.push(format!(
+        "publication {}: {}",
+        pg.publication,
+        if created {
+            "created (inserts only)"
+        } else {
+            "exists"
+        }
+    ));
+    let retry = retry_table(config);
+    let created = retry.create_if_missing(&sql).await?;
+    lines.push(format!(
+        "retry table {}: {}",
+        retry.name(),
+        if created { "created" } else { "exists" }
+    ));
+    catalog::require_logical(&sql).await?;
+    let existed = catalog::slot_state(&sql, &pg.slot).await?.is_some();
+    let slot = catalog::ensure_slot(&sql, &pg.slot, &pg.target.dbname, true).await?;
+    lines.push(format!(
+        "slot {}: {} at {}",
+        pg.slot,
+        if existed { "exists" } else { "created" },
+        slot.confirmed_flush
+            .map(|l| l.to_string())
+            .unwrap_or_else(|| "?".into())
+    ));
+    Ok(lines)
+}

@@ -1,0 +1,94 @@
+//! `outbox-relay status`: the slot and the retry state, as text or JSON.
+
+use super::retry_table;
+use crate::config::Config;
+use crate::error::Error;
+use crate::pg::catalog;
+
+/// The replication slot as `status` shows it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct SlotStatus {
+    pub name: String,
+    pub exists: bool,
+    pub active: bool,
+    pub holder_pid: Option<i32>,
+    pub confirmed_lsn: Option<String>,
+    pub lag_bytes: Option<i64>,
+}
+
+/// What `outbox-relay status` reports.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Status {
+    pub slot: SlotStatus,
+    /// Messages in retry state (failed, delayed or parked behind another).
+    pub retries_pending: i64,
+    pub dead_letters: i64,
+    /// Age of the oldest message in retry state, in seconds.
+    pub oldest_pending_age_seconds: Option<f64>,
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = &self.slot;
+        if !s.exists {
+            writeln!(
+                f,
+                "slot            {}: missing (`outbox-relay init` creates it)",
+                s.name
+            )?;
+        } else {
+            let holder = match (s.active, s.holder_pid) {
+                (true, Some(pid)) => format!("active, held by pid {pid}"),
+                _ => "inactive".to_string(),
+            };
+            writeln!(f, "slot            {}: {holder}", s.name)?;
+            writeln!(
+                f,
+                "confirmed LSN   {}",
+                s.confirmed_lsn.as_deref().unwrap_or("-")
+            )?;
+            writeln!(
+                f,
+                "lag             {} bytes",
+                s.lag_bytes
+                    .map(|b| b.to_string())
+                    .unwrap_or_else(|| "-".into())
+            )?;
+        }
+        writeln!(f, "retries pending {}", self.retries_pending)?;
+        writeln!(f, "dead letters    {}", self.dead_letters)?;
+        match self.oldest_pending_age_seconds {
+            Some(age) => writeln!(f, "oldest pending  {age:.1} s"),
+            None => writeln!(f, "oldest pending  -"),
+        }
+    }
+}
+
+/// Reads the slot and the retry table.
+pub async fn status(config: &Config) -> Result<Status, Error> {
+    let retry = retry_table(config);
+    let sql = config.postgres.target.connect().await?;
+    let slot = catalog::slot_state(&sql, &config.postgres.slot).await?;
+    let slot = SlotStatus {
+        name: config.postgres.slot.clone(),
+        exists: slot.is_some(),
+        active: slot.as_ref().is_some_and(|s| s.active_pid.is_some()),
+        holder_pid: slot.as_ref().and_then(|s| s.active_pid),
+        confirmed_lsn: slot
+            .as_ref()
+            .and_then(|s| s.confirmed_flush)
+            .map(|l| l.to_string()),
+        lag_bytes: slot.as_ref().and_then(|s| s.lag_bytes),
+    };
+    let summary = if retry.exists(&sql).await? {
+        Some(retry.summary(&sql).await?)
+    } else {
+        None
+    };
+    Ok(Status {
+        slot,
+        retries_pending: summary.map_or(0, |s| s.parked),
+        dead_letters: summary.map_or(0, |s| s.dead),
+        oldest_pending_age_seconds: summary.and_then(|s| s.oldest_parked_seconds),
+    })
+}

@@ -1,0 +1,59 @@
+//! SQL sessions to the configured Postgres; each connection runs on a task of its own.
+
+use super::target::PgTarget;
+use crate::error::Error;
+use tokio_postgres::{Client, NoTls};
+
+impl PgTarget {
+    /// Opens an SQL session named `outbox-relay` in pg_stat_activity.
+    pub async fn connect(&self) -> Result<Client, Error> {
+        self.connect_as("outbox-relay").await
+    }
+
+    /// Like `connect`, with this `application_name` (shown in pg_stat_activity).
+    pub async fn connect_as(&self, application_name: &str) -> Result<Client, Error> {
+        let (client, connection) = self.connect_raw(application_name).await?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "postgres sql connection ended");
+            }
+        });
+        Ok(client)
+    }
+
+    /// Connects and hands back the connection future too, for a caller that
+    /// polls it itself (to receive notifications).
+    pub async fn connect_raw(
+        &self,
+        application_name: &str,
+    ) -> Result<
+        (
+            Client,
+            tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>,
+        ),
+        Error,
+    > {
+        let mut config: tokio_postgres::Config =
+            self.url()
+                .parse()
+                .map_err(|source| Error::PostgresConnect {
+                    url: self.redacted(),
+                    source,
+                })?;
+        config.application_name(application_name);
+        config
+            .connect(NoTls)
+            .await
+            .map_err(|source| Error::PostgresConnect {
+                url: self.redacted(),
+                source,
+            })
+    }
+}
+
+/// `application_name` for a relay session of `role` on `slot` (at most 63 bytes).
+pub fn application_name(role: &str, slot: &str) -> String {
+    let mut name = format!("outbox-relay {role} {slot}");
+    name.truncate(63);
+    name
+}

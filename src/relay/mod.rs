@@ -1,0 +1,677 @@
+//! The relay loop: WAL in, AMQP out, LSN forward only behind broker acks or
+//! durable retry state. This file is the loop and its dispatch; the state it
+//! drives lives in its own rooms:
+//!
+//! - [`window`]: the in-flight window, per-aggregate turns, byte and message
+//!   accounting, publish deadlines;
+//! - [`parked`]: which aggregates have retry state and which heads are due;
+//! - [`retries`]: parking messages and re-publishing retried heads;
+//! - [`startup`]: preflight, slot take-over and standby wait, heartbeat;
+//! - [`failure`]: why a message failed, with its metric label.
+//!
+//! One row's path: `source` hands an XLogData payload to the decoder, which
+//! makes an `OutboxEvent`; `sink::format` turns it into an AMQP message; the
+//! window admits it and, when its aggregate is free, publishes it through the
+//! sink task; the sink's confirm comes back here and resolves the message in the
+//! `progress::Tracker`; once its transaction and all earlier ones are resolved
+//! and committed, the commit's end LSN is set as applied on the replication
+//! client, whose worker reports it to the server.
+
+mod failure;
+mod fastmap;
+mod parked;
+mod retries;
+mod startup;
+mod window;
+
+pub use startup::heartbeat_application_name;
+
+use crate::config::{Config, OnSuccess};
+use crate::error::Error;
+use crate::event::{OutboxEvent, Row};
+use crate::metrics::{self, Health};
+use crate::progress::{Tracker, TxnId};
+use crate::retry::{Load, Park, Store, StoreCommand, StoreEvent, StoreSettings};
+use crate::sink::{self, SinkCommand, SinkEvent, SinkSettings};
+use crate::source::{decode::DecodeError, Decoded, Decoder, SourceSettings};
+use crate::time::{now_micros, sleep_until_opt, PG_EPOCH_OFFSET_MICROS};
+use failure::Failure;
+use futures_util::FutureExt;
+use lapin::types::ShortString;
+use parked::{Parked, MAX_LOADING};
+use pgwire_replication::{Lsn, ReplicationClient, ReplicationEvent};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use window::{Admitted, Origin, ParkCause, Resolved, Window};
+
+/// Most WAL events handled in one turn of the main loop.
+const WAL_BATCH: usize = 256;
+
+/// Acked ids wait at most this long before they go to the store's on_success batch.
+const HAND_OVER_AFTER: Duration = Duration::from_millis(50);
+
+/// Runs the relay until `shutdown` resolves (then drains and exits cleanly) or
+/// an error that the relay cannot recover from.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+    tokio::pin!(shutdown);
+    // /healthz answers from the start; /readyz says why it is not ready yet.
+    let health = Arc::new(Health::default());
+    let _metrics_server = startup::spawn_metrics(&config, &health).await?;
+    startup::preflight(&config).await?;
+    let pg = &config.postgres;
+    let (store, heads) = Store::open(StoreSettings {
+        target: pg.target.clone(),
+        slot: pg.slot.clone(),
+        table: pg.table.clone(),
+        retry_table: pg.retry_table.clone(),
+        mapping: pg.columns.clone(),
+        on_success: pg.on_success,
+        on_dead: config.retry.on_dead,
+        retention: pg.retention,
+        reconnect_backoff_max: pg.reconnect_backoff_max,
+    })
+    .await?;
+    let sink_settings = SinkSettings::from_config(&config.amqp);
+    let broker = sink::connect(&sink_settings).await?;
+    let source_settings = SourceSettings {
+        target: pg.target.clone(),
+        slot: pg.slot.clone(),
+        publication: pg.publication.clone(),
+        status_interval: pg.status_interval,
+        buffer_events: 4096,
+    };
+    let Some((client, start_lsn)) =
+        startup::take_slot(&source_settings, &config, &health, &mut shutdown).await?
+    else {
+        tracing::info!("stopped while waiting for the slot");
+        return Ok(());
+    };
+    health.set_streaming(true);
+    tracing::info!(
+        postgres = %pg.target.redacted(),
+        table = %pg.table,
+        slot = %pg.slot,
+        publication = %pg.publication,
+        amqp = %config.amqp.url.redacted(),
+        exchange = %config.amqp.exchange,
+        start_lsn = %start_lsn,
+        ordering = ?config.relay.ordering,
+        parked_aggregates = heads.len(),
+        "outbox-relay {} streaming",
+        env!("CARGO_PKG_VERSION")
+    );
+    metrics::metrics()
+        .confirmed_lsn
+        .set(start_lsn.as_u64() as f64);
+    let _heartbeat = (!pg.heartbeat_interval.is_zero())
+        .then(|| startup::spawn_heartbeat(pg.target.clone(), &pg.slot, pg.heartbeat_interval));
+
+    let window = config.amqp.max_in_flight;
+    let (cmd_tx, cmd_rx) = mpsc::channel(window * 2 + 16);
+    let (ev_tx, ev_rx) = mpsc::channel(window * 4 + 64);
+    let sink_task = tokio::spawn(sink::run(sink_settings, broker, cmd_rx, ev_tx));
+    // Answers outstanding at once: parks (each holds window space), one command per
+    // retried head in flight (window) and loads (capped): the event channel always
+    // has room, so the store never blocks and the main loop never waits on it for long.
+    let (store_tx, store_rx) = mpsc::channel(window * 2 + MAX_LOADING + 16);
+    let (loads_tx, loads_rx) = mpsc::channel(MAX_LOADING + 16);
+    let (parks_tx, parks_rx) = mpsc::channel(window + 16);
+    let (store_ev_tx, store_ev_rx) = mpsc::channel(window * 2 + MAX_LOADING * 2 + 64);
+    let store_task = tokio::spawn(store.run(parks_rx, store_rx, loads_rx, store_ev_tx));
+
+    let mut relay = Relay {
+        window: Window::new(
+            config.relay.ordering,
+            config.amqp.max_in_flight,
+            config.amqp.max_in_flight_bytes,
+            config.retry.publish_timeout,
+        ),
+        tracker: Tracker::new(),
+        decoder: Decoder::new(pg.table.clone(), pg.columns.clone()),
+        source_settings,
+        client,
+        applied: start_lsn,
+        commit_time: 0,
+        sink: cmd_tx,
+        store: store_tx,
+        loads: loads_tx,
+        parks: parks_tx,
+        parked: Parked::default(),
+        dead_letter_exchange: config
+            .amqp
+            .dead_letter_exchange
+            .as_deref()
+            .map(ShortString::from),
+        succeeded: Vec::new(),
+        succeeded_since: None,
+        collect_succeeded: pg.on_success != OnSuccess::Keep,
+        health: health.clone(),
+        config,
+    };
+    for head in heads {
+        relay.parked.adopt(head);
+    }
+    let result = relay.main_loop(ev_rx, store_ev_rx, shutdown).await;
+    // Closing the command channels ends the sink task (which closes the broker
+    // connection) and the store task (after it flushes pending on_success updates).
+    drop(relay);
+    let _ = tokio::time::timeout(Duration::from_secs(5), sink_task).await;
+    let _ = tokio::time::timeout(Duration::from_secs(10), store_task).await;
+    result
+}
+
+/// The loop's state: the window and the parked set it drives, the transactions
+/// it tracks, and the channels to the tasks that own the connections.
+struct Relay {
+    config: Config,
+    window: Window,
+    tracker: Tracker,
+    decoder: Decoder,
+    source_settings: SourceSettings,
+    client: ReplicationClient,
+    /// The newest LSN set as applied on the client.
+    applied: Lsn,
+    /// Commit time (Postgres epoch, µs) of the open transaction.
+    commit_time: i64,
+    sink: mpsc::Sender<SinkCommand>,
+    /// Retry outcomes and on_success batches for the store.
+    store: mpsc::Sender<StoreCommand>,
+    /// Retry loads, served by the store after everything else.
+    loads: mpsc::Sender<Load>,
+    /// Parks, served by the store before anything else (they hold window and LSN).
+    parks: mpsc::Sender<Park>,
+    parked: Parked,
+    dead_letter_exchange: Option<ShortString>,
+    /// Ids acked since the last hand-over to the store's batched on_success update.
+    succeeded: Vec<String>,
+    /// When the oldest of them was acked: handed over `HAND_OVER_AFTER` later at the latest.
+    succeeded_since: Option<Instant>,
+    /// `on_success` does something with acked rows (not `keep`).
+    collect_succeeded: bool,
+    health: Arc<Health>,
+}
+
+/// What handling one replication event asks of the loop.
+enum WalStep {
+    Continue,
+    /// The stream must be reconnected (the server replays what was not applied).
+    StreamLost(String),
+    /// The relay cannot go on.
+    Fatal(Error),
+}
+
+impl Relay {
+    async fn main_loop(
+        &mut self,
+        mut sink_events: mpsc::Receiver<SinkEvent>,
+        mut store_events: mpsc::Receiver<StoreEvent>,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), Error> {
+        tokio::pin!(shutdown);
+        let mut draining_until: Option<Instant> = None;
+        loop {
+            if draining_until.is_some() && self.window.is_empty() && self.parked.outstanding() == 0
+            {
+                break;
+            }
+            let read_wal = draining_until.is_none() && self.window.has_room();
+            // Due heads only count as a timer while a load can start: a past due time
+            // that cannot be served would wake the loop for nothing, ahead of the WAL.
+            let loads =
+                draining_until.is_none() && self.window.has_room() && self.parked.can_load();
+            let next_timer = [
+                self.window.next_timer(),
+                self.parked.next_due().filter(|_| loads),
+                self.succeeded_since.map(|t| t + HAND_OVER_AFTER),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
+            // Priority, highest first: shutdown, confirms (they free the window and
+            // move the LSN), retry-state answers, retries and timeouts due, WAL
+            // (only with room in the window and the broker up), keepalives (they
+            // arrive as WAL events).
+            tokio::select! {
+                biased;
+                _ = &mut shutdown, if draining_until.is_none() => {
+                    let timeout = self.config.relay.shutdown_timeout;
+                    tracing::info!(in_flight = self.window.len(), ?timeout, "shutting down: stopped reading WAL, waiting for outstanding confirms");
+                    draining_until = Some(Instant::now() + timeout);
+                }
+                _ = sleep_until_opt(draining_until) => {
+                    tracing::warn!(unconfirmed = self.window.len(), "shutdown timeout reached; unconfirmed messages are re-published on the next start");
+                    break;
+                }
+                ev = sink_events.recv() => {
+                    let Some(ev) = ev else {
+                        return Err(Error::Shutdown("the broker task ended unexpectedly".into()));
+                    };
+                    self.on_sink_event(ev).await;
+                }
+                ev = store_events.recv() => {
+                    let Some(ev) = ev else {
+                        return Err(Error::Shutdown("the retry-state task ended unexpectedly".into()));
+                    };
+                    self.on_store_event(ev).await;
+                }
+                _ = sleep_until_opt(next_timer) => {
+                    self.on_timers(loads).await;
+                }
+                ev = self.client.recv(), if read_wal => {
+                    // Whatever else is already buffered is handled in the same turn (up
+                    // to WAL_BATCH, while the window has room): fewer wake-ups, and the
+                    // sink gets its publishes in bursts.
+                    let mut next = Some(ev);
+                    let mut handled = 0;
+                    while let Some(ev) = next.take() {
+                        let step = match ev {
+                            Ok(Some(ev)) => self.on_wal_event(ev).await,
+                            Ok(None) => WalStep::StreamLost("the server ended the replication stream".into()),
+                            Err(e) => WalStep::StreamLost(e.to_string()),
+                        };
+                        match step {
+                            WalStep::Continue => {}
+                            WalStep::Fatal(e) => return Err(e),
+                            WalStep::StreamLost(reason) => {
+                                if !self.reconnect_source(reason, &mut shutdown).await? {
+                                    draining_until = Some(Instant::now());
+                                }
+                                break;
+                            }
+                        }
+                        handled += 1;
+                        if handled < WAL_BATCH && self.window.has_room() {
+                            next = self.client.recv().now_or_never();
+                        }
+                    }
+                }
+            }
+            self.flush_publishes();
+            self.advance();
+            self.hand_over_succeeded(256);
+            let m = metrics::metrics();
+            m.inflight.set(self.window.len() as i64);
+            m.inflight_bytes.set(self.window.bytes() as i64);
+        }
+        self.hand_over_succeeded(1);
+        self.finish().await;
+        Ok(())
+    }
+
+    /// Hands what the window decided to publish to the sink task.
+    fn flush_publishes(&mut self) {
+        for p in self.window.take_publishes() {
+            let cmd = SinkCommand::Publish {
+                seq: p.seq,
+                generation: p.generation,
+                message: p.message,
+            };
+            // The command channel holds twice the window: this never waits in practice,
+            // and the sink always drains it. A closed channel means the sink ended, which
+            // the main loop learns from the event channel.
+            if let Err(mpsc::error::TrySendError::Full(cmd)) = self.sink.try_send(cmd) {
+                let sink = self.sink.clone();
+                tokio::spawn(async move {
+                    let _ = sink.send(cmd).await;
+                });
+            }
+        }
+    }
+
+    /// Handles one replication event.
+    async fn on_wal_event(&mut self, ev: ReplicationEvent) -> WalStep {
+        match ev {
+            ReplicationEvent::Begin {
+                commit_time_micros, ..
+            } => {
+                if self.tracker.current().is_some() {
+                    return WalStep::StreamLost("Begin inside an open transaction".into());
+                }
+                self.tracker.begin();
+                self.commit_time = commit_time_micros;
+            }
+            ReplicationEvent::XLogData { data, .. } => {
+                let decoded = match self.decoder.decode(data) {
+                    Ok(d) => d,
+                    Err(DecodeError::ColumnsMissing { table, missing }) => {
+                        return WalStep::Fatal(Error::ColumnsMissing { table, missing })
+                    }
+                    Err(other) => return WalStep::Fatal(Error::Decode(other.to_string())),
+                };
+                let Some(txn) = self.tracker.current() else {
+                    return match decoded {
+                        Decoded::Ignored => WalStep::Continue,
+                        _ => WalStep::Fatal(Error::Decode(
+                            "an insert arrived outside a transaction".into(),
+                        )),
+                    };
+                };
+                match decoded {
+                    Decoded::Ignored => {}
+                    Decoded::Event(event) => self.admit_stream_event(Arc::new(event), txn).await,
+                    Decoded::Malformed(row) => {
+                        tracing::warn!(id = %row.id, reason = %row.reason, "malformed outbox row: parked in retry state");
+                        let cause = ParkCause {
+                            failure: Some(Failure::Malformed(row.reason.clone())),
+                            not_before: None,
+                        };
+                        self.admit_stream(Row::Malformed(row), None, txn, Some(cause))
+                            .await;
+                    }
+                }
+            }
+            ReplicationEvent::Commit { end_lsn, .. } => self.tracker.commit(end_lsn),
+            ReplicationEvent::KeepAlive { wal_end, .. } => self.confirm_when_idle(wal_end),
+            ReplicationEvent::Message {
+                transactional: false,
+                lsn,
+                ..
+            } => self.confirm_when_idle(lsn),
+            ReplicationEvent::Message { .. } => {}
+            ReplicationEvent::StoppedAt { reached } => {
+                return WalStep::StreamLost(format!("stream stopped at {reached}"));
+            }
+        }
+        WalStep::Continue
+    }
+
+    async fn admit_stream_event(&mut self, event: Arc<OutboxEvent>, txn: TxnId) {
+        let delayed = event
+            .scheduled_at
+            .as_deref()
+            .and_then(crate::time::pg_timestamp_to_unix_micros)
+            .filter(|d| *d > now_micros());
+        let cause = |failure| {
+            Some(ParkCause {
+                failure,
+                not_before: delayed,
+            })
+        };
+        match sink::format::encode(&event, self.commit_time) {
+            Err(e) => {
+                let cause = cause(Some(Failure::Unsendable(e.0)));
+                self.admit_stream(Row::Event(event), None, txn, cause).await;
+            }
+            Ok(message) => {
+                let limit = self.config.amqp.max_message_bytes;
+                let cause = if message.body.len() > limit {
+                    cause(Some(Failure::TooLarge {
+                        bytes: message.body.len(),
+                        limit,
+                    }))
+                } else if delayed.is_some() {
+                    cause(None)
+                } else {
+                    None
+                };
+                self.admit_stream(Row::Event(event), Some(Arc::new(message)), txn, cause)
+                    .await;
+            }
+        }
+    }
+
+    /// Admits a stream message: parked behind its aggregate when that one has retry
+    /// state, parked now when it has a cause of its own, else published.
+    async fn admit_stream(
+        &mut self,
+        row: Row,
+        message: Option<Arc<sink::OutboundMessage>>,
+        txn: TxnId,
+        cause: Option<ParkCause>,
+    ) {
+        self.tracker.add_message(txn);
+        let origin = Origin::Stream {
+            txn,
+            commit_time: self.commit_time,
+        };
+        if self.parked.is_parked(row.key()) {
+            let seq = self.window.admit_parking(row, message, origin, cause);
+            self.park(vec![seq]).await;
+            return;
+        }
+        match self.window.admit(row, message, origin, cause) {
+            Admitted::Sent | Admitted::Queued => {}
+            Admitted::Park(seqs) => self.park(seqs).await,
+        }
+    }
+
+    /// With nothing in flight, everything the server has sent is handled:
+    /// confirm its position so unrelated WAL is not retained for this slot.
+    fn confirm_when_idle(&mut self, lsn: Lsn) {
+        if self.tracker.is_idle() && lsn > self.applied {
+            self.set_applied(lsn);
+        }
+    }
+
+    fn set_applied(&mut self, lsn: Lsn) {
+        self.applied = lsn;
+        self.client.update_applied_lsn(lsn);
+        metrics::metrics().confirmed_lsn.set(lsn.as_u64() as f64);
+    }
+
+    async fn on_sink_event(&mut self, ev: SinkEvent) {
+        match ev {
+            SinkEvent::Confirmed {
+                generation,
+                outcomes,
+            } => {
+                for (seq, outcome) in outcomes {
+                    if !self.window.is_published(seq, generation) {
+                        continue; // a stale confirm: the message was re-sent or already handled
+                    }
+                    match Failure::from_outcome(outcome) {
+                        None => self.on_acked(seq).await,
+                        Some(failure) => self.on_failed(seq, failure).await,
+                    }
+                }
+            }
+            SinkEvent::Down { generation, reason } => {
+                tracing::warn!(generation, %reason, in_flight = self.window.len(), "broker down: stopped reading WAL until it is back");
+                self.health.set_broker(false);
+                self.window.on_down(generation);
+            }
+            SinkEvent::Up { generation } => {
+                self.health.set_broker(true);
+                if generation > 1 {
+                    metrics::metrics().reconnect("amqp");
+                }
+                let count = self.window.on_up(generation);
+                if count > 0 {
+                    tracing::info!(
+                        generation,
+                        count,
+                        "broker back: re-publishing unconfirmed messages"
+                    );
+                }
+            }
+        }
+    }
+
+    async fn on_acked(&mut self, seq: u64) {
+        let Some(Resolved { entry, park }) = self.window.resolve(seq) else {
+            return;
+        };
+        self.park(park).await;
+        let (row, _, origin) = entry.into_parts();
+        let m = metrics::metrics();
+        match origin {
+            Origin::Stream { txn, commit_time } => {
+                m.published.inc();
+                let latency_micros = now_micros() - (commit_time + PG_EPOCH_OFFSET_MICROS);
+                m.delivery_latency
+                    .observe(latency_micros.max(0) as f64 / 1e6);
+                self.tracker.resolve(txn);
+                if let (Row::Event(e), true) = (&row, self.collect_succeeded) {
+                    if self.succeeded.is_empty() {
+                        self.succeeded_since = Some(Instant::now());
+                    }
+                    self.succeeded.push(e.id.clone());
+                }
+            }
+            Origin::Retry { parked_seq, .. } => {
+                m.published.inc();
+                self.retry_delivered(&row, parked_seq).await;
+            }
+            Origin::DeadLetter {
+                parked_seq,
+                attempts,
+                reason,
+            } => {
+                tracing::warn!(id = %row.id(), attempts, %reason, "dead-lettered");
+                self.retry_dead(&row, parked_seq, attempts, reason).await;
+            }
+        }
+    }
+
+    /// A publish failed (nack, return, timeout).
+    async fn on_failed(&mut self, seq: u64, failure: Failure) {
+        let Some(origin) = self.window.entry(seq).map(|e| e.origin().clone()) else {
+            return;
+        };
+        match origin {
+            Origin::Stream { .. } => {
+                if let Some(e) = self.window.entry(seq) {
+                    tracing::warn!(id = %e.row().id(), reason = %failure, "publish failed: parking in retry state");
+                }
+                let seqs = self.window.fail_stream(seq, failure);
+                self.park(seqs).await;
+            }
+            Origin::Retry {
+                parked_seq,
+                attempts,
+                max_retries,
+            } => {
+                let Some(Resolved { entry, park }) = self.window.resolve(seq) else {
+                    return;
+                };
+                self.park(park).await;
+                let (row, message, _) = entry.into_parts();
+                self.retry_failed(row, message, parked_seq, attempts + 1, max_retries, failure)
+                    .await;
+            }
+            Origin::DeadLetter { .. } => {
+                let delay = crate::time::backoff(
+                    self.config.retry.backoff_base,
+                    self.config.retry.backoff_max,
+                    1,
+                );
+                if let Some(e) = self.window.entry(seq) {
+                    tracing::warn!(id = %e.row().id(), reason = %failure, retry_in = ?delay, "dead-letter publish failed; retrying");
+                }
+                self.window.backoff(seq, delay);
+            }
+        }
+    }
+
+    async fn on_timers(&mut self, loads: bool) {
+        let now = Instant::now();
+        if self
+            .succeeded_since
+            .is_some_and(|t| t + HAND_OVER_AFTER <= now)
+        {
+            self.hand_over_succeeded(1);
+        }
+        let after = self.config.retry.publish_timeout;
+        for seq in self.window.expired(now) {
+            self.on_failed(seq, Failure::Timeout { after }).await;
+        }
+        self.window.fire_backoffs(now);
+        if loads {
+            self.load_due(now).await;
+        }
+    }
+
+    /// Passes acked ids to the store in batches, without ever waiting on it: when its
+    /// queue is full (say, Postgres is restarting) the ids wait here for the next try.
+    fn hand_over_succeeded(&mut self, at_least: usize) {
+        if self.succeeded.len() < at_least || self.succeeded.is_empty() {
+            return;
+        }
+        let ids = std::mem::take(&mut self.succeeded);
+        match self.store.try_send(StoreCommand::Succeeded(ids)) {
+            Err(mpsc::error::TrySendError::Full(StoreCommand::Succeeded(ids))) => {
+                // Try again in HAND_OVER_AFTER.
+                self.succeeded = ids;
+                self.succeeded_since = Some(Instant::now());
+            }
+            _ => self.succeeded_since = None,
+        }
+    }
+
+    fn advance(&mut self) {
+        if let Some(lsn) = self.tracker.advance() {
+            if lsn > self.applied {
+                self.set_applied(lsn);
+            }
+        }
+    }
+
+    /// Replaces a lost replication connection. Stream messages not yet applied are
+    /// dropped from memory: the server sends them again from the slot's position.
+    /// Returns false when shutdown was requested while reconnecting.
+    async fn reconnect_source(
+        &mut self,
+        reason: String,
+        shutdown: &mut Pin<&mut impl Future<Output = ()>>,
+    ) -> Result<bool, Error> {
+        tracing::warn!(%reason, dropped = self.window.len(), "replication stream lost; reconnecting, unapplied transactions will be replayed");
+        self.health.set_streaming(false);
+        self.client.abort();
+        self.window.drop_stream_messages();
+        self.tracker.reset();
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.as_mut() => return Ok(false),
+                res = startup::open_stream(&self.source_settings, self.applied) => match res {
+                    Ok((client, start)) => {
+                        tracing::info!(start_lsn = %start, "replication stream resumed");
+                        metrics::metrics().reconnect("postgres");
+                        self.health.set_streaming(true);
+                        self.client = client;
+                        self.decoder = Decoder::new(
+                            self.config.postgres.table.clone(),
+                            self.config.postgres.columns.clone(),
+                        );
+                        return Ok(true);
+                    }
+                    Err(e) if e.is_transient() => {
+                        tracing::warn!(error = %e, retry_in = ?backoff, "cannot resume replication yet");
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            tokio::select! {
+                biased;
+                _ = shutdown.as_mut() => return Ok(false),
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(self.config.postgres.reconnect_backoff_max);
+        }
+    }
+
+    /// Makes sure the server heard the final applied LSN, then ends the stream.
+    async fn finish(&mut self) {
+        self.client.update_applied_lsn(self.applied);
+        let metrics = self.client.metrics();
+        let deadline =
+            Instant::now() + self.config.postgres.status_interval + Duration::from_secs(2);
+        while metrics.last_applied_lsn() < self.applied
+            && Instant::now() < deadline
+            && self.client.is_running()
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let reported = metrics.last_applied_lsn();
+        if reported < self.applied {
+            tracing::warn!(applied = %self.applied, %reported, "final status update not confirmed; the next start replays from the slot");
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.client.shutdown()).await;
+        tracing::info!(applied = %self.applied, "stopped");
+    }
+}

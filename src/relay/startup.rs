@@ -1,0 +1,169 @@
+//! Start-up: preflight (everything that would make the relay unable to run fails
+//! here, once, clearly), opening the replication stream on the slot — waiting as
+//! a hot standby while another process holds it — and the heartbeat task.
+
+use crate::config::Config;
+use crate::error::Error;
+use crate::metrics::Health;
+use crate::pg::{catalog, connect::application_name, PgTarget};
+use crate::source::{self, SourceSettings};
+use pgwire_replication::{Lsn, ReplicationClient};
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// Aborts a background task when dropped.
+pub struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Checks Postgres once before anything starts: `wal_level`, the table and its
+/// columns, the replication privilege; creates a missing publication and slot
+/// when `create_missing` says so.
+pub async fn preflight(config: &Config) -> Result<(), Error> {
+    let pg = &config.postgres;
+    let sql = pg.target.connect().await?;
+    catalog::require_logical(&sql).await?;
+    catalog::require_table(&sql, &pg.table, &pg.columns).await?;
+    if !catalog::can_replicate(&sql).await? {
+        return Err(Error::NoReplicationPrivilege);
+    }
+    if catalog::ensure_publication(&sql, &pg.publication, &pg.table, pg.create_missing).await? {
+        tracing::info!(publication = %pg.publication, table = %pg.table, "created publication (inserts only)");
+    }
+    catalog::ensure_slot(&sql, &pg.slot, &pg.target.dbname, pg.create_missing).await?;
+    Ok(())
+}
+
+/// Opens the replication stream from the slot's confirmed position, or from
+/// `at_least` when that is newer (the relay's own applied LSN after a reconnect).
+pub async fn open_stream(
+    settings: &SourceSettings,
+    at_least: Lsn,
+) -> Result<(ReplicationClient, Lsn), Error> {
+    let sql = settings.target.connect().await?;
+    let state = catalog::slot_state(&sql, &settings.slot)
+        .await?
+        .ok_or_else(|| Error::SlotMissing {
+            slot: settings.slot.clone(),
+        })?;
+    drop(sql);
+    let start = state.confirmed_flush.unwrap_or(at_least).max(at_least);
+    let client = source::start(settings, start).await?;
+    Ok((client, start))
+}
+
+/// Starts replication on the slot. While another process holds it: as a standby,
+/// waits (with backoff) until it is released; otherwise gives up after
+/// `slot_wait` naming the holder. `None`: shutdown came first.
+pub async fn take_slot(
+    settings: &SourceSettings,
+    config: &Config,
+    health: &Health,
+    shutdown: &mut Pin<&mut impl Future<Output = ()>>,
+) -> Result<Option<(ReplicationClient, Lsn)>, Error> {
+    let standby = config.postgres.standby;
+    let deadline = Instant::now() + config.postgres.slot_wait;
+    let mut backoff = Duration::from_millis(250);
+    let mut logged_pid = None;
+    loop {
+        let result = tokio::select! {
+            biased;
+            _ = shutdown.as_mut() => return Ok(None),
+            r = open_stream(settings, Lsn::from_u64(0)) => r,
+        };
+        match result {
+            Ok(taken) => {
+                if logged_pid.is_some() {
+                    tracing::info!(slot = %settings.slot, "slot released by its holder: taking over");
+                }
+                health.set_standby(None);
+                return Ok(Some(taken));
+            }
+            Err(Error::SlotBusy { slot, pid }) if standby || Instant::now() < deadline => {
+                if standby {
+                    health.set_standby(Some(pid));
+                }
+                if logged_pid != Some(pid) {
+                    let role = if standby {
+                        "waiting as a hot standby"
+                    } else {
+                        "waiting for it to be released"
+                    };
+                    tracing::info!(%slot, pid, "slot is held by another process (pid {pid}): {role}");
+                    logged_pid = Some(pid);
+                }
+                tokio::select! {
+                    biased;
+                    _ = shutdown.as_mut() => return Ok(None),
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                if standby {
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// `application_name` of the heartbeat's session.
+pub fn heartbeat_application_name(slot: &str) -> String {
+    application_name("heartbeat", slot)
+}
+
+/// Emits a non-transactional logical message every `interval`, so an otherwise
+/// idle slot keeps moving (the relay confirms it when nothing is in flight).
+pub fn spawn_heartbeat(target: PgTarget, slot: &str, interval: Duration) -> AbortOnDrop {
+    let application_name = heartbeat_application_name(slot);
+    AbortOnDrop(tokio::spawn(async move {
+        let mut client = None;
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if client.is_none() {
+                client = target.connect_as(&application_name).await.ok();
+            }
+            if let Some(c) = &client {
+                if let Err(e) = c
+                    .batch_execute(
+                        "select pg_logical_emit_message(false, 'outbox-relay-heartbeat', '')",
+                    )
+                    .await
+                {
+                    tracing::warn!(error = %e, "heartbeat failed; reconnecting for the next one");
+                    client = None;
+                }
+            }
+        }
+    }))
+}
+
+/// Starts the `/metrics`, `/healthz`, `/readyz` endpoint when configured.
+pub async fn spawn_metrics(
+    config: &Config,
+    health: &std::sync::Arc<Health>,
+) -> Result<Option<AbortOnDrop>, Error> {
+    let Some(addr) = config.metrics.listen else {
+        return Ok(None);
+    };
+    let listener = crate::metrics::server::bind(addr).await?;
+    let local = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    tracing::info!(listen = %local, "metrics listening on {local}: /metrics /healthz /readyz");
+    let lag = crate::metrics::server::LagSource {
+        target: config.postgres.target.clone(),
+        slot: config.postgres.slot.clone(),
+    };
+    Ok(Some(AbortOnDrop(tokio::spawn(
+        crate::metrics::server::serve(listener, health.clone(), lag),
+    ))))
+}
