@@ -21,7 +21,7 @@
 //! (0 skips the large backlog), BENCH_LIVE_RATE=1000, BENCH_LIVE_SECS=10,
 //! BENCH_SHAPES=0,1 (only these drain rows), BENCH_PERF=FILE (perf profile of each
 //! relay run into FILE-<pid>), BENCH_CEILING_CHANNELS=N (only the ceiling, on 1..=N
-//! channels).
+//! channels), BENCH_RELAY=PATH (another relay binary, to compare two builds).
 //!
 //! Needs the local services prepared by scripts/setup-services.sh.
 
@@ -146,29 +146,65 @@ async fn queue_depth(ch: &lapin::Channel) -> u32 {
     .message_count()
 }
 
-/// CPU seconds (user + system) a process has used so far.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after_comm = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let fields: Vec<&str> = after_comm.split_whitespace().collect();
-    let ticks: f64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
-        + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-    ticks / 100.0
+/// Clock ticks per second of /proc's CPU times (`getconf CLK_TCK`; 100 on most systems).
+fn clock_ticks() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(100.0)
+    })
 }
 
-/// CPU seconds used so far by all running Postgres processes (walsender, backends,
-/// background writers).
+/// Fields of /proc/<pid>/stat after the command name (field 3 is index 0).
+fn stat_fields(pid: u32) -> Vec<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after_comm = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    after_comm.split_whitespace().map(str::to_string).collect()
+}
+
+fn ticks_at(fields: &[String], index: usize) -> f64 {
+    fields
+        .get(index)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// CPU seconds (user + system) a process has used so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let f = stat_fields(pid);
+    (ticks_at(&f, 11) + ticks_at(&f, 12)) / clock_ticks()
+}
+
+/// CPU seconds used so far by Postgres: every running Postgres process (walsender,
+/// backends, background writers), plus what its exited children used (the
+/// postmaster's cutime and cstime), so backends that ended between two samples count.
 fn postgres_cpu_seconds() -> f64 {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return 0.0;
     };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+    let pids: Vec<u32> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| {
             std::fs::read_to_string(format!("/proc/{pid}/comm"))
                 .is_ok_and(|c| c.trim() == "postgres")
         })
-        .map(cpu_seconds)
-        .sum()
+        .collect();
+    let mut total = 0.0;
+    for &pid in &pids {
+        let f = stat_fields(pid);
+        total += ticks_at(&f, 11) + ticks_at(&f, 12);
+        // The postmaster: its parent is not a Postgres process.
+        let parent: u32 = f.get(1).and_then(|v| v.parse().ok()).unwrap_or(0);
+        if !pids.contains(&parent) {
+            total += ticks_at(&f, 13) + ticks_at(&f, 14);
+        }
+    }
+    total / clock_ticks()
 }
 
 /// CPU seconds used so far by one process (the relay or the plain publisher), the
@@ -413,7 +449,10 @@ fn spawn_relay(window: usize, shape: Shape) -> std::process::Child {
     )
     .unwrap();
     let log = std::fs::File::create(dir.join("relay.log")).unwrap();
-    Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+    // BENCH_RELAY=PATH runs another build of the relay (an A/B of two commits).
+    let binary = std::env::var("BENCH_RELAY")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_outbox-relay").to_string());
+    Command::new(binary)
         .args(["run", "--config", cfg.to_str().unwrap()])
         .stdout(Stdio::null())
         .stderr(log)
@@ -541,6 +580,8 @@ async fn relay_drain(rows: usize, window: usize, shape: Shape) -> Drain {
 
 /// Steady inserts, one row per transaction, for `secs`; commit-to-consumer latency.
 struct Live {
+    /// Messages per second achieved from the first insert to the last delivery.
+    rate: f64,
     p50: f64,
     p99: f64,
     max: f64,
@@ -580,6 +621,7 @@ async fn live(rate: usize, secs: usize, window: usize) -> Live {
     let (pid, broker) = (child.id(), broker_pid());
     let cpu0 = CpuUse::now(Some(pid), broker);
     let total = rate * secs;
+    let started = Instant::now();
     let writers = 4;
     let mut tasks = Vec::new();
     for w in 0..writers {
@@ -614,6 +656,7 @@ async fn live(rate: usize, secs: usize, window: usize) -> Live {
         latencies.push((now - created_micros) as f64 / 1000.0);
         d.ack(BasicAckOptions::default()).await.unwrap();
     }
+    let achieved = total as f64 / started.elapsed().as_secs_f64();
     for t in tasks {
         t.await.unwrap();
     }
@@ -626,6 +669,7 @@ async fn live(rate: usize, secs: usize, window: usize) -> Live {
     latencies.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
     Live {
+        rate: achieved,
         p50: pct(0.5),
         p99: pct(0.99),
         max: latencies[latencies.len() - 1],
@@ -838,7 +882,7 @@ async fn main() {
         );
     }
     println!(
-        "| live: {live_rate} inserts/s for {live_secs} s, one row per transaction, 1000 aggregates, on_success = mark_published | {live_rate} | | {:.1} MB | {:.2} | {:.2} | {:.2} | commit to consumer: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms |",
-        live.rss_mb, live.cpu.process, live.cpu.broker, live.cpu.postgres, live.p50, live.p99, live.max
+        "| live: {live_rate} inserts/s for {live_secs} s, one row per transaction, 1000 aggregates, on_success = mark_published | {:.0} | | {:.1} MB | {:.2} | {:.2} | {:.2} | commit to consumer: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms |",
+        live.rate, live.rss_mb, live.cpu.process, live.cpu.broker, live.cpu.postgres, live.p50, live.p99, live.max
     );
 }

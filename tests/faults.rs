@@ -44,10 +44,34 @@ fn write_in_background(table: String, all: Vec<String>) -> tokio::task::JoinHand
     })
 }
 
+/// After a broker fault: every id arrived, the slot moved past the last commit and
+/// the window holds nothing (unconfirmed messages were not written off as acked).
+async fn assert_recovered(f: &Fixture, relay: &mut support::Relay, all: &[String]) {
+    f.consumer().wait_ids(all, Duration::from_secs(180)).await;
+    // A fresh session: the fixture's own may have died with a Postgres restart.
+    let db = support::pg_retry(T).await;
+    let lsn = |sql: &'static str| {
+        let db = &db;
+        let slot = f.slot.clone();
+        async move {
+            let row = db.query_one(sql, &[&slot]).await.unwrap();
+            support::lsn_to_u64(&row.get::<_, String>(0))
+        }
+    };
+    let end = lsn("select pg_current_wal_lsn()::text where $1::text is not null").await;
+    wait_for(T, "slot past the last commit after the fault", || async {
+        lsn("select confirmed_flush_lsn::text from pg_replication_slots where slot_name = $1").await
+            >= end
+    })
+    .await;
+    support::wait_window_empty(&relay.metrics_addr().await).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_closing_connections_mid_stream_loses_nothing() {
     let f = Fixture::new("f_amqp_close", true).await;
     let mut relay = f.spawn(&[]);
+    let addr = relay.metrics_addr().await;
     relay.wait_streaming().await;
     let all = ids("close", 10_000);
     let writer = write_in_background(f.table.clone(), all.clone());
@@ -63,13 +87,47 @@ async fn broker_closing_connections_mid_stream_loses_nothing() {
     .await;
     sh("rabbitmqctl -q close_all_connections 'fault test again'");
     writer.await.unwrap();
-    f.consumer().wait_ids(&all, Duration::from_secs(180)).await;
+    assert_recovered(&f, &mut relay, &all).await;
+    let metrics = support::http_get(&addr, "/metrics").await.1;
     assert!(
-        relay
-            .log_text()
-            .contains("re-publishing unconfirmed messages")
-            || relay.log_text().contains("broker connected")
+        support::metric_value(&metrics, "outbox_relay_reconnects_total{peer=\"amqp\"}").unwrap()
+            >= 2.0,
+        "both closes were noticed and recovered from: {metrics}"
     );
+    assert!(relay.terminate(T).await.success());
+    f.cleanup().await;
+}
+
+/// Publishes the broker never read (it blocks publishers during a memory alarm)
+/// die with the connection: they must be published again, not written off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_lost_with_a_closed_connection_are_published_again() {
+    let f = Fixture::new("f_amqp_lost", true).await;
+    let mut relay = f.spawn(&[]);
+    let addr = relay.metrics_addr().await;
+    relay.wait_streaming().await;
+    let unblock = Unblock;
+    sh("rabbitmqctl -q set_vm_memory_high_watermark 0");
+    let all = ids("lost", 200);
+    let rows: Vec<(String, String, String)> = all
+        .iter()
+        .map(|id| (id.clone(), id.clone(), "e".to_string()))
+        .collect();
+    f.insert_batch(&rows).await;
+    wait_for(T, "all 200 published and unconfirmed", || async {
+        let m = support::http_get(&addr, "/metrics").await.1;
+        support::metric_value(&m, "outbox_relay_inflight_messages") == Some(200.0)
+    })
+    .await;
+    assert!(
+        f.consumer().ids().is_empty(),
+        "the blocked broker routed nothing"
+    );
+    sh("rabbitmqctl -q close_all_connections 'fault test: frames lost'");
+    relay.wait_log("broker connection lost", T).await;
+    drop(unblock);
+    assert_recovered(&f, &mut relay, &all).await;
+    assert!(f.parked().await.is_empty(), "an outage parks nothing");
     assert!(relay.terminate(T).await.success());
     f.cleanup().await;
 }
@@ -87,7 +145,7 @@ async fn broker_restart_mid_stream_loses_nothing() {
     .await;
     sh("rabbitmqctl -q stop_app && rabbitmqctl -q start_app");
     writer.await.unwrap();
-    f.consumer().wait_ids(&all, Duration::from_secs(180)).await;
+    assert_recovered(&f, &mut relay, &all).await;
     // An outage is not a per-message failure: nothing was counted or parked.
     assert!(
         f.parked().await.is_empty(),
@@ -118,7 +176,7 @@ async fn postgres_restart_mid_stream_loses_nothing() {
         .wait_log("replication stream resumed", Duration::from_secs(90))
         .await;
     writer.await.unwrap();
-    f.consumer().wait_ids(&all, Duration::from_secs(180)).await;
+    assert_recovered(&f, &mut relay, &all).await;
     assert!(relay.terminate(T).await.success());
     f.cleanup().await;
 }

@@ -199,3 +199,82 @@ async fn slot_lsn_waits_for_an_ack_or_durable_retry_state() {
     assert!(relay.terminate(T).await.success());
     f.cleanup().await;
 }
+
+/// Asserts, per aggregate, that every delivery (first or repeated) of message `i`
+/// comes after the first delivery of every message before it.
+pub fn assert_in_order_with_redeliveries(received: &[Received]) {
+    let mut first_seen: HashMap<String, Vec<usize>> = HashMap::new();
+    for r in received {
+        let (agg, i) = seq_of(r);
+        let seen = first_seen.entry(agg.clone()).or_default();
+        if let Some(later) = seen.iter().find(|&&s| s > i) {
+            panic!("aggregate {agg}: {i} delivered after {later} had been");
+        }
+        for earlier in 0..i {
+            assert!(
+                seen.contains(&earlier),
+                "aggregate {agg}: {i} delivered before {earlier}"
+            );
+        }
+        if !seen.contains(&i) {
+            seen.push(i);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_message_whose_successors_are_already_queued_goes_first() {
+    let f = Fixture::new("order_queued", false).await;
+    f.bind("Order.ok").await;
+    let mut relay = f.spawn(&[("retry", "max_retries = 1000")]);
+    relay.wait_streaming().await;
+    // 50 aggregates, each a refused message (Order.late has no binding yet) and two
+    // routable ones, all in one transaction: with strict ordering the successors
+    // wait in the window behind the refused one, unconfirmed, when it fails.
+    let mut rows = Vec::new();
+    for a in 0..50 {
+        rows.push((format!("q{a}-0"), format!("q{a}"), "late".to_string()));
+        rows.push((format!("q{a}-1"), format!("q{a}"), "ok".to_string()));
+        rows.push((format!("q{a}-2"), format!("q{a}"), "ok".to_string()));
+    }
+    f.insert_batch(&rows).await;
+    let free = "free-0".to_string();
+    f.insert_batch(&[(free.clone(), "free".into(), "ok".into())])
+        .await;
+    f.consumer().wait_ids(&[free], T).await;
+    wait_for(T, "every message of the 50 aggregates parked", || async {
+        f.parked().await.len() == 150
+    })
+    .await;
+    let parked = f.parked().await;
+    for a in 0..50 {
+        let pos = |i: usize| {
+            parked
+                .iter()
+                .position(|p| p.0 == format!("q{a}-{i}"))
+                .unwrap()
+        };
+        assert!(
+            pos(0) < pos(1) && pos(1) < pos(2),
+            "q{a} parked out of order"
+        );
+    }
+    assert!(
+        !f.consumer().ids().iter().any(|id| id.starts_with('q')),
+        "a successor overtook its refused predecessor: {:?}",
+        f.consumer().ids()
+    );
+    f.bind("Order.late").await;
+    let all: Vec<String> = rows.iter().map(|r| r.0.clone()).collect();
+    f.consumer().wait_ids(&all, T).await;
+    f.wait_retry_drained().await;
+    let received: Vec<Received> = f
+        .consumer()
+        .all()
+        .into_iter()
+        .filter(|r| r.message_id().starts_with('q'))
+        .collect();
+    assert_in_order_with_redeliveries(&received);
+    assert!(relay.terminate(T).await.success());
+    f.cleanup().await;
+}

@@ -312,9 +312,10 @@ impl Fixture {
             .unwrap_or(0)
     }
 
-    /// Rows of the retry table: (id, status, attempts, error_message).
+    /// Rows of the retry table: (id, status, attempts, error_message). A missing or
+    /// misnamed retry table is an error, never "nothing parked".
     pub async fn parked(&self) -> Vec<(String, String, i32, Option<String>)> {
-        match self
+        let rows = self
             .db
             .query(
                 &format!(
@@ -324,13 +325,10 @@ impl Fixture {
                 &[],
             )
             .await
-        {
-            Ok(rows) => rows
-                .iter()
-                .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
-                .collect(),
-            Err(_) => Vec::new(),
-        }
+            .unwrap_or_else(|e| panic!("reading retry table {}: {e}", self.retry_table));
+        rows.iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+            .collect()
     }
 
     /// Waits until the retry table is empty (every parked message delivered).
@@ -828,6 +826,21 @@ pub async fn http_get(addr: &str, path: &str) -> (u16, String) {
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     (code, body)
+}
+
+/// Waits until the relay at `addr` reports an empty in-flight window (messages
+/// and bytes): nothing it published is left unresolved.
+pub async fn wait_window_empty(addr: &str) {
+    wait_for(
+        Duration::from_secs(60),
+        "in-flight window empty",
+        || async {
+            let m = http_get(addr, "/metrics").await.1;
+            metric_value(&m, "outbox_relay_inflight_messages") == Some(0.0)
+                && metric_value(&m, "outbox_relay_inflight_bytes") == Some(0.0)
+        },
+    )
+    .await;
 }
 
 /// The value of a metric line `name{labels} value` (labels as written, "" for none).
