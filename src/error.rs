@@ -82,6 +82,15 @@ pub enum Error {
     #[error("RabbitMQ at {url} accepted the connection but did not get it ready within {timeout:?} (amqp.connect_timeout): check that the broker has finished starting and is not overloaded, or raise the timeout")]
     AmqpConnectTimeout { url: String, timeout: Duration },
 
+    #[error("{key} = {exchange:?} cannot be used: {source}; {hint}")]
+    ExchangeUnusable {
+        key: &'static str,
+        exchange: String,
+        hint: &'static str,
+        #[source]
+        source: Box<lapin::Error>,
+    },
+
     #[error("RabbitMQ refused {context}: {source}")]
     Amqp {
         context: String,

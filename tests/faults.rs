@@ -192,24 +192,149 @@ impl Drop for Unblock {
     }
 }
 
+/// A broker memory alarm blocks publishers for many publish timeouts: nothing is
+/// counted against the messages, nothing is parked, each arrives once, and
+/// `/readyz` says why while it lasts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_publish_without_confirm_times_out_into_retry_state() {
-    let f = Fixture::new("f_timeout", true).await;
+async fn a_blocked_broker_suspends_deadlines_and_counts_nothing() {
+    let f = Fixture::new("f_blocked", true).await;
     let mut relay = f.spawn(&[("retry", "publish_timeout = \"1s\"")]);
+    let addr = relay.metrics_addr().await;
     relay.wait_streaming().await;
-    // A memory alarm blocks publishers: frames are accepted by TCP, confirms never come.
     let unblock = Unblock;
     sh("rabbitmqctl -q set_vm_memory_high_watermark 0");
-    f.insert_batch(&[("timed-out".into(), "t".into(), "e".into())])
-        .await;
-    let end = f.current_lsn().await;
-    f.wait_head_failed_with("no confirm within retry.publish_timeout")
-        .await;
-    f.wait_slot_past(end, "slot past the timed-out message")
-        .await;
+    let all = ids("blocked", 50);
+    let rows: Vec<(String, String, String)> = all
+        .iter()
+        .map(|id| (id.clone(), id.clone(), "e".to_string()))
+        .collect();
+    f.insert_batch(&rows).await;
+    wait_for(T, "readyz says the broker blocks publishing", || async {
+        let (code, body) = support::http_get(&addr, "/readyz").await;
+        code == 503 && body.contains("blocks publishing")
+    })
+    .await;
+    // Eight publish timeouts long.
+    support::holds_for(
+        Duration::from_secs(8),
+        "nothing counted, nothing parked",
+        || async {
+            let m = support::http_get(&addr, "/metrics").await.1;
+            let failures: f64 = [
+                "nack",
+                "returned",
+                "timeout",
+                "too_large",
+                "refused",
+                "malformed",
+            ]
+            .iter()
+            .map(|r| {
+                support::metric_value(
+                    &m,
+                    &format!("outbox_relay_publish_failures_total{{reason=\"{r}\"}}"),
+                )
+                .unwrap_or(0.0)
+            })
+            .sum();
+            failures == 0.0 && f.parked().await.is_empty()
+        },
+    )
+    .await;
+    assert!(
+        f.consumer().ids().is_empty(),
+        "the blocked broker routed nothing"
+    );
     drop(unblock);
-    f.consumer().wait_ids(&["timed-out".into()], T).await;
+    f.consumer().wait_ids(&all, T).await;
+    wait_for(T, "ready again", || async {
+        support::http_get(&addr, "/readyz").await.0 == 200
+    })
+    .await;
+    // Give late duplicates a moment to show up: there must be none.
+    support::wait_window_empty(&addr).await;
+    assert_eq!(f.consumer().all().len(), 50, "each message exactly once");
+    assert!(f.parked().await.is_empty());
+    assert!(relay.terminate(T).await.success());
+    f.cleanup().await;
+}
+
+/// Restores the broker's max_message_size even when the test panics.
+struct MaxMessageSize;
+
+impl Drop for MaxMessageSize {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl")
+            .args([
+                "-q",
+                "eval",
+                "application:set_env(rabbit, max_message_size, 134217728).",
+            ])
+            .status();
+    }
+}
+
+/// A message the broker closes the channel for (larger than its max_message_size,
+/// which the relay cannot know): the relay publishes the unanswered messages one
+/// at a time, finds that one, parks it with the broker's reason, and the rest flows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_the_broker_closes_the_channel_for_is_found_and_parked() {
+    let f = Fixture::new("f_refused", true).await;
+    let restore = MaxMessageSize;
+    sh("rabbitmqctl -q eval 'application:set_env(rabbit, max_message_size, 4096).'");
+    let mut relay = f.spawn(&[("retry", "max_retries = 1000")]);
+    let addr = relay.metrics_addr().await;
+    relay.wait_streaming().await;
+    let big = "x".repeat(8000);
+    let mut all = Vec::new();
+    let mut sql = format!(
+        "insert into {} (id, aggregate_type, aggregate_id, event_type, payload) values ",
+        f.table
+    );
+    for i in 0..200 {
+        let id = format!("ref-{i}");
+        let payload = if i == 57 {
+            format!("{{\"blob\": \"{big}\"}}")
+        } else {
+            "{}".into()
+        };
+        if i > 0 {
+            sql.push(',');
+        }
+        let agg = if i == 57 {
+            "solo".to_string()
+        } else {
+            format!("a-{}", i % 20)
+        };
+        sql.push_str(&format!("('{id}', 'Order', '{agg}', 'e', '{payload}')"));
+        if i != 57 {
+            all.push(id);
+        }
+    }
+    f.db.batch_execute(&sql).await.unwrap();
+    f.consumer().wait_ids(&all, T).await;
+    f.wait_head_failed_with("closed the channel in answer to this message")
+        .await;
+    let parked = f.parked().await;
+    assert_eq!(parked[0].0, "ref-57", "{parked:?}");
+    assert!(
+        parked[0].3.as_deref().unwrap_or("").contains("406"),
+        "{parked:?}"
+    );
+    let m = support::http_get(&addr, "/metrics").await.1;
+    let reconnects =
+        support::metric_value(&m, "outbox_relay_reconnects_total{peer=\"amqp\"}").unwrap();
+    assert!(
+        (1.0..=3.0).contains(&reconnects),
+        "found with a couple of reconnects, not a storm: {reconnects}"
+    );
+    drop(restore);
+    f.consumer().wait_ids(&["ref-57".into()], T).await;
     f.wait_retry_drained().await;
+    wait_for(T, "ready again", || async {
+        support::http_get(&addr, "/readyz").await.0 == 200
+    })
+    .await;
     assert!(relay.terminate(T).await.success());
     f.cleanup().await;
 }

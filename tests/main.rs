@@ -7,6 +7,7 @@ mod support;
 
 mod crash;
 mod delivery;
+mod isolation;
 mod operate;
 mod ordering;
 mod refusal;

@@ -4,9 +4,6 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::pg::catalog::{self, PublicationState};
 use crate::sink::{self, SinkSettings};
-use lapin::options::ExchangeDeclareOptions;
-use lapin::types::FieldTable;
-use lapin::ExchangeKind;
 
 /// Every check's result, in order.
 #[derive(Debug, Clone)]
@@ -191,49 +188,57 @@ pub async fn check(config: &Config) -> Checks {
             });
         }
     }
-    // `check` only looks: it never declares the exchange.
-    let settings = SinkSettings {
-        declare_exchange: false,
-        ..SinkSettings::from_config(&config.amqp)
-    };
-    match sink::connect(&settings).await {
+    // The exchanges are declared only where the relay would declare them
+    // (`declare_exchange`), else checked to exist.
+    let settings = SinkSettings::from_config(&config.amqp);
+    let exchanges = sink::exchanges(&settings);
+    match sink::open(&settings).await {
         Err(e) => {
             out.push(fail("broker reachable", e.to_string()));
-            out.push(fail("exchange", "skipped: the broker is not reachable"));
+            for (key, _) in &exchanges {
+                out.push(fail(
+                    exchange_check(key),
+                    "skipped: the broker is not reachable",
+                ));
+            }
         }
-        Ok(broker) => {
+        Ok(connection) => {
             out.push(pass("broker reachable", settings.url.redacted()));
-            let exchange = &config.amqp.exchange;
-            let result = broker
-                .channel
-                .exchange_declare(
-                    exchange.as_str().into(),
-                    ExchangeKind::Topic,
-                    ExchangeDeclareOptions {
-                        durable: true,
-                        passive: !config.amqp.declare_exchange,
-                        ..Default::default()
+            for (key, exchange) in exchanges {
+                let what = if settings.declare_exchange {
+                    "declared (topic, durable)"
+                } else {
+                    "exists"
+                };
+                out.push(
+                    match sink::ensure_exchange(
+                        &connection,
+                        key,
+                        exchange,
+                        settings.declare_exchange,
+                    )
+                    .await
+                    {
+                        Ok(()) => pass(exchange_check(key), format!("{exchange} {what}")),
+                        Err(e) => fail(exchange_check(key), e.to_string()),
                     },
-                    FieldTable::default(),
-                )
-                .await;
-            out.push(match result {
-                Ok(()) => pass("exchange", format!("{exchange} (topic, durable) declarable")),
-                Err(e) if !config.amqp.declare_exchange => fail(
-                    "exchange",
-                    format!("{exchange} does not exist and declare_exchange = false: {e}; declare it or set [amqp] declare_exchange = true"),
-                ),
-                Err(e) => fail(
-                    "exchange",
-                    format!("cannot declare {exchange} as a durable topic exchange: {e}; if it exists with another type or durability, pick another [amqp] exchange"),
-                ),
-            });
+                );
+            }
             let _ = tokio::time::timeout(
                 std::time::Duration::from_secs(2),
-                broker.connection.close(200, "outbox-relay check".into()),
+                connection.close(200, "outbox-relay check".into()),
             )
             .await;
         }
     }
     Checks(out)
+}
+
+/// The name of the check line for the exchange under `key`.
+fn exchange_check(key: &str) -> &'static str {
+    if key == "amqp.dead_letter_exchange" {
+        "dead-letter exchange"
+    } else {
+        "exchange"
+    }
 }

@@ -1,6 +1,22 @@
 //! What `/readyz` reports: whether the relay can make progress, and if not, why.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::Mutex;
+
+/// A condition that stops the relay from making progress, reported by the part
+/// of the relay that sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Problem {
+    /// The broker blocks publishing (a resource alarm).
+    BrokerBlocked,
+    /// The broker keeps closing the connection, or cannot be connected to.
+    BrokerUnavailable,
+    /// The retry store's statements keep failing.
+    Store,
+    /// Work is pending and the applied LSN has not moved for too long.
+    Stalled,
+}
 
 /// What `/readyz` reports.
 #[derive(Debug, Default)]
@@ -9,6 +25,7 @@ pub struct Health {
     broker: AtomicBool,
     /// Pid of the process holding the slot while this relay waits as a standby; 0 otherwise.
     standby_for: AtomicI32,
+    problems: Mutex<BTreeMap<Problem, String>>,
 }
 
 impl Health {
@@ -25,22 +42,58 @@ impl Health {
             .store(holder_pid.unwrap_or(0), Ordering::Relaxed);
     }
 
-    /// `Ok` when replication streams and the broker is connected; else why not.
+    /// Reports `problem` with its reason, or clears it with `None`.
+    pub fn set_problem(&self, problem: Problem, reason: Option<String>) {
+        let mut problems = self.problems.lock().unwrap_or_else(|p| p.into_inner());
+        match reason {
+            Some(r) => {
+                problems.insert(problem, r);
+            }
+            None => {
+                problems.remove(&problem);
+            }
+        }
+    }
+
+    pub fn has_problem(&self, problem: Problem) -> bool {
+        self.problems
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&problem)
+    }
+
+    /// `Ok` when replication streams, the broker is connected and nothing stops
+    /// progress; else why not.
     pub fn ready(&self) -> Result<(), String> {
         let standby = self.standby_for.load(Ordering::Relaxed);
         if standby != 0 {
             return Err(format!("standby: the slot is held by pid {standby}"));
         }
+        let mut why = Vec::new();
         match (
             self.streaming.load(Ordering::Relaxed),
             self.broker.load(Ordering::Relaxed),
         ) {
-            (true, true) => Ok(()),
-            (false, true) => Err("replication is not streaming (connecting to Postgres)".into()),
-            (true, false) => Err("broker is not connected".into()),
-            (false, false) => {
-                Err("replication is not streaming and the broker is not connected".into())
+            (true, true) => {}
+            (false, true) => {
+                why.push("replication is not streaming (connecting to Postgres)".to_string())
             }
+            (true, false) => why.push("broker is not connected".to_string()),
+            (false, false) => {
+                why.push("replication is not streaming and the broker is not connected".to_string())
+            }
+        }
+        why.extend(
+            self.problems
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .cloned(),
+        );
+        if why.is_empty() {
+            Ok(())
+        } else {
+            Err(why.join("; "))
         }
     }
 }
@@ -56,6 +109,22 @@ mod tests {
         h.set_streaming(true);
         assert!(h.ready().unwrap_err().contains("broker"));
         h.set_broker(true);
+        assert!(h.ready().is_ok());
+        h.set_problem(
+            Problem::BrokerBlocked,
+            Some("broker blocked publishing: memory alarm".into()),
+        );
+        h.set_problem(
+            Problem::Store,
+            Some("retry store failing: lock timeout".into()),
+        );
+        let why = h.ready().unwrap_err();
+        assert!(
+            why.contains("memory alarm") && why.contains("lock timeout"),
+            "{why}"
+        );
+        h.set_problem(Problem::BrokerBlocked, None);
+        h.set_problem(Problem::Store, None);
         assert!(h.ready().is_ok());
         h.set_standby(Some(42));
         assert!(h.ready().unwrap_err().contains("pid 42"));

@@ -4,7 +4,7 @@
 pub mod health;
 pub mod server;
 
-pub use health::Health;
+pub use health::{Health, Problem};
 
 use prometheus::{
     Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
@@ -102,7 +102,14 @@ impl Metrics {
             &["peer"],
         )
         .expect("valid metric");
-        for reason in ["nack", "returned", "timeout", "too_large", "malformed"] {
+        for reason in [
+            "nack",
+            "returned",
+            "timeout",
+            "too_large",
+            "refused",
+            "malformed",
+        ] {
             failures.with_label_values(&[reason]);
         }
         for peer in ["postgres", "amqp"] {

@@ -19,6 +19,10 @@ pub enum Failure {
     Timeout { after: Duration },
     /// The body is larger than `amqp.max_message_bytes`.
     TooLarge { bytes: usize, limit: usize },
+    /// Its properties and headers do not fit in one frame of the broker's `frame_max`.
+    HeadersTooLarge { bytes: usize, frame_max: usize },
+    /// The broker closed the channel or connection in answer to this publish.
+    Refused { reply_code: u16, reply_text: String },
     /// The row cannot be expressed in AMQP (say, an id longer than a message_id may be).
     Unsendable(String),
     /// The row cannot become an event (payload not JSON, a required column NULL, ...).
@@ -39,6 +43,13 @@ impl Failure {
                 reply_text,
             }),
             Outcome::NotRequested => Some(Failure::NotConfirmed),
+            Outcome::Refused(r) => Some(Failure::Refused {
+                reply_code: r.reply_code,
+                reply_text: r.reply_text,
+            }),
+            Outcome::HeadersTooLarge { bytes, frame_max } => {
+                Some(Failure::HeadersTooLarge { bytes, frame_max })
+            }
         }
     }
 
@@ -48,14 +59,22 @@ impl Failure {
             Failure::Nack | Failure::NotConfirmed => "nack",
             Failure::Returned { .. } => "returned",
             Failure::Timeout { .. } => "timeout",
-            Failure::TooLarge { .. } => "too_large",
+            Failure::TooLarge { .. } | Failure::HeadersTooLarge { .. } => "too_large",
+            Failure::Refused { .. } => "refused",
             Failure::Unsendable(_) | Failure::Malformed(_) => "malformed",
         }
     }
 
     /// Every label (the metrics registry registers each up front).
     #[cfg(test)]
-    pub const LABELS: [&'static str; 5] = ["nack", "returned", "timeout", "too_large", "malformed"];
+    pub const LABELS: [&'static str; 6] = [
+        "nack",
+        "returned",
+        "timeout",
+        "too_large",
+        "refused",
+        "malformed",
+    ];
 }
 
 impl fmt::Display for Failure {
@@ -78,6 +97,17 @@ impl fmt::Display for Failure {
             Failure::TooLarge { bytes, limit } => write!(
                 f,
                 "message body of {bytes} bytes exceeds amqp.max_message_bytes ({limit})"
+            ),
+            Failure::HeadersTooLarge { bytes, frame_max } => write!(
+                f,
+                "its properties and headers take {bytes} bytes, more than the broker's frame_max ({frame_max}): shorten the header values (aggregate id, event type, metadata trace ids) or raise frame_max on the broker"
+            ),
+            Failure::Refused {
+                reply_code,
+                reply_text,
+            } => write!(
+                f,
+                "the broker closed the channel in answer to this message ({reply_code} {reply_text})"
             ),
             Failure::Unsendable(why) => write!(f, "cannot be sent: {why}"),
             Failure::Malformed(why) => write!(f, "malformed row: {why}"),
@@ -102,6 +132,14 @@ mod tests {
                 after: Duration::from_secs(1),
             },
             Failure::TooLarge { bytes: 9, limit: 1 },
+            Failure::HeadersTooLarge {
+                bytes: 200_000,
+                frame_max: 131_072,
+            },
+            Failure::Refused {
+                reply_code: 406,
+                reply_text: "PRECONDITION_FAILED".into(),
+            },
             Failure::Unsendable("id is too long".into()),
             Failure::Malformed("payload is not valid JSON".into()),
         ];
@@ -126,6 +164,7 @@ mod tests {
             .starts_with("returned as unroutable (312 NO_ROUTE)"));
         assert!(all[3].to_string().contains("retry.publish_timeout"));
         assert!(all[4].to_string().contains("amqp.max_message_bytes"));
-        assert!(all[6].to_string().contains("payload is not valid JSON"));
+        assert!(all[8].to_string().contains("payload is not valid JSON"));
+        assert!(all[5].to_string().contains("frame_max"));
     }
 }

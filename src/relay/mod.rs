@@ -29,7 +29,7 @@ pub use startup::heartbeat_application_name;
 use crate::config::{Config, OnSuccess};
 use crate::error::Error;
 use crate::event::{OutboxEvent, Row};
-use crate::metrics::{self, Health};
+use crate::metrics::{self, Health, Problem};
 use crate::progress::{Tracker, TxnId};
 use crate::retry::{Load, Park, Store, StoreCommand, StoreEvent, StoreSettings};
 use crate::sink::{self, SinkCommand, SinkEvent, SinkSettings};
@@ -77,6 +77,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     .await?;
     let sink_settings = SinkSettings::from_config(&config.amqp);
     let broker = sink::connect(&sink_settings).await?;
+    let frame_max = broker.frame_max();
     let source_settings = SourceSettings {
         target: pg.target.clone(),
         slot: pg.slot.clone(),
@@ -146,6 +147,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             .dead_letter_exchange
             .as_deref()
             .map(ShortString::from),
+        frame_max,
+        refused: RefusedIds::default(),
+        probing_reported: false,
         succeeded: Vec::new(),
         succeeded_since: None,
         collect_succeeded: pg.on_success != OnSuccess::Keep,
@@ -186,6 +190,12 @@ struct Relay {
     parks: mpsc::Sender<Park>,
     parked: Parked,
     dead_letter_exchange: Option<ShortString>,
+    /// The broker's frame size: a message whose header frame is larger is refused.
+    frame_max: usize,
+    /// Messages the broker closed a channel for: their retries go out alone.
+    refused: RefusedIds,
+    /// `/readyz` says the relay is probing for a message the broker refused.
+    probing_reported: bool,
     /// Ids acked since the last hand-over to the store's batched on_success update.
     succeeded: Vec<String>,
     /// When the oldest of them was acked: handed over `HAND_OVER_AFTER` later at the latest.
@@ -193,6 +203,37 @@ struct Relay {
     /// `on_success` does something with acked rows (not `keep`).
     collect_succeeded: bool,
     health: Arc<Health>,
+}
+
+/// Ids of messages the broker closed a channel for, most recent last (bounded):
+/// their retries and dead-letter copies are published alone on the isolated
+/// channel, so they cannot take other publishes down with them again.
+#[derive(Default)]
+struct RefusedIds {
+    order: std::collections::VecDeque<String>,
+}
+
+impl RefusedIds {
+    const CAPACITY: usize = 1024;
+
+    fn insert(&mut self, id: String) {
+        if !self.contains(&id) {
+            if self.order.len() == Self::CAPACITY {
+                self.order.pop_front();
+            }
+            self.order.push_back(id);
+        }
+    }
+
+    fn contains(&self, id: &str) -> bool {
+        self.order.iter().any(|r| r == id)
+    }
+
+    fn remove(&mut self, id: &str) {
+        if !self.order.is_empty() {
+            self.order.retain(|r| r != id);
+        }
+    }
 }
 
 /// What handling one replication event asks of the loop.
@@ -291,6 +332,11 @@ impl Relay {
                 }
             }
             self.flush_publishes();
+            if self.probing_reported && self.window.suspects() == 0 {
+                tracing::info!("every message the broker might have refused has an answer: publishing normally again");
+                self.health.set_problem(Problem::BrokerUnavailable, None);
+                self.probing_reported = false;
+            }
             self.advance();
             self.hand_over_succeeded(256);
             let m = metrics::metrics();
@@ -309,6 +355,7 @@ impl Relay {
                 seq: p.seq,
                 generation: p.generation,
                 message: p.message,
+                isolated: p.isolated,
             };
             // The command channel holds twice the window: this never waits in practice,
             // and the sink always drains it. A closed channel means the sink ended, which
@@ -385,33 +432,52 @@ impl Relay {
             .as_deref()
             .and_then(crate::time::pg_timestamp_to_unix_micros)
             .filter(|d| *d > now_micros());
-        let cause = |failure| {
-            Some(ParkCause {
-                failure,
-                not_before: delayed,
-            })
+        let (message, failure) = match self.encode(&event, self.commit_time) {
+            Ok(message) => (Some(message), None),
+            Err((message, failure)) => (message, Some(failure)),
         };
-        match sink::format::encode(&event, self.commit_time) {
-            Err(e) => {
-                let cause = cause(Some(Failure::Unsendable(e.0)));
-                self.admit_stream(Row::Event(event), None, txn, cause).await;
-            }
-            Ok(message) => {
-                let limit = self.config.amqp.max_message_bytes;
-                let cause = if message.body.len() > limit {
-                    cause(Some(Failure::TooLarge {
-                        bytes: message.body.len(),
-                        limit,
-                    }))
-                } else if delayed.is_some() {
-                    cause(None)
-                } else {
-                    None
-                };
-                self.admit_stream(Row::Event(event), Some(Arc::new(message)), txn, cause)
-                    .await;
-            }
+        let cause = (failure.is_some() || delayed.is_some()).then_some(ParkCause {
+            failure,
+            not_before: delayed,
+        });
+        self.admit_stream(Row::Event(event), message, txn, cause)
+            .await;
+    }
+
+    /// The AMQP message of an event, or why it cannot be published (with the
+    /// message when it could be encoded). A body that is surely too large is
+    /// refused before it is encoded; headers are checked against the broker's
+    /// `frame_max`.
+    fn encode(
+        &self,
+        event: &OutboxEvent,
+        commit_time: i64,
+    ) -> Result<Arc<sink::OutboundMessage>, (Option<Arc<sink::OutboundMessage>>, Failure)> {
+        let limit = self.config.amqp.max_message_bytes;
+        let at_least = sink::format::body_len_at_least(event);
+        if at_least > limit {
+            return Err((
+                None,
+                Failure::TooLarge {
+                    bytes: at_least,
+                    limit,
+                },
+            ));
         }
+        let message = match sink::format::encode(event, commit_time) {
+            Ok(m) => Arc::new(m),
+            Err(e) => return Err((None, Failure::Unsendable(e.0))),
+        };
+        if message.body.len() > limit {
+            let bytes = message.body.len();
+            return Err((Some(message), Failure::TooLarge { bytes, limit }));
+        }
+        if message.header_len > self.frame_max {
+            let bytes = message.header_len;
+            let frame_max = self.frame_max;
+            return Err((Some(message), Failure::HeadersTooLarge { bytes, frame_max }));
+        }
+        Ok(message)
     }
 
     /// Admits a stream message: parked behind its aggregate when that one has retry
@@ -469,13 +535,48 @@ impl Relay {
                     }
                 }
             }
-            SinkEvent::Down { generation, reason } => {
+            SinkEvent::Down {
+                generation,
+                reason,
+                refusal,
+            } => {
                 tracing::warn!(generation, %reason, in_flight = self.window.len(), "broker down: stopped reading WAL until it is back");
                 self.health.set_broker(false);
-                self.window.on_down(generation);
+                self.health.set_problem(Problem::BrokerBlocked, None);
+                let culprit = self.window.on_down(generation, refusal.is_some());
+                match (culprit, refusal) {
+                    (Some(seq), Some(r)) => {
+                        // Published alone, and the broker closed the connection: this one.
+                        self.on_failed(
+                            seq,
+                            Failure::Refused {
+                                reply_code: r.reply_code,
+                                reply_text: r.reply_text,
+                            },
+                        )
+                        .await;
+                    }
+                    (None, Some(r)) => {
+                        let why = format!(
+                            "the broker closed the connection in answer to a publish ({} {}): re-publishing the {} unanswered message(s) one at a time to find it",
+                            r.reply_code,
+                            r.reply_text,
+                            self.window.suspects()
+                        );
+                        tracing::warn!("{why}");
+                        self.health
+                            .set_problem(Problem::BrokerUnavailable, Some(why));
+                        self.probing_reported = true;
+                    }
+                    _ => {}
+                }
             }
-            SinkEvent::Up { generation } => {
+            SinkEvent::Up {
+                generation,
+                frame_max,
+            } => {
                 self.health.set_broker(true);
+                self.frame_max = frame_max;
                 if generation > 1 {
                     metrics::metrics().reconnect("amqp");
                 }
@@ -484,8 +585,24 @@ impl Relay {
                     tracing::info!(
                         generation,
                         count,
+                        probing = self.window.probing().is_some(),
                         "broker back: re-publishing unconfirmed messages"
                     );
+                }
+            }
+            SinkEvent::Blocked { generation, reason } => {
+                if self.window.generation_is(generation) {
+                    self.health.set_problem(
+                        Problem::BrokerBlocked,
+                        Some(format!("the broker blocks publishing ({reason}): waiting, publish deadlines suspended")),
+                    );
+                    self.window.suspend();
+                }
+            }
+            SinkEvent::Unblocked { generation } => {
+                if self.window.generation_is(generation) {
+                    self.health.set_problem(Problem::BrokerBlocked, None);
+                    self.window.resume();
                 }
             }
         }
@@ -497,6 +614,7 @@ impl Relay {
         };
         self.park(park).await;
         let (row, _, origin) = entry.into_parts();
+        self.refused.remove(row.id());
         let m = metrics::metrics();
         match origin {
             Origin::Stream { txn, commit_time } => {
@@ -527,11 +645,18 @@ impl Relay {
         }
     }
 
-    /// A publish failed (nack, return, timeout).
+    /// A publish failed (nack, return, timeout, refusal).
     async fn on_failed(&mut self, seq: u64, failure: Failure) {
-        let Some(origin) = self.window.entry(seq).map(|e| e.origin().clone()) else {
+        let Some((origin, id)) = self
+            .window
+            .entry(seq)
+            .map(|e| (e.origin().clone(), e.row().id().to_string()))
+        else {
             return;
         };
+        if matches!(failure, Failure::Refused { .. }) {
+            self.refused.insert(id);
+        }
         match origin {
             Origin::Stream { .. } => {
                 if let Some(e) = self.window.entry(seq) {

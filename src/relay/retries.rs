@@ -148,6 +148,7 @@ impl Relay {
                         attempts,
                         reason,
                     },
+                    true,
                 );
             }
             None => {
@@ -230,17 +231,10 @@ impl Relay {
                 return;
             }
         };
-        let limit = self.config.amqp.max_message_bytes;
-        let encoded = match sink::format::encode(&event, commit_time) {
-            Err(e) => Err((None, Failure::Unsendable(e.0))),
-            Ok(m) if m.body.len() > limit => {
-                let bytes = m.body.len();
-                Err((Some(Arc::new(m)), Failure::TooLarge { bytes, limit }))
-            }
-            Ok(m) => Ok(Arc::new(m)),
-        };
+        let encoded = self.encode(&event, commit_time);
         match encoded {
             Ok(message) => {
+                let alone = self.refused.contains(&event.id);
                 self.window.admit_retry(
                     Row::Event(event),
                     message,
@@ -249,6 +243,7 @@ impl Relay {
                         attempts,
                         max_retries,
                     },
+                    alone,
                 );
             }
             Err((message, failure)) => {

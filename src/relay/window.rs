@@ -7,6 +7,14 @@
 //! ahead of them is resolved. The window never talks to the broker itself: what
 //! it decides to publish collects in an outbox the loop hands to the sink
 //! ([`Window::take_publishes`]), so the state machine runs without any service.
+//!
+//! Two peer conditions pause it without counting against any message: a broker
+//! that blocks publishing (deadlines are suspended until it unblocks) and a
+//! broker that closed the connection in answer to one of the unanswered
+//! publishes. After such a refusal every message that was on the wire is a
+//! suspect: they are published again one at a time (a probe) until each has an
+//! answer, so the one that makes the broker close the connection again is found —
+//! it alone fails — and everything else goes on.
 
 use super::failure::Failure;
 use super::fastmap::FastMap;
@@ -77,6 +85,10 @@ pub struct Entry {
     cause: Option<ParkCause>,
     /// Holds its aggregate's turn.
     has_turn: bool,
+    /// Was on the wire when the broker closed the connection in answer to a publish.
+    suspect: bool,
+    /// Always published on the isolated channel (a message the broker refused before).
+    alone: bool,
 }
 
 impl Entry {
@@ -130,6 +142,8 @@ pub struct Publish {
     pub seq: Seq,
     pub generation: u64,
     pub message: Arc<OutboundMessage>,
+    /// On the isolated channel, alone: a suspect or a message refused before.
+    pub isolated: bool,
 }
 
 /// A message that left the window, and what its departure set in motion.
@@ -159,6 +173,12 @@ pub struct Window {
     deadlines: VecDeque<(Instant, Seq, u64)>,
     /// Publishes decided and not yet handed to the sink.
     outbox: Vec<Publish>,
+    /// The broker blocks publishing: no deadlines run, nothing new is admitted.
+    blocked: bool,
+    /// Entries marked as suspects.
+    suspects: usize,
+    /// The suspect published alone, awaiting its answer.
+    probing: Option<Seq>,
 }
 
 impl Window {
@@ -181,6 +201,9 @@ impl Window {
             backoffs: BinaryHeap::new(),
             deadlines: VecDeque::new(),
             outbox: Vec::new(),
+            blocked: false,
+            suspects: 0,
+            probing: None,
         }
     }
 
@@ -202,10 +225,13 @@ impl Window {
         self.max_messages.saturating_sub(self.entries.len())
     }
 
-    /// Room for one more message, and a broker to send it to. One message over
-    /// the byte limit is let in when the window is empty, so it cannot stall.
+    /// Room for one more message, and a broker to send it to (up, not blocking,
+    /// no suspects left to probe). One message over the byte limit is let in when
+    /// the window is empty, so it cannot stall.
     pub fn has_room(&self) -> bool {
         self.generation.is_some()
+            && !self.blocked
+            && self.suspects == 0
             && self.entries.len() < self.max_messages
             && (self.bytes < self.max_bytes || self.entries.is_empty())
     }
@@ -243,6 +269,8 @@ impl Window {
             state,
             cause,
             has_turn: false,
+            suspect: false,
+            alone: false,
         };
         self.bytes += entry.weight();
         self.entries.insert(seq, entry);
@@ -290,10 +318,20 @@ impl Window {
     }
 
     /// Admits a retried head or a dead-letter copy: it takes its aggregate's turn
-    /// and is published at once.
-    pub fn admit_retry(&mut self, row: Row, message: Arc<OutboundMessage>, origin: Origin) -> Seq {
+    /// and is published at once — on the isolated channel when `alone` (the
+    /// broker refused it before).
+    pub fn admit_retry(
+        &mut self,
+        row: Row,
+        message: Arc<OutboundMessage>,
+        origin: Origin,
+        alone: bool,
+    ) -> Seq {
         let key = row.key();
         let seq = self.insert(row, Some(message), origin, State::Unsent, None);
+        if let Some(e) = self.entries.get_mut(&seq) {
+            e.alone = alone;
+        }
         self.take_turn(seq, key);
         self.send(seq);
         seq
@@ -314,8 +352,19 @@ impl Window {
         }
     }
 
-    /// Publishes a message that holds its turn (now, or when the broker is back).
+    /// Publishes a message that holds its turn (now, or when the broker is back and
+    /// no suspects are being probed).
     fn send(&mut self, seq: Seq) {
+        if self.suspects > 0 {
+            if let Some(e) = self.entries.get_mut(&seq) {
+                e.state = State::Unsent;
+            }
+            return;
+        }
+        self.publish(seq);
+    }
+
+    fn publish(&mut self, seq: Seq) {
         let Some(e) = self.entries.get_mut(&seq) else {
             return;
         };
@@ -325,16 +374,115 @@ impl Window {
         match self.generation {
             Some(generation) => {
                 e.state = State::Published { generation };
-                self.deadlines
-                    .push_back((Instant::now() + self.publish_timeout, seq, generation));
+                if !self.blocked {
+                    self.deadlines.push_back((
+                        Instant::now() + self.publish_timeout,
+                        seq,
+                        generation,
+                    ));
+                }
+                let isolated = e.suspect || e.alone;
                 self.outbox.push(Publish {
                     seq,
                     generation,
                     message,
+                    isolated,
                 });
             }
             None => e.state = State::Unsent,
         }
+    }
+
+    /// `seq` got an answer: it is no longer a suspect (nor the probe). Returns
+    /// whether it was one; call `wire_changed` once it left the wire.
+    fn clear_suspect(&mut self, seq: Seq) -> bool {
+        if self.probing == Some(seq) {
+            self.probing = None;
+        }
+        match self.entries.get_mut(&seq) {
+            Some(e) if e.suspect => {
+                e.suspect = false;
+                self.suspects -= 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// A message left the wire: with suspects left the next probe may go out;
+    /// after the last one, whatever waited.
+    fn wire_changed(&mut self, was_suspect: bool) {
+        if self.suspects > 0 || was_suspect {
+            self.continue_probing();
+        }
+    }
+
+    /// Once the wire is empty, publishes the oldest suspect alone (on the
+    /// isolated channel); when none is left, whatever waited.
+    fn continue_probing(&mut self) {
+        if self.generation.is_none() || self.probing.is_some() {
+            return;
+        }
+        if self.suspects > 0 {
+            let on_wire = self
+                .entries
+                .values()
+                .any(|e| matches!(e.state, State::Published { .. }));
+            if on_wire {
+                return;
+            }
+            let next = self
+                .entries
+                .iter()
+                .filter(|(_, e)| e.suspect && e.state == State::Unsent)
+                .map(|(seq, _)| *seq)
+                .min();
+            match next {
+                Some(seq) => {
+                    self.probing = Some(seq);
+                    self.publish(seq);
+                    return;
+                }
+                None => {
+                    // Every suspect left the window some other way.
+                    for e in self.entries.values_mut() {
+                        e.suspect = false;
+                    }
+                    self.suspects = 0;
+                }
+            }
+        }
+        self.publish_unsent();
+    }
+
+    /// Publishes every message holding its turn that waited, in admission order.
+    fn publish_unsent(&mut self) -> usize {
+        let mut unsent: Vec<Seq> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.state == State::Unsent)
+            .map(|(seq, _)| *seq)
+            .collect();
+        unsent.sort_unstable();
+        for &seq in &unsent {
+            self.publish(seq);
+        }
+        unsent.len()
+    }
+
+    /// `generation` is the broker connection currently up.
+    pub fn generation_is(&self, generation: u64) -> bool {
+        self.generation == Some(generation)
+    }
+
+    /// Messages still to be probed after a refusal.
+    pub fn suspects(&self) -> usize {
+        self.suspects
+    }
+
+    /// The message published alone after a refusal, if one is on the wire.
+    pub fn probing(&self) -> Option<Seq> {
+        self.probing
     }
 
     /// `seq` was published on `generation` and its answer is still awaited.
@@ -391,6 +539,7 @@ impl Window {
     /// A published stream message failed: it is parked with `failure`, and so is
     /// everything queued behind it. Returns the seqs to park, in order.
     pub fn fail_stream(&mut self, seq: Seq, failure: Failure) -> Vec<Seq> {
+        let was_suspect = self.clear_suspect(seq);
         match self.entries.get_mut(&seq) {
             Some(e) => {
                 e.cause = Some(ParkCause {
@@ -400,12 +549,15 @@ impl Window {
             }
             None => return Vec::new(),
         }
-        self.park_with_queue(seq)
+        let park = self.park_with_queue(seq);
+        self.wire_changed(was_suspect);
+        park
     }
 
     /// Removes a resolved message (acked, failed for good, or durably parked) and
     /// gives its aggregate's turn to the next message in line.
     pub fn resolve(&mut self, seq: Seq) -> Option<Resolved> {
+        let was_suspect = self.clear_suspect(seq);
         let key = self.give_up_turn(seq);
         let entry = self.entries.remove(&seq)?;
         self.bytes -= entry.weight();
@@ -435,15 +587,18 @@ impl Window {
                 None => self.forget_if_idle(key),
             }
         }
+        self.wire_changed(was_suspect);
         Some(Resolved { entry, park })
     }
 
     /// A dead-letter publish failed: try it again after `delay` (it keeps its turn).
     pub fn backoff(&mut self, seq: Seq, delay: Duration) {
+        let was_suspect = self.clear_suspect(seq);
         if let Some(e) = self.entries.get_mut(&seq) {
             e.state = State::Backoff;
             self.backoffs.push(Reverse((Instant::now() + delay, seq)));
         }
+        self.wire_changed(was_suspect);
     }
 
     /// Re-publishes the dead-letter copies whose backoff is over.
@@ -480,39 +635,74 @@ impl Window {
 
     /// The broker connection of `generation` is gone: nothing published on it will
     /// be answered. A broker outage is not a per-message failure: no publish
-    /// timeouts run while it lasts.
-    pub fn on_down(&mut self, generation: u64) {
+    /// timeouts run while it lasts. With `refused` the broker closed it in answer
+    /// to a publish: when a probe was alone on the wire, it is returned (the
+    /// culprit, to be failed); otherwise everything that was on the wire becomes a
+    /// suspect, published again one at a time.
+    pub fn on_down(&mut self, generation: u64, refused: bool) -> Option<Seq> {
         if self.generation == Some(generation) {
             self.generation = None;
         }
+        let culprit = self
+            .probing
+            .take()
+            .filter(|p| refused && self.is_published(*p, generation));
         for e in self.entries.values_mut() {
             if matches!(e.state, State::Published { generation: g } if g <= generation) {
                 e.state = State::Unsent;
+                if refused && !e.suspect {
+                    e.suspect = true;
+                    self.suspects += 1;
+                }
             }
         }
         self.deadlines.clear();
+        self.blocked = false;
+        culprit
     }
 
-    /// The broker is back: re-publish what was unresolved, in admission order.
+    /// The broker is back: re-publish what was unresolved, in admission order, or
+    /// after a refusal the suspects one at a time. Returns how many went out.
     pub fn on_up(&mut self, generation: u64) -> usize {
         self.generation = Some(generation);
-        let mut unsent: Vec<Seq> = self
+        if self.suspects > 0 {
+            self.continue_probing();
+            return usize::from(self.probing.is_some());
+        }
+        self.publish_unsent()
+    }
+
+    /// The broker blocks publishing: deadlines are suspended, nothing new is admitted.
+    pub fn suspend(&mut self) {
+        self.blocked = true;
+        self.deadlines.clear();
+    }
+
+    /// The broker publishes again: every message on the wire gets a full deadline.
+    pub fn resume(&mut self) {
+        if !self.blocked {
+            return;
+        }
+        self.blocked = false;
+        let mut published: Vec<(Seq, u64)> = self
             .entries
             .iter()
-            .filter(|(_, e)| e.state == State::Unsent)
-            .map(|(seq, _)| *seq)
+            .filter_map(|(seq, e)| match e.state {
+                State::Published { generation } => Some((*seq, generation)),
+                _ => None,
+            })
             .collect();
-        unsent.sort_unstable();
-        for &seq in &unsent {
-            self.send(seq);
-        }
-        unsent.len()
+        published.sort_unstable();
+        let at = Instant::now() + self.publish_timeout;
+        self.deadlines
+            .extend(published.into_iter().map(|(seq, g)| (at, seq, g)));
     }
 
     /// Forgets stream messages that are not being parked (the replication stream
     /// replays what was not applied); retried heads, dead-letter copies and parks
     /// in progress stay. Returns how many were dropped.
     pub fn drop_stream_messages(&mut self) -> usize {
+        let mut dropped_suspect = false;
         let drop: Vec<Seq> = self
             .entries
             .iter()
@@ -531,6 +721,13 @@ impl Window {
             }
             if let Some(e) = self.entries.remove(&seq) {
                 self.bytes -= e.weight();
+                if e.suspect {
+                    self.suspects -= 1;
+                    dropped_suspect = true;
+                }
+                if self.probing == Some(seq) {
+                    self.probing = None;
+                }
             }
         }
         // Aggregates that only held dropped messages.
@@ -543,6 +740,7 @@ impl Window {
         for k in idle {
             self.aggregates.remove(&k);
         }
+        self.wire_changed(dropped_suspect);
         drop.len()
     }
 
@@ -552,6 +750,17 @@ impl Window {
     fn check_invariants(&self) {
         let bytes: usize = self.entries.values().map(Entry::weight).sum();
         assert_eq!(bytes, self.bytes, "byte accounting");
+        let suspects = self.entries.values().filter(|e| e.suspect).count();
+        assert_eq!(suspects, self.suspects, "suspect count");
+        if let Some(p) = self.probing {
+            assert!(self.entries[&p].suspect, "the probe is a suspect");
+            let on_wire = self
+                .entries
+                .values()
+                .filter(|e| matches!(e.state, State::Published { .. }))
+                .count();
+            assert_eq!(on_wire, 1, "a probe is alone on the wire");
+        }
         for (key, agg) in &self.aggregates {
             let turns = self
                 .entries
@@ -691,7 +900,7 @@ mod tests {
             w.admit(r.clone(), Some(message(&r, 10)), stream(0), None);
         }
         assert_eq!(w.take_publishes().count(), 3);
-        w.on_down(1);
+        assert_eq!(w.on_down(1, false), None);
         assert!(!w.has_room());
         assert!(!w.is_published(0, 1));
         assert!(
@@ -780,6 +989,7 @@ mod tests {
                 attempts: 1,
                 max_retries: 3,
             },
+            false,
         );
         assert_eq!(w.drop_stream_messages(), 2);
         assert_eq!(w.len(), 2);
@@ -791,13 +1001,25 @@ mod tests {
     #[derive(Debug, Clone)]
     enum Op {
         /// A stream message of aggregate `agg` (of 4), `size` bytes, maybe with its own cause.
-        Admit { agg: u8, size: usize, cause: bool },
+        Admit {
+            agg: u8,
+            size: usize,
+            cause: bool,
+        },
         /// The broker answers the `i`-th oldest outstanding publish: ack or refusal.
-        Answer { i: usize, ack: bool },
+        Answer {
+            i: usize,
+            ack: bool,
+        },
         /// Every outstanding publish times out.
         Timeout,
         /// The connection drops and comes back.
         Reconnect,
+        /// The broker closes the connection in answer to a publish, and is back.
+        Refuse,
+        /// The broker blocks publishing, or unblocks.
+        Block,
+        Unblock,
         /// The oldest pending park commits.
         ParkCommitted,
     }
@@ -809,6 +1031,9 @@ mod tests {
             4 => (0usize..8, proptest::bool::weighted(0.85)).prop_map(|(i, ack)| Op::Answer { i, ack }),
             1 => Just(Op::Timeout),
             1 => Just(Op::Reconnect),
+            1 => Just(Op::Refuse),
+            1 => Just(Op::Block),
+            1 => Just(Op::Unblock),
             2 => Just(Op::ParkCommitted),
         ]
     }
@@ -935,11 +1160,52 @@ mod tests {
                     }
                 }
                 Op::Reconnect => {
-                    self.w.on_down(self.generation);
+                    assert_eq!(self.w.on_down(self.generation, false), None);
                     self.wire.clear();
                     self.generation += 1;
                     self.w.on_up(self.generation);
                 }
+                Op::Refuse => {
+                    let probe = self.w.probing();
+                    let culprit = self.w.on_down(self.generation, true);
+                    if let Some(p) = probe {
+                        if self
+                            .wire
+                            .iter()
+                            .any(|(s, g)| *s == p && *g == self.generation)
+                        {
+                            assert_eq!(
+                                culprit,
+                                Some(p),
+                                "the probe alone on the wire is the culprit"
+                            );
+                        }
+                    }
+                    self.wire.clear();
+                    if let Some(seq) = culprit {
+                        let seqs = self.w.fail_stream(
+                            seq,
+                            Failure::Refused {
+                                reply_code: 406,
+                                reply_text: "PRECONDITION_FAILED".into(),
+                            },
+                        );
+                        self.park(seqs);
+                    }
+                    self.generation += 1;
+                    self.w.on_up(self.generation);
+                }
+                Op::Block => {
+                    self.w.suspend();
+                    assert!(!self.w.has_room());
+                    assert!(
+                        self.w
+                            .expired(Instant::now() + Duration::from_secs(3600))
+                            .is_empty(),
+                        "no deadline runs while the broker blocks"
+                    );
+                }
+                Op::Unblock => self.w.resume(),
                 Op::ParkCommitted => {
                     if let Some(s) = self.parking.pop_front() {
                         let r = self.w.resolve(s).unwrap();
@@ -958,7 +1224,9 @@ mod tests {
                 if self.w.is_empty() {
                     return;
                 }
-                if !self.wire.is_empty() {
+                if self.w.blocked {
+                    self.apply(Op::Unblock);
+                } else if !self.wire.is_empty() {
                     self.apply(Op::Answer { i: 0, ack: true });
                 } else if !self.parking.is_empty() {
                     self.apply(Op::ParkCommitted);

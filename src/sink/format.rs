@@ -17,6 +17,9 @@ pub struct OutboundMessage {
     pub routing_key: ShortString,
     pub body: Vec<u8>,
     pub properties: BasicProperties,
+    /// Bytes of its content header frame (properties and headers): the broker
+    /// closes the connection when this exceeds the negotiated `frame_max`.
+    pub header_len: usize,
 }
 
 impl OutboundMessage {
@@ -24,6 +27,30 @@ impl OutboundMessage {
     pub fn weight(&self) -> usize {
         self.body.len() + self.id.len() + self.routing_key.as_str().len() + 256
     }
+}
+
+/// Bytes of the AMQP content header frame carrying `properties`: frame header (7),
+/// class and weight (4), body size (8), the serialized properties, frame end (1).
+pub fn header_frame_len(properties: &BasicProperties) -> usize {
+    let props = cookie_factory::gen_simple(
+        lapin::protocol::basic::gen_properties(properties),
+        Vec::with_capacity(256),
+    )
+    .map(|v| v.len())
+    // Serializing into a Vec cannot fail; if it ever did, the message is refused.
+    .unwrap_or(usize::MAX - 20);
+    props + 20
+}
+
+/// A lower bound of the encoded body's size, known before encoding it: a row
+/// whose bound already exceeds the limit is refused without copying it.
+pub fn body_len_at_least(event: &OutboxEvent) -> usize {
+    96 + event.id.len()
+        + event.aggregate_type.len()
+        + event.aggregate_id.len()
+        + event.event_type.len()
+        + event.payload.len()
+        + event.metadata.as_ref().map_or(4, |m| m.len())
 }
 
 /// Why a row cannot be sent in this format.
@@ -111,6 +138,7 @@ pub fn encode(
         aggregate: event.key(),
         routing_key,
         body,
+        header_len: header_frame_len(&properties),
         properties,
     })
 }
@@ -185,6 +213,7 @@ pub fn dead_letter(
         aggregate: row.key(),
         routing_key,
         body: payload,
+        header_len: header_frame_len(&properties),
         properties,
     }
 }
@@ -193,7 +222,10 @@ fn write_json_str(out: &mut Vec<u8>, s: &str) {
     serde_json::to_writer(out, s).expect("writing a str to a Vec cannot fail");
 }
 
-/// `00-{traceId}-{spanId}-01` when metadata is an object with string `traceId` and `spanId`.
+/// `00-{traceId}-{spanId}-01` when metadata is an object with string `traceId` and
+/// `spanId` that are valid W3C trace context ids: 32 and 16 hex digits, not all
+/// zero (written lower-case). Anything else builds no header: a malformed or huge
+/// id must not become a header the broker refuses.
 fn traceparent(metadata: &[u8]) -> Option<String> {
     #[derive(serde::Deserialize)]
     struct Trace<'a> {
@@ -203,7 +235,19 @@ fn traceparent(metadata: &[u8]) -> Option<String> {
         span_id: Option<std::borrow::Cow<'a, str>>,
     }
     let t: Trace = serde_json::from_slice(metadata).ok()?;
-    Some(format!("00-{}-{}-01", t.trace_id?, t.span_id?))
+    let (trace_id, span_id) = (t.trace_id?, t.span_id?);
+    if !is_w3c_id(&trace_id, 32) || !is_w3c_id(&span_id, 16) {
+        return None;
+    }
+    Some(format!(
+        "00-{}-{}-01",
+        trace_id.to_ascii_lowercase(),
+        span_id.to_ascii_lowercase()
+    ))
+}
+
+fn is_w3c_id(id: &str, len: usize) -> bool {
+    id.len() == len && id.bytes().all(|b| b.is_ascii_hexdigit()) && id.bytes().any(|b| b != b'0')
 }
 
 #[cfg(test)]
@@ -329,6 +373,59 @@ mod tests {
         assert_eq!(body["kind"], "malformed");
         assert_eq!(body["rawPayload"], "{nope");
         assert_eq!(m.routing_key.as_str(), "Order.placed");
+    }
+
+    #[test]
+    fn traceparent_is_built_only_from_valid_w3c_ids() {
+        let header = |metadata: &str| {
+            let mut e = event();
+            e.metadata = Some(Bytes::from(metadata.to_string()));
+            let m = encode(&e, 0).unwrap();
+            let h = m.properties.headers().as_ref().unwrap().inner().clone();
+            h.get("traceparent").map(|v| match v {
+                AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+                other => format!("{other:?}"),
+            })
+        };
+        let ok = r#"{"traceId":"4BF92F3577B34DA6A3CE929D0E0E4736","spanId":"00f067aa0ba902b7"}"#;
+        assert_eq!(
+            header(ok).as_deref(),
+            Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+        );
+        let huge = format!(
+            r#"{{"traceId":"{}","spanId":"00f067aa0ba902b7"}}"#,
+            "a".repeat(200_000)
+        );
+        assert_eq!(header(&huge), None, "a 200 KB trace id builds no header");
+        for bad in [
+            r#"{"traceId":"00000000000000000000000000000000","spanId":"00f067aa0ba902b7"}"#,
+            r#"{"traceId":"4bf92f3577b34da6a3ce929d0e0e473","spanId":"00f067aa0ba902b7"}"#,
+            r#"{"traceId":"4bf92f3577b34da6a3ce929d0e0e473g","spanId":"00f067aa0ba902b7"}"#,
+            r#"{"traceId":"4bf92f3577b34da6a3ce929d0e0e4736","spanId":"0000000000000000"}"#,
+            r#"{"traceId":"4bf92f3577b34da6a3ce929d0e0e4736","spanId":7}"#,
+        ] {
+            assert_eq!(header(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_header_frame_length_is_what_goes_on_the_wire() {
+        let m = encode(&event(), 0).unwrap();
+        let props = cookie_factory::gen_simple(
+            lapin::protocol::basic::gen_properties(&m.properties),
+            Vec::new(),
+        )
+        .unwrap();
+        assert_eq!(m.header_len, props.len() + 20);
+        let mut big = event();
+        big.aggregate_id = "x".repeat(200_000);
+        let m = encode(&big, 0).unwrap();
+        assert!(
+            m.header_len > 200_000,
+            "x-aggregate-id carries it: {}",
+            m.header_len
+        );
+        assert!(body_len_at_least(&big) <= m.body.len());
     }
 
     #[test]

@@ -1,27 +1,37 @@
-//! The AMQP side: one long-lived task owns the broker connection and a channel
-//! in confirm mode. It takes publish commands from the relay over a bounded
-//! channel, pipelines them (never one await per message) and reports each
-//! broker answer back. When the connection goes away it says so, reconnects
-//! with backoff and says when it is back; the relay then re-publishes what was
-//! unresolved.
+//! The AMQP side: one long-lived task owns the broker connection, a channel in
+//! confirm mode for the stream, and a second one for dead-letter copies. It takes
+//! publish commands from the relay over a bounded channel, pipelines them (never
+//! one await per message) and reports each broker answer back. When the
+//! connection goes away it says so — and whether the broker closed it in answer to
+//! a publish, so the relay can find that message — reconnects with backoff and
+//! says when it is back; the relay then re-publishes what was unresolved.
+//!
+//! Some publishes go out on an isolated channel, one at a time: dead-letter copies
+//! (an exchange that vanished closes only that channel) and messages the relay
+//! suspects of making the broker close channels. A channel-level refusal there
+//! closes only that channel and is that one message's alone.
 
+mod connect;
 pub mod format;
+mod returns;
 
+pub use connect::{connect, ensure_exchange, exchanges, open, Broker};
 pub use format::OutboundMessage;
 
 use crate::config::AmqpUrl;
-use crate::error::Error;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
-use lapin::types::{FieldTable, ShortString};
-use lapin::{Confirmation, Connection, ConnectionProperties, ExchangeKind};
-use std::collections::HashMap;
+use lapin::options::BasicPublishOptions;
+use lapin::protocol::AMQPErrorKind;
+use lapin::types::ShortString;
+use lapin::{Confirmation, Connection, ErrorKind};
+use returns::Returns;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 /// What the relay asks of the sink.
 #[derive(Debug)]
@@ -32,6 +42,8 @@ pub enum SinkCommand {
         seq: u64,
         generation: u64,
         message: Arc<OutboundMessage>,
+        /// Publish on the isolated channel, alone.
+        isolated: bool,
     },
 }
 
@@ -46,15 +58,44 @@ pub enum Outcome {
     Returned { reply_code: u16, reply_text: String },
     /// The channel was not in confirm mode: never a success.
     NotRequested,
+    /// The broker closed the isolated channel in answer to this publish.
+    Refused(Refusal),
+    /// Not published: its content header frame is larger than the broker's `frame_max`.
+    HeadersTooLarge { bytes: usize, frame_max: usize },
+}
+
+/// The broker's reply when it closed a channel or the connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub reply_code: u16,
+    pub reply_text: String,
 }
 
 /// What the sink tells the relay.
 #[derive(Debug)]
 pub enum SinkEvent {
-    /// Connected, exchange declared, confirm mode on: publish with this generation.
-    Up { generation: u64 },
-    /// The connection of `generation` is gone; nothing published under it will be answered.
-    Down { generation: u64, reason: String },
+    /// Connected, exchanges ready, confirm mode on: publish with this generation.
+    Up {
+        generation: u64,
+        frame_max: usize,
+    },
+    /// The connection of `generation` is gone; nothing published under it will be
+    /// answered. `refusal`: the broker closed it with an error a publish can cause
+    /// (a malformed or oversized message), so one of the unanswered publishes did.
+    Down {
+        generation: u64,
+        reason: String,
+        refusal: Option<Refusal>,
+    },
+    /// The broker stopped reading publishes (a resource alarm): nothing is answered
+    /// until it unblocks, and that is not the messages' fault.
+    Blocked {
+        generation: u64,
+        reason: String,
+    },
+    Unblocked {
+        generation: u64,
+    },
     /// The broker answered these publishes (seq, outcome) of `generation`.
     Confirmed {
         generation: u64,
@@ -67,6 +108,7 @@ pub enum SinkEvent {
 pub struct SinkSettings {
     pub url: AmqpUrl,
     pub exchange: String,
+    pub dead_letter_exchange: Option<String>,
     pub declare_exchange: bool,
     pub reconnect_backoff_max: Duration,
     pub connect_timeout: Duration,
@@ -78,6 +120,7 @@ impl SinkSettings {
         SinkSettings {
             url: amqp.url.clone(),
             exchange: amqp.exchange.clone(),
+            dead_letter_exchange: amqp.dead_letter_exchange.clone(),
             declare_exchange: amqp.declare_exchange,
             reconnect_backoff_max: amqp.reconnect_backoff_max,
             connect_timeout: amqp.connect_timeout,
@@ -85,73 +128,44 @@ impl SinkSettings {
     }
 }
 
-/// An open connection with a confirm-mode channel.
-pub struct Broker {
-    pub connection: Connection,
-    pub channel: lapin::Channel,
-}
+/// The first wait before reconnecting.
+const BACKOFF_BASE: Duration = Duration::from_millis(100);
 
-/// Connects, declares the exchange (topic, durable) when asked and enables confirms,
-/// within `connect_timeout`: a broker that accepts the connection but never answers
-/// (say, while it boots) must not hold the sink forever.
-pub async fn connect(settings: &SinkSettings) -> Result<Broker, Error> {
-    tokio::time::timeout(settings.connect_timeout, connect_now(settings))
-        .await
-        .unwrap_or_else(|_| {
-            Err(Error::AmqpConnectTimeout {
-                url: settings.url.redacted(),
-                timeout: settings.connect_timeout,
-            })
-        })
-}
+/// A connection that lasted this long was healthy: the backoff starts over. One
+/// that the broker closed sooner — say, in answer to a publish — is not evidence
+/// of health, so the reconnect waits keep growing.
+const HEALTHY_AFTER: Duration = Duration::from_secs(10);
 
-async fn connect_now(settings: &SinkSettings) -> Result<Broker, Error> {
-    let props = ConnectionProperties::default()
-        .with_connection_name(format!("outbox-relay {}", env!("CARGO_PKG_VERSION")).into());
-    let connection = Connection::connect(settings.url.expose(), props)
-        .await
-        .map_err(|source| Error::AmqpConnect {
-            url: settings.url.redacted(),
-            source,
-        })?;
-    let channel = connection
-        .create_channel()
-        .await
-        .map_err(|source| Error::Amqp {
-            context: "opening a channel".into(),
-            source,
-        })?;
-    if settings.declare_exchange {
-        channel
-            .exchange_declare(
-                settings.exchange.as_str().into(),
-                ExchangeKind::Topic,
-                ExchangeDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|source| Error::Amqp {
-                context: format!(
-                    "declaring exchange {} (topic, durable); if it exists with another type, pick another [amqp] exchange",
-                    settings.exchange
-                ),
-                source,
-            })?;
+/// Codes a broker closes a channel or connection with in answer to one publish:
+/// precondition failed (message over `max_message_size`), frame, syntax and
+/// command errors, unexpected frame, not implemented. Connection forced (an
+/// operator or a shutdown), access refused and not found (settings) are not a
+/// message's fault.
+const REFUSAL_CODES: [u16; 6] = [406, 501, 502, 503, 505, 540];
+
+/// The broker's reply, when `error` is a close it sent with one of `REFUSAL_CODES`.
+fn refusal(error: &lapin::Error) -> Option<Refusal> {
+    match error.kind() {
+        ErrorKind::ProtocolError(e) if REFUSAL_CODES.contains(&e.get_id()) => Some(Refusal {
+            reply_code: e.get_id(),
+            reply_text: e.get_message().to_string(),
+        }),
+        _ => None,
     }
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .map_err(|source| Error::Amqp {
-            context: "enabling publisher confirms".into(),
-            source,
-        })?;
-    Ok(Broker {
-        connection,
-        channel,
-    })
+}
+
+/// A channel-level close the broker sent (a soft error: the channel is gone, the
+/// connection is not).
+fn channel_close(error: &lapin::Error) -> Option<Refusal> {
+    match error.kind() {
+        ErrorKind::ProtocolError(e) if matches!(e.kind(), AMQPErrorKind::Soft(_)) => {
+            Some(Refusal {
+                reply_code: e.get_id(),
+                reply_text: e.get_message().to_string(),
+            })
+        }
+        _ => None,
+    }
 }
 
 /// One publish until its confirm: gives back its seq and message (for its id).
@@ -164,6 +178,21 @@ type Answer = (
     Result<Confirmation, lapin::Error>,
 );
 
+/// Why `serve` stopped.
+struct Ended {
+    reason: String,
+    refusal: Option<Refusal>,
+}
+
+impl Ended {
+    fn from_error(context: &str, error: &lapin::Error) -> Ended {
+        Ended {
+            reason: format!("{context}: {error}"),
+            refusal: refusal(error),
+        }
+    }
+}
+
 /// Runs the sink until the command channel closes. `first` is the connection
 /// made at start-up (so that start-up failures are reported, not retried).
 pub async fn run(
@@ -175,25 +204,16 @@ pub async fn run(
     let exchange: ShortString = settings.exchange.as_str().into();
     let mut broker = Some(first);
     let mut generation = 0u64;
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = BACKOFF_BASE;
     loop {
         let current = match broker.take() {
             Some(b) => b,
             None => match connect(&settings).await {
-                Ok(b) => {
-                    backoff = Duration::from_millis(100);
-                    b
-                }
+                Ok(b) => b,
                 Err(e) => {
                     tracing::warn!(error = %e, retry_in = ?backoff, "broker unavailable, retrying");
-                    // Keep draining stale commands while waiting so the relay never blocks on us.
-                    let sleep = tokio::time::sleep(backoff);
-                    tokio::pin!(sleep);
-                    loop {
-                        tokio::select! {
-                            _ = &mut sleep => break,
-                            cmd = commands.recv() => if cmd.is_none() { return },
-                        }
+                    if !wait(backoff, &mut commands).await {
+                        return;
                     }
                     backoff = (backoff * 2).min(settings.reconnect_backoff_max);
                     continue;
@@ -201,24 +221,61 @@ pub async fn run(
             },
         };
         generation += 1;
-        if events.send(SinkEvent::Up { generation }).await.is_err() {
+        let frame_max = current.frame_max();
+        if events
+            .send(SinkEvent::Up {
+                generation,
+                frame_max,
+            })
+            .await
+            .is_err()
+        {
             return;
         }
-        tracing::info!(generation, "broker connected, publishing with confirms");
-        let reason = serve(&current, &exchange, generation, &mut commands, &events).await;
-        let Some(reason) = reason else {
+        tracing::info!(
+            generation,
+            frame_max,
+            "broker connected, publishing with confirms"
+        );
+        let up_since = Instant::now();
+        let Some(ended) = serve(&current, &exchange, generation, &mut commands, &events).await
+        else {
             close(&current.connection, 200, "outbox-relay shutting down").await;
             return;
         };
-        tracing::warn!(generation, %reason, "broker connection lost; the relay re-publishes unconfirmed messages after reconnecting");
+        tracing::warn!(generation, reason = %ended.reason, "broker connection lost; the relay re-publishes unconfirmed messages after reconnecting");
         if events
-            .send(SinkEvent::Down { generation, reason })
+            .send(SinkEvent::Down {
+                generation,
+                reason: ended.reason,
+                refusal: ended.refusal,
+            })
             .await
             .is_err()
         {
             return;
         }
         close(&current.connection, 320, "outbox-relay reconnecting").await;
+        if up_since.elapsed() >= HEALTHY_AFTER {
+            backoff = BACKOFF_BASE;
+        }
+        if !wait(backoff, &mut commands).await {
+            return;
+        }
+        backoff = (backoff * 2).min(settings.reconnect_backoff_max);
+    }
+}
+
+/// Waits `delay`, draining stale commands meanwhile so the relay never blocks on
+/// this task. False: the relay closed the command channel.
+async fn wait(delay: Duration, commands: &mut mpsc::Receiver<SinkCommand>) -> bool {
+    let sleep = tokio::time::sleep(delay);
+    tokio::pin!(sleep);
+    loop {
+        tokio::select! {
+            _ = &mut sleep => return true,
+            cmd = commands.recv() => if cmd.is_none() { return false },
+        }
     }
 }
 
@@ -236,15 +293,24 @@ async fn serve(
     generation: u64,
     commands: &mut mpsc::Receiver<SinkCommand>,
     events: &mpsc::Sender<SinkEvent>,
-) -> Option<String> {
+) -> Option<Ended> {
+    let frame_max = broker.frame_max();
     let mut confirms: FuturesUnordered<ConfirmFuture<'_>> = FuturesUnordered::new();
+    let mut isolated = IsolatedLane::default();
     let mut conn_events = Box::pin(broker.connection.events_listener());
-    let options = BasicPublishOptions {
-        mandatory: true,
-        immediate: false,
-    };
     let mut returns = Returns::default();
+    let answer = |outcomes: Vec<(u64, Outcome)>| async move {
+        events
+            .send(SinkEvent::Confirmed {
+                generation,
+                outcomes,
+            })
+            .await
+            .is_ok()
+    };
     loop {
+        // Priority: confirms (they free the relay's window), isolated confirms,
+        // connection events, then new publishes.
         tokio::select! {
             biased;
             Some(first) = confirms.next(), if !confirms.is_empty() => {
@@ -257,20 +323,45 @@ async fn serve(
                 }
                 match returns.classify(batch) {
                     Ok(outcomes) => {
-                        if events.send(SinkEvent::Confirmed { generation, outcomes }).await.is_err() {
+                        if !answer(outcomes).await {
                             return None;
                         }
                     }
-                    Err(reason) => return Some(reason),
+                    Err(e) => return Some(Ended::from_error("publishing", &e)),
+                }
+            }
+            Some(answered) = isolated.in_flight.next(), if !isolated.in_flight.is_empty() => {
+                match isolated.answered(answered) {
+                    Ok(outcome) => {
+                        if !answer(vec![outcome]).await {
+                            return None;
+                        }
+                    }
+                    Err(ended) => return Some(ended),
                 }
             }
             ev = conn_events.next() => {
                 match ev {
-                    Some(lapin::Event::Error(e)) => return Some(format!("connection error: {e}")),
-                    Some(lapin::Event::ConnectionBlocked(r)) => tracing::warn!(reason = %r, "broker blocked publishing (resource alarm); confirms wait until it unblocks"),
-                    Some(lapin::Event::ConnectionUnblocked) => tracing::info!("broker unblocked publishing"),
+                    // A channel the broker closed (a soft error) is the business of the
+                    // publishes on it: their confirms fail, and they are handled there.
+                    Some(lapin::Event::Error(e)) if channel_close(&e).is_some() => {
+                        tracing::debug!(error = %e, "a channel was closed by the broker");
+                    }
+                    Some(lapin::Event::Error(e)) => return Some(Ended::from_error("connection error", &e)),
+                    Some(lapin::Event::ConnectionBlocked(reason)) => {
+                        tracing::warn!(%reason, "broker blocked publishing (resource alarm); publish deadlines are suspended until it unblocks");
+                        if events.send(SinkEvent::Blocked { generation, reason }).await.is_err() {
+                            return None;
+                        }
+                    }
+                    Some(lapin::Event::ConnectionUnblocked) => {
+                        tracing::info!("broker unblocked publishing");
+                        if events.send(SinkEvent::Unblocked { generation }).await.is_err() {
+                            return None;
+                        }
+                    }
                     Some(_) => {}
-                    None => return Some("connection event stream ended".into()),
+                    None => return Some(Ended { reason: "connection event stream ended".into(), refusal: None }),
                 }
             }
             cmd = commands.recv() => {
@@ -280,25 +371,22 @@ async fn serve(
                 // for many frames instead of once per message.
                 let mut next = Some(first);
                 let mut done = Vec::new();
+                let mut refused = Vec::new();
                 let mut published = 0;
-                while let Some(SinkCommand::Publish { seq, generation: g, message }) = next.take() {
+                while let Some(SinkCommand::Publish { seq, generation: g, message, isolated: alone }) = next.take() {
                     if g == generation {
-                        let channel = &broker.channel;
-                        let exchange = message.exchange.clone().unwrap_or_else(|| exchange.clone());
-                        let mut publish: ConfirmFuture<'_> = Box::pin(async move {
-                            let sent = channel
-                                .basic_publish(exchange, message.routing_key.clone(), options, &message.body, message.properties.clone())
-                                .await;
-                            match sent {
-                                Ok(confirm) => (seq, message, confirm.await),
-                                Err(e) => (seq, message, Err(e)),
+                        if message.header_len > frame_max {
+                            refused.push((seq, Outcome::HeadersTooLarge { bytes: message.header_len, frame_max }));
+                        } else if alone || message.exchange.is_some() {
+                            isolated.queue.push_back((seq, message));
+                        } else {
+                            let mut publish = publish(&broker.channel, exchange.clone(), seq, message);
+                            // The first poll queues the frames and takes the delivery tag, so
+                            // publishes leave in command order while their confirms are awaited together.
+                            match futures_util::poll!(publish.as_mut()) {
+                                std::task::Poll::Pending => confirms.push(publish),
+                                std::task::Poll::Ready(result) => done.push(result),
                             }
-                        });
-                        // The first poll queues the frames and takes the delivery tag, so
-                        // publishes leave in command order while their confirms are awaited together.
-                        match futures_util::poll!(publish.as_mut()) {
-                            std::task::Poll::Pending => confirms.push(publish),
-                            std::task::Poll::Ready(result) => done.push(result),
                         }
                         published += 1;
                     }
@@ -308,80 +396,117 @@ async fn serve(
                 }
                 if !done.is_empty() {
                     match returns.classify(done) {
-                        Ok(outcomes) => {
-                            if events.send(SinkEvent::Confirmed { generation, outcomes }).await.is_err() {
-                                return None;
-                            }
-                        }
-                        Err(reason) => return Some(reason),
+                        Ok(outcomes) => refused.extend(outcomes),
+                        Err(e) => return Some(Ended::from_error("publishing", &e)),
                     }
+                }
+                if !refused.is_empty() && !answer(refused).await {
+                    return None;
                 }
             }
         }
+        if let Err(ended) = isolated.start_next(broker, exchange).await {
+            return Some(ended);
+        }
     }
+}
+
+/// Publishes `message` on `channel` and waits for its confirm.
+fn publish<'a>(
+    channel: &'a lapin::Channel,
+    exchange: ShortString,
+    seq: u64,
+    message: Arc<OutboundMessage>,
+) -> ConfirmFuture<'a> {
+    let options = BasicPublishOptions {
+        mandatory: true,
+        immediate: false,
+    };
+    Box::pin(async move {
+        let exchange = message.exchange.clone().unwrap_or(exchange);
+        let sent = channel
+            .basic_publish(
+                exchange,
+                message.routing_key.clone(),
+                options,
+                &message.body,
+                message.properties.clone(),
+            )
+            .await;
+        match sent {
+            Ok(confirm) => (seq, message, confirm.await),
+            Err(e) => (seq, message, Err(e)),
+        }
+    })
 }
 
 /// Most publishes queued in one go before confirms are looked at again.
 const PUBLISH_BATCH: usize = 256;
 
-/// Matches returned (unroutable) messages to their publishes. RabbitMQ sends a
-/// publish's `basic.return` before its `basic.ack`, but lapin attaches each return
-/// to the next confirm it resolves — with `multiple` acks, any of several publishes.
-/// So returns are counted by message id and consumed by that id's own confirm.
+/// Publishes that must not take others down with them: their own channel, one
+/// at a time, so a channel-level refusal (an exchange deleted under the relay, a
+/// message over the broker's `max_message_size`) closes only that channel and is
+/// attributed to the one message that caused it.
 #[derive(Default)]
-struct Returns {
-    /// Returns not yet matched: message id -> (count, reply code, reply text).
-    pending: HashMap<String, (u32, u16, String)>,
+struct IsolatedLane {
+    channel: Option<lapin::Channel>,
+    queue: std::collections::VecDeque<(u64, Arc<OutboundMessage>)>,
+    in_flight: FuturesUnordered<ConfirmFuture<'static>>,
+    returns: Returns,
 }
 
-impl Returns {
-    /// Turns a batch of ready confirms into outcomes; an error means the connection is gone.
-    fn classify(&mut self, batch: Vec<Answer>) -> Result<Vec<(u64, Outcome)>, String> {
-        let mut kinds = Vec::with_capacity(batch.len());
-        for (seq, message, result) in batch {
-            let confirmation = result.map_err(|e| format!("publishing: {e}"))?;
-            let (kind, returned) = match confirmation {
-                Confirmation::Ack(r) => (Outcome::Ack, r),
-                Confirmation::Nack(r) => (Outcome::Nack, r),
-                Confirmation::NotRequested => (Outcome::NotRequested, None),
-            };
-            if let Some(ret) = returned {
-                let id = ret
-                    .delivery
-                    .properties
-                    .message_id()
-                    .as_ref()
-                    .map(|s| s.as_str().to_string())
-                    .unwrap_or_default();
-                let entry = self.pending.entry(id).or_insert((
-                    0,
-                    ret.reply_code,
-                    ret.reply_text.to_string(),
-                ));
-                entry.0 += 1;
-            }
-            kinds.push((seq, message, kind));
+impl IsolatedLane {
+    /// Publishes the next queued message when none is in flight.
+    async fn start_next(&mut self, broker: &Broker, exchange: &ShortString) -> Result<(), Ended> {
+        if !self.in_flight.is_empty() {
+            return Ok(());
         }
-        Ok(kinds
-            .into_iter()
-            .map(|(seq, message, kind)| {
-                let id = message.id.as_str();
-                let outcome = match self.pending.get_mut(id) {
-                    Some(entry) => {
-                        entry.0 -= 1;
-                        let outcome = Outcome::Returned {
-                            reply_code: entry.1,
-                            reply_text: entry.2.clone(),
-                        };
-                        if entry.0 == 0 {
-                            self.pending.remove(id);
-                        }
-                        outcome
-                    }
-                    None => kind,
-                };
-                (seq, outcome)
-            })
-            .collect())
+        let Some((seq, message)) = self.queue.pop_front() else {
+            return Ok(());
+        };
+        let channel = match &self.channel {
+            Some(c) => c.clone(),
+            None => {
+                let c = broker
+                    .confirm_channel("isolated publishes")
+                    .await
+                    .map_err(|e| Ended {
+                        reason: e.to_string(),
+                        refusal: None,
+                    })?;
+                self.channel = Some(c.clone());
+                c
+            }
+        };
+        let exchange = exchange.clone();
+        self.in_flight.push(Box::pin(async move {
+            let answer = publish(&channel, exchange, seq, message).await;
+            drop(channel);
+            answer
+        }));
+        Ok(())
+    }
+
+    /// The broker's answer to the message in flight; a closed channel is that
+    /// message's refusal unless the connection itself is gone.
+    fn answered(&mut self, answer: Answer) -> Result<(u64, Outcome), Ended> {
+        let (seq, message, result) = answer;
+        match result {
+            Err(e) => match channel_close(&e) {
+                Some(refusal) => {
+                    // The channel is gone; the next message opens a new one.
+                    self.channel = None;
+                    Ok((seq, Outcome::Refused(refusal)))
+                }
+                None => Err(Ended::from_error("publishing on the isolated channel", &e)),
+            },
+            Ok(confirmation) => {
+                let mut outcomes = self
+                    .returns
+                    .classify(vec![(seq, message, Ok(confirmation))])
+                    .map_err(|e| Ended::from_error("publishing on the isolated channel", &e))?;
+                Ok(outcomes.remove(0))
+            }
+        }
     }
 }

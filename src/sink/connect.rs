@@ -1,0 +1,162 @@
+//! Connecting to the broker: the connection, a confirm-mode channel, and the
+//! exchanges the relay publishes to (declared, or checked to exist).
+
+use super::SinkSettings;
+use crate::error::Error;
+use lapin::options::{ConfirmSelectOptions, ExchangeDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{Connection, ConnectionProperties, ExchangeKind};
+
+/// An open connection with a confirm-mode channel.
+pub struct Broker {
+    pub connection: Connection,
+    pub channel: lapin::Channel,
+}
+
+impl Broker {
+    /// The frame size negotiated with the broker: a content header frame larger
+    /// than this makes the broker close the connection.
+    pub fn frame_max(&self) -> usize {
+        self.connection.configuration().frame_max() as usize
+    }
+
+    /// Opens another confirm-mode channel on the connection.
+    pub async fn confirm_channel(&self, purpose: &str) -> Result<lapin::Channel, Error> {
+        let channel = self
+            .connection
+            .create_channel()
+            .await
+            .map_err(|source| Error::Amqp {
+                context: format!("opening a channel for {purpose}"),
+                source,
+            })?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|source| Error::Amqp {
+                context: format!("enabling publisher confirms for {purpose}"),
+                source,
+            })?;
+        Ok(channel)
+    }
+}
+
+/// Connects, declares the exchanges (topic, durable) when asked or checks that
+/// they exist, and enables confirms, within `connect_timeout`: a broker that
+/// accepts the connection but never answers (say, while it boots) must not hold
+/// the sink forever.
+pub async fn connect(settings: &SinkSettings) -> Result<Broker, Error> {
+    tokio::time::timeout(settings.connect_timeout, connect_now(settings))
+        .await
+        .unwrap_or_else(|_| {
+            Err(Error::AmqpConnectTimeout {
+                url: settings.url.redacted(),
+                timeout: settings.connect_timeout,
+            })
+        })
+}
+
+/// Opens a connection to the broker, nothing more, within `connect_timeout`.
+pub async fn open(settings: &SinkSettings) -> Result<Connection, Error> {
+    tokio::time::timeout(settings.connect_timeout, open_now(settings))
+        .await
+        .unwrap_or_else(|_| {
+            Err(Error::AmqpConnectTimeout {
+                url: settings.url.redacted(),
+                timeout: settings.connect_timeout,
+            })
+        })
+}
+
+async fn open_now(settings: &SinkSettings) -> Result<Connection, Error> {
+    let props = ConnectionProperties::default()
+        .with_connection_name(format!("outbox-relay {}", env!("CARGO_PKG_VERSION")).into());
+    Connection::connect(settings.url.expose(), props)
+        .await
+        .map_err(|source| Error::AmqpConnect {
+            url: settings.url.redacted(),
+            source,
+        })
+}
+
+/// The exchanges the relay publishes to, with the keys that name them.
+pub fn exchanges(settings: &SinkSettings) -> Vec<(&'static str, &str)> {
+    let mut exchanges = vec![("amqp.exchange", settings.exchange.as_str())];
+    if let Some(dlx) = &settings.dead_letter_exchange {
+        exchanges.push(("amqp.dead_letter_exchange", dlx.as_str()));
+    }
+    exchanges
+}
+
+async fn connect_now(settings: &SinkSettings) -> Result<Broker, Error> {
+    let connection = open_now(settings).await?;
+    for (key, exchange) in exchanges(settings) {
+        ensure_exchange(&connection, key, exchange, settings.declare_exchange).await?;
+    }
+    let broker = Broker {
+        channel: connection
+            .create_channel()
+            .await
+            .map_err(|source| Error::Amqp {
+                context: "opening a channel".into(),
+                source,
+            })?,
+        connection,
+    };
+    broker
+        .channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(|source| Error::Amqp {
+            context: "enabling publisher confirms".into(),
+            source,
+        })?;
+    Ok(broker)
+}
+
+/// Declares `exchange` (topic, durable), or with `declare = false` checks that it
+/// exists, on a channel of its own: a failed passive declare closes its channel.
+pub async fn ensure_exchange(
+    connection: &Connection,
+    key: &'static str,
+    exchange: &str,
+    declare: bool,
+) -> Result<(), Error> {
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(|source| Error::Amqp {
+            context: "opening a channel".into(),
+            source,
+        })?;
+    let result = channel
+        .exchange_declare(
+            exchange.into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                passive: !declare,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    match result {
+        Ok(()) => {
+            let _ = channel.close(200, "exchange checked".into()).await;
+            Ok(())
+        }
+        Err(source) if declare => Err(Error::ExchangeUnusable {
+            key,
+            exchange: exchange.to_string(),
+            hint: "it exists with another type or durability: pick another name, or delete it so it can be declared as a durable topic exchange",
+            source: Box::new(source),
+        }),
+        Err(source) => Err(Error::ExchangeUnusable {
+            key,
+            exchange: exchange.to_string(),
+            hint: "it does not exist and amqp.declare_exchange = false: declare it (topic, durable), or set declare_exchange = true",
+            source: Box::new(source),
+        }),
+    }
+}
