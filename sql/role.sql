@@ -12,3 +12,5 @@ GRANT SELECT, UPDATE, DELETE ON public.outbox_messages TO outbox_relay;
 -- The retry state the relay owns.
 GRANT SELECT, INSERT, UPDATE, DELETE ON public.outbox_relay_parked TO outbox_relay;
 GRANT USAGE ON SEQUENCE public.outbox_relay_parked_seq_seq TO outbox_relay;
+-- The relay's record of its slot (read at start-up, written at start and clean stop).
+GRANT SELECT, INSERT, UPDATE ON public.outbox_relay_slots TO outbox_relay;

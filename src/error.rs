@@ -48,11 +48,25 @@ pub enum Error {
     #[error("publication {publication} does not cover {table}: run ALTER PUBLICATION {publication} ADD TABLE {table}")]
     PublicationMismatch { publication: String, table: String },
 
+    #[error("publication {publication} publishes the partitions of the partitioned table {table} under their own names, which the relay does not read: run ALTER PUBLICATION {publication} SET (publish = 'insert', publish_via_partition_root = true)")]
+    PublicationNotViaRoot { publication: String, table: String },
+
     #[error("publication {publication} does not publish inserts: run ALTER PUBLICATION {publication} SET (publish = 'insert')")]
     PublicationNoInsert { publication: String },
 
     #[error("replication slot {slot} does not exist: run `outbox-relay init` or set [postgres] create_missing = true")]
     SlotMissing { slot: String },
+
+    #[error("replication slot {slot} is gone, but a relay held it before (last seen {seen_at}, at {seen_lsn}): rows committed since then were never read, and a new slot would skip them silently; {pending}. To recover: run `outbox-relay replay --pending --config FILE` (it creates a new slot, then re-publishes the rows still pending, oldest first; consumers deduplicate by message_id), then start the relay")]
+    SlotLost {
+        slot: String,
+        seen_at: String,
+        seen_lsn: String,
+        pending: String,
+    },
+
+    #[error("replication slot {slot} disappeared while the relay was streaming (dropped, or Postgres failed over to a server without it): the relay stops rather than read past what it lost; see `outbox-relay status` and recover with `outbox-relay replay --pending --config FILE`")]
+    SlotVanished { slot: String },
 
     #[error("replication slot {slot} uses plugin '{plugin}' in database '{database}', the relay needs a pgoutput slot in '{expected_database}': drop it (SELECT pg_drop_replication_slot('{slot}')) or choose another [postgres] slot")]
     SlotMismatch {
@@ -103,6 +117,9 @@ pub enum Error {
 
     #[error("cannot listen on {addr} for metrics: {message} (change [metrics] listen, or set it to \"\" to turn the endpoint off)")]
     Listen { addr: String, message: String },
+
+    #[error("cannot replay: {0}")]
+    Replay(String),
 
     #[error("cannot requeue: {0}")]
     Requeue(String),

@@ -26,6 +26,7 @@ pub mod admin;
 pub mod config;
 pub mod error;
 pub mod event;
+pub mod failure;
 pub mod metrics;
 pub mod pg;
 pub mod progress;

@@ -42,6 +42,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Recovery after a lost slot: create a new slot, then re-publish the outbox
+    /// rows still pending, oldest first (Event-Forge tables).
+    Replay {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Re-publish the rows whose status is still 'pending' (required: the only mode).
+        #[arg(long, required = true)]
+        pending: bool,
+        /// Only rows created at or after this time (e.g. "2026-11-28 10:00:00+00").
+        #[arg(long)]
+        since: Option<String>,
+    },
     /// Dead messages: list them, or give them a fresh retry budget.
     Dead {
         #[command(subcommand)]
@@ -86,7 +98,8 @@ fn main() -> ExitCode {
         Command::Dead {
             command: DeadCommand::List { config, .. } | DeadCommand::Requeue { config, .. },
         }
-        | Command::Status { config, .. } => config.config.clone(),
+        | Command::Status { config, .. }
+        | Command::Replay { config, .. } => config.config.clone(),
     };
     let config = match Config::load(&path) {
         Ok(c) => c,
@@ -143,6 +156,12 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<ExitCode> 
                 .await
                 .context("outbox-relay status")?;
             print_as(&status, json)?;
+        }
+        Command::Replay { since, .. } => {
+            let report = admin::replay_pending(&config, since.as_deref())
+                .await
+                .context("outbox-relay replay --pending")?;
+            print!("{report}");
         }
         Command::Dead {
             command: DeadCommand::List { json, .. },

@@ -10,5 +10,6 @@ mod delivery;
 mod isolation;
 mod operate;
 mod ordering;
+mod recovery;
 mod refusal;
 mod retry;

@@ -3,6 +3,7 @@
 use crate::config::Config;
 use crate::error::Error;
 use crate::pg::catalog::{self, PublicationState};
+use crate::pg::slots::{self, SlotRecords};
 use crate::sink::{self, SinkSettings};
 
 /// Every check's result, in order.
@@ -99,93 +100,8 @@ pub async fn check(config: &Config) -> Checks {
                 ),
                 Err(e) => fail("replication privilege", e.to_string()),
             });
-            let publication = &config.postgres.publication;
-            out.push(
-                match catalog::publication_state(&sql, publication, table).await {
-                    Ok(PublicationState::Missing) if config.postgres.create_missing => pass(
-                        "publication",
-                        format!("{publication} missing; `run` creates it (create_missing = true)"),
-                    ),
-                    Ok(PublicationState::Missing) => fail(
-                        "publication",
-                        Error::PublicationMissing {
-                            publication: publication.clone(),
-                            table: table.to_string(),
-                        }
-                        .to_string(),
-                    ),
-                    Ok(PublicationState::Present {
-                        covers_table: false,
-                        ..
-                    }) => fail(
-                        "publication",
-                        Error::PublicationMismatch {
-                            publication: publication.clone(),
-                            table: table.to_string(),
-                        }
-                        .to_string(),
-                    ),
-                    Ok(PublicationState::Present {
-                        publishes_insert: false,
-                        ..
-                    }) => fail(
-                        "publication",
-                        Error::PublicationNoInsert {
-                            publication: publication.clone(),
-                        }
-                        .to_string(),
-                    ),
-                    Ok(PublicationState::Present { .. }) => pass(
-                        "publication",
-                        format!("{publication} publishes inserts of {table}"),
-                    ),
-                    Err(e) => fail("publication", e.to_string()),
-                },
-            );
-            let slot = &config.postgres.slot;
-            out.push(match catalog::slot_state(&sql, slot).await {
-                Ok(None) if config.postgres.create_missing => pass(
-                    "slot",
-                    format!("{slot} missing; `run` creates it (create_missing = true)"),
-                ),
-                Ok(None) => fail(
-                    "slot",
-                    Error::SlotMissing { slot: slot.clone() }.to_string(),
-                ),
-                Ok(Some(s))
-                    if s.plugin.as_deref() != Some("pgoutput")
-                        || s.database.as_deref() != Some(target.dbname.as_str()) =>
-                {
-                    fail(
-                        "slot",
-                        Error::SlotMismatch {
-                            slot: slot.clone(),
-                            plugin: s.plugin.unwrap_or_else(|| "physical".into()),
-                            database: s.database.unwrap_or_default(),
-                            expected_database: target.dbname.clone(),
-                        }
-                        .to_string(),
-                    )
-                }
-                Ok(Some(s)) => {
-                    let at = s
-                        .confirmed_flush
-                        .map(|l| l.to_string())
-                        .unwrap_or_else(|| "?".into());
-                    let lag = s
-                        .lag_bytes
-                        .map(|b| format!(", {b} bytes behind"))
-                        .unwrap_or_default();
-                    match s.active_pid {
-                        Some(pid) => pass(
-                            "slot",
-                            format!("{slot} at {at}{lag}; active, held by pid {pid}"),
-                        ),
-                        None => pass("slot", format!("{slot} at {at}{lag}; inactive")),
-                    }
-                }
-                Err(e) => fail("slot", e.to_string()),
-            });
+            out.push(publication_check(&sql, config).await);
+            out.push(slot_check(&sql, config).await);
         }
     }
     // The exchanges are declared only where the relay would declare them
@@ -240,5 +156,78 @@ fn exchange_check(key: &str) -> &'static str {
         "dead-letter exchange"
     } else {
         "exchange"
+    }
+}
+
+async fn publication_check(sql: &tokio_postgres::Client, config: &Config) -> Check {
+    let (publication, table) = (&config.postgres.publication, &config.postgres.table);
+    let state = match catalog::publication_state(sql, publication, table).await {
+        Ok(s) => s,
+        Err(e) => return fail("publication", e.to_string()),
+    };
+    if state == PublicationState::Missing && config.postgres.create_missing {
+        return pass(
+            "publication",
+            format!("{publication} missing; `run` creates it (create_missing = true)"),
+        );
+    }
+    let partitioned = match catalog::is_partitioned(sql, table).await {
+        Ok(p) => p,
+        Err(e) => return fail("publication", e.to_string()),
+    };
+    match catalog::publication_problem(&state, publication, table, partitioned) {
+        Some(e) => fail("publication", e.to_string()),
+        None if partitioned => pass(
+            "publication",
+            format!("{publication} publishes inserts of the partitioned {table} via its root"),
+        ),
+        None => pass(
+            "publication",
+            format!("{publication} publishes inserts of {table}"),
+        ),
+    }
+}
+
+async fn slot_check(sql: &tokio_postgres::Client, config: &Config) -> Check {
+    let pg = &config.postgres;
+    let slot = &pg.slot;
+    let state = match catalog::slot_state(sql, slot).await {
+        Ok(s) => s,
+        Err(e) => return fail("slot", e.to_string()),
+    };
+    let Some(s) = state else {
+        let records = SlotRecords::next_to(&pg.retry_table);
+        return match slots::missing_slot(sql, &records, slot, &pg.table).await {
+            Ok(Some(lost)) => fail("slot", lost.to_string()),
+            Ok(None) if pg.create_missing => pass(
+                "slot",
+                format!(
+                    "{slot} missing; `run` creates it on its first start (create_missing = true)"
+                ),
+            ),
+            Ok(None) => fail(
+                "slot",
+                Error::SlotMissing { slot: slot.clone() }.to_string(),
+            ),
+            Err(e) => fail("slot", e.to_string()),
+        };
+    };
+    if let Err(e) = catalog::check_slot(&s, slot, &pg.target.dbname) {
+        return fail("slot", e.to_string());
+    }
+    let at = s
+        .confirmed_flush
+        .map(|l| l.to_string())
+        .unwrap_or_else(|| "?".into());
+    let lag = s
+        .lag_bytes
+        .map(|b| format!(", {b} bytes behind"))
+        .unwrap_or_default();
+    match s.active_pid {
+        Some(pid) => pass(
+            "slot",
+            format!("{slot} at {at}{lag}; active, held by pid {pid}"),
+        ),
+        None => pass("slot", format!("{slot} at {at}{lag}; inactive")),
     }
 }

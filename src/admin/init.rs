@@ -5,6 +5,7 @@ use super::retry_table;
 use crate::config::{Config, Mapping};
 use crate::error::Error;
 use crate::pg::catalog;
+use crate::pg::slots::{self, SlotRecords};
 
 /// Creates what is missing; returns one line per object saying what was done.
 pub async fn init(config: &Config) -> Result<Vec<String>, Error> {
@@ -46,9 +47,16 @@ pub async fn init(config: &Config) -> Result<Vec<String>, Error> {
         retry.name(),
         if created { "created" } else { "exists" }
     ));
+    let records = SlotRecords::next_to(&pg.retry_table);
+    let created = records.create_if_missing(&sql).await?;
+    lines.push(format!(
+        "slot records {}: {}",
+        records.name(),
+        if created { "created" } else { "exists" }
+    ));
     catalog::require_logical(&sql).await?;
     let existed = catalog::slot_state(&sql, &pg.slot).await?.is_some();
-    let slot = catalog::ensure_slot(&sql, &pg.slot, &pg.target.dbname, true).await?;
+    let slot = slots::ensure_slot(&sql, &records, &pg.slot, &pg.target.dbname, table, true).await?;
     lines.push(format!(
         "slot {}: {} at {}",
         pg.slot,

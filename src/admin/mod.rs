@@ -1,15 +1,17 @@
 //! Operator commands: `init` (create what is missing), `check` (preflight),
-//! `status`, and `dead list` / `dead requeue`. Each returns typed values whose
+//! `status`, `dead list` / `dead requeue`, and `replay --pending`. Each returns typed values whose
 //! `Display` is what the command prints.
 
 mod check;
 mod dead;
 mod init;
+mod replay;
 mod status;
 
 pub use check::{check, Check, Checks};
 pub use dead::{dead_list, dead_requeue, DeadList};
 pub use init::init;
+pub use replay::{replay_pending, ReplayReport};
 pub use status::{status, SlotStatus, Status};
 
 use crate::config::Config;

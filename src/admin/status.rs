@@ -4,6 +4,7 @@ use super::retry_table;
 use crate::config::Config;
 use crate::error::Error;
 use crate::pg::catalog;
+use crate::pg::slots::SlotRecords;
 
 /// The replication slot as `status` shows it.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -25,17 +26,30 @@ pub struct Status {
     pub dead_letters: i64,
     /// Age of the oldest message in retry state, in seconds.
     pub oldest_pending_age_seconds: Option<f64>,
+    /// Outbox rows whose status is still 'pending' (Event-Forge tables; `null` otherwise).
+    pub outbox_pending: Option<i64>,
+    /// Age of the oldest of them, in seconds.
+    pub outbox_oldest_pending_age_seconds: Option<f64>,
+    /// When a relay last started on the slot or stopped cleanly (the slot record).
+    pub slot_last_seen: Option<String>,
 }
 
 impl std::fmt::Display for Status {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let s = &self.slot;
         if !s.exists {
-            writeln!(
-                f,
-                "slot            {}: missing (`outbox-relay init` creates it)",
-                s.name
-            )?;
+            match &self.slot_last_seen {
+                Some(seen) => writeln!(
+                    f,
+                    "slot            {}: LOST — a relay held it until {seen}; rows committed since were not read: recover with `outbox-relay replay --pending`",
+                    s.name
+                )?,
+                None => writeln!(
+                    f,
+                    "slot            {}: missing (`outbox-relay init` creates it)",
+                    s.name
+                )?,
+            }
         } else {
             let holder = match (s.active, s.holder_pid) {
                 (true, Some(pid)) => format!("active, held by pid {pid}"),
@@ -58,9 +72,20 @@ impl std::fmt::Display for Status {
         writeln!(f, "retries pending {}", self.retries_pending)?;
         writeln!(f, "dead letters    {}", self.dead_letters)?;
         match self.oldest_pending_age_seconds {
-            Some(age) => writeln!(f, "oldest pending  {age:.1} s"),
-            None => writeln!(f, "oldest pending  -"),
+            Some(age) => writeln!(f, "oldest pending  {age:.1} s")?,
+            None => writeln!(f, "oldest pending  -")?,
         }
+        match (self.outbox_pending, self.outbox_oldest_pending_age_seconds) {
+            (Some(n), Some(age)) => {
+                writeln!(f, "outbox pending  {n} row(s), the oldest {age:.1} s old")?
+            }
+            (Some(n), None) => writeln!(f, "outbox pending  {n} row(s)")?,
+            (None, _) => writeln!(f, "outbox pending  - (the table has no status column)")?,
+        }
+        if let (true, Some(seen)) = (s.exists, &self.slot_last_seen) {
+            writeln!(f, "slot last seen  {seen}")?;
+        }
+        Ok(())
     }
 }
 
@@ -85,8 +110,20 @@ pub async fn status(config: &Config) -> Result<Status, Error> {
     } else {
         None
     };
+    let pending = catalog::pending_rows(&sql, &config.postgres.table).await?;
+    let records = SlotRecords::next_to(&config.postgres.retry_table);
+    let last_seen = match catalog::table_columns(&sql, records.name()).await? {
+        Some(_) => records
+            .get(&sql, &config.postgres.slot)
+            .await?
+            .map(|r| r.seen_at),
+        None => None,
+    };
     Ok(Status {
         slot,
+        outbox_pending: pending.as_ref().map(|p| p.count),
+        outbox_oldest_pending_age_seconds: pending.and_then(|p| p.oldest_age_seconds),
+        slot_last_seen: last_seen,
         retries_pending: summary.map_or(0, |s| s.parked),
         dead_letters: summary.map_or(0, |s| s.dead),
         oldest_pending_age_seconds: summary.and_then(|s| s.oldest_parked_seconds),

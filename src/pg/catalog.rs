@@ -84,11 +84,30 @@ pub async fn can_replicate(client: &Client) -> Result<bool, Error> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PublicationState {
     Missing,
-    /// Exists; whether it covers the table and publishes inserts.
+    /// Exists; whether it covers the table, publishes inserts, and publishes the
+    /// changes of a partitioned table under the root's name.
     Present {
         covers_table: bool,
         publishes_insert: bool,
+        via_root: bool,
     },
+}
+
+/// Whether the table is partitioned (its rows live in partitions, whose changes
+/// the stream names after the partitions unless the publication says otherwise).
+pub async fn is_partitioned(client: &Client, table: &TableName) -> Result<bool, Error> {
+    const CONTEXT: &str = "looking up the outbox table's kind";
+    let row = client
+        .query_opt(
+            "select c.relkind = 'p' from pg_class c join pg_namespace n on n.oid = c.relnamespace \
+             where n.nspname = $1 and c.relname = $2",
+            &[&table.schema, &table.name],
+        )
+        .await
+        .map_err(query_err(CONTEXT))?;
+    row.map(|r| get(&r, 0, CONTEXT))
+        .transpose()
+        .map(|p| p.unwrap_or(false))
 }
 
 pub async fn publication_state(
@@ -96,17 +115,21 @@ pub async fn publication_state(
     publication: &str,
     table: &TableName,
 ) -> Result<PublicationState, Error> {
+    const CONTEXT: &str = "looking up the publication";
     let row = client
         .query_opt(
-            "select pubinsert, puballtables from pg_publication where pubname = $1",
+            "select pubinsert, pubviaroot from pg_publication where pubname = $1",
             &[&publication],
         )
         .await
-        .map_err(query_err("looking up the publication"))?;
+        .map_err(query_err(CONTEXT))?;
     let Some(row) = row else {
         return Ok(PublicationState::Missing);
     };
-    let publishes_insert: bool = get(&row, 0, "looking up the publication")?;
+    let publishes_insert: bool = get(&row, 0, CONTEXT)?;
+    let via_root: bool = get(&row, 1, CONTEXT)?;
+    // pg_publication_tables lists a partitioned table itself only when the
+    // publication publishes via the root; otherwise it lists its partitions.
     let covers = client
         .query_opt(
             "select 1 from pg_publication_tables where pubname = $1 and schemaname = $2 and tablename = $3",
@@ -118,16 +141,18 @@ pub async fn publication_state(
     Ok(PublicationState::Present {
         covers_table: covers,
         publishes_insert,
+        via_root,
     })
 }
 
+/// Inserts only, and a partitioned table's changes under the root's name.
 pub async fn create_publication(
     client: &Client,
     publication: &str,
     table: &TableName,
 ) -> Result<(), Error> {
     let sql = format!(
-        "create publication {} for table {} with (publish = 'insert')",
+        "create publication {} for table {} with (publish = 'insert', publish_via_partition_root = true)",
         quote_ident(publication),
         table.quoted()
     );
@@ -136,36 +161,61 @@ pub async fn create_publication(
     ))
 }
 
-/// The publication exists (created when `create` is set), covers the table and publishes inserts.
-pub async fn ensure_publication(
-    client: &Client,
+/// What is wrong with the publication for this table, if anything.
+pub fn publication_problem(
+    state: &PublicationState,
     publication: &str,
     table: &TableName,
-    create: bool,
-) -> Result<bool, Error> {
-    match publication_state(client, publication, table).await? {
-        PublicationState::Missing if create => {
-            create_publication(client, publication, table).await?;
-            Ok(true)
-        }
-        PublicationState::Missing => Err(Error::PublicationMissing {
+    partitioned: bool,
+) -> Option<Error> {
+    match *state {
+        PublicationState::Missing => Some(Error::PublicationMissing {
+            publication: publication.to_string(),
+            table: table.to_string(),
+        }),
+        // Checked before coverage: without via_root the partitions are listed, not
+        // the table, and the fix is this setting, not ADD TABLE.
+        PublicationState::Present {
+            via_root: false, ..
+        } if partitioned => Some(Error::PublicationNotViaRoot {
             publication: publication.to_string(),
             table: table.to_string(),
         }),
         PublicationState::Present {
             covers_table: false,
             ..
-        } => Err(Error::PublicationMismatch {
+        } => Some(Error::PublicationMismatch {
             publication: publication.to_string(),
             table: table.to_string(),
         }),
         PublicationState::Present {
             publishes_insert: false,
             ..
-        } => Err(Error::PublicationNoInsert {
+        } => Some(Error::PublicationNoInsert {
             publication: publication.to_string(),
         }),
-        PublicationState::Present { .. } => Ok(false),
+        PublicationState::Present { .. } => None,
+    }
+}
+
+/// The publication exists (created when `create` is set), covers the table,
+/// publishes inserts and, for a partitioned table, publishes via its root.
+/// True: it was created.
+pub async fn ensure_publication(
+    client: &Client,
+    publication: &str,
+    table: &TableName,
+    create: bool,
+) -> Result<bool, Error> {
+    let state = publication_state(client, publication, table).await?;
+    if state == PublicationState::Missing && create {
+        create_publication(client, publication, table).await?;
+        return Ok(true);
+    }
+    let partitioned = is_partitioned(client, table).await?;
+    match publication_problem(&state, publication, table, partitioned) {
+        Some(e) => Err(e),
+        None => Ok(false),
     }
 }
 
@@ -201,38 +251,24 @@ pub async fn slot_state(client: &Client, slot: &str) -> Result<Option<SlotState>
     }))
 }
 
-/// Checks the slot fits this relay; creates it when missing and `create` is set.
-/// Returns the slot's state after that.
-pub async fn ensure_slot(
-    client: &Client,
-    slot: &str,
-    dbname: &str,
-    create: bool,
-) -> Result<SlotState, Error> {
-    let state = match slot_state(client, slot).await? {
-        Some(s) => s,
-        None if create => {
-            client
-                .query_one(
-                    "select lsn::text from pg_create_logical_replication_slot($1, 'pgoutput')",
-                    &[&slot],
-                )
-                .await
-                .map_err(query_err("creating the replication slot (needs REPLICATION and a free slot: raise max_replication_slots)"))?;
-            slot_state(client, slot)
-                .await?
-                .ok_or_else(|| Error::SlotMissing {
-                    slot: slot.to_string(),
-                })?
-        }
-        None => {
-            return Err(Error::SlotMissing {
-                slot: slot.to_string(),
-            })
-        }
-    };
+/// Creates a pgoutput slot; returns the LSN it starts at.
+pub async fn create_slot(client: &Client, slot: &str) -> Result<Lsn, Error> {
+    const CONTEXT: &str = "creating the replication slot (needs REPLICATION and a free slot: raise max_replication_slots)";
+    let row = client
+        .query_one(
+            "select lsn::text from pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&slot],
+        )
+        .await
+        .map_err(query_err(CONTEXT))?;
+    let lsn: String = get(&row, 0, CONTEXT)?;
+    Ok(Lsn::parse(&lsn).unwrap_or(Lsn::from_u64(0)))
+}
+
+/// The slot is a pgoutput slot in `dbname`.
+pub fn check_slot(state: &SlotState, slot: &str, dbname: &str) -> Result<(), Error> {
     match (&state.plugin, &state.database) {
-        (Some(p), Some(d)) if p == "pgoutput" && d == dbname => Ok(state),
+        (Some(p), Some(d)) if p == "pgoutput" && d == dbname => Ok(()),
         (plugin, database) => Err(Error::SlotMismatch {
             slot: slot.to_string(),
             plugin: plugin.clone().unwrap_or_else(|| "physical".into()),
@@ -282,6 +318,47 @@ pub async fn table_column_types<C: tokio_postgres::GenericClient>(
             ))
         })
         .collect()
+}
+
+/// Outbox rows still `pending`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PendingRows {
+    pub count: i64,
+    /// When the oldest was created (ISO-8601, UTC).
+    pub oldest: Option<String>,
+    /// How long ago, in seconds.
+    pub oldest_age_seconds: Option<f64>,
+}
+
+/// Outbox rows still `pending`, for tables with a `status` and a `created_at`
+/// column; `None` for other layouts.
+pub async fn pending_rows(
+    client: &Client,
+    table: &TableName,
+) -> Result<Option<PendingRows>, Error> {
+    const CONTEXT: &str = "counting the outbox rows still pending";
+    let Some(columns) = table_columns(client, table).await? else {
+        return Ok(None);
+    };
+    if !columns.iter().any(|c| c == "status") || !columns.iter().any(|c| c == "created_at") {
+        return Ok(None);
+    }
+    let row = client
+        .query_one(
+            &format!(
+                "select count(*), to_char(min(created_at) at time zone 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), \
+                 extract(epoch from now() - min(created_at))::float8 from {} where status = 'pending'",
+                table.quoted()
+            ),
+            &[],
+        )
+        .await
+        .map_err(query_err(CONTEXT))?;
+    Ok(Some(PendingRows {
+        count: get(&row, 0, CONTEXT)?,
+        oldest: get(&row, 1, CONTEXT)?,
+        oldest_age_seconds: get(&row, 2, CONTEXT)?,
+    }))
 }
 
 /// Parses Postgres's "replication slot \"x\" is active for PID 123".

@@ -5,6 +5,7 @@
 pub mod catalog;
 pub mod connect;
 pub mod names;
+pub mod slots;
 pub mod target;
 
 pub use names::{quote_ident, TableName};

@@ -6,8 +6,7 @@
 //!   accounting, publish deadlines;
 //! - [`parked`]: which aggregates have retry state and which heads are due;
 //! - [`retries`]: parking messages and re-publishing retried heads;
-//! - [`startup`]: preflight, slot take-over and standby wait, heartbeat;
-//! - [`failure`]: why a message failed, with its metric label.
+//! - [`startup`]: preflight, slot take-over and standby wait, heartbeat.
 //!
 //! One row's path: `source` hands an XLogData payload to the decoder, which
 //! makes an `OutboxEvent`; `sink::format` turns it into an AMQP message; the
@@ -17,7 +16,6 @@
 //! and committed, the commit's end LSN is set as applied on the replication
 //! client, whose worker reports it to the server.
 
-mod failure;
 mod fastmap;
 mod parked;
 mod retries;
@@ -29,13 +27,13 @@ pub use startup::heartbeat_application_name;
 use crate::config::{Config, OnSuccess};
 use crate::error::Error;
 use crate::event::{OutboxEvent, Row};
+use crate::failure::Failure;
 use crate::metrics::{self, Health, Problem};
 use crate::progress::{Tracker, TxnId};
 use crate::retry::{Load, Park, Store, StoreCommand, StoreEvent, StoreSettings};
 use crate::sink::{self, SinkCommand, SinkEvent, SinkSettings};
 use crate::source::{decode::DecodeError, Decoded, Decoder, SourceSettings};
 use crate::time::{now_micros, sleep_until_opt, PG_EPOCH_OFFSET_MICROS};
-use failure::Failure;
 use futures_util::FutureExt;
 use lapin::types::ShortString;
 use parked::{Parked, MAX_LOADING};
@@ -160,6 +158,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         relay.parked.adopt(head);
     }
     let result = relay.main_loop(ev_rx, store_ev_rx, shutdown).await;
+    if result.is_ok() {
+        startup::record_stop(&relay.config, relay.applied).await;
+    }
     // Closing the command channels ends the sink task (which closes the broker
     // connection) and the store task (after it flushes pending on_success updates).
     drop(relay);

@@ -2,10 +2,10 @@
 //! retried heads when they are due, and dead-lettering heads out of retries.
 //! The commands go to the store task; its answers come back as `StoreEvent`s.
 
-use super::failure::Failure;
 use super::window::{Origin, Resolved, Seq};
 use super::Relay;
 use crate::event::{AggregateKey, Row};
+use crate::failure::Failure;
 use crate::metrics;
 use crate::retry::{Load, Loaded, Park, ParkItem, StoreCommand, StoreEvent};
 use crate::sink::{self, OutboundMessage};

@@ -5,6 +5,7 @@
 use crate::config::Config;
 use crate::error::Error;
 use crate::metrics::Health;
+use crate::pg::slots::{self, SlotRecords};
 use crate::pg::{catalog, connect::application_name, PgTarget};
 use crate::source::{self, SourceSettings};
 use pgwire_replication::{Lsn, ReplicationClient};
@@ -36,8 +37,35 @@ pub async fn preflight(config: &Config) -> Result<(), Error> {
     if catalog::ensure_publication(&sql, &pg.publication, &pg.table, pg.create_missing).await? {
         tracing::info!(publication = %pg.publication, table = %pg.table, "created publication (inserts only)");
     }
-    catalog::ensure_slot(&sql, &pg.slot, &pg.target.dbname, pg.create_missing).await?;
+    let records = SlotRecords::next_to(&pg.retry_table);
+    slots::ensure_slot(
+        &sql,
+        &records,
+        &pg.slot,
+        &pg.target.dbname,
+        &pg.table,
+        pg.create_missing,
+    )
+    .await?;
     Ok(())
+}
+
+/// Records where a cleanly stopping relay left its slot (best effort: the record
+/// is what tells a later start that the slot existed).
+pub async fn record_stop(config: &Config, applied: Lsn) {
+    let pg = &config.postgres;
+    let records = SlotRecords::next_to(&pg.retry_table);
+    let recorded = async {
+        let sql = pg.target.connect().await?;
+        records.seen(&sql, &pg.slot, &pg.table, Some(applied)).await
+    };
+    match tokio::time::timeout(Duration::from_secs(5), recorded).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "could not record the slot's position at stop"),
+        Err(_) => tracing::warn!(
+            "could not record the slot's position at stop: Postgres did not answer within 5 s"
+        ),
+    }
 }
 
 /// Opens the replication stream from the slot's confirmed position, or from
@@ -49,7 +77,7 @@ pub async fn open_stream(
     let sql = settings.target.connect().await?;
     let state = catalog::slot_state(&sql, &settings.slot)
         .await?
-        .ok_or_else(|| Error::SlotMissing {
+        .ok_or_else(|| Error::SlotVanished {
             slot: settings.slot.clone(),
         })?;
     drop(sql);

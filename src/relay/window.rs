@@ -16,10 +16,10 @@
 //! answer, so the one that makes the broker close the connection again is found —
 //! it alone fails — and everything else goes on.
 
-use super::failure::Failure;
 use super::fastmap::FastMap;
 use crate::config::Ordering;
 use crate::event::{AggregateKey, Row};
+use crate::failure::Failure;
 use crate::progress::TxnId;
 use crate::sink::OutboundMessage;
 use std::cmp::Reverse;

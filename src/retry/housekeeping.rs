@@ -32,6 +32,8 @@ const SUCCEEDED_BATCH: usize = 1000;
 struct TableShape {
     /// `select c1::text, c2::text, ... from t where id = $1::text::<type>`
     reread_sql: String,
+    /// `select o.c1::text, ... from t` (callers add the alias `o` and the rest).
+    select_sql: String,
     resolved: ResolvedMapping,
     /// SQL type of the id column, for casts.
     id_type: String,
@@ -109,6 +111,49 @@ impl Housekeeping {
                     .map_err(|e| format!("column #{idx} cannot be read as text: {e}"))
             })
         }))
+    }
+
+    /// The oldest outbox rows still `pending` (created at or before `until`, and
+    /// at or after `since`), in creation order, that have no retry state of this
+    /// slot: what `replay --pending` re-publishes. `None` for tables without a
+    /// status column.
+    #[allow(clippy::result_large_err, clippy::type_complexity)]
+    pub async fn pending_page(
+        &self,
+        client: &impl GenericClient,
+        retry: &super::queries::RetryTable,
+        until: &str,
+        since: Option<&str>,
+        limit: i64,
+    ) -> Result<Option<Vec<Result<OutboxEvent, MalformedRow>>>, Error> {
+        if !self.shape.mirror {
+            return Ok(None);
+        }
+        let sql = format!(
+            "{} o where o.status = 'pending' and o.created_at <= $1::text::timestamptz \
+             and ($2::text is null or o.created_at >= $2::text::timestamptz) \
+             and not exists (select 1 from {} r where r.slot = $3 and r.id = o.{}::text) \
+             order by o.created_at, o.{} limit $4",
+            self.shape.select_sql,
+            retry.name().quoted(),
+            quote_ident(self.id_column),
+            quote_ident(self.id_column),
+        );
+        let rows = client
+            .query(&sql, &[&until, &since, &retry.slot(), &limit])
+            .await
+            .map_err(query_err("reading the outbox rows still pending"))?;
+        Ok(Some(
+            rows.iter()
+                .map(|r| {
+                    self.shape.resolved.build(|idx| {
+                        r.try_get::<_, Option<String>>(idx)
+                            .map(|v| v.map(Bytes::from))
+                            .map_err(|e| format!("column #{idx} cannot be read as text: {e}"))
+                    })
+                })
+                .collect(),
+        ))
     }
 
     /// Shows retry state in an Event-Forge row's own columns (no-op for other tables).
@@ -318,10 +363,20 @@ async fn table_shape(
         table.quoted(),
         quote_ident(mapping.id)
     );
+    let select_sql = format!(
+        "select {} from {}",
+        names
+            .iter()
+            .map(|n| format!("o.{}::text", quote_ident(n)))
+            .collect::<Vec<_>>()
+            .join(", "),
+        table.quoted()
+    );
     let mirror = RETRY_COLUMNS.iter().all(|c| names.contains(c));
     let has_max_retries = mapping.max_retries.is_some_and(|c| names.contains(&c));
     Ok(TableShape {
         reread_sql,
+        select_sql,
         resolved,
         id_type,
         mirror,

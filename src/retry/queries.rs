@@ -74,6 +74,10 @@ impl RetryTable {
         &self.table
     }
 
+    pub fn slot(&self) -> &str {
+        &self.slot
+    }
+
     /// The DDL of `sql/outbox_relay_parked.sql` for this table's name.
     pub fn ddl(&self) -> String {
         ddl(&self.table)
@@ -325,6 +329,35 @@ impl RetryTable {
                     due: get(r, 3, CONTEXT)?,
                 })
             })
+            .collect()
+    }
+
+    /// Which of these aggregates (type, id) have rows that hold them.
+    pub async fn held_among(
+        &self,
+        client: &impl GenericClient,
+        aggregates: &[(String, String)],
+    ) -> Result<Vec<(String, String)>, Error> {
+        const CONTEXT: &str = "looking up which aggregates have retry state";
+        let (types, ids): (Vec<&str>, Vec<&str>) = aggregates
+            .iter()
+            .map(|(t, i)| (t.as_str(), i.as_str()))
+            .unzip();
+        let rows = client
+            .query(
+                &format!(
+                    "select distinct r.aggregate_type, r.aggregate_id from {} r \
+                     join unnest($2::text[], $3::text[]) as a(t, i) on r.aggregate_type = a.t and r.aggregate_id = a.i \
+                     where r.slot = $1 and {}",
+                    self.table.quoted(),
+                    self.blockers.replace("status", "r.status")
+                ),
+                &[&self.slot, &types, &ids],
+            )
+            .await
+            .map_err(query_err(CONTEXT))?;
+        rows.iter()
+            .map(|r| Ok((get(r, 0, CONTEXT)?, get(r, 1, CONTEXT)?)))
             .collect()
     }
 

@@ -473,6 +473,13 @@ async fn drop_pg_objects(db: &Client, slot: &str, publication: &str, table: &str
     let _ = db
         .batch_execute(&format!("drop publication if exists \"{publication}\""))
         .await;
+    // The relay's record of the slot: without it a re-run would be refused as a lost slot.
+    let _ = db
+        .execute(
+            "delete from public.outbox_relay_slots where slot = $1",
+            &[&slot],
+        )
+        .await;
     let _ = db
         .batch_execute(&format!("drop table if exists {table}"))
         .await;

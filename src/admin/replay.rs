@@ -1,0 +1,258 @@
+//! `outbox-relay replay --pending [--since TIME]`: the recovery after a lost slot.
+//! Creates a new slot (so nothing committed from now on is missed), then
+//! re-publishes the outbox rows still `pending` that were created before that,
+//! oldest first, in the Event-Forge wire format with confirms, and marks them as
+//! `on_success` says. Rows of an aggregate with retry state are parked behind it
+//! (the relay delivers them in order); a row the broker refuses is parked with its
+//! reason. Consumers deduplicate by `message_id`: a row that was delivered but not
+//! yet marked when the slot was lost goes out twice.
+
+use super::retry_table;
+use crate::config::{Config, OnSuccess};
+use crate::error::Error;
+use crate::event::{AggregateKey, OutboxEvent, Row};
+use crate::failure::Failure;
+use crate::pg::slots::SlotRecords;
+use crate::pg::{catalog, get, query_err};
+use crate::retry::housekeeping::Housekeeping;
+use crate::retry::ParkItem;
+use crate::sink::{self, SinkSettings};
+use lapin::options::BasicPublishOptions;
+use lapin::Confirmation;
+use std::collections::HashSet;
+use std::sync::Arc;
+
+/// Rows read and published per round.
+const PAGE: i64 = 500;
+
+/// What `replay` did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ReplayReport {
+    /// The LSN of the slot created for the recovery, when there was none.
+    pub slot_created_at: Option<String>,
+    /// Rows the broker acked.
+    pub published: u64,
+    /// Rows parked in the retry table (behind their aggregate's retry state, refused, or malformed).
+    pub parked: u64,
+}
+
+impl std::fmt::Display for ReplayReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(lsn) = &self.slot_created_at {
+            writeln!(f, "created a new slot at {lsn}")?;
+        }
+        writeln!(
+            f,
+            "re-published {} pending row(s); parked {} for the relay to retry in order",
+            self.published, self.parked
+        )
+    }
+}
+
+/// Re-publishes the rows still pending (created at or after `since`, a timestamp
+/// Postgres understands, when given).
+pub async fn replay_pending(config: &Config, since: Option<&str>) -> Result<ReplayReport, Error> {
+    let pg = &config.postgres;
+    if pg.on_success == OnSuccess::Keep {
+        return Err(Error::Replay(format!(
+            "postgres.on_success = \"keep\" leaves delivered rows 'pending', so replay cannot tell them from lost ones: set on_success to \"mark_published\" or \"delete\" (for {})",
+            pg.table
+        )));
+    }
+    let sql = pg.target.connect().await?;
+    if catalog::pending_rows(&sql, &pg.table).await?.is_none() {
+        return Err(Error::Replay(format!(
+            "{} has no status or created_at column: the relay cannot tell which rows were not delivered (replay needs the Event-Forge layout)",
+            pg.table
+        )));
+    }
+    if let Some(since) = since {
+        sql.query_one("select $1::text::timestamptz", &[&since])
+            .await
+            .map_err(|e| Error::Replay(format!("--since {since:?} is not a timestamp Postgres understands ({e}); use e.g. \"2026-11-28 10:00:00+00\"")))?;
+    }
+    let mut report = ReplayReport::default();
+    let retry = retry_table(config);
+    retry.create_if_missing(&sql).await?;
+    let records = SlotRecords::next_to(&pg.retry_table);
+    records.create_if_missing(&sql).await?;
+    match catalog::slot_state(&sql, &pg.slot).await? {
+        Some(state) => {
+            if let Some(pid) = state.active_pid {
+                return Err(Error::Replay(format!(
+                    "slot {} is held by pid {pid}: stop the relay (and any standby) first, then replay",
+                    pg.slot
+                )));
+            }
+            catalog::check_slot(&state, &pg.slot, &pg.target.dbname)?;
+        }
+        None => {
+            catalog::require_logical(&sql).await?;
+            let lsn = catalog::create_slot(&sql, &pg.slot).await?;
+            records.replace(&sql, &pg.slot, &pg.table, lsn).await?;
+            tracing::info!(slot = %pg.slot, %lsn, "replay: created a new slot");
+            report.slot_created_at = Some(lsn.to_string());
+        }
+    }
+    // Everything created from now on reaches the slot; replay what came before.
+    const CONTEXT: &str = "reading the server's time";
+    let until: String = get(
+        &sql.query_one("select now()::text", &[])
+            .await
+            .map_err(query_err(CONTEXT))?,
+        0,
+        CONTEXT,
+    )?;
+    let mut outbox = Housekeeping::learn(
+        &sql,
+        pg.table.clone(),
+        &pg.columns,
+        pg.on_success,
+        pg.retention,
+    )
+    .await?;
+    let broker = sink::connect(&SinkSettings::from_config(&config.amqp)).await?;
+    let exchange = config.amqp.exchange.as_str();
+    loop {
+        let Some(page) = outbox
+            .pending_page(&sql, &retry, &until, since, PAGE)
+            .await?
+        else {
+            break;
+        };
+        if page.is_empty() {
+            break;
+        }
+        let aggregates: Vec<(String, String)> = page
+            .iter()
+            .map(|r| match r {
+                Ok(e) => (e.aggregate_type.clone(), e.aggregate_id.clone()),
+                Err(m) => (
+                    m.aggregate_type.clone().unwrap_or_default(),
+                    m.aggregate_id.clone().unwrap_or_default(),
+                ),
+            })
+            .collect();
+        let held: HashSet<AggregateKey> = retry
+            .held_among(&sql, &aggregates)
+            .await?
+            .iter()
+            .map(|(t, i)| AggregateKey::of(t, i))
+            .collect();
+        // One row per aggregate per round, so a refused row cannot be overtaken by
+        // its successor; the successors come back in the next round.
+        let mut taken: HashSet<AggregateKey> = HashSet::new();
+        let mut to_park: Vec<ParkItem> = Vec::new();
+        let mut confirms = Vec::new();
+        for row in page {
+            let row = match row {
+                Ok(e) => Row::Event(Arc::new(e)),
+                Err(m) => Row::Malformed(m),
+            };
+            let key = row.key();
+            if held.contains(&key) || matches!(row, Row::Malformed(_)) {
+                to_park.push(ParkItem::from_row(0, &row, 0, config.retry.max_retries));
+                continue;
+            }
+            if !taken.insert(key) {
+                continue;
+            }
+            let Row::Event(event) = row else { continue };
+            match publishable(config, &broker, &event) {
+                Ok(message) => {
+                    let confirm = broker
+                        .channel
+                        .basic_publish(
+                            exchange.into(),
+                            message.routing_key.clone(),
+                            BasicPublishOptions {
+                                mandatory: true,
+                                immediate: false,
+                            },
+                            &message.body,
+                            message.properties.clone(),
+                        )
+                        .await
+                        .map_err(|source| Error::Amqp {
+                            context: "publishing a replayed row".into(),
+                            source,
+                        })?;
+                    confirms.push((event, confirm));
+                }
+                Err(failure) => {
+                    let mut item =
+                        ParkItem::from_row(0, &Row::Event(event), 0, config.retry.max_retries);
+                    item.failure = Some(failure.to_string());
+                    to_park.push(item);
+                }
+            }
+        }
+        let mut acked = Vec::new();
+        for (event, confirm) in confirms {
+            let confirmation = confirm.await.map_err(|source| Error::Amqp {
+                context: "waiting for the broker to confirm a replayed row".into(),
+                source,
+            })?;
+            let refused = match confirmation {
+                Confirmation::Ack(None) => None,
+                Confirmation::Ack(Some(r)) | Confirmation::Nack(Some(r)) => {
+                    Some(Failure::Returned {
+                        reply_code: r.reply_code,
+                        reply_text: r.reply_text.to_string(),
+                    })
+                }
+                Confirmation::Nack(None) => Some(Failure::Nack),
+                Confirmation::NotRequested => Some(Failure::NotConfirmed),
+            };
+            match refused {
+                None => acked.push(event.id.clone()),
+                Some(failure) => {
+                    let mut item =
+                        ParkItem::from_row(0, &Row::Event(event), 0, config.retry.max_retries);
+                    item.failure = Some(failure.to_string());
+                    to_park.push(item);
+                }
+            }
+        }
+        report.published += acked.len() as u64;
+        outbox.apply_on_success(&sql, &acked).await?;
+        report.parked += to_park.len() as u64;
+        for item in &to_park {
+            retry.insert(&sql, item).await?;
+            if let Some(reason) = &item.failure {
+                outbox
+                    .mirror(&sql, &item.id, reason, "failed", None, true)
+                    .await?;
+            }
+        }
+    }
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        broker.connection.close(200, "outbox-relay replay".into()),
+    )
+    .await;
+    Ok(report)
+}
+
+/// The message of a replayed row, or why it cannot be published.
+fn publishable(
+    config: &Config,
+    broker: &sink::Broker,
+    event: &OutboxEvent,
+) -> Result<sink::OutboundMessage, Failure> {
+    let message = sink::format::encode(event, 0).map_err(|e| Failure::Unsendable(e.0))?;
+    let limit = config.amqp.max_message_bytes;
+    if message.body.len() > limit {
+        return Err(Failure::TooLarge {
+            bytes: message.body.len(),
+            limit,
+        });
+    }
+    if message.header_len > broker.frame_max() {
+        return Err(Failure::HeadersTooLarge {
+            bytes: message.header_len,
+            frame_max: broker.frame_max(),
+        });
+    }
+    Ok(message)
+}

@@ -1,0 +1,186 @@
+//! Never past the undelivered, never silently: partitioned tables publish via
+//! their root, and a relay that finds its slot gone refuses to start and says
+//! how to recover (`replay --pending`).
+
+use crate::support::{wait_for, Fixture, Relay};
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(60);
+
+/// Runs `outbox-relay <args> --config <cfg>` to completion: (exit code, output).
+async fn cmd(f: &Fixture, cfg: &std::path::Path, args: &[&str]) -> (i32, String) {
+    let mut all = args.to_vec();
+    all.extend(["--config", cfg.to_str().unwrap()]);
+    let mut r = Relay::command(&all, &f.dir, &[]);
+    let status = r.wait_exit(T).await;
+    (status.code().unwrap_or(-1), r.log_text())
+}
+
+/// The Event-Forge table, partitioned by a hash of its id into two partitions.
+async fn partitioned(f: &Fixture) {
+    let ddl = outbox_relay::pg::catalog::outbox_ddl(
+        &outbox_relay::pg::TableName::parse(&f.table).unwrap(),
+    )
+    .replacen(");\n", ") PARTITION BY HASH (id);\n", 1);
+    f.db.batch_execute(&ddl).await.unwrap();
+    for r in 0..2 {
+        f.db.batch_execute(&format!(
+            "create table {t}_p{r} partition of {t} for values with (modulus 2, remainder {r})",
+            t = f.table
+        ))
+        .await
+        .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_outbox_is_published_via_its_root() {
+    let f = Fixture::bare("rec_part").await;
+    partitioned(&f).await;
+    let f = f.with_consumer(true).await;
+    let mut relay = f.spawn(&[]);
+    relay.wait_streaming().await;
+    let rows: Vec<(String, String, String)> = (0..200)
+        .map(|i| {
+            (
+                format!("part-{i}"),
+                format!("a-{}", i % 10),
+                "e".to_string(),
+            )
+        })
+        .collect();
+    f.insert_batch(&rows).await;
+    let end = f.current_lsn().await;
+    let ids: Vec<String> = rows.iter().map(|r| r.0.clone()).collect();
+    f.consumer().wait_ids(&ids, T).await;
+    f.wait_slot_past(end, "slot past the rows in the partitions")
+        .await;
+    wait_for(T, "rows in the partitions marked published", || async {
+        f.row_state("part-199").await.0 == "published"
+    })
+    .await;
+    assert!(relay.terminate(T).await.success());
+    f.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publication_that_names_the_partitions_is_refused_with_a_hint_that_works() {
+    let f = Fixture::bare("rec_part_pub").await;
+    partitioned(&f).await;
+    let f = f.with_consumer(true).await;
+    f.db.batch_execute(&format!(
+        "create publication {} for table {} with (publish = 'insert')",
+        f.publication, f.table
+    ))
+    .await
+    .unwrap();
+    let cfg = f.config(&[]);
+    let (code, out) = cmd(&f, &cfg, &["run"]).await;
+    assert_ne!(code, 0, "{out}");
+    let hint = format!(
+        "ALTER PUBLICATION {} SET (publish = 'insert', publish_via_partition_root = true)",
+        f.publication
+    );
+    assert!(out.contains(&hint), "{out}");
+    let (code, out) = cmd(&f, &cfg, &["check"]).await;
+    assert_eq!(code, 1);
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("FAIL") && l.contains("publication") && l.contains(&hint)),
+        "{out}"
+    );
+    // The hint, as printed, is what fixes it.
+    f.db.batch_execute(&hint).await.unwrap();
+    let mut relay = f.spawn(&[]);
+    relay.wait_streaming().await;
+    f.insert_batch(&[("after-hint".into(), "a".into(), "e".into())])
+        .await;
+    f.consumer().wait_ids(&["after-hint".into()], T).await;
+    assert!(relay.terminate(T).await.success());
+    f.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_slot_is_refused_and_replay_recovers_the_gap() {
+    let f = Fixture::new("rec_lost", true).await;
+    let cfg = f.config(&[]);
+    let mut relay = f.spawn(&[]);
+    relay.wait_streaming().await;
+    let before = f.insert_each("before", 20).await;
+    f.consumer().wait_ids(&before, T).await;
+    wait_for(T, "delivered rows marked published", || async {
+        f.row_state("before-19").await.0 == "published"
+    })
+    .await;
+    assert!(relay.terminate(T).await.success());
+    // The slot is lost while no relay runs (dropped, or a failover to a server without it)...
+    f.db.execute("select pg_drop_replication_slot($1)", &[&f.slot])
+        .await
+        .unwrap();
+    // ... and the application keeps writing.
+    let gap = f.insert_each("gap", 30).await;
+    let (code, out) = cmd(&f, &cfg, &["run"]).await;
+    assert_ne!(
+        code, 0,
+        "a relay that ran before must not create a fresh slot: {out}"
+    );
+    assert!(
+        out.contains(&format!("replication slot {} is gone", f.slot))
+            && out.contains("30 outbox row(s) are still 'pending'")
+            && out.contains("outbox-relay replay --pending"),
+        "{out}"
+    );
+    assert_eq!(
+        f.confirmed_lsn().await,
+        0,
+        "no slot was created behind the operator's back"
+    );
+    let (code, out) = cmd(&f, &cfg, &["check"]).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("FAIL") && l.contains("slot") && l.contains("replay --pending")),
+        "{out}"
+    );
+    let (code, out) = cmd(&f, &cfg, &["status", "--json"]).await;
+    assert_eq!(code, 0, "{out}");
+    let status: serde_json::Value = serde_json::from_str(&out[out.find('{').unwrap()..]).unwrap();
+    assert_eq!(status["outbox_pending"], 30, "{status}");
+    assert!(
+        status["outbox_oldest_pending_age_seconds"]
+            .as_f64()
+            .unwrap()
+            >= 0.0
+    );
+    // The recovery: a new slot, then the gap re-published.
+    let (code, out) = cmd(&f, &cfg, &["replay", "--pending"]).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("created a new slot") && out.contains("re-published 30 pending row(s)"),
+        "{out}"
+    );
+    f.consumer().wait_ids(&gap, T).await;
+    let mut relay = f.spawn(&[]);
+    relay.wait_streaming().await;
+    let after = f.insert_each("after", 10).await;
+    f.consumer().wait_ids(&after, T).await;
+    let (_, out) = cmd(&f, &cfg, &["status", "--json"]).await;
+    let status: serde_json::Value = serde_json::from_str(&out[out.find('{').unwrap()..]).unwrap();
+    wait_for(T, "nothing pending any more", || async {
+        let (_, out) = cmd(&f, &cfg, &["status", "--json"]).await;
+        let s: serde_json::Value = serde_json::from_str(&out[out.find('{').unwrap()..]).unwrap();
+        s["outbox_pending"] == 0
+    })
+    .await;
+    assert!(status["slot"]["exists"].as_bool().unwrap());
+    let got = f.consumer().all();
+    for id in gap.iter().chain(&before) {
+        assert_eq!(
+            got.iter().filter(|r| &r.message_id() == id).count(),
+            1,
+            "{id} delivered once"
+        );
+    }
+    assert!(relay.terminate(T).await.success());
+    f.cleanup().await;
+}
