@@ -9,10 +9,12 @@ cargo clippy --all-targets -- -D warnings
 cargo test --lib --bins
 # Integration tests share the local services; the fault tests restart them. The lock
 # keeps several checkouts on one machine from disturbing each other (shared for the
-# integration tests, exclusive for the faults); CI holds it alone.
+# integration tests, exclusive for the faults); CI holds it alone. `-o`: the lock
+# stays with flock and is not inherited by what the tests start (a restarted
+# Postgres would otherwise hold it forever).
 LOCK=${OUTBOX_RELAY_SERVICES_LOCK:-/tmp/outbox-relay-services.lock}
 cargo test --test main --no-run
-flock -s "$LOCK" cargo test --test main
+flock -o -s "$LOCK" cargo test --test main
 # Restarts RabbitMQ and Postgres: one test at a time, nothing else running beside them.
 cargo test --test faults --no-run
-flock -x "$LOCK" cargo test --test faults -- --test-threads=1
+flock -o -x "$LOCK" cargo test --test faults -- --test-threads=1

@@ -83,6 +83,13 @@ pub struct PostgresConfig {
     pub heartbeat_interval: Duration,
     /// When another process holds the slot: wait as a hot standby (true) or give up.
     pub standby: bool,
+    /// Longest a statement of the relay's SQL sessions (retry store, housekeeping) may run.
+    pub statement_timeout: Duration,
+    /// Longest such a statement waits for a lock.
+    pub lock_timeout: Duration,
+    /// Longest the replication connection may stay silent while the relay reads it;
+    /// half of it, the relay asks the server for a sign of life.
+    pub replication_timeout: Duration,
 }
 
 /// `[amqp]`, validated.
@@ -146,6 +153,9 @@ pub struct RelayConfig {
     pub ordering: Ordering,
     /// On SIGTERM/SIGINT, how long to wait for outstanding confirms.
     pub shutdown_timeout: Duration,
+    /// `/readyz` turns 503 when work is pending and the applied LSN has not moved
+    /// for this long.
+    pub stall_timeout: Duration,
 }
 
 /// `[retry]`, validated.
@@ -161,6 +171,8 @@ pub struct RetryConfig {
     pub publish_timeout: Duration,
     /// When the head of an aggregate's retry queue goes dead: release the rest or hold them.
     pub on_dead: OnDead,
+    /// Dead rows older than this are deleted from the retry table; `None`: kept.
+    pub dead_retention: Option<Duration>,
 }
 
 /// `[metrics]`, validated.
@@ -383,6 +395,12 @@ mod raw {
         #[serde(deserialize_with = "de_duration")]
         pub heartbeat_interval: Duration,
         pub standby: bool,
+        #[serde(deserialize_with = "de_duration")]
+        pub statement_timeout: Duration,
+        #[serde(deserialize_with = "de_duration")]
+        pub lock_timeout: Duration,
+        #[serde(deserialize_with = "de_duration")]
+        pub replication_timeout: Duration,
     }
 
     impl Default for Postgres {
@@ -402,6 +420,9 @@ mod raw {
                 retry_table: "public.outbox_relay_parked".into(),
                 heartbeat_interval: Duration::ZERO,
                 standby: false,
+                statement_timeout: Duration::from_secs(30),
+                lock_timeout: Duration::from_secs(5),
+                replication_timeout: Duration::from_secs(60),
             }
         }
     }
@@ -444,6 +465,8 @@ mod raw {
         pub ordering: Ordering,
         #[serde(deserialize_with = "de_duration")]
         pub shutdown_timeout: Duration,
+        #[serde(deserialize_with = "de_duration")]
+        pub stall_timeout: Duration,
     }
 
     impl Default for Relay {
@@ -451,6 +474,7 @@ mod raw {
             Self {
                 ordering: Ordering::Strict,
                 shutdown_timeout: Duration::from_secs(10),
+                stall_timeout: Duration::from_secs(120),
             }
         }
     }
@@ -466,6 +490,8 @@ mod raw {
         #[serde(deserialize_with = "de_duration")]
         pub publish_timeout: Duration,
         pub on_dead: OnDead,
+        #[serde(deserialize_with = "de_duration")]
+        pub dead_retention: Duration,
     }
 
     impl Default for Retry {
@@ -476,6 +502,7 @@ mod raw {
                 max_retries: 3,
                 publish_timeout: Duration::from_secs(30),
                 on_dead: OnDead::Skip,
+                dead_retention: Duration::from_secs(30 * 86400),
             }
         }
     }
@@ -535,6 +562,15 @@ mod raw {
                 positive("postgres.status_interval", pg.status_interval, "100ms")?;
             let retry_table = TableName::parse(&pg.retry_table)
                 .map_err(|m| invalid("postgres.retry_table", m))?;
+            let statement_timeout =
+                positive("postgres.statement_timeout", pg.statement_timeout, "30s")?;
+            let lock_timeout = positive("postgres.lock_timeout", pg.lock_timeout, "5s")?;
+            if pg.replication_timeout < Duration::from_secs(2) {
+                return Err(invalid(
+                    "postgres.replication_timeout",
+                    "must be at least 2s (e.g. \"60s\"): half of it, the relay asks the server for a sign of life",
+                ));
+            }
             if pg.mapping == Mapping::Debezium && pg.on_success == Some(OnSuccess::MarkPublished) {
                 return Err(invalid(
                     "postgres.on_success",
@@ -612,6 +648,9 @@ mod raw {
                     retry_table,
                     heartbeat_interval: pg.heartbeat_interval,
                     standby: pg.standby,
+                    statement_timeout,
+                    lock_timeout,
+                    replication_timeout: pg.replication_timeout,
                 },
                 amqp: AmqpConfig {
                     url: AmqpUrl(amqp.url),
@@ -628,6 +667,7 @@ mod raw {
                 relay: RelayConfig {
                     ordering: relay.ordering,
                     shutdown_timeout: relay.shutdown_timeout,
+                    stall_timeout: positive("relay.stall_timeout", relay.stall_timeout, "2m")?,
                 },
                 retry: RetryConfig {
                     backoff_base,
@@ -635,6 +675,8 @@ mod raw {
                     max_retries: retry.max_retries,
                     publish_timeout,
                     on_dead: retry.on_dead,
+                    dead_retention: (!retry.dead_retention.is_zero())
+                        .then_some(retry.dead_retention),
                 },
                 metrics: MetricsConfig { listen },
                 log,

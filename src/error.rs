@@ -143,7 +143,52 @@ fn pg_message(e: &tokio_postgres::Error) -> String {
     }
 }
 
+/// What kind of trouble an SQL statement ran into, which decides what the relay
+/// does about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SqlTrouble {
+    /// The connection is gone, or the server is shutting down or overloaded:
+    /// retry the same statement after a backoff.
+    Connection,
+    /// `lock_timeout` or `statement_timeout`: retry after a backoff (another
+    /// session holds a lock or the server is slow).
+    Timeout,
+    /// A column, table or type the statement names is gone or changed (someone
+    /// altered the table): learn the table's shape again, then retry once.
+    SchemaDrift,
+    /// This row's values are refused (a constraint, a trigger, a conversion):
+    /// retrying the same row will fail the same way.
+    Row,
+    /// Anything else the server refused.
+    Other,
+}
+
 impl Error {
+    /// How a statement's failure should be handled (`None`: not an SQL failure).
+    pub fn sql_trouble(&self) -> Option<SqlTrouble> {
+        let source = match self {
+            Error::Postgres { source, .. } | Error::PostgresConnect { source, .. } => source,
+            Error::Column { .. } => return Some(SqlTrouble::SchemaDrift),
+            _ => return None,
+        };
+        let Some(db) = source.as_db_error() else {
+            return Some(SqlTrouble::Connection);
+        };
+        let code = db.code().code();
+        Some(match code {
+            "55P03" | "57014" => SqlTrouble::Timeout,
+            c if c.starts_with("08") || c.starts_with("57P") || c.starts_with("53") => {
+                SqlTrouble::Connection
+            }
+            "40001" | "40P01" => SqlTrouble::Timeout,
+            c if c.starts_with("42") => SqlTrouble::SchemaDrift,
+            c if c.starts_with("22") || c.starts_with("23") || c.starts_with("P0") => {
+                SqlTrouble::Row
+            }
+            _ => SqlTrouble::Other,
+        })
+    }
+
     /// Errors worth retrying when they happen mid-run (a connection went away).
     pub fn is_transient(&self) -> bool {
         match self {

@@ -106,6 +106,9 @@ pub struct ResolvedMapping {
     max_retries: Option<usize>,
 }
 
+/// A row read as an event, or what could be read of it (boxed: the rare path).
+pub type RowRead = Result<OutboxEvent, Box<MalformedRow>>;
+
 /// Why a row cannot become a message, with what could be read of it (kept in retry state).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MalformedRow {
@@ -147,11 +150,9 @@ impl ResolvedMapping {
         })
     }
 
-    /// Builds the event from an Insert's new tuple.
-    // The error keeps what could be read of the row (it is parked as-is); it is the
-    // rare path, and the hot Ok path is not affected by its size.
-    #[allow(clippy::result_large_err)]
-    pub fn event(&self, tuple: &TupleData) -> Result<OutboxEvent, MalformedRow> {
+    /// Builds the event from an Insert's new tuple; the error keeps what could be
+    /// read of the row (it is parked as-is).
+    pub fn event(&self, tuple: &TupleData) -> RowRead {
         let cell = |idx: usize| -> Result<Option<Bytes>, String> {
             let col = tuple
                 .get_column(idx)
@@ -171,11 +172,7 @@ impl ResolvedMapping {
     }
 
     /// Builds the event from cells fetched by position (a tuple, or a re-read row).
-    #[allow(clippy::result_large_err)]
-    pub fn build(
-        &self,
-        cell: impl Fn(usize) -> Result<Option<Bytes>, String>,
-    ) -> Result<OutboxEvent, MalformedRow> {
+    pub fn build(&self, cell: impl Fn(usize) -> Result<Option<Bytes>, String>) -> RowRead {
         let text = |idx: usize| -> Option<String> {
             cell(idx)
                 .ok()
@@ -234,7 +231,7 @@ impl ResolvedMapping {
         })();
         result.map_err(|reason| {
             bad.reason = reason;
-            bad
+            Box::new(bad)
         })
     }
 }

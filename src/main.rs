@@ -63,13 +63,19 @@ enum Command {
 
 #[derive(Subcommand)]
 enum DeadCommand {
-    /// List dead messages (id, aggregate, event type, attempts, last error).
+    /// List dead messages (id, aggregate, event type, attempts, last error), oldest first.
     List {
         #[command(flatten)]
         config: ConfigArg,
         /// Print JSON (an array of objects) instead of a table.
         #[arg(long)]
         json: bool,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+        /// Skip this many first (paging).
+        #[arg(long, default_value_t = 0)]
+        offset: i64,
     },
     /// Give dead messages a fresh retry budget; the running relay picks them up at once.
     Requeue {
@@ -164,9 +170,15 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<ExitCode> 
             print!("{report}");
         }
         Command::Dead {
-            command: DeadCommand::List { json, .. },
+            command:
+                DeadCommand::List {
+                    json,
+                    limit,
+                    offset,
+                    ..
+                },
         } => {
-            let dead = admin::dead_list(&config)
+            let dead = admin::dead_list(&config, limit, offset)
                 .await
                 .context("outbox-relay dead list")?;
             print_as(&dead, json)?;
@@ -178,10 +190,7 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<ExitCode> 
             let done = admin::dead_requeue(&config, ids.as_deref())
                 .await
                 .context("outbox-relay dead requeue")?;
-            println!(
-                "requeued {} message(s) with a fresh retry budget",
-                done.len()
-            );
+            println!("requeued {done} message(s) with a fresh retry budget");
         }
     }
     Ok(ExitCode::SUCCESS)

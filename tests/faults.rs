@@ -114,9 +114,11 @@ async fn publishes_lost_with_a_closed_connection_are_published_again() {
         .map(|id| (id.clone(), id.clone(), "e".to_string()))
         .collect();
     f.insert_batch(&rows).await;
-    wait_for(T, "all 200 published and unconfirmed", || async {
+    // The broker blocks as soon as the first publishes arrive (and the relay then
+    // stops reading WAL): those publishes are on the wire, unconfirmed.
+    wait_for(T, "publishes on the wire, unconfirmed", || async {
         let m = support::http_get(&addr, "/metrics").await.1;
-        support::metric_value(&m, "outbox_relay_inflight_messages") == Some(200.0)
+        support::metric_value(&m, "outbox_relay_inflight_messages").unwrap_or(0.0) >= 1.0
     })
     .await;
     assert!(

@@ -108,6 +108,10 @@ async fn a_refused_message_holds_back_its_aggregate_only() {
             .contains("returned as unroutable"),
         "{parked:?}"
     );
+    wait_for(T, "the refused row shows its failure", || async {
+        f.row_state("victim-1").await.0 == "failed"
+    })
+    .await;
     let (status, retries, error) = f.row_state("victim-1").await;
     assert_eq!(status, "failed");
     assert!(retries >= 1);

@@ -44,7 +44,11 @@ async fn a_nacked_message_is_parked_and_delivered_once_the_cause_is_removed() {
     f.insert_batch(&[("nacked-1".into(), "n".into(), "e".into())])
         .await;
     f.wait_head_failed_with("nacked").await;
-    assert_eq!(f.row_state("nacked-1").await.0, "failed");
+    // The Event-Forge row shows it too (the status mirror runs off the park path).
+    wait_for(T, "row shows the failure", || async {
+        f.row_state("nacked-1").await.0 == "failed"
+    })
+    .await;
     rabbitmqctl(&["clear_policy", policy]);
     f.consumer().wait_ids(&["nacked-1".into()], T).await;
     f.wait_retry_drained().await;

@@ -1,12 +1,15 @@
-//! `outbox-relay dead list` and `dead requeue`.
+//! `outbox-relay dead list` (paged) and `dead requeue` (in pages, each its own
+//! transaction with its NOTIFY).
 
 use super::retry_table;
 use crate::config::Config;
 use crate::error::Error;
-use crate::pg::query_err;
-use crate::pg::quote_ident;
-use crate::retry::housekeeping::Housekeeping;
+use crate::pg::{query_err, quote_ident};
+use crate::retry::outbox::OutboxTable;
 use crate::retry::queries::DeadMessage;
+
+/// Rows requeued per transaction.
+const REQUEUE_PAGE: i64 = 1000;
 
 /// Dead messages of one slot, oldest first.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -14,6 +17,10 @@ use crate::retry::queries::DeadMessage;
 pub struct DeadList {
     #[serde(skip)]
     slot: String,
+    #[serde(skip)]
+    limit: i64,
+    #[serde(skip)]
+    offset: i64,
     pub messages: Vec<DeadMessage>,
 }
 
@@ -38,28 +45,40 @@ impl std::fmt::Display for DeadList {
                 d.last_error.as_deref().unwrap_or_default()
             )?;
         }
+        if self.messages.len() as i64 == self.limit {
+            writeln!(
+                f,
+                "(the first {} from offset {}; more may follow: --offset {})",
+                self.limit,
+                self.offset,
+                self.offset + self.limit
+            )?;
+        }
         Ok(())
     }
 }
 
-/// Dead messages of this relay's slot, oldest first.
-pub async fn dead_list(config: &Config) -> Result<DeadList, Error> {
+/// Dead messages of this relay's slot, oldest first: `limit` after `offset`.
+pub async fn dead_list(config: &Config, limit: i64, offset: i64) -> Result<DeadList, Error> {
     let retry = retry_table(config);
     let sql = config.postgres.target.connect().await?;
     let messages = if retry.exists(&sql).await? {
-        retry.dead(&sql).await?
+        retry.dead(&sql, limit.max(1), offset.max(0)).await?
     } else {
         Vec::new()
     };
     Ok(DeadList {
         slot: config.postgres.slot.clone(),
+        limit: limit.max(1),
+        offset: offset.max(0),
         messages,
     })
 }
 
 /// Gives dead messages (`ids`, or all with `None`) a fresh retry budget and wakes the
-/// running relay. Returns the ids requeued; unknown ids are an error naming them.
-pub async fn dead_requeue(config: &Config, ids: Option<&[String]>) -> Result<Vec<String>, Error> {
+/// running relay, a page at a time. Returns how many were requeued; unknown ids
+/// are an error naming them (nothing is requeued then).
+pub async fn dead_requeue(config: &Config, ids: Option<&[String]>) -> Result<u64, Error> {
     let pg = &config.postgres;
     let retry = retry_table(config);
     let mut sql = pg.target.connect().await?;
@@ -69,42 +88,61 @@ pub async fn dead_requeue(config: &Config, ids: Option<&[String]>) -> Result<Vec
             retry.name()
         )));
     }
-    let outbox = Housekeeping::learn(
-        &sql,
-        pg.table.clone(),
-        &pg.columns,
-        pg.on_success,
-        pg.retention,
-    )
-    .await?;
-    let tx = sql
-        .transaction()
-        .await
-        .map_err(query_err("starting the requeue"))?;
-    let requeued = retry.requeue(&tx, ids).await?;
-    let wanted = ids.unwrap_or_default();
-    let unknown: Vec<&str> = wanted
-        .iter()
-        .filter(|id| !requeued.contains(id))
-        .map(|s| s.as_str())
-        .collect();
-    if !unknown.is_empty() {
-        tx.rollback().await.ok();
-        return Err(Error::Requeue(format!(
-            "not dead in slot {}: {} (see `outbox-relay dead list`)",
-            pg.slot,
-            unknown.join(", ")
-        )));
-    }
-    outbox.mirror_requeued(&tx, &requeued).await?;
-    tx.batch_execute(&format!(
+    let outbox = OutboxTable::learn(&sql, pg.table.clone(), &pg.columns).await?;
+    let notify = format!(
         "notify {}",
         quote_ident(&crate::retry::requeue_channel(&pg.slot))
-    ))
-    .await
-    .map_err(query_err("notifying the relay"))?;
-    tx.commit()
-        .await
-        .map_err(query_err("committing the requeue"))?;
-    Ok(requeued)
+    );
+    if let Some(ids) = ids {
+        // Named ids: all of them or none, in one transaction.
+        let tx = sql
+            .transaction()
+            .await
+            .map_err(query_err("starting the requeue"))?;
+        let requeued = retry
+            .requeue(&tx, Some(ids), ids.len().max(1) as i64)
+            .await?;
+        let unknown: Vec<&str> = ids
+            .iter()
+            .filter(|id| !requeued.contains(id))
+            .map(|s| s.as_str())
+            .collect();
+        if !unknown.is_empty() {
+            tx.rollback().await.ok();
+            return Err(Error::Requeue(format!(
+                "not dead in slot {}: {} (see `outbox-relay dead list`)",
+                pg.slot,
+                unknown.join(", ")
+            )));
+        }
+        outbox.mirror_requeued(&tx, &requeued).await?;
+        tx.batch_execute(&notify)
+            .await
+            .map_err(query_err("notifying the relay"))?;
+        tx.commit()
+            .await
+            .map_err(query_err("committing the requeue"))?;
+        return Ok(requeued.len() as u64);
+    }
+    let mut total = 0u64;
+    loop {
+        let tx = sql
+            .transaction()
+            .await
+            .map_err(query_err("starting the requeue"))?;
+        let requeued = retry.requeue(&tx, None, REQUEUE_PAGE).await?;
+        outbox.mirror_requeued(&tx, &requeued).await?;
+        if !requeued.is_empty() {
+            tx.batch_execute(&notify)
+                .await
+                .map_err(query_err("notifying the relay"))?;
+        }
+        tx.commit()
+            .await
+            .map_err(query_err("committing the requeue"))?;
+        total += requeued.len() as u64;
+        if (requeued.len() as i64) < REQUEUE_PAGE {
+            return Ok(total);
+        }
+    }
 }

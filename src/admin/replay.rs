@@ -14,7 +14,7 @@ use crate::event::{AggregateKey, OutboxEvent, Row};
 use crate::failure::Failure;
 use crate::pg::slots::SlotRecords;
 use crate::pg::{catalog, get, query_err};
-use crate::retry::housekeeping::Housekeeping;
+use crate::retry::outbox::{MirrorUpdate, OutboxTable};
 use crate::retry::ParkItem;
 use crate::sink::{self, SinkSettings};
 use lapin::options::BasicPublishOptions;
@@ -103,19 +103,12 @@ pub async fn replay_pending(config: &Config, since: Option<&str>) -> Result<Repl
         0,
         CONTEXT,
     )?;
-    let mut outbox = Housekeeping::learn(
-        &sql,
-        pg.table.clone(),
-        &pg.columns,
-        pg.on_success,
-        pg.retention,
-    )
-    .await?;
+    let outbox = OutboxTable::learn(&sql, pg.table.clone(), &pg.columns).await?;
     let broker = sink::connect(&SinkSettings::from_config(&config.amqp)).await?;
     let exchange = config.amqp.exchange.as_str();
     loop {
         let Some(page) = outbox
-            .pending_page(&sql, &retry, &until, since, PAGE)
+            .pending_page(&sql, retry.name(), retry.slot(), &until, since, PAGE)
             .await?
         else {
             break;
@@ -147,7 +140,7 @@ pub async fn replay_pending(config: &Config, since: Option<&str>) -> Result<Repl
         for row in page {
             let row = match row {
                 Ok(e) => Row::Event(Arc::new(e)),
-                Err(m) => Row::Malformed(m),
+                Err(m) => Row::Malformed(*m),
             };
             let key = row.key();
             if held.contains(&key) || matches!(row, Row::Malformed(_)) {
@@ -215,15 +208,22 @@ pub async fn replay_pending(config: &Config, since: Option<&str>) -> Result<Repl
             }
         }
         report.published += acked.len() as u64;
-        outbox.apply_on_success(&sql, &acked).await?;
+        outbox.on_success(&sql, pg.on_success, &acked).await?;
         report.parked += to_park.len() as u64;
-        for item in &to_park {
-            retry.insert(&sql, item).await?;
-            if let Some(reason) = &item.failure {
-                outbox
-                    .mirror(&sql, &item.id, reason, "failed", None, true)
-                    .await?;
-            }
+        if !to_park.is_empty() {
+            retry.insert_many(&sql, &to_park).await?;
+            let mirrors: Vec<MirrorUpdate> = to_park
+                .iter()
+                .filter_map(|item| {
+                    item.failure.as_ref().map(|reason| MirrorUpdate {
+                        id: item.id.clone(),
+                        status: "failed",
+                        reason: reason.clone(),
+                        delay: None,
+                    })
+                })
+                .collect();
+            outbox.mirror(&sql, &mirrors).await?;
         }
     }
     let _ = tokio::time::timeout(

@@ -35,6 +35,8 @@ pub struct Metrics {
     pub delivery_latency: Histogram,
     /// Reconnections by peer: postgres, amqp.
     pub reconnects: IntCounterVec,
+    /// Housekeeping statements given up for one row, by job.
+    pub housekeeping_failures: IntCounterVec,
 }
 
 impl Metrics {
@@ -112,6 +114,17 @@ impl Metrics {
         ] {
             failures.with_label_values(&[reason]);
         }
+        let housekeeping_failures = IntCounterVec::new(
+            Opts::new(
+                "outbox_relay_housekeeping_failures_total",
+                "Outbox rows whose on_success or status update was given up (the row refused it), and failed retention or dead-row purge sweeps, by job",
+            ),
+            &["job"],
+        )
+        .expect("valid metric");
+        for job in ["on_success", "mirror", "retention", "dead_purge"] {
+            housekeeping_failures.with_label_values(&[job]);
+        }
         for peer in ["postgres", "amqp"] {
             reconnects.with_label_values(&[peer]);
         }
@@ -126,6 +139,7 @@ impl Metrics {
             Box::new(slot_lag_bytes.clone()),
             Box::new(delivery_latency.clone()),
             Box::new(reconnects.clone()),
+            Box::new(housekeeping_failures.clone()),
         ] {
             registry.register(c).expect("each metric registered once");
         }
@@ -141,12 +155,17 @@ impl Metrics {
             slot_lag_bytes,
             delivery_latency,
             reconnects,
+            housekeeping_failures,
         }
     }
 
     /// Counts one failed publish under its `reason` label.
     pub fn failure(&self, reason: &str) {
         self.failures.with_label_values(&[reason]).inc();
+    }
+
+    pub fn housekeeping_failure(&self, job: &str) {
+        self.housekeeping_failures.with_label_values(&[job]).inc();
     }
 
     pub fn reconnect(&self, peer: &str) {
@@ -189,6 +208,7 @@ mod tests {
             "outbox_relay_slot_lag_bytes",
             "outbox_relay_delivery_latency_seconds",
             "outbox_relay_reconnects_total",
+            "outbox_relay_housekeeping_failures_total",
         ] {
             assert!(text.contains(name), "{name} missing");
         }

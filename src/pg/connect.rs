@@ -12,7 +12,23 @@ impl PgTarget {
 
     /// Like `connect`, with this `application_name` (shown in pg_stat_activity).
     pub async fn connect_as(&self, application_name: &str) -> Result<Client, Error> {
-        let (client, connection) = self.connect_raw(application_name).await?;
+        let (client, connection) = self.connect_raw(application_name, "").await?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "postgres sql connection ended");
+            }
+        });
+        Ok(client)
+    }
+
+    /// Like `connect_as`, with session settings (`options`, e.g.
+    /// `-c statement_timeout=30000`).
+    pub async fn connect_with(
+        &self,
+        application_name: &str,
+        options: &str,
+    ) -> Result<Client, Error> {
+        let (client, connection) = self.connect_raw(application_name, options).await?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "postgres sql connection ended");
@@ -26,6 +42,7 @@ impl PgTarget {
     pub async fn connect_raw(
         &self,
         application_name: &str,
+        options: &str,
     ) -> Result<
         (
             Client,
@@ -41,6 +58,9 @@ impl PgTarget {
                     source,
                 })?;
         config.application_name(application_name);
+        if !options.is_empty() {
+            config.options(options);
+        }
         config
             .connect(NoTls)
             .await
@@ -56,4 +76,14 @@ pub fn application_name(role: &str, slot: &str) -> String {
     let mut name = format!("outbox-relay {role} {slot}");
     name.truncate(63);
     name
+}
+
+/// Session settings that keep one of the relay's own statements from waiting
+/// forever: `statement_timeout` and `lock_timeout`, in milliseconds.
+pub fn session_timeouts(statement: std::time::Duration, lock: std::time::Duration) -> String {
+    format!(
+        "-c statement_timeout={} -c lock_timeout={}",
+        statement.as_millis().max(1),
+        lock.as_millis().max(1)
+    )
 }

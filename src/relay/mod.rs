@@ -29,8 +29,12 @@ use crate::error::Error;
 use crate::event::{OutboxEvent, Row};
 use crate::failure::Failure;
 use crate::metrics::{self, Health, Problem};
+use crate::pg::connect::session_timeouts;
 use crate::progress::{Tracker, TxnId};
-use crate::retry::{Load, Park, Store, StoreCommand, StoreEvent, StoreSettings};
+use crate::retry::housekeeping::{Chore, Housekeeping, HousekeepingSettings};
+use crate::retry::{
+    housekeeping_application_name, Load, Park, Store, StoreCommand, StoreEvent, StoreSettings,
+};
 use crate::sink::{self, SinkCommand, SinkEvent, SinkSettings};
 use crate::source::{decode::DecodeError, Decoded, Decoder, SourceSettings};
 use crate::time::{now_micros, sleep_until_opt, PG_EPOCH_OFFSET_MICROS};
@@ -49,8 +53,12 @@ use window::{Admitted, Origin, ParkCause, Resolved, Window};
 /// Most WAL events handled in one turn of the main loop.
 const WAL_BATCH: usize = 256;
 
-/// Acked ids wait at most this long before they go to the store's on_success batch.
+/// Acked ids wait at most this long before they go to the on_success batch.
 const HAND_OVER_AFTER: Duration = Duration::from_millis(50);
+
+/// Acked ids held when housekeeping cannot take them (Postgres slow or away):
+/// past this many, WAL reading stops.
+const MAX_SUCCEEDED: usize = 100_000;
 
 /// Runs the relay until `shutdown` resolves (then drains and exits cleanly) or
 /// an error that the relay cannot recover from.
@@ -61,17 +69,36 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let _metrics_server = startup::spawn_metrics(&config, &health).await?;
     startup::preflight(&config).await?;
     let pg = &config.postgres;
-    let (store, heads) = Store::open(StoreSettings {
-        target: pg.target.clone(),
-        slot: pg.slot.clone(),
-        table: pg.table.clone(),
-        retry_table: pg.retry_table.clone(),
-        mapping: pg.columns.clone(),
-        on_success: pg.on_success,
-        on_dead: config.retry.on_dead,
-        retention: pg.retention,
-        reconnect_backoff_max: pg.reconnect_backoff_max,
-    })
+    let session_options = session_timeouts(pg.statement_timeout, pg.lock_timeout);
+    let (chores_tx, chores_rx) = mpsc::channel(256);
+    let store = Store::open(
+        StoreSettings {
+            target: pg.target.clone(),
+            slot: pg.slot.clone(),
+            table: pg.table.clone(),
+            retry_table: pg.retry_table.clone(),
+            mapping: pg.columns.clone(),
+            on_dead: config.retry.on_dead,
+            reconnect_backoff_max: pg.reconnect_backoff_max,
+            session_options: session_options.clone(),
+        },
+        health.clone(),
+        chores_tx.clone(),
+    )
+    .await?;
+    let housekeeping = Housekeeping::open(
+        HousekeepingSettings {
+            target: pg.target.clone(),
+            application_name: housekeeping_application_name(&pg.slot),
+            session_options,
+            on_success: pg.on_success,
+            retention: pg.retention,
+            dead_retention: config.retry.dead_retention,
+            reconnect_backoff_max: pg.reconnect_backoff_max,
+        },
+        store.outbox().clone(),
+        store.retry_table().clone(),
+    )
     .await?;
     let sink_settings = SinkSettings::from_config(&config.amqp);
     let broker = sink::connect(&sink_settings).await?;
@@ -99,15 +126,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         exchange = %config.amqp.exchange,
         start_lsn = %start_lsn,
         ordering = ?config.relay.ordering,
-        parked_aggregates = heads.len(),
         "outbox-relay {} streaming",
         env!("CARGO_PKG_VERSION")
     );
     metrics::metrics()
         .confirmed_lsn
         .set(start_lsn.as_u64() as f64);
-    let _heartbeat = (!pg.heartbeat_interval.is_zero())
-        .then(|| startup::spawn_heartbeat(pg.target.clone(), &pg.slot, pg.heartbeat_interval));
+    let heartbeat = startup::Heartbeat::spawn(
+        pg.target.clone(),
+        &pg.slot,
+        (!pg.heartbeat_interval.is_zero()).then_some(pg.heartbeat_interval),
+    );
 
     let window = config.amqp.max_in_flight;
     let (cmd_tx, cmd_rx) = mpsc::channel(window * 2 + 16);
@@ -121,6 +150,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let (parks_tx, parks_rx) = mpsc::channel(window + 16);
     let (store_ev_tx, store_ev_rx) = mpsc::channel(window * 2 + MAX_LOADING * 2 + 64);
     let store_task = tokio::spawn(store.run(parks_rx, store_rx, loads_rx, store_ev_tx));
+    let housekeeping_task = tokio::spawn(housekeeping.run(chores_rx));
 
     let mut relay = Relay {
         window: Window::new(
@@ -139,7 +169,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         store: store_tx,
         loads: loads_tx,
         parks: parks_tx,
-        parked: Parked::default(),
+        parked: Parked::new(config.amqp.max_in_flight_bytes / 2),
+        heads_pending: true,
+        chores: chores_tx,
+        heartbeat,
+        liveness: Liveness::new(),
         dead_letter_exchange: config
             .amqp
             .dead_letter_exchange
@@ -154,9 +188,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         health: health.clone(),
         config,
     };
-    for head in heads {
-        relay.parked.adopt(head);
-    }
+    // The retry state is read now that the slot is held (a standby reads it when
+    // it takes over, not when it started), before any WAL is published.
+    let _ = relay.store.send(StoreCommand::Reload).await;
     let result = relay.main_loop(ev_rx, store_ev_rx, shutdown).await;
     if result.is_ok() {
         startup::record_stop(&relay.config, relay.applied).await;
@@ -166,6 +200,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     drop(relay);
     let _ = tokio::time::timeout(Duration::from_secs(5), sink_task).await;
     let _ = tokio::time::timeout(Duration::from_secs(10), store_task).await;
+    let _ = tokio::time::timeout(Duration::from_secs(10), housekeeping_task).await;
     result
 }
 
@@ -190,6 +225,13 @@ struct Relay {
     /// Parks, served by the store before anything else (they hold window and LSN).
     parks: mpsc::Sender<Park>,
     parked: Parked,
+    /// The retry state is being read (at start-up, after a reconnect): no WAL until it is.
+    heads_pending: bool,
+    /// on_success for acked stream messages, straight to the housekeeping task.
+    chores: mpsc::Sender<Chore>,
+    heartbeat: startup::Heartbeat,
+    /// When the replication stream and the LSN last showed signs of life.
+    liveness: Liveness,
     dead_letter_exchange: Option<ShortString>,
     /// The broker's frame size: a message whose header frame is larger is refused.
     frame_max: usize,
@@ -237,6 +279,44 @@ impl RefusedIds {
     }
 }
 
+/// Signs of life: of the replication connection (while the relay reads it) and
+/// of progress (the applied LSN moving while work is pending).
+struct Liveness {
+    /// The last replication event, or when the relay started reading again.
+    last_wal: Instant,
+    reading: bool,
+    probed: bool,
+    /// The applied LSN last moved, or nothing was pending.
+    last_progress: Instant,
+    stalled: bool,
+}
+
+impl Liveness {
+    fn new() -> Self {
+        let now = Instant::now();
+        Liveness {
+            last_wal: now,
+            reading: false,
+            probed: false,
+            last_progress: now,
+            stalled: false,
+        }
+    }
+
+    fn wal_event(&mut self) {
+        self.last_wal = Instant::now();
+        self.probed = false;
+    }
+
+    /// Silence only counts while the relay reads the stream.
+    fn reading(&mut self, reading: bool) {
+        if reading && !self.reading {
+            self.wal_event();
+        }
+        self.reading = reading;
+    }
+}
+
 /// What handling one replication event asks of the loop.
 enum WalStep {
     Continue,
@@ -256,19 +336,28 @@ impl Relay {
         tokio::pin!(shutdown);
         let mut draining_until: Option<Instant> = None;
         loop {
-            if draining_until.is_some() && self.window.is_empty() && self.parked.outstanding() == 0
+            // Draining: what is on the wire or being parked gets its answer; messages
+            // that wait (for the broker, a backoff or their turn) are replayed next time.
+            if draining_until.is_some()
+                && !self.window.has_unanswered()
+                && self.parked.parking() == 0
             {
                 break;
             }
-            let read_wal = draining_until.is_none() && self.window.has_room();
+            let read_wal = draining_until.is_none()
+                && !self.heads_pending
+                && self.window.has_room()
+                && self.succeeded.len() < MAX_SUCCEEDED;
             // Due heads only count as a timer while a load can start: a past due time
             // that cannot be served would wake the loop for nothing, ahead of the WAL.
             let loads =
                 draining_until.is_none() && self.window.has_room() && self.parked.can_load();
+            self.liveness.reading(read_wal);
             let next_timer = [
                 self.window.next_timer(),
                 self.parked.next_due().filter(|_| loads),
                 self.succeeded_since.map(|t| t + HAND_OVER_AFTER),
+                self.liveness_timer(),
             ]
             .into_iter()
             .flatten()
@@ -301,7 +390,11 @@ impl Relay {
                     self.on_store_event(ev).await;
                 }
                 _ = sleep_until_opt(next_timer) => {
-                    self.on_timers(loads).await;
+                    if let Some(reason) = self.on_timers(loads).await {
+                        if !self.reconnect_source(reason, &mut shutdown).await? {
+                            draining_until = Some(Instant::now());
+                        }
+                    }
                 }
                 ev = self.client.recv(), if read_wal => {
                     // Whatever else is already buffered is handled in the same turn (up
@@ -309,6 +402,7 @@ impl Relay {
                     // sink gets its publishes in bursts.
                     let mut next = Some(ev);
                     let mut handled = 0;
+                    self.liveness.wal_event();
                     while let Some(ev) = next.take() {
                         let step = match ev {
                             Ok(Some(ev)) => self.on_wal_event(ev).await,
@@ -332,6 +426,9 @@ impl Relay {
                     }
                 }
             }
+            if draining_until.is_none() {
+                self.publish_ready().await;
+            }
             self.flush_publishes();
             if self.probing_reported && self.window.suspects() == 0 {
                 tracing::info!("every message the broker might have refused has an answer: publishing normally again");
@@ -339,6 +436,7 @@ impl Relay {
                 self.probing_reported = false;
             }
             self.advance();
+            self.check_progress();
             self.hand_over_succeeded(256);
             let m = metrics::metrics();
             m.inflight.set(self.window.len() as i64);
@@ -516,6 +614,7 @@ impl Relay {
 
     fn set_applied(&mut self, lsn: Lsn) {
         self.applied = lsn;
+        self.liveness.last_progress = Instant::now();
         self.client.update_applied_lsn(lsn);
         metrics::metrics().confirmed_lsn.set(lsn.as_u64() as f64);
     }
@@ -631,17 +730,21 @@ impl Relay {
                     self.succeeded.push(e.id.clone());
                 }
             }
-            Origin::Retry { parked_seq, .. } => {
+            Origin::Retry {
+                key, parked_seq, ..
+            } => {
                 m.published.inc();
-                self.retry_delivered(&row, parked_seq).await;
+                self.retry_delivered(key, &row, parked_seq).await;
             }
             Origin::DeadLetter {
+                key,
                 parked_seq,
                 attempts,
                 reason,
             } => {
                 tracing::warn!(id = %row.id(), attempts, %reason, "dead-lettered");
-                self.retry_dead(&row, parked_seq, attempts, reason).await;
+                self.retry_dead(key, &row, parked_seq, attempts, reason)
+                    .await;
             }
         }
     }
@@ -667,6 +770,7 @@ impl Relay {
                 self.park(seqs).await;
             }
             Origin::Retry {
+                key,
                 parked_seq,
                 attempts,
                 max_retries,
@@ -676,8 +780,16 @@ impl Relay {
                 };
                 self.park(park).await;
                 let (row, message, _) = entry.into_parts();
-                self.retry_failed(row, message, parked_seq, attempts + 1, max_retries, failure)
-                    .await;
+                self.retry_failed(
+                    key,
+                    row,
+                    message,
+                    parked_seq,
+                    attempts + 1,
+                    max_retries,
+                    failure,
+                )
+                .await;
             }
             Origin::DeadLetter { .. } => {
                 let delay = crate::time::backoff(
@@ -693,7 +805,8 @@ impl Relay {
         }
     }
 
-    async fn on_timers(&mut self, loads: bool) {
+    /// Due timers; returns why the replication stream must be reconnected, if it must.
+    async fn on_timers(&mut self, loads: bool) -> Option<String> {
         let now = Instant::now();
         if self
             .succeeded_since
@@ -709,6 +822,70 @@ impl Relay {
         if loads {
             self.load_due(now).await;
         }
+        self.check_progress();
+        self.check_stream(now)
+    }
+
+    /// The next liveness deadline: the probe, the reconnect, the stall report.
+    fn liveness_timer(&self) -> Option<Instant> {
+        let timeout = self.config.postgres.replication_timeout;
+        let l = &self.liveness;
+        let stream = l.reading.then(|| {
+            if l.probed {
+                l.last_wal + timeout
+            } else {
+                l.last_wal + timeout / 2
+            }
+        });
+        let stall = (!self.tracker.is_idle() && !l.stalled)
+            .then(|| l.last_progress + self.config.relay.stall_timeout);
+        [stream, stall].into_iter().flatten().min()
+    }
+
+    /// Half the replication timeout silent: ask the server for a sign of life; all
+    /// of it: the connection is dead (a partition TCP has not noticed).
+    fn check_stream(&mut self, now: Instant) -> Option<String> {
+        let timeout = self.config.postgres.replication_timeout;
+        let l = &mut self.liveness;
+        if !l.reading {
+            return None;
+        }
+        let silent = now.saturating_duration_since(l.last_wal);
+        if silent >= timeout {
+            l.wal_event();
+            return Some(format!(
+                "the replication connection was silent for {silent:?} (postgres.replication_timeout), even after a probe"
+            ));
+        }
+        if silent >= timeout / 2 && !l.probed {
+            l.probed = true;
+            tracing::debug!(?silent, "replication connection silent: probing");
+            self.heartbeat.probe();
+        }
+        None
+    }
+
+    /// Reports (and clears) a stall: work pending while the applied LSN stands still.
+    fn check_progress(&mut self) {
+        let now = Instant::now();
+        if self.tracker.is_idle() {
+            self.liveness.last_progress = now;
+        }
+        let waited = now.saturating_duration_since(self.liveness.last_progress);
+        let stalled = waited >= self.config.relay.stall_timeout;
+        if stalled && !self.liveness.stalled {
+            let why = format!(
+                "no progress for {waited:?}: {} transaction(s) wait, {} message(s) in the window, {} park(s) unanswered (relay.stall_timeout)",
+                self.tracker.len(),
+                self.window.len(),
+                self.parked.parking()
+            );
+            tracing::warn!("{why}");
+            self.health.set_problem(Problem::Stalled, Some(why));
+        } else if !stalled && self.liveness.stalled {
+            self.health.set_problem(Problem::Stalled, None);
+        }
+        self.liveness.stalled = stalled;
     }
 
     /// Passes acked ids to the store in batches, without ever waiting on it: when its
@@ -718,9 +895,9 @@ impl Relay {
             return;
         }
         let ids = std::mem::take(&mut self.succeeded);
-        match self.store.try_send(StoreCommand::Succeeded(ids)) {
-            Err(mpsc::error::TrySendError::Full(StoreCommand::Succeeded(ids))) => {
-                // Try again in HAND_OVER_AFTER.
+        match self.chores.try_send(Chore::Succeeded(ids)) {
+            Err(mpsc::error::TrySendError::Full(Chore::Succeeded(ids))) => {
+                // Try again in HAND_OVER_AFTER (WAL reading stops at MAX_SUCCEEDED).
                 self.succeeded = ids;
                 self.succeeded_since = Some(Instant::now());
             }
@@ -764,6 +941,10 @@ impl Relay {
                             self.config.postgres.table.clone(),
                             self.config.postgres.columns.clone(),
                         );
+                        // Another relay may have held the slot meanwhile: read the
+                        // retry state again before the first WAL message is published.
+                        self.heads_pending = true;
+                        let _ = self.store.send(StoreCommand::Reload).await;
                         return Ok(true);
                     }
                     Err(e) if e.is_transient() => {

@@ -1,69 +1,110 @@
-//! Which aggregates have retry state, what the relay asked the store about each
-//! and has not heard back, and which heads are due for a retry.
+//! Which aggregates have retry state, what the relay is doing about each, and
+//! which are due.
 //!
 //! An aggregate is parked from the moment a park for it is on its way until the
-//! store says its queue is empty and no command about it is unanswered: while it
-//! is, its later stream messages are parked behind it instead of published.
+//! store says its queue is empty and no park for it is unanswered: while it is,
+//! its later stream messages are parked behind it instead of published.
+//!
+//! Recovery runs per aggregate from a loaded page of its queue: the next message
+//! goes out as soon as its predecessor is acked, without asking the store again
+//! (strict order allows one unconfirmed message per aggregate); a new page is
+//! loaded when one runs out, and an aggregate whose queue looked empty is loaded
+//! once more before it is let go (parks behind it may have committed meanwhile).
+//! The rows waiting in pages are bounded in bytes.
 
 use super::fastmap::FastMap;
 use crate::event::AggregateKey;
-use crate::retry::Head;
+use crate::retry::{Head, Loaded, PageEnd};
 use crate::time::instant_of;
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, VecDeque};
 use tokio::time::Instant;
 
-/// What the main loop knows of each aggregate with retry state: the store's
-/// last word plus its own commands not yet answered.
-#[derive(Default)]
+/// Most loads requested at once.
+pub const MAX_LOADING: usize = 64;
+/// Most rows one load asks for.
+pub const PAGE_ROWS: usize = 64;
+
+/// A load to ask the store for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadRequest {
+    pub key: AggregateKey,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub after_seq: Option<i64>,
+    pub max_rows: usize,
+    pub max_bytes: usize,
+}
+
+/// What the relay knows of each aggregate with retry state.
 pub struct Parked {
     aggregates: FastMap<AggregateKey, ParkedAggregate>,
     due: BinaryHeap<Reverse<(Instant, AggregateKey)>>,
-    /// Loads requested and not yet answered (bounded, so answers never pile up).
+    /// Loads requested and not yet answered.
     loading: usize,
+    /// Aggregates with a loaded row ready to publish, waiting for room in the window.
+    ready: VecDeque<AggregateKey>,
+    /// Bytes of loaded rows waiting for their turn.
+    buffered: usize,
+    /// Most bytes of loaded rows held at once.
+    budget: usize,
 }
-
-/// Most heads loaded at once.
-pub const MAX_LOADING: usize = 64;
 
 struct ParkedAggregate {
     aggregate_type: String,
     aggregate_id: String,
-    /// The store last said the aggregate has parked rows.
-    store_parked: bool,
-    /// Commands for this aggregate the store has not answered yet.
-    outstanding: u32,
-    head: HeadState,
+    /// Parks for it sent and not yet committed.
+    parking: u32,
+    state: State,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum HeadState {
-    /// Nothing scheduled.
-    Idle,
+enum State {
+    /// No row of it is known to the relay (none, or only parks on their way).
+    Empty,
     /// Load when this time comes.
     Scheduled(Instant),
-    /// Load requested, or published, or its outcome being recorded.
-    Busy,
-    /// Dead head holding the aggregate (`on_dead = "block"`).
+    /// A load is on its way (`after`: the last row seen before it).
+    Loading { after: Option<i64> },
+    /// Recovering from a loaded page.
+    Active(Page),
+    /// Its head is dead and `on_dead = "block"` holds it until a requeue.
     Blocked,
 }
 
+struct Page {
+    rows: VecDeque<Loaded>,
+    /// One of its messages is published (or being dead-lettered).
+    in_flight: bool,
+    /// The last row loaded so far (the next page starts after it).
+    last_seq: i64,
+    end: PageEnd,
+}
+
 impl Parked {
+    pub fn new(budget: usize) -> Self {
+        Parked {
+            aggregates: FastMap::default(),
+            due: BinaryHeap::new(),
+            loading: 0,
+            ready: VecDeque::new(),
+            buffered: 0,
+            budget: budget.max(1),
+        }
+    }
+
+    /// Later stream messages of this aggregate must park behind it.
     pub fn is_parked(&self, key: AggregateKey) -> bool {
-        self.aggregates
-            .get(&key)
-            .is_some_and(|a| a.store_parked || a.outstanding > 0 || a.head != HeadState::Idle)
+        self.aggregates.contains_key(&key)
     }
 
-    pub fn outstanding(&self) -> u32 {
-        self.aggregates.values().map(|a| a.outstanding).sum()
+    /// Parks sent and not yet committed (they hold the window and the LSN).
+    pub fn parking(&self) -> u32 {
+        self.aggregates.values().map(|a| a.parking).sum()
     }
 
-    pub fn names(&self, key: AggregateKey) -> (String, String) {
-        self.aggregates
-            .get(&key)
-            .map(|a| (a.aggregate_type.clone(), a.aggregate_id.clone()))
-            .unwrap_or_default()
+    /// Aggregates with retry state known to the relay.
+    pub fn len(&self) -> usize {
+        self.aggregates.len()
     }
 
     fn entry(
@@ -77,88 +118,42 @@ impl Parked {
             .or_insert_with(|| ParkedAggregate {
                 aggregate_type: aggregate_type.to_string(),
                 aggregate_id: aggregate_id.to_string(),
-                store_parked: false,
-                outstanding: 0,
-                head: HeadState::Idle,
+                parking: 0,
+                state: State::Empty,
             })
     }
 
-    pub fn command_sent(&mut self, key: AggregateKey, aggregate_type: &str, aggregate_id: &str) {
-        self.entry(key, aggregate_type, aggregate_id).outstanding += 1;
+    /// A park for this aggregate is on its way to the store.
+    pub fn park_sent(&mut self, key: AggregateKey, aggregate_type: &str, aggregate_id: &str) {
+        self.entry(key, aggregate_type, aggregate_id).parking += 1;
     }
 
-    pub fn command_done(&mut self, key: AggregateKey) {
-        if let Some(a) = self.aggregates.get_mut(&key) {
-            a.outstanding = a.outstanding.saturating_sub(1);
+    /// A park committed (after any head it brought was adopted). An aggregate the
+    /// relay knows no rows of is loaded to check: the store reports a head only
+    /// when nothing held the aggregate before, so it is never simply let go.
+    pub fn park_done(&mut self, key: AggregateKey, now: Instant) {
+        let Some(a) = self.aggregates.get_mut(&key) else {
+            return;
+        };
+        a.parking = a.parking.saturating_sub(1);
+        if matches!(a.state, State::Empty) {
+            a.state = State::Scheduled(now);
+            self.due.push(Reverse((now, key)));
         }
-        self.forget_if_clear(key);
     }
 
-    /// A head reported by the store (start-up, a new head after a park, the next after a release, a requeue).
+    /// A head reported by the store (a park that started a queue, a reload, a requeue).
     pub fn adopt(&mut self, head: Head) {
+        let at = instant_of(head.due);
         let a = self.entry(head.key, &head.aggregate_type, &head.aggregate_id);
-        a.store_parked = true;
-        match a.head {
-            HeadState::Idle | HeadState::Blocked if head.blocked => a.head = HeadState::Blocked,
-            HeadState::Idle | HeadState::Blocked => self.schedule(head.key, head.due),
-            HeadState::Scheduled(_) | HeadState::Busy => {}
-        }
-    }
-
-    /// The head after a release: replaces the one that was busy.
-    pub fn next_head(&mut self, head: Head) {
-        if let Some(a) = self.aggregates.get_mut(&head.key) {
-            a.head = HeadState::Idle;
-        }
-        self.adopt(head);
-    }
-
-    pub fn schedule(&mut self, key: AggregateKey, due_micros: i64) {
-        let at = instant_of(due_micros);
-        if let Some(a) = self.aggregates.get_mut(&key) {
-            a.store_parked = true;
-            a.head = HeadState::Scheduled(at);
-            self.due.push(Reverse((at, key)));
-        }
-    }
-
-    pub fn block(&mut self, key: AggregateKey) {
-        if let Some(a) = self.aggregates.get_mut(&key) {
-            a.head = HeadState::Blocked;
-            a.store_parked = true;
-        }
-    }
-
-    pub fn in_flight(&mut self, key: AggregateKey) {
-        if let Some(a) = self.aggregates.get_mut(&key) {
-            a.head = HeadState::Busy;
-        }
-    }
-
-    /// A command about the head is on its way to the store.
-    pub fn releasing(&mut self, key: AggregateKey) {
-        if let Some(a) = self.aggregates.get_mut(&key) {
-            a.outstanding += 1;
-            a.head = HeadState::Busy;
-        }
-    }
-
-    /// The store says the aggregate's queue is empty.
-    pub fn empty(&mut self, key: AggregateKey) {
-        if let Some(a) = self.aggregates.get_mut(&key) {
-            a.store_parked = false;
-            a.head = HeadState::Idle;
-        }
-        self.forget_if_clear(key);
-    }
-
-    fn forget_if_clear(&mut self, key: AggregateKey) {
-        if self
-            .aggregates
-            .get(&key)
-            .is_some_and(|a| !a.store_parked && a.outstanding == 0 && a.head == HeadState::Idle)
-        {
-            self.aggregates.remove(&key);
+        match a.state {
+            State::Empty | State::Blocked if head.blocked => a.state = State::Blocked,
+            State::Empty | State::Blocked => {
+                a.state = State::Scheduled(at);
+                self.due.push(Reverse((at, head.key)));
+            }
+            // Already on its way: the rows are found by paging.
+            State::Scheduled(_) | State::Loading { .. } | State::Active(_) => {}
         }
     }
 
@@ -166,38 +161,186 @@ impl Parked {
         self.due.peek().map(|Reverse((at, _))| *at)
     }
 
+    /// Bytes one load may bring (the store may go over by one row).
+    fn per_load(&self) -> usize {
+        (self.budget / MAX_LOADING).max(1)
+    }
+
+    /// A load can start: not too many on their way, and room for their rows
+    /// (counting what the loads on their way may bring).
     pub fn can_load(&self) -> bool {
         self.loading < MAX_LOADING
+            && self.buffered + (self.loading + 1) * self.per_load() <= self.budget
     }
 
-    pub fn loaded(&mut self) {
-        self.loading = self.loading.saturating_sub(1);
+    fn request(&mut self, key: AggregateKey, after: Option<i64>) -> Option<LoadRequest> {
+        let max_bytes = self.per_load();
+        let a = self.aggregates.get_mut(&key)?;
+        a.state = State::Loading { after };
+        self.loading += 1;
+        Some(LoadRequest {
+            key,
+            aggregate_type: a.aggregate_type.clone(),
+            aggregate_id: a.aggregate_id.clone(),
+            after_seq: after,
+            max_rows: PAGE_ROWS,
+            max_bytes,
+        })
     }
 
-    /// Heads whose time has come, at most `room` and the load cap:
-    /// (key, aggregate_type, aggregate_id) to load.
-    pub fn due(&mut self, now: Instant, room: usize) -> Vec<(AggregateKey, String, String)> {
+    /// Loads for the aggregates whose time has come, as far as loads can start.
+    pub fn due(&mut self, now: Instant) -> Vec<LoadRequest> {
         let mut out = Vec::new();
         while let Some(Reverse((at, key))) = self.due.peek().copied() {
-            if at > now || out.len() >= room || self.loading >= MAX_LOADING {
+            if at > now || !self.can_load() {
                 break;
             }
             self.due.pop();
-            if let Some(a) = self.aggregates.get_mut(&key) {
-                if a.head == HeadState::Scheduled(at) {
-                    a.head = HeadState::Busy;
-                    self.loading += 1;
-                    out.push((key, a.aggregate_type.clone(), a.aggregate_id.clone()));
-                }
+            let scheduled = self
+                .aggregates
+                .get(&key)
+                .is_some_and(|a| matches!(a.state, State::Scheduled(t) if t == at));
+            if scheduled {
+                out.extend(self.request(key, None));
             }
         }
         out
+    }
+
+    /// A page of the aggregate's queue arrived. Returns a load to ask for when the
+    /// page says more is to be had at once.
+    pub fn loaded(
+        &mut self,
+        key: AggregateKey,
+        rows: Vec<Loaded>,
+        end: PageEnd,
+    ) -> Option<LoadRequest> {
+        self.loading = self.loading.saturating_sub(1);
+        let a = self.aggregates.get_mut(&key)?;
+        let State::Loading { after } = a.state else {
+            return None;
+        };
+        let Some(last) = rows.last().map(|r| r.parked_seq) else {
+            return self.ran_out(key, after, end, false);
+        };
+        self.buffered += rows.iter().map(Loaded::weight).sum::<usize>();
+        a.state = State::Active(Page {
+            rows: rows.into(),
+            in_flight: false,
+            last_seq: last,
+            end,
+        });
+        self.ready.push_back(key);
+        None
+    }
+
+    /// The aggregate has no loaded row left and none in flight: what next.
+    /// `from_page`: a page ran out (rather than a load coming back empty), so an
+    /// `Empty` end is checked with one more load.
+    fn ran_out(
+        &mut self,
+        key: AggregateKey,
+        after: Option<i64>,
+        end: PageEnd,
+        from_page: bool,
+    ) -> Option<LoadRequest> {
+        let a = self.aggregates.get_mut(&key)?;
+        match end {
+            PageEnd::More => self.request(key, after),
+            // A page that ran out may have had parks committed behind it: check.
+            PageEnd::Empty if from_page => self.request(key, after),
+            PageEnd::Empty => {
+                a.state = State::Empty;
+                if a.parking == 0 {
+                    self.aggregates.remove(&key);
+                }
+                None
+            }
+            PageEnd::Due(t) => {
+                let at = instant_of(t);
+                a.state = State::Scheduled(at);
+                self.due.push(Reverse((at, key)));
+                None
+            }
+            PageEnd::Blocked => {
+                a.state = State::Blocked;
+                None
+            }
+        }
+    }
+
+    /// The next aggregate with a row ready to publish.
+    pub fn take_ready(&mut self) -> Option<AggregateKey> {
+        self.ready.pop_front()
+    }
+
+    /// Takes the aggregate's next loaded row to publish (it is then in flight).
+    pub fn next(&mut self, key: AggregateKey) -> Option<Loaded> {
+        let a = self.aggregates.get_mut(&key)?;
+        let State::Active(page) = &mut a.state else {
+            return None;
+        };
+        if page.in_flight {
+            return None;
+        }
+        let row = page.rows.pop_front()?;
+        page.in_flight = true;
+        self.buffered -= row.weight();
+        Some(row)
+    }
+
+    /// The message in flight is done (acked, or dead and skipped): the next one is
+    /// ready, or a load is to be asked for.
+    pub fn delivered(&mut self, key: AggregateKey) -> Option<LoadRequest> {
+        let a = self.aggregates.get_mut(&key)?;
+        let State::Active(page) = &mut a.state else {
+            return None;
+        };
+        page.in_flight = false;
+        if !page.rows.is_empty() {
+            self.ready.push_back(key);
+            return None;
+        }
+        let (last, end) = (page.last_seq, page.end);
+        self.ran_out(key, Some(last), end, true)
+    }
+
+    /// The message in flight failed and is due again at `due`: what was loaded
+    /// after it waits for that (it is loaded again then).
+    pub fn failed(&mut self, key: AggregateKey, due: Instant) {
+        self.stop(key, State::Scheduled(due));
+        self.due.push(Reverse((due, key)));
+    }
+
+    /// The message in flight is dead and holds the aggregate (`on_dead = "block"`).
+    pub fn blocked(&mut self, key: AggregateKey) {
+        self.stop(key, State::Blocked);
+    }
+
+    fn stop(&mut self, key: AggregateKey, state: State) {
+        let Some(a) = self.aggregates.get_mut(&key) else {
+            return;
+        };
+        if let State::Active(page) = &a.state {
+            self.buffered -= page.rows.iter().map(Loaded::weight).sum::<usize>();
+        }
+        a.state = state;
+    }
+
+    /// Bytes of loaded rows waiting for their turn.
+    #[cfg(test)]
+    pub fn buffered(&self) -> usize {
+        self.buffered
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event::OutboxEvent;
+    use bytes::Bytes;
+    use proptest::prelude::*;
+    use std::collections::{BTreeMap, HashMap};
     use std::time::Duration;
 
     fn head(key: u64, due: i64, blocked: bool) -> Head {
@@ -210,41 +353,308 @@ mod tests {
         }
     }
 
+    fn row(seq: i64) -> Loaded {
+        Loaded {
+            parked_seq: seq,
+            event: Ok(OutboxEvent {
+                id: format!("m-{seq}"),
+                aggregate_type: "A".into(),
+                aggregate_id: "1".into(),
+                event_type: "e".into(),
+                payload: Bytes::from_static(b"{}"),
+                metadata: None,
+                created_at: None,
+                scheduled_at: None,
+                max_retries: None,
+            }),
+            commit_time: 0,
+            attempts: 1,
+            max_retries: 3,
+        }
+    }
+
+    fn later() -> Instant {
+        Instant::now() + Duration::from_secs(1)
+    }
+
     #[test]
-    fn parked_aggregate_stays_parked_until_the_store_and_its_commands_agree() {
-        let mut p = Parked::default();
+    fn a_parked_aggregate_stays_parked_until_its_parks_commit_and_its_queue_is_empty() {
+        let mut p = Parked::new(1 << 20);
         let k = AggregateKey(1);
         assert!(!p.is_parked(k));
-        p.command_sent(k, "A", "1");
+        p.park_sent(k, "A", "1");
         assert!(p.is_parked(k), "a park on its way parks the aggregate");
         p.adopt(head(1, 0, false));
-        p.command_done(k);
-        assert!(p.is_parked(k));
-        let due = p.due(Instant::now() + Duration::from_millis(1), 10);
-        assert_eq!(due.len(), 1, "the head is loaded once due");
-        assert!(
-            p.due(Instant::now() + Duration::from_secs(1), 10)
-                .is_empty(),
-            "and only once"
-        );
-        p.loaded();
-        p.releasing(k);
-        // The store answered an empty queue while another park is on its way.
-        p.command_sent(k, "A", "1");
-        p.command_done(k);
-        p.empty(k);
+        p.park_done(k, Instant::now());
+        let loads = p.due(later());
+        assert_eq!(loads.len(), 1, "the head is loaded once due");
+        assert!(p.due(later()).is_empty(), "and only once");
+        assert_eq!(p.loaded(k, vec![row(1), row(2)], PageEnd::Empty), None);
+        assert_eq!(p.take_ready(), Some(k));
+        assert_eq!(p.next(k).unwrap().parked_seq, 1);
+        assert!(p.next(k).is_none(), "one in flight per aggregate");
+        assert_eq!(p.delivered(k), None);
+        assert_eq!(p.take_ready(), Some(k));
+        assert_eq!(p.next(k).unwrap().parked_seq, 2);
+        // Another park is on its way while the page runs out.
+        p.park_sent(k, "A", "1");
+        let check = p.delivered(k).expect("an empty page is checked once more");
+        assert_eq!(check.after_seq, Some(2));
+        assert_eq!(p.loaded(k, vec![], PageEnd::Empty), None);
         assert!(p.is_parked(k), "the park still on its way keeps it parked");
-        p.command_done(k);
+        p.park_done(k, Instant::now());
+        assert!(p.is_parked(k), "a park without a head is loaded to check");
+        let check = p.due(later());
+        assert_eq!(check.len(), 1);
+        p.loaded(k, vec![], PageEnd::Empty);
         assert!(!p.is_parked(k));
+        assert_eq!(p.buffered(), 0);
     }
 
     #[test]
     fn a_blocked_head_is_not_scheduled_until_requeued() {
-        let mut p = Parked::default();
+        let mut p = Parked::new(1 << 20);
         p.adopt(head(2, 0, true));
         assert!(p.is_parked(AggregateKey(2)));
         assert!(p.next_due().is_none());
         p.adopt(head(2, 0, false));
         assert!(p.next_due().is_some());
+    }
+
+    #[test]
+    fn a_failure_drops_the_rest_of_the_page_until_the_head_is_due_again() {
+        let mut p = Parked::new(1 << 20);
+        let k = AggregateKey(3);
+        p.adopt(head(3, 0, false));
+        p.due(later());
+        p.loaded(k, vec![row(1), row(2), row(3)], PageEnd::More);
+        p.take_ready();
+        p.next(k);
+        let due = later();
+        p.failed(k, due);
+        assert_eq!(p.buffered(), 0, "the rest of the page is let go");
+        assert_eq!(p.next_due(), Some(due));
+        assert!(p.next(k).is_none());
+        let again = p.due(due);
+        assert_eq!(again[0].after_seq, None, "loaded again from its head");
+    }
+
+    #[test]
+    fn loads_stop_at_the_byte_budget() {
+        let one = row(1).weight();
+        let mut p = Parked::new(one * 4);
+        for k in 1..=4 {
+            p.adopt(head(k, 0, false));
+        }
+        let loads = p.due(later());
+        assert_eq!(loads.len(), 4);
+        assert!(
+            loads.iter().all(|l| l.max_bytes < one),
+            "each asks for a share"
+        );
+        for k in 1..=4 {
+            p.loaded(AggregateKey(k), vec![row(k as i64)], PageEnd::More);
+        }
+        assert_eq!(p.buffered(), one * 4);
+        assert!(!p.can_load(), "the budget is used up: no load starts");
+        let k = p.take_ready().unwrap();
+        p.next(k);
+        assert!(p.can_load(), "a published row frees its share");
+    }
+
+    /// Model of the store: each aggregate's rows (seq → delivered?), in order.
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// A stream message of aggregate `agg` is parked (with or without a head report).
+        Park { agg: u8 },
+        /// The oldest pending park commits.
+        ParkCommitted,
+        /// The oldest pending load is answered from the model.
+        LoadAnswered { page: usize },
+        /// The message in flight of aggregate `agg` is acked, or fails.
+        Outcome { agg: u8, ack: bool },
+        /// Time passes: due loads start.
+        Tick,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            3 => (0u8..4).prop_map(|agg| Op::Park { agg }),
+            3 => Just(Op::ParkCommitted),
+            3 => (1usize..4).prop_map(|page| Op::LoadAnswered { page }),
+            4 => (0u8..4, proptest::bool::weighted(0.8)).prop_map(|(agg, ack)| Op::Outcome { agg, ack }),
+            2 => Just(Op::Tick),
+        ]
+    }
+
+    struct Model {
+        p: Parked,
+        next_seq: i64,
+        /// Committed rows per aggregate, in seq order (not yet delivered).
+        rows: BTreeMap<u8, Vec<i64>>,
+        /// Parks on their way: (agg, seq it will get).
+        parking: VecDeque<(u8, i64)>,
+        loads: VecDeque<LoadRequest>,
+        in_flight: HashMap<u8, i64>,
+        delivered: BTreeMap<u8, Vec<i64>>,
+        now: Instant,
+    }
+
+    fn agg_of(key: AggregateKey) -> u8 {
+        key.0 as u8
+    }
+
+    impl Model {
+        fn new() -> Self {
+            Model {
+                p: Parked::new(row(1).weight() * MAX_LOADING * 3),
+                next_seq: 1,
+                rows: BTreeMap::new(),
+                parking: VecDeque::new(),
+                loads: VecDeque::new(),
+                in_flight: HashMap::new(),
+                delivered: BTreeMap::new(),
+                now: Instant::now(),
+            }
+        }
+
+        fn pump(&mut self) {
+            while let Some(key) = self.p.take_ready() {
+                if let Some(r) = self.p.next(key) {
+                    let agg = agg_of(key);
+                    assert!(
+                        self.in_flight.insert(agg, r.parked_seq).is_none(),
+                        "two messages of one aggregate in flight"
+                    );
+                }
+            }
+        }
+
+        fn apply(&mut self, op: Op) {
+            match op {
+                Op::Park { agg } => {
+                    self.p
+                        .park_sent(AggregateKey(agg as u64), "A", &agg.to_string());
+                    self.parking.push_back((agg, self.next_seq));
+                    self.next_seq += 1;
+                }
+                Op::ParkCommitted => {
+                    if let Some((agg, seq)) = self.parking.pop_front() {
+                        let q = self.rows.entry(agg).or_default();
+                        let head = q.is_empty();
+                        q.push(seq);
+                        let key = AggregateKey(agg as u64);
+                        if head {
+                            self.p.adopt(head_of(agg));
+                        }
+                        self.p.park_done(key, self.now);
+                    }
+                }
+                Op::LoadAnswered { page } => {
+                    if let Some(l) = self.loads.pop_front() {
+                        let agg = agg_of(l.key);
+                        let q = self.rows.get(&agg).cloned().unwrap_or_default();
+                        let after: Vec<i64> = q
+                            .into_iter()
+                            .filter(|s| l.after_seq.is_none_or(|a| *s > a))
+                            .collect();
+                        let take = page.min(l.max_rows);
+                        let rows: Vec<Loaded> = after.iter().take(take).map(|s| row(*s)).collect();
+                        let end = if after.len() > take {
+                            PageEnd::More
+                        } else {
+                            PageEnd::Empty
+                        };
+                        self.loads.extend(self.p.loaded(l.key, rows, end));
+                    }
+                }
+                Op::Outcome { agg, ack } => {
+                    if let Some(seq) = self.in_flight.remove(&agg) {
+                        let key = AggregateKey(agg as u64);
+                        if ack {
+                            let q = self.rows.get_mut(&agg).unwrap();
+                            assert_eq!(q.first(), Some(&seq), "a message overtook its predecessor");
+                            q.remove(0);
+                            self.delivered.entry(agg).or_default().push(seq);
+                            self.loads.extend(self.p.delivered(key));
+                        } else {
+                            self.p.failed(key, self.now);
+                        }
+                    }
+                }
+                Op::Tick => {
+                    self.now += Duration::from_secs(1);
+                    let due = self.p.due(self.now);
+                    self.loads.extend(due);
+                }
+            }
+            self.pump();
+        }
+
+        /// Everything parked is delivered, and every aggregate is let go.
+        fn settle(&mut self) {
+            for _ in 0..100_000 {
+                if self.parking.is_empty()
+                    && self.loads.is_empty()
+                    && self.in_flight.is_empty()
+                    && self.p.len() == 0
+                {
+                    return;
+                }
+                if !self.parking.is_empty() {
+                    self.apply(Op::ParkCommitted);
+                } else if !self.loads.is_empty() {
+                    self.apply(Op::LoadAnswered { page: 3 });
+                } else if let Some((&agg, _)) = self.in_flight.iter().next() {
+                    self.apply(Op::Outcome { agg, ack: true });
+                } else {
+                    self.apply(Op::Tick);
+                }
+            }
+            panic!(
+                "never settled: {} aggregates left, rows {:?}",
+                self.p.len(),
+                self.rows
+            );
+        }
+    }
+
+    fn head_of(agg: u8) -> Head {
+        Head {
+            key: AggregateKey(agg as u64),
+            aggregate_type: "A".into(),
+            aggregate_id: agg.to_string(),
+            due: 0,
+            blocked: false,
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// Every parked message is delivered exactly once, per aggregate in park
+        /// order, one in flight at a time; no aggregate is let go while it has rows;
+        /// the byte budget is never exceeded and returns to zero.
+        #[test]
+        fn recovery_delivers_everything_in_order(ops in proptest::collection::vec(op(), 1..150)) {
+            let mut m = Model::new();
+            for op in ops {
+                m.apply(op);
+                prop_assert!(m.p.buffered() <= m.p.budget + row(1).weight() * MAX_LOADING);
+                for (agg, q) in &m.rows {
+                    if !q.is_empty() {
+                        prop_assert!(m.p.is_parked(AggregateKey(*agg as u64)), "aggregate {} let go with rows", agg);
+                    }
+                }
+            }
+            m.settle();
+            prop_assert_eq!(m.p.buffered(), 0);
+            for (agg, q) in &m.rows {
+                prop_assert!(q.is_empty(), "aggregate {} kept {:?}", agg, q);
+            }
+            for (agg, d) in &m.delivered {
+                prop_assert!(d.windows(2).all(|w| w[0] < w[1]), "aggregate {} delivered out of order: {:?}", agg, d);
+            }
+        }
     }
 }

@@ -1,9 +1,12 @@
 //! The loop's failure branch: parking messages in the retry store, re-publishing
-//! retried heads when they are due, and dead-lettering heads out of retries.
-//! The commands go to the store task; its answers come back as `StoreEvent`s.
+//! parked messages from loaded pages as their predecessors are acked, and
+//! dead-lettering messages out of retries. The commands go to the store task;
+//! its answers come back as `StoreEvent`s.
 
+use super::parked::LoadRequest;
 use super::window::{Origin, Resolved, Seq};
 use super::Relay;
+use crate::config::OnDead;
 use crate::event::{AggregateKey, Row};
 use crate::failure::Failure;
 use crate::metrics;
@@ -14,8 +17,8 @@ use std::sync::Arc;
 use tokio::time::Instant;
 
 impl Relay {
-    /// Parks these window entries (each with its own cause, if any) in one
-    /// retry-state transaction.
+    /// Parks these window entries (each with its own cause, if any); the store
+    /// writes what waits in its channel together.
     pub(super) async fn park(&mut self, seqs: Vec<Seq>) {
         if seqs.is_empty() {
             return;
@@ -23,7 +26,7 @@ impl Relay {
         let items: Vec<ParkItem> = seqs.into_iter().filter_map(|s| self.park_item(s)).collect();
         for item in &items {
             self.parked
-                .command_sent(item.key, &item.aggregate_type, &item.aggregate_id);
+                .park_sent(item.key, &item.aggregate_type, &item.aggregate_id);
         }
         let _ = self.parks.send(Park(items)).await;
     }
@@ -54,51 +57,88 @@ impl Relay {
         Some(item)
     }
 
-    /// A retried head was acked: the store removes it and says what is next.
-    pub(super) async fn retry_delivered(&mut self, row: &Row, parked_seq: i64) {
-        let key = row.key();
-        let (aggregate_type, aggregate_id) = self.parked.names(key);
-        self.parked.releasing(key);
+    async fn send_load(&mut self, req: Option<LoadRequest>) {
+        if let Some(req) = req {
+            let _ = self
+                .loads
+                .send(Load {
+                    key: req.key,
+                    aggregate_type: req.aggregate_type,
+                    aggregate_id: req.aggregate_id,
+                    after_seq: req.after_seq,
+                    max_rows: req.max_rows,
+                    max_bytes: req.max_bytes,
+                })
+                .await;
+        }
+    }
+
+    /// Asks the store for the aggregates whose time has come.
+    pub(super) async fn load_due(&mut self, now: Instant) {
+        for req in self.parked.due(now) {
+            self.send_load(Some(req)).await;
+        }
+    }
+
+    /// Publishes the next loaded message of every aggregate whose turn came, while
+    /// the window has room.
+    pub(super) async fn publish_ready(&mut self) {
+        while self.window.has_room() {
+            let Some(key) = self.parked.take_ready() else {
+                return;
+            };
+            if let Some(loaded) = self.parked.next(key) {
+                self.publish_loaded(key, loaded).await;
+            }
+        }
+    }
+
+    /// A retried message (of aggregate `key`) was acked: the store removes it; its
+    /// successor goes next.
+    pub(super) async fn retry_delivered(&mut self, key: AggregateKey, row: &Row, parked_seq: i64) {
         let _ = self
             .store
             .send(StoreCommand::Delivered {
-                key,
-                aggregate_type,
-                aggregate_id,
                 parked_seq,
                 id: row.id().to_string(),
             })
             .await;
+        let next = self.parked.delivered(key);
+        self.send_load(next).await;
     }
 
-    /// A head is out of retries (its dead-letter copy acked, or none configured).
+    /// A message is out of retries (its dead-letter copy acked, or none configured).
     pub(super) async fn retry_dead(
         &mut self,
+        key: AggregateKey,
         row: &Row,
         parked_seq: i64,
         attempts: i32,
         reason: String,
     ) {
-        let key = row.key();
-        let (aggregate_type, aggregate_id) = self.parked.names(key);
-        self.parked.releasing(key);
         let _ = self
             .store
             .send(StoreCommand::Dead {
-                key,
-                aggregate_type,
-                aggregate_id,
                 parked_seq,
                 id: row.id().to_string(),
                 attempts,
                 reason,
             })
             .await;
+        match self.config.retry.on_dead {
+            OnDead::Block => self.parked.blocked(key),
+            OnDead::Skip => {
+                let next = self.parked.delivered(key);
+                self.send_load(next).await;
+            }
+        }
     }
 
-    /// A retried head failed again: schedule the next attempt, or dead-letter it.
+    /// A retried message failed again: schedule the next attempt, or dead-letter it.
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn retry_failed(
         &mut self,
+        key: AggregateKey,
         row: Row,
         message: Option<Arc<OutboundMessage>>,
         parked_seq: i64,
@@ -112,15 +152,9 @@ impl Relay {
             let retry = &self.config.retry;
             let delay = backoff(retry.backoff_base, retry.backoff_max, attempts as u32);
             tracing::warn!(id = %row.id(), attempts, max_retries, retry_in = ?delay, %reason, "retry failed");
-            let key = row.key();
-            let (aggregate_type, aggregate_id) = self.parked.names(key);
-            self.parked.releasing(key);
             let _ = self
                 .store
                 .send(StoreCommand::Failed {
-                    key,
-                    aggregate_type,
-                    aggregate_id,
                     parked_seq,
                     id: row.id().to_string(),
                     attempts,
@@ -128,6 +162,7 @@ impl Relay {
                     delay,
                 })
                 .await;
+            self.parked.failed(key, Instant::now() + delay);
             return;
         }
         match self.dead_letter_exchange.clone() {
@@ -144,6 +179,7 @@ impl Relay {
                     row,
                     Arc::new(dead),
                     Origin::DeadLetter {
+                        key,
                         parked_seq,
                         attempts,
                         reason,
@@ -153,7 +189,8 @@ impl Relay {
             }
             None => {
                 tracing::warn!(id = %row.id(), attempts, %reason, "message is dead (no dead_letter_exchange configured)");
-                self.retry_dead(&row, parked_seq, attempts, reason).await;
+                self.retry_dead(key, &row, parked_seq, attempts, reason)
+                    .await;
             }
         }
     }
@@ -161,53 +198,44 @@ impl Relay {
     pub(super) async fn on_store_event(&mut self, ev: StoreEvent) {
         match ev {
             StoreEvent::Parked { tokens, heads } => {
+                for head in heads {
+                    self.parked.adopt(head);
+                }
+                let now = Instant::now();
                 for token in tokens {
                     let Some(Resolved { entry, park }) = self.window.resolve(token) else {
                         continue;
                     };
                     debug_assert!(park.is_empty(), "a parked message holds no turn");
-                    self.parked.command_done(entry.row().key());
+                    self.parked.park_done(entry.row().key(), now);
                     if let Origin::Stream { txn, .. } = entry.origin() {
                         self.tracker.resolve(*txn);
                     }
                 }
-                for head in heads {
-                    self.parked.adopt(head);
-                }
             }
-            StoreEvent::Loaded { key, head } => {
-                self.parked.loaded();
-                match head {
-                    None => self.parked.empty(key),
-                    Some(loaded) => self.publish_loaded(key, loaded).await,
-                }
-            }
-            StoreEvent::Released { key, next } => {
-                self.parked.command_done(key);
-                match next {
-                    Some(head) => self.parked.next_head(head),
-                    None => self.parked.empty(key),
-                }
-            }
-            StoreEvent::Rescheduled { key, due } => {
-                self.parked.command_done(key);
-                self.parked.schedule(key, due);
-            }
-            StoreEvent::Blocked { key } => {
-                self.parked.command_done(key);
-                self.parked.block(key);
+            StoreEvent::Loaded { key, rows, end } => {
+                let next = self.parked.loaded(key, rows, end);
+                self.send_load(next).await;
             }
             StoreEvent::Heads(heads) => {
                 for head in heads {
                     self.parked.adopt(head);
                 }
             }
+            StoreEvent::HeadsDone => {
+                if self.heads_pending {
+                    tracing::info!(
+                        parked_aggregates = self.parked.len(),
+                        "retry state read: streaming"
+                    );
+                }
+                self.heads_pending = false;
+            }
         }
     }
 
-    /// Re-publishes a loaded head, or counts a failure when it still cannot be sent.
+    /// Re-publishes a loaded message, or counts a failure when it still cannot be sent.
     async fn publish_loaded(&mut self, key: AggregateKey, loaded: Loaded) {
-        self.parked.in_flight(key);
         let Loaded {
             parked_seq,
             event,
@@ -216,11 +244,32 @@ impl Relay {
             max_retries,
         } = loaded;
         let event = match event {
+            Ok(e) if e.key() != key => {
+                // Published under another aggregate it could overtake that one's
+                // messages; the operator who changed it must decide.
+                let reason = format!(
+                    "its aggregate changed while it was parked (now {}/{}): restore it, or remove the row from the retry table",
+                    e.aggregate_type, e.aggregate_id
+                );
+                let failure = Failure::Malformed(reason);
+                self.retry_failed(
+                    key,
+                    Row::Event(Arc::new(e)),
+                    None,
+                    parked_seq,
+                    attempts + 1,
+                    max_retries,
+                    failure,
+                )
+                .await;
+                return;
+            }
             Ok(e) => Arc::new(e),
             Err(bad) => {
                 let failure = Failure::Malformed(bad.reason.clone());
                 self.retry_failed(
-                    Row::Malformed(bad),
+                    key,
+                    Row::Malformed(*bad),
                     None,
                     parked_seq,
                     attempts + 1,
@@ -231,14 +280,14 @@ impl Relay {
                 return;
             }
         };
-        let encoded = self.encode(&event, commit_time);
-        match encoded {
+        match self.encode(&event, commit_time) {
             Ok(message) => {
                 let alone = self.refused.contains(&event.id);
                 self.window.admit_retry(
                     Row::Event(event),
                     message,
                     Origin::Retry {
+                        key,
                         parked_seq,
                         attempts,
                         max_retries,
@@ -248,6 +297,7 @@ impl Relay {
             }
             Err((message, failure)) => {
                 self.retry_failed(
+                    key,
                     Row::Event(event),
                     message,
                     parked_seq,
@@ -257,20 +307,6 @@ impl Relay {
                 )
                 .await
             }
-        }
-    }
-
-    /// Asks the store for the heads whose time has come, as far as the window has room.
-    pub(super) async fn load_due(&mut self, now: Instant) {
-        for (key, aggregate_type, aggregate_id) in self.parked.due(now, self.window.room()) {
-            let _ = self
-                .loads
-                .send(Load {
-                    key,
-                    aggregate_type,
-                    aggregate_id,
-                })
-                .await;
         }
     }
 }

@@ -145,32 +145,66 @@ pub fn heartbeat_application_name(slot: &str) -> String {
     application_name("heartbeat", slot)
 }
 
-/// Emits a non-transactional logical message every `interval`, so an otherwise
-/// idle slot keeps moving (the relay confirms it when nothing is in flight).
-pub fn spawn_heartbeat(target: PgTarget, slot: &str, interval: Duration) -> AbortOnDrop {
-    let application_name = heartbeat_application_name(slot);
-    AbortOnDrop(tokio::spawn(async move {
-        let mut client = None;
-        let mut tick = tokio::time::interval(interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            if client.is_none() {
-                client = target.connect_as(&application_name).await.ok();
-            }
-            if let Some(c) = &client {
-                if let Err(e) = c
-                    .batch_execute(
-                        "select pg_logical_emit_message(false, 'outbox-relay-heartbeat', '')",
-                    )
-                    .await
-                {
-                    tracing::warn!(error = %e, "heartbeat failed; reconnecting for the next one");
-                    client = None;
+/// The heartbeat task: emits a non-transactional logical message every
+/// `interval` (when configured) so an otherwise idle slot keeps moving (the relay
+/// confirms it when nothing is in flight), and on demand (`probe`) when the
+/// replication connection has been silent: a message that comes back through the
+/// stream proves it alive.
+pub struct Heartbeat {
+    probe: std::sync::Arc<tokio::sync::Notify>,
+    _task: AbortOnDrop,
+}
+
+impl Heartbeat {
+    pub fn spawn(target: PgTarget, slot: &str, interval: Option<Duration>) -> Heartbeat {
+        let application_name = heartbeat_application_name(slot);
+        let probe = std::sync::Arc::new(tokio::sync::Notify::new());
+        let asked = probe.clone();
+        let task = tokio::spawn(async move {
+            let mut client = None;
+            let mut tick = interval.map(|i| {
+                let mut t = tokio::time::interval(i);
+                t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                t
+            });
+            loop {
+                // Priority: a probe, then the periodic beat.
+                tokio::select! {
+                    biased;
+                    _ = asked.notified() => {}
+                    _ = async {
+                        match tick.as_mut() {
+                            Some(t) => { t.tick().await; }
+                            None => std::future::pending::<()>().await,
+                        }
+                    } => {}
+                }
+                if client.is_none() {
+                    client = target.connect_as(&application_name).await.ok();
+                }
+                if let Some(c) = &client {
+                    if let Err(e) = c
+                        .batch_execute(
+                            "select pg_logical_emit_message(false, 'outbox-relay-heartbeat', '')",
+                        )
+                        .await
+                    {
+                        tracing::warn!(error = %e, "heartbeat failed; reconnecting for the next one");
+                        client = None;
+                    }
                 }
             }
+        });
+        Heartbeat {
+            probe,
+            _task: AbortOnDrop(task),
         }
-    }))
+    }
+
+    /// Emits one message now.
+    pub fn probe(&self) {
+        self.probe.notify_one();
+    }
 }
 
 /// Starts the `/metrics`, `/healthz`, `/readyz` endpoint when configured.

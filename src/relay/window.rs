@@ -36,14 +36,16 @@ pub type Seq = u64;
 pub enum Origin {
     /// From the WAL: resolving it moves the LSN.
     Stream { txn: TxnId, commit_time: i64 },
-    /// A retried head of an aggregate's retry queue.
+    /// A parked message of aggregate `key`, published again.
     Retry {
+        key: AggregateKey,
         parked_seq: i64,
         attempts: i32,
         max_retries: i32,
     },
-    /// The dead-letter copy of a head out of retries.
+    /// The dead-letter copy of a parked message (of aggregate `key`) out of retries.
     DeadLetter {
+        key: AggregateKey,
         parked_seq: i64,
         attempts: i32,
         reason: String,
@@ -211,8 +213,16 @@ impl Window {
         self.entries.len()
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+
+    /// Some message is on the wire or being parked: its answer is still to come.
+    pub fn has_unanswered(&self) -> bool {
+        self.entries
+            .values()
+            .any(|e| matches!(e.state, State::Published { .. } | State::Parking))
     }
 
     /// Bytes held, as the window counts them.
@@ -221,6 +231,7 @@ impl Window {
     }
 
     /// Messages that still fit.
+    #[cfg(test)]
     pub fn room(&self) -> usize {
         self.max_messages.saturating_sub(self.entries.len())
     }
@@ -985,6 +996,7 @@ mod tests {
             retry.clone(),
             message(&retry, 10),
             Origin::Retry {
+                key: retry.key(),
                 parked_seq: 1,
                 attempts: 1,
                 max_retries: 3,

@@ -27,6 +27,10 @@ pub struct RetryTable {
 #[derive(Debug, Clone)]
 pub struct ParkedRow {
     pub seq: i64,
+    /// `parked`, or `dead` (a dead row that holds its aggregate).
+    pub status: String,
+    /// Not before this time (Unix µs).
+    pub due: i64,
     pub id: String,
     pub event_type: Option<String>,
     pub payload: Option<String>,
@@ -35,6 +39,16 @@ pub struct ParkedRow {
     pub commit_time: i64,
     pub attempts: i32,
     pub max_retries: i32,
+}
+
+/// One parked row as inserted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Inserted {
+    pub seq: i64,
+    /// Not before this time (Unix µs).
+    pub due: i64,
+    /// It is now the head of its aggregate's queue.
+    pub head: bool,
 }
 
 /// A dead message as `dead list` shows it.
@@ -115,113 +129,171 @@ impl RetryTable {
         get(&row, 0, CONTEXT)
     }
 
-    /// Inserts one item; returns its `seq` and due time (Unix µs).
-    pub async fn insert(
+    /// Inserts the items in one statement, in their order (so `seq` follows it);
+    /// returns for each, in the same order, its `seq`, its due time (Unix µs) and
+    /// whether it is now the head of its aggregate's queue (nothing held the
+    /// aggregate before, and it is the batch's first row of that aggregate).
+    pub async fn insert_many(
         &self,
         client: &impl GenericClient,
-        item: &ParkItem,
-    ) -> Result<(i64, i64), Error> {
-        const CONTEXT: &str = "parking a message in the retry table";
+        items: &[ParkItem],
+    ) -> Result<Vec<Inserted>, Error> {
+        const CONTEXT: &str = "parking messages in the retry table";
         let text = |b: &Option<Bytes>| b.as_ref().map(|b| String::from_utf8_lossy(b).into_owned());
-        let attempts: i32 = if item.failure.is_some() { 1 } else { 0 };
-        let row = client
-            .query_one(
+        let ids: Vec<&str> = items.iter().map(|i| i.id.as_str()).collect();
+        let types: Vec<&str> = items.iter().map(|i| i.aggregate_type.as_str()).collect();
+        let agg_ids: Vec<&str> = items.iter().map(|i| i.aggregate_id.as_str()).collect();
+        let event_types: Vec<Option<&str>> =
+            items.iter().map(|i| i.event_type.as_deref()).collect();
+        let payloads: Vec<Option<String>> = items.iter().map(|i| text(&i.payload)).collect();
+        let metadata: Vec<Option<String>> = items.iter().map(|i| text(&i.metadata)).collect();
+        let created: Vec<Option<&str>> = items.iter().map(|i| i.created_at.as_deref()).collect();
+        let commit_times: Vec<i64> = items.iter().map(|i| i.commit_time).collect();
+        let attempts: Vec<i32> = items
+            .iter()
+            .map(|i| i32::from(i.failure.is_some()))
+            .collect();
+        let max_retries: Vec<i32> = items.iter().map(|i| i.max_retries).collect();
+        let errors: Vec<Option<&str>> = items.iter().map(|i| i.failure.as_deref()).collect();
+        let not_before: Vec<Option<i64>> = items.iter().map(|i| i.not_before).collect();
+        let rows = client
+            .query(
                 &format!(
-                    "insert into {} (slot, id, aggregate_type, aggregate_id, event_type, payload, metadata, created_at, commit_time, \
+                    // The data-modifying CTE's rows are invisible to the `not exists`
+                    // below, which therefore sees only what held the aggregate before.
+                    "with ins as (insert into {t} (slot, id, aggregate_type, aggregate_id, event_type, payload, metadata, created_at, commit_time, \
                      attempts, max_retries, error_message, scheduled_at) \
-                     values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, \
-                     coalesce(to_timestamp($13::bigint / 1000000.0), now())) \
-                     returning seq, (extract(epoch from scheduled_at) * 1000000)::bigint",
-                    self.table.quoted()
+                     select $1, u.id, u.aggregate_type, u.aggregate_id, u.event_type, u.payload, u.metadata, u.created_at, u.commit_time, \
+                     u.attempts, u.max_retries, u.error_message, coalesce(to_timestamp(u.not_before / 1000000.0), now()) \
+                     from unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[], $9::bigint[], \
+                     $10::int[], $11::int[], $12::text[], $13::bigint[]) with ordinality \
+                     as u(id, aggregate_type, aggregate_id, event_type, payload, metadata, created_at, commit_time, \
+                     attempts, max_retries, error_message, not_before, ord) \
+                     order by u.ord \
+                     returning seq, aggregate_type, aggregate_id, scheduled_at), \
+                     firsts as (select distinct on (aggregate_type, aggregate_id) seq from ins order by aggregate_type, aggregate_id, seq) \
+                     select i.seq, (extract(epoch from i.scheduled_at) * 1000000)::bigint, \
+                     i.seq in (select seq from firsts) and not exists (select 1 from {t} r where r.slot = $1 \
+                     and r.aggregate_type = i.aggregate_type and r.aggregate_id = i.aggregate_id and {blockers}) \
+                     from ins i order by i.seq",
+                    t = self.table.quoted(),
+                    blockers = self.blockers.replace("status", "r.status"),
                 ),
                 &[
                     &self.slot,
-                    &item.id,
-                    &item.aggregate_type,
-                    &item.aggregate_id,
-                    &item.event_type,
-                    &text(&item.payload),
-                    &text(&item.metadata),
-                    &item.created_at,
-                    &item.commit_time,
+                    &ids,
+                    &types,
+                    &agg_ids,
+                    &event_types,
+                    &payloads,
+                    &metadata,
+                    &created,
+                    &commit_times,
                     &attempts,
-                    &item.max_retries,
-                    &item.failure,
-                    &item.not_before,
+                    &max_retries,
+                    &errors,
+                    &not_before,
                 ],
             )
             .await
             .map_err(query_err(CONTEXT))?;
-        Ok((get(&row, 0, CONTEXT)?, get(&row, 1, CONTEXT)?))
+        // Sequence numbers are taken in the insert's (ordered) row order, and the
+        // rows come back sorted by them.
+        rows.iter()
+            .map(|r| {
+                Ok(Inserted {
+                    seq: get(r, 0, CONTEXT)?,
+                    due: get(r, 1, CONTEXT)?,
+                    head: get(r, 2, CONTEXT)?,
+                })
+            })
+            .collect()
     }
 
-    /// No row of the aggregate holds it ahead of `seq`.
-    pub async fn is_head(
+    /// Up to `limit` rows that hold an aggregate (parked, or dead with `on_dead =
+    /// "block"`), after `after_seq`, in commit order.
+    pub async fn page(
         &self,
         client: &impl GenericClient,
         aggregate_type: &str,
         aggregate_id: &str,
-        seq: i64,
-    ) -> Result<bool, Error> {
-        const CONTEXT: &str = "checking an aggregate's retry queue";
-        let row = client
-            .query_one(
+        after_seq: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<ParkedRow>, Error> {
+        const CONTEXT: &str = "loading messages from the retry table";
+        let rows = client
+            .query(
                 &format!(
-                    "select not exists (select 1 from {} where slot = $1 and aggregate_type = $2 and aggregate_id = $3 and seq < $4 and {})",
+                    "select seq, status, (extract(epoch from scheduled_at) * 1000000)::bigint, id, event_type, payload, metadata, \
+                     created_at, commit_time, attempts, max_retries \
+                     from {} where slot = $1 and aggregate_type = $2 and aggregate_id = $3 and seq > $4 and {} \
+                     order by seq limit $5",
                     self.table.quoted(),
                     self.blockers
                 ),
-                &[&self.slot, &aggregate_type, &aggregate_id, &seq],
+                &[
+                    &self.slot,
+                    &aggregate_type,
+                    &aggregate_id,
+                    &after_seq.unwrap_or(0),
+                    &limit,
+                ],
             )
             .await
             .map_err(query_err(CONTEXT))?;
-        get(&row, 0, CONTEXT)
+        rows.iter()
+            .map(|r| {
+                Ok(ParkedRow {
+                    seq: get(r, 0, CONTEXT)?,
+                    status: get(r, 1, CONTEXT)?,
+                    due: get(r, 2, CONTEXT)?,
+                    id: get(r, 3, CONTEXT)?,
+                    event_type: get(r, 4, CONTEXT)?,
+                    payload: get(r, 5, CONTEXT)?,
+                    metadata: get(r, 6, CONTEXT)?,
+                    created_at: get(r, 7, CONTEXT)?,
+                    commit_time: get(r, 8, CONTEXT)?,
+                    attempts: get(r, 9, CONTEXT)?,
+                    max_retries: get(r, 10, CONTEXT)?,
+                })
+            })
+            .collect()
     }
 
-    /// The first parked row of an aggregate.
-    pub async fn head(
+    /// Removes delivered rows; how many went.
+    pub async fn delete_many(
         &self,
         client: &impl GenericClient,
-        aggregate_type: &str,
-        aggregate_id: &str,
-    ) -> Result<Option<ParkedRow>, Error> {
-        const CONTEXT: &str = "loading a message from the retry table";
-        let row = client
-            .query_opt(
-                &format!(
-                    "select seq, id, event_type, payload, metadata, created_at, commit_time, attempts, max_retries \
-                     from {} where slot = $1 and aggregate_type = $2 and aggregate_id = $3 and status = 'parked' order by seq limit 1",
-                    self.table.quoted()
-                ),
-                &[&self.slot, &aggregate_type, &aggregate_id],
-            )
-            .await
-            .map_err(query_err(CONTEXT))?;
-        let Some(r) = row else { return Ok(None) };
-        Ok(Some(ParkedRow {
-            seq: get(&r, 0, CONTEXT)?,
-            id: get(&r, 1, CONTEXT)?,
-            event_type: get(&r, 2, CONTEXT)?,
-            payload: get(&r, 3, CONTEXT)?,
-            metadata: get(&r, 4, CONTEXT)?,
-            created_at: get(&r, 5, CONTEXT)?,
-            commit_time: get(&r, 6, CONTEXT)?,
-            attempts: get(&r, 7, CONTEXT)?,
-            max_retries: get(&r, 8, CONTEXT)?,
-        }))
-    }
-
-    /// Removes a delivered row.
-    pub async fn delete(&self, client: &impl GenericClient, seq: i64) -> Result<u64, Error> {
+        seqs: &[i64],
+    ) -> Result<u64, Error> {
         client
             .execute(
-                &format!("delete from {} where seq = $1", self.table.quoted()),
-                &[&seq],
+                &format!("delete from {} where seq = any($1)", self.table.quoted()),
+                &[&seqs],
             )
             .await
             .map_err(query_err(
-                "removing a delivered message from the retry table",
+                "removing delivered messages from the retry table",
             ))
+    }
+
+    /// Deletes up to 1 000 dead rows of this slot last touched before `older_than` ago.
+    pub async fn purge_dead(
+        &self,
+        client: &impl GenericClient,
+        older_than: Duration,
+    ) -> Result<u64, Error> {
+        let t = self.table.quoted();
+        client
+            .execute(
+                &format!(
+                    "delete from {t} where seq = any(array(select seq from {t} where slot = $1 and status = 'dead' \
+                     and updated_at < now() - $2::bigint * interval '1 microsecond' limit 1000))"
+                ),
+                &[&self.slot, &(older_than.as_micros() as i64)],
+            )
+            .await
+            .map_err(query_err("deleting dead rows past retry.dead_retention"))
     }
 
     /// Counts a failed attempt and schedules the next one; the new due time, or
@@ -270,50 +342,31 @@ impl RetryTable {
         Ok(n > 0)
     }
 
-    /// The row that now holds the aggregate, if any.
-    pub async fn next_head(
+    /// Up to `limit` aggregates' heads, after the aggregate `after` (keyset
+    /// paging: start-up and requeues load them page by page).
+    pub async fn heads_page(
         &self,
         client: &impl GenericClient,
-        key: AggregateKey,
-        aggregate_type: &str,
-        aggregate_id: &str,
-    ) -> Result<Option<Head>, Error> {
-        const CONTEXT: &str = "finding the next message of an aggregate";
-        let row = client
-            .query_opt(
-                &format!(
-                    "select status, (extract(epoch from greatest(scheduled_at, now())) * 1000000)::bigint from {} \
-                     where slot = $1 and aggregate_type = $2 and aggregate_id = $3 and {} order by seq limit 1",
-                    self.table.quoted(),
-                    self.blockers
-                ),
-                &[&self.slot, &aggregate_type, &aggregate_id],
-            )
-            .await
-            .map_err(query_err(CONTEXT))?;
-        let Some(r) = row else { return Ok(None) };
-        Ok(Some(Head {
-            key,
-            aggregate_type: aggregate_type.to_string(),
-            aggregate_id: aggregate_id.to_string(),
-            due: get(&r, 1, CONTEXT)?,
-            blocked: get::<String>(&r, 0, CONTEXT)? == "dead",
-        }))
-    }
-
-    /// Every aggregate's head (start-up, and after a requeue).
-    pub async fn heads(&self, client: &impl GenericClient) -> Result<Vec<Head>, Error> {
+        after: Option<&(String, String)>,
+        limit: i64,
+    ) -> Result<Vec<Head>, Error> {
         const CONTEXT: &str = "loading the retry queue";
+        let (after_type, after_id) = match after {
+            Some((t, i)) => (Some(t.as_str()), Some(i.as_str())),
+            None => (None, None),
+        };
         let rows = client
             .query(
                 &format!(
                     "select distinct on (aggregate_type, aggregate_id) aggregate_type, aggregate_id, status, \
                      (extract(epoch from scheduled_at) * 1000000)::bigint \
-                     from {} where slot = $1 and {} order by aggregate_type, aggregate_id, seq",
+                     from {} where slot = $1 and {} \
+                     and ($2::text is null or (aggregate_type, aggregate_id) > ($2::text, $3::text)) \
+                     order by aggregate_type, aggregate_id, seq limit $4",
                     self.table.quoted(),
                     self.blockers
                 ),
-                &[&self.slot],
+                &[&self.slot, &after_type, &after_id, &limit],
             )
             .await
             .map_err(query_err(CONTEXT))?;
@@ -361,18 +414,23 @@ impl RetryTable {
             .collect()
     }
 
-    /// Dead rows of this slot, oldest first.
-    pub async fn dead(&self, client: &impl GenericClient) -> Result<Vec<DeadMessage>, Error> {
+    /// Dead rows of this slot, oldest first: `limit` of them after skipping `offset`.
+    pub async fn dead(
+        &self,
+        client: &impl GenericClient,
+        limit: i64,
+        offset: i64,
+    ) -> Result<Vec<DeadMessage>, Error> {
         const CONTEXT: &str = "listing dead messages";
         let rows = client
             .query(
                 &format!(
                     "select id, aggregate_type, aggregate_id, event_type, attempts, error_message, \
                      to_char(updated_at at time zone 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') \
-                     from {} where slot = $1 and status = 'dead' order by seq",
+                     from {} where slot = $1 and status = 'dead' order by seq limit $2 offset $3",
                     self.table.quoted()
                 ),
-                &[&self.slot],
+                &[&self.slot, &limit, &offset],
             )
             .await
             .map_err(query_err(CONTEXT))?;
@@ -391,23 +449,26 @@ impl RetryTable {
             .collect()
     }
 
-    /// Gives dead rows (`ids`, or all with `None`) a fresh retry budget; returns the ids.
+    /// Gives up to `limit` dead rows (of `ids`, or any with `None`) a fresh retry
+    /// budget; returns their ids. Called until it returns fewer than `limit`.
     pub async fn requeue(
         &self,
         client: &impl GenericClient,
         ids: Option<&[String]>,
+        limit: i64,
     ) -> Result<Vec<String>, Error> {
         const CONTEXT: &str = "requeueing dead messages";
         let all = ids.is_none();
         let wanted: Vec<String> = ids.map(|v| v.to_vec()).unwrap_or_default();
+        let t = self.table.quoted();
         let rows = client
             .query(
                 &format!(
-                    "update {} set status = 'parked', attempts = 0, scheduled_at = now(), updated_at = now() \
-                     where slot = $1 and status = 'dead' and ($2 or id = any($3)) returning id",
-                    self.table.quoted()
+                    "update {t} set status = 'parked', attempts = 0, scheduled_at = now(), updated_at = now() \
+                     where seq = any(array(select seq from {t} where slot = $1 and status = 'dead' and ($2 or id = any($3)) \
+                     order by seq limit $4)) returning id"
                 ),
-                &[&self.slot, &all, &wanted],
+                &[&self.slot, &all, &wanted, &limit],
             )
             .await
             .map_err(query_err(CONTEXT))?;

@@ -86,7 +86,7 @@ impl Decoder {
                 match self.relations.get(&relation_id) {
                     Some(Some(mapping)) => Ok(match mapping.event(&tuple) {
                         Ok(e) => Decoded::Event(e),
-                        Err(m) => Decoded::Malformed(m),
+                        Err(m) => Decoded::Malformed(*m),
                     }),
                     Some(None) => Ok(Decoded::Ignored),
                     None => Err(DecodeError::UnknownRelation(relation_id)),

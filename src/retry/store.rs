@@ -1,0 +1,670 @@
+//! The retry store task: the only writer of the retry table.
+//!
+//! Everything it does is batched where the relay's throughput depends on it:
+//! parks waiting in the channel go into one statement, delivered retries are
+//! deleted together, a load reads a page of an aggregate's queue and re-reads
+//! those outbox rows in one statement. A statement that fails for the
+//! connection's sake (or a lock or statement timeout) is retried with backoff —
+//! the slot waits, and `/readyz` says why; a batch of parks that fails for one
+//! row's sake is narrowed down to that row, which is parked without the parts
+//! that cannot be stored; the others go through.
+
+use super::housekeeping::Chore;
+use super::outbox::{MirrorUpdate, OutboxTable};
+use super::queries::{ParkedRow, RetryTable};
+use super::{
+    requeue_channel, store_application_name, Head, Load, Loaded, PageEnd, Park, ParkItem,
+    StoreCommand, StoreEvent, StoreSettings,
+};
+use crate::error::{Error, SqlTrouble};
+use crate::event::{MalformedRow, OutboxEvent, RowRead};
+use crate::metrics::{metrics, Health, Problem};
+use crate::pg::{query_err, quote_ident, PgTarget};
+use crate::time::now_micros;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_postgres::{AsyncMessage, Client};
+
+/// Most parked messages written in one statement.
+const PARK_BATCH: usize = 2000;
+/// Most outcome commands handled in one turn (their deletes go together).
+const COMMAND_BATCH: usize = 2000;
+/// Heads read per page on a reload.
+const HEADS_PAGE: i64 = 1000;
+/// Failures of one statement before `/readyz` reports the store as failing.
+const REPORT_AFTER: u32 = 3;
+/// Failures of a statement that is not about the connection before it is given up.
+const GIVE_UP_AFTER: u32 = 5;
+
+/// The store: its connection, what it knows of the tables, where its chores go.
+pub struct Store {
+    settings: StoreSettings,
+    retry: RetryTable,
+    outbox: OutboxTable,
+    client: Client,
+    notifications: mpsc::Receiver<String>,
+    health: Arc<Health>,
+    chores: mpsc::Sender<Chore>,
+    /// Chores the housekeeping task had no room for yet.
+    held: VecDeque<Chore>,
+}
+
+async fn connect(
+    target: &PgTarget,
+    slot: &str,
+    options: &str,
+) -> Result<(Client, mpsc::Receiver<String>), Error> {
+    let (client, mut connection) = target
+        .connect_raw(&store_application_name(slot), options)
+        .await?;
+    let (tx, rx) = mpsc::channel(16);
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(msg) = messages.next().await {
+            match msg {
+                Ok(AsyncMessage::Notification(n)) => {
+                    let _ = tx.try_send(n.channel().to_string());
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!(error = %e, "retry store connection ended");
+                    break;
+                }
+            }
+        }
+    });
+    client
+        .batch_execute(&format!("listen {}", quote_ident(&requeue_channel(slot))))
+        .await
+        .map_err(query_err("listening for requeue notifications"))?;
+    Ok((client, rx))
+}
+
+/// What to do after a statement failed.
+enum Next {
+    /// Try the same statement again (after a backoff, or at once after the
+    /// outbox table's shape was read again).
+    Again,
+    /// It keeps failing for a reason other than the connection: give it up.
+    GiveUp,
+}
+
+impl Store {
+    /// Connects, creates the retry table if missing, learns the outbox table's
+    /// shape and LISTENs for requeues. The heads are read when the relay asks
+    /// (`StoreCommand::Reload`), once it holds the slot.
+    pub async fn open(
+        settings: StoreSettings,
+        health: Arc<Health>,
+        chores: mpsc::Sender<Chore>,
+    ) -> Result<Store, Error> {
+        let (client, notifications) =
+            connect(&settings.target, &settings.slot, &settings.session_options).await?;
+        let retry = RetryTable::new(
+            settings.retry_table.clone(),
+            settings.slot.clone(),
+            settings.on_dead,
+        );
+        retry.create_if_missing(&client).await?;
+        let outbox = OutboxTable::learn(&client, settings.table.clone(), &settings.mapping).await?;
+        metrics()
+            .retries_pending
+            .set(retry.count_parked(&client).await?);
+        Ok(Store {
+            settings,
+            retry,
+            outbox,
+            client,
+            notifications,
+            health,
+            chores,
+            held: VecDeque::new(),
+        })
+    }
+
+    /// The outbox table as the store learned it (for the housekeeping task).
+    pub fn outbox(&self) -> &OutboxTable {
+        &self.outbox
+    }
+
+    /// The retry rows of this slot (for the housekeeping task).
+    pub fn retry_table(&self) -> &RetryTable {
+        &self.retry
+    }
+
+    /// Serves the channels until the commands channel closes.
+    pub async fn run(
+        mut self,
+        mut parks: mpsc::Receiver<Park>,
+        mut commands: mpsc::Receiver<StoreCommand>,
+        mut loads: mpsc::Receiver<Load>,
+        events: mpsc::Sender<StoreEvent>,
+    ) {
+        let mut parks_open = true;
+        loop {
+            // Priority, highest first: parks (they hold the relay's window and LSN),
+            // outcomes and reloads, loads (a retry storm slows retries down but never
+            // starves the stream), requeue notifications, then handing held chores on.
+            let sent = tokio::select! {
+                biased;
+                park = parks.recv(), if parks_open => match park {
+                    Some(Park(mut items)) => {
+                        while items.len() < PARK_BATCH {
+                            match parks.try_recv() {
+                                Ok(Park(more)) => items.extend(more),
+                                Err(_) => break,
+                            }
+                        }
+                        let (tokens, heads) = self.park(items).await;
+                        events.send(StoreEvent::Parked { tokens, heads }).await.is_ok()
+                    }
+                    None => {
+                        parks_open = false;
+                        true
+                    }
+                },
+                cmd = commands.recv() => match cmd {
+                    Some(first) => {
+                        let mut batch = vec![first];
+                        while batch.len() < COMMAND_BATCH {
+                            match commands.try_recv() {
+                                Ok(more) => batch.push(more),
+                                Err(_) => break,
+                            }
+                        }
+                        self.commands(batch, &events).await
+                    }
+                    None => break,
+                },
+                Some(load) = loads.recv() => {
+                    let (rows, end) = self.load(&load).await;
+                    events.send(StoreEvent::Loaded { key: load.key, rows, end }).await.is_ok()
+                }
+                Some(_) = self.notifications.recv() => {
+                    tracing::info!("requeue notification: reading the retry queue again");
+                    self.reload(&events).await
+                }
+                _ = tokio::time::sleep(Duration::from_millis(100)), if !self.held.is_empty() => true,
+            };
+            if !sent {
+                return;
+            }
+            self.pass_chores();
+        }
+        // Whatever is held goes to housekeeping before the channel closes.
+        while let Some(chore) = self.held.pop_front() {
+            if self.chores.send(chore).await.is_err() {
+                break;
+            }
+        }
+    }
+
+    /// Hands held chores to the housekeeping task as far as it has room.
+    fn pass_chores(&mut self) {
+        while let Some(chore) = self.held.pop_front() {
+            match self.chores.try_send(chore) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(chore)) => {
+                    self.held.push_front(chore);
+                    return;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    self.held.clear();
+                    return;
+                }
+            }
+        }
+    }
+
+    fn chore(&mut self, chore: Chore) {
+        self.held.push_back(chore);
+    }
+
+    /// Decides about a failed statement (the `attempt`-th failure of `what`).
+    async fn trouble(&mut self, what: &str, e: &Error, attempt: u32) -> Next {
+        if attempt >= REPORT_AFTER {
+            self.health.set_problem(
+                Problem::Store,
+                Some(format!("the retry store keeps failing while {what}: {e}")),
+            );
+        }
+        let trouble = e.sql_trouble();
+        if trouble == Some(SqlTrouble::SchemaDrift) && attempt == 1 {
+            // Someone altered a table: read the outbox table's columns again, retry.
+            let _ = self.outbox.relearn(&self.client).await;
+            return Next::Again;
+        }
+        let backoff = Duration::from_millis(100)
+            .saturating_mul(1 << attempt.min(10))
+            .min(self.settings.reconnect_backoff_max);
+        match trouble {
+            Some(SqlTrouble::Connection) | Some(SqlTrouble::Timeout) | None => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "retry store: {what} failed; trying again (the slot waits)");
+                tokio::time::sleep(backoff).await;
+                self.reconnect().await;
+                Next::Again
+            }
+            // The same rows fail the same way: narrow it down (or give up) at once.
+            Some(SqlTrouble::Row) | Some(SqlTrouble::SchemaDrift) => Next::GiveUp,
+            Some(SqlTrouble::Other) if attempt >= GIVE_UP_AFTER => Next::GiveUp,
+            Some(SqlTrouble::Other) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "retry store: {what} failed; trying again");
+                tokio::time::sleep(backoff).await;
+                Next::Again
+            }
+        }
+    }
+
+    fn healthy(&self) {
+        if self.health.has_problem(Problem::Store) {
+            self.health.set_problem(Problem::Store, None);
+        }
+    }
+
+    async fn reconnect(&mut self) {
+        if !self.client.is_closed() {
+            return;
+        }
+        match connect(
+            &self.settings.target,
+            &self.settings.slot,
+            &self.settings.session_options,
+        )
+        .await
+        {
+            Ok((client, notifications)) => {
+                self.client = client;
+                self.notifications = notifications;
+                tracing::info!("retry store reconnected");
+            }
+            Err(e) => tracing::warn!(error = %e, "retry store cannot reconnect yet"),
+        }
+    }
+
+    /// Parks the items (in one statement when it can); returns their tokens and
+    /// the aggregates that got a new head. Never gives up: a row that cannot be
+    /// stored as read is stored without its payload, with the reason; a retry
+    /// table that refuses everything holds the relay (loudly) until it is fixed.
+    async fn park(&mut self, items: Vec<ParkItem>) -> (Vec<u64>, Vec<Head>) {
+        let mut out = (Vec::new(), Vec::new());
+        let mut queue: VecDeque<Vec<ParkItem>> = VecDeque::from([items]);
+        while let Some(batch) = queue.pop_front() {
+            let mut attempt = 0;
+            loop {
+                match self.retry.insert_many(&self.client, &batch).await {
+                    Ok(rows) => {
+                        self.parked(&batch, &rows, &mut out);
+                        break;
+                    }
+                    Err(e) => {
+                        attempt += 1;
+                        if let Next::Again = self.trouble("parking messages", &e, attempt).await {
+                            continue;
+                        }
+                        if batch.len() > 1 {
+                            // Narrow it down: each half on its own.
+                            let mut batch = batch;
+                            let second = batch.split_off(batch.len() / 2);
+                            queue.push_front(second);
+                            queue.push_front(batch);
+                        } else {
+                            let degraded = degrade(&batch[0], &e);
+                            tracing::warn!(id = %batch[0].id, error = %e, "a message cannot be parked as read; parking it without its payload (the outbox row is read again before each retry)");
+                            queue.push_front(vec![degraded]);
+                            // A retry table that refuses even that is broken: back off.
+                            if batch[0].payload.is_none() && batch[0].metadata.is_none() {
+                                tokio::time::sleep(self.settings.reconnect_backoff_max).await;
+                            }
+                        }
+                        break;
+                    }
+                }
+            }
+        }
+        self.healthy();
+        out
+    }
+
+    fn parked(
+        &mut self,
+        batch: &[ParkItem],
+        rows: &[super::queries::Inserted],
+        out: &mut (Vec<u64>, Vec<Head>),
+    ) {
+        for (item, row) in batch.iter().zip(rows) {
+            out.0.push(item.token);
+            if row.head {
+                out.1.push(Head {
+                    key: item.key,
+                    aggregate_type: item.aggregate_type.clone(),
+                    aggregate_id: item.aggregate_id.clone(),
+                    due: row.due,
+                    blocked: false,
+                });
+            }
+            if let Some(reason) = &item.failure {
+                let delay = item
+                    .not_before
+                    .map(|nb| Duration::from_micros((nb - now_micros()).max(0) as u64));
+                self.chore(Chore::Mirror(MirrorUpdate {
+                    id: item.id.clone(),
+                    status: "failed",
+                    reason: reason.clone(),
+                    delay,
+                }));
+            }
+        }
+        metrics().retries_pending.add(batch.len() as i64);
+    }
+
+    /// Outcome commands in order; consecutive deliveries are deleted together.
+    async fn commands(
+        &mut self,
+        batch: Vec<StoreCommand>,
+        events: &mpsc::Sender<StoreEvent>,
+    ) -> bool {
+        let mut delivered: Vec<(i64, String)> = Vec::new();
+        for cmd in batch {
+            if !matches!(cmd, StoreCommand::Delivered { .. }) {
+                self.delivered(std::mem::take(&mut delivered)).await;
+            }
+            match cmd {
+                StoreCommand::Delivered { parked_seq, id } => delivered.push((parked_seq, id)),
+                StoreCommand::Failed {
+                    parked_seq,
+                    id,
+                    attempts,
+                    reason,
+                    delay,
+                } => {
+                    let mut attempt = 0;
+                    loop {
+                        match self
+                            .retry
+                            .record_failure(&self.client, parked_seq, attempts, &reason, delay)
+                            .await
+                        {
+                            Ok(_) => break,
+                            Err(e) => {
+                                attempt += 1;
+                                if let Next::GiveUp =
+                                    self.trouble("recording a failed retry", &e, attempt).await
+                                {
+                                    tracing::error!(%id, error = %e, "cannot record a failed retry; it is retried sooner than its backoff says");
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    self.chore(Chore::Mirror(MirrorUpdate {
+                        id,
+                        status: "failed",
+                        reason,
+                        delay: Some(delay),
+                    }));
+                }
+                StoreCommand::Dead {
+                    parked_seq,
+                    id,
+                    attempts,
+                    reason,
+                } => {
+                    let mut attempt = 0;
+                    loop {
+                        match self
+                            .retry
+                            .mark_dead(&self.client, parked_seq, attempts, &reason)
+                            .await
+                        {
+                            Ok(marked) => {
+                                if marked {
+                                    metrics().retries_pending.dec();
+                                    metrics().dead_letters.inc();
+                                }
+                                break;
+                            }
+                            Err(e) => {
+                                attempt += 1;
+                                if let Next::GiveUp =
+                                    self.trouble("marking a message dead", &e, attempt).await
+                                {
+                                    tracing::error!(%id, error = %e, "cannot mark a message dead; it is retried again");
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    self.chore(Chore::Mirror(MirrorUpdate {
+                        id,
+                        status: "permanently_failed",
+                        reason,
+                        delay: None,
+                    }));
+                }
+                StoreCommand::Reload => {
+                    if !self.reload(events).await {
+                        return false;
+                    }
+                }
+            }
+        }
+        self.delivered(delivered).await;
+        self.healthy();
+        true
+    }
+
+    /// Removes delivered rows in one statement; their outbox rows get on_success.
+    async fn delivered(&mut self, delivered: Vec<(i64, String)>) {
+        if delivered.is_empty() {
+            return;
+        }
+        let seqs: Vec<i64> = delivered.iter().map(|(s, _)| *s).collect();
+        let mut attempt = 0;
+        loop {
+            match self.retry.delete_many(&self.client, &seqs).await {
+                Ok(n) => {
+                    metrics().retries_pending.sub(n as i64);
+                    break;
+                }
+                Err(e) => {
+                    attempt += 1;
+                    if let Next::GiveUp = self
+                        .trouble("removing delivered messages", &e, attempt)
+                        .await
+                    {
+                        tracing::error!(count = seqs.len(), error = %e, "cannot remove delivered messages from the retry table; they will be delivered again");
+                        break;
+                    }
+                }
+            }
+        }
+        self.chore(Chore::Succeeded(
+            delivered.into_iter().map(|(_, id)| id).collect(),
+        ));
+    }
+
+    /// Reads every aggregate's head, page by page, and hands them to the relay.
+    async fn reload(&mut self, events: &mpsc::Sender<StoreEvent>) -> bool {
+        let mut after: Option<(String, String)> = None;
+        let mut attempt = 0;
+        loop {
+            match self
+                .retry
+                .heads_page(&self.client, after.as_ref(), HEADS_PAGE)
+                .await
+            {
+                Ok(page) => {
+                    attempt = 0;
+                    let last = page
+                        .last()
+                        .map(|h| (h.aggregate_type.clone(), h.aggregate_id.clone()));
+                    let full = page.len() as i64 == HEADS_PAGE;
+                    if !page.is_empty() && events.send(StoreEvent::Heads(page)).await.is_err() {
+                        return false;
+                    }
+                    match (full, last) {
+                        (true, Some(last)) => after = Some(last),
+                        _ => break,
+                    }
+                }
+                Err(e) => {
+                    attempt += 1;
+                    // The relay does not read WAL until it has the heads: never give up.
+                    self.trouble(
+                        "reading the retry queue",
+                        &e,
+                        attempt.min(GIVE_UP_AFTER - 1),
+                    )
+                    .await;
+                }
+            }
+        }
+        if let Ok(n) = self.retry.count_parked(&self.client).await {
+            metrics().retries_pending.set(n);
+        }
+        self.healthy();
+        events.send(StoreEvent::HeadsDone).await.is_ok()
+    }
+
+    /// The next due rows of one aggregate, with their outbox rows read again (so a
+    /// row fixed by an operator goes out fixed; a row that is gone goes out as parked).
+    async fn load(&mut self, load: &Load) -> (Vec<Loaded>, PageEnd) {
+        let limit = load.max_rows.max(1) as i64;
+        let mut attempt = 0;
+        let page = loop {
+            match self
+                .retry
+                .page(
+                    &self.client,
+                    &load.aggregate_type,
+                    &load.aggregate_id,
+                    load.after_seq,
+                    limit,
+                )
+                .await
+            {
+                Ok(page) => break page,
+                Err(e) => {
+                    attempt += 1;
+                    if let Next::GiveUp = self.trouble("loading retries", &e, attempt).await {
+                        // Not this time: the relay asks again later.
+                        return (Vec::new(), PageEnd::Due(now_micros() + 30_000_000));
+                    }
+                }
+            }
+        };
+        let full = page.len() as i64 == limit;
+        let now = now_micros();
+        let mut due_rows: Vec<&ParkedRow> = Vec::new();
+        let mut end = if full { PageEnd::More } else { PageEnd::Empty };
+        for row in &page {
+            if row.status == "dead" {
+                end = PageEnd::Blocked;
+                break;
+            }
+            if row.due > now {
+                end = PageEnd::Due(row.due);
+                break;
+            }
+            due_rows.push(row);
+        }
+        let ids: Vec<&str> = due_rows.iter().map(|r| r.id.as_str()).collect();
+        let mut current = if ids.is_empty() {
+            Default::default()
+        } else {
+            let mut attempt = 0;
+            loop {
+                match self.outbox.reread_many(&self.client, &ids).await {
+                    Ok(rows) => break rows,
+                    Err(e) => {
+                        attempt += 1;
+                        if let Next::GiveUp = self
+                            .trouble("re-reading outbox rows for retries", &e, attempt)
+                            .await
+                        {
+                            tracing::warn!(error = %e, "cannot re-read the outbox rows; retrying them as they were parked");
+                            break Default::default();
+                        }
+                    }
+                }
+            }
+        };
+        let mut rows = Vec::with_capacity(due_rows.len());
+        let mut bytes = 0usize;
+        for (i, row) in due_rows.iter().enumerate() {
+            let event = current
+                .remove(&row.id)
+                .unwrap_or_else(|| parked_copy(row, &load.aggregate_type, &load.aggregate_id));
+            let max_retries = match &event {
+                Ok(e) if self.outbox.has_max_retries() => e.max_retries.unwrap_or(row.max_retries),
+                _ => row.max_retries,
+            };
+            let loaded = Loaded {
+                parked_seq: row.seq,
+                event,
+                commit_time: row.commit_time,
+                attempts: row.attempts,
+                max_retries,
+            };
+            bytes += loaded.weight();
+            rows.push(loaded);
+            if bytes >= load.max_bytes && i + 1 < due_rows.len() {
+                end = PageEnd::More;
+                break;
+            }
+        }
+        self.healthy();
+        (rows, end)
+    }
+}
+
+/// The item without what could not be stored: the reason instead.
+fn degrade(item: &ParkItem, e: &Error) -> ParkItem {
+    let why = format!("parked without its payload: it could not be stored ({e})");
+    ParkItem {
+        payload: None,
+        metadata: None,
+        created_at: None,
+        event_type: item.event_type.clone().filter(|t| !t.contains('\0')),
+        failure: Some(match &item.failure {
+            Some(f) => format!("{f}; {why}"),
+            None => why,
+        }),
+        ..item.clone()
+    }
+}
+
+/// The event as it was parked, for a retry whose outbox row is gone.
+fn parked_copy(row: &ParkedRow, aggregate_type: &str, aggregate_id: &str) -> RowRead {
+    let event_type = row.event_type.clone().unwrap_or_default();
+    match &row.payload {
+        Some(p)
+            if !event_type.is_empty()
+                && serde_json::from_str::<serde::de::IgnoredAny>(p).is_ok() =>
+        {
+            Ok(OutboxEvent {
+                id: row.id.clone(),
+                aggregate_type: aggregate_type.to_string(),
+                aggregate_id: aggregate_id.to_string(),
+                event_type,
+                payload: Bytes::from(p.clone()),
+                metadata: row.metadata.clone().map(Bytes::from),
+                created_at: row.created_at.clone(),
+                scheduled_at: None,
+                max_retries: None,
+            })
+        }
+        _ => Err(Box::new(MalformedRow {
+            id: row.id.clone(),
+            reason: "the outbox row is gone and the parked copy is not a valid message".into(),
+            aggregate_type: Some(aggregate_type.to_string()),
+            aggregate_id: Some(aggregate_id.to_string()),
+            event_type: row.event_type.clone(),
+            payload: row.payload.clone().map(Bytes::from),
+        })),
+    }
+}
