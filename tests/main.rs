@@ -13,3 +13,4 @@ mod ordering;
 mod recovery;
 mod refusal;
 mod retry;
+mod store;

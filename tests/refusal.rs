@@ -28,6 +28,20 @@ async fn malformed_toml_and_unknown_keys_are_named() {
     let (code, out) = run_with("bad_toml", "run", "[postgres\nurl = 1", &[]).await;
     assert_eq!(code, 2, "{out}");
     assert!(out.contains("is not valid"), "{out}");
+    // A syntax error on the line that holds the password: the line is not echoed.
+    let (code, out) = run_with(
+        "bad_toml_secret",
+        "run",
+        "[postgres]\nurl = \"postgresql://relay:hunter2-secret@db/app\" trailing\n",
+        &[],
+    )
+    .await;
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("line 2"), "{out}");
+    assert!(
+        !out.contains("hunter2-secret"),
+        "the password leaked: {out}"
+    );
     let (code, out) = run_with("unknown_key", "run", "[postgres]\nslott = \"x\"\n", &[]).await;
     assert_eq!(code, 2, "{out}");
     assert!(out.contains("slott"), "{out}");

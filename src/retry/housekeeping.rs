@@ -84,7 +84,7 @@ impl Housekeeping {
         h.purge_at = h
             .settings
             .dead_retention
-            .map(|_| Instant::now() + Duration::from_secs(60));
+            .map(|r| Instant::now() + r.min(Duration::from_secs(60)));
         Ok(h)
     }
 
