@@ -108,7 +108,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         slot: pg.slot.clone(),
         publication: pg.publication.clone(),
         status_interval: pg.status_interval,
-        buffer_events: 4096,
+        // Rows buffered ahead of the window (each event is one row): small, so the
+        // memory beyond the window stays bounded; larger buffers measured no faster.
+        buffer_events: 256,
     };
     let Some((client, start_lsn)) =
         startup::take_slot(&source_settings, &config, &health, &mut shutdown).await?
