@@ -8,7 +8,11 @@
 //!   aggregates with `mark_published` (the Event-Forge default) and `keep`, and 1 000
 //!   hot aggregates with strict and relaxed ordering;
 //! - a 10x larger backlog next to its own ceiling (peak RSS must not grow with it);
-//! - live: a steady insert rate, one row per transaction, commit-to-consumer latency.
+//! - live: a steady insert rate, one row per transaction, commit-to-consumer latency;
+//! - the shapes production sees beyond the easy one: a backlog of one-row
+//!   transactions, a stream whose every message is parked (a missing binding), one
+//!   aggregate in ten parked while the others drain, and the recovery of 100 000
+//!   parked (or dead and requeued) messages once the cause is fixed.
 //!
 //! Rounds interleave the ceiling with the relay runs (the ceiling first in odd rounds,
 //! last in even ones); each figure is the median over rounds, each ratio range is the
@@ -19,7 +23,7 @@
 //! Run with `cargo bench --bench drain`. Environment: BENCH_ROWS=100000,
 //! BENCH_WINDOW=2048, BENCH_ROUNDS=3, BENCH_AGGREGATES=10000, BENCH_BIG_ROWS=1000000
 //! (0 skips the large backlog), BENCH_LIVE_RATE=1000, BENCH_LIVE_SECS=10,
-//! BENCH_SHAPES=0,1 (only these drain rows), BENCH_PERF=FILE (perf profile of each
+//! BENCH_SHAPES=0,1 (only these rows: 0–6 drains, 7 recovery, 8 requeue), BENCH_PERF=FILE (perf profile of each
 //! relay run into FILE-<pid>), BENCH_CEILING_CHANNELS=N (only the ceiling, on 1..=N
 //! channels), BENCH_RELAY=PATH (another relay binary, to compare two builds).
 //!
@@ -75,7 +79,13 @@ async fn pg() -> Client {
     db
 }
 
+/// A fresh queue bound to the exchange with `#` (everything routes).
 async fn amqp_setup() -> (Connection, lapin::Channel) {
+    amqp_setup_bound("#").await
+}
+
+/// A fresh queue bound with `pattern` only (other routing keys are unroutable).
+async fn amqp_setup_bound(pattern: &str) -> (Connection, lapin::Channel) {
     let conn = Connection::connect(AMQP_URL, ConnectionProperties::default())
         .await
         .unwrap();
@@ -108,7 +118,7 @@ async fn amqp_setup() -> (Connection, lapin::Channel) {
     ch.queue_bind(
         QUEUE.into(),
         EXCHANGE.into(),
-        "#".into(),
+        pattern.into(),
         QueueBindOptions::default(),
         FieldTable::default(),
     )
@@ -116,6 +126,9 @@ async fn amqp_setup() -> (Connection, lapin::Channel) {
     .unwrap();
     (conn, ch)
 }
+
+/// The routing key every failing row is published with (never bound while it fails).
+const LOST: &str = "order.lost";
 
 async fn amqp_teardown() {
     let conn = Connection::connect(AMQP_URL, ConnectionProperties::default())
@@ -363,6 +376,13 @@ async fn fresh_outbox(db: &Client) {
     ))
     .await
     .unwrap();
+    // Failing rows keep retrying until they are let through (the requeue scenario
+    // sets its own budget on its rows).
+    db.batch_execute(&format!(
+        "alter table {TABLE} alter column max_retries set default 1000000"
+    ))
+    .await
+    .unwrap();
     db.batch_execute(&format!(
         "create publication {SLOT} for table {TABLE} with (publish = 'insert')"
     ))
@@ -386,25 +406,82 @@ async fn drop_outbox(db: &Client) {
         .await;
 }
 
-/// Writes `rows` rows, 1 000 per transaction, round robin over `aggregates`
-/// aggregates. Returns the LSN after the last commit.
-async fn write_backlog(db: &Client, rows: usize, aggregates: usize) -> String {
-    for start in (0..rows).step_by(1000) {
-        let end = (start + 1000).min(rows);
-        let mut sql = format!(
-            "insert into {TABLE} (id, aggregate_type, aggregate_id, event_type, payload) values "
-        );
-        for i in start..end {
-            if i > start {
-                sql.push(',');
-            }
-            sql.push_str(&format!(
-                "('{i:08}-bench', 'Order', 'order-{}', 'order.placed', '{}')",
-                i % aggregates,
-                payload(i)
-            ));
+/// Which rows of a backlog fail (routed to `Order.order.lost`, which no queue is
+/// bound to).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Failing {
+    None,
+    All,
+    /// Every row of one aggregate in ten.
+    TenthOfAggregates,
+}
+
+impl Failing {
+    /// The SQL expression of a row's event type, for row number `i` of `aggregates`.
+    fn event_type(self, aggregates: usize) -> String {
+        match self {
+            Failing::None => "'order.placed'".into(),
+            Failing::All => format!("'{LOST}'"),
+            Failing::TenthOfAggregates => format!(
+                "case when (g % {aggregates}) % 10 = 0 then '{LOST}' else 'order.placed' end"
+            ),
         }
-        db.batch_execute(&sql).await.unwrap();
+    }
+
+    /// How many of `rows` rows over `aggregates` route.
+    fn routable(self, rows: usize, aggregates: usize) -> usize {
+        match self {
+            Failing::None => rows,
+            Failing::All => 0,
+            Failing::TenthOfAggregates => (0..rows).filter(|i| (i % aggregates) % 10 != 0).count(),
+        }
+    }
+}
+
+/// The SQL expression of row `g`'s payload: the same ~400 bytes as `payload(g)`.
+fn payload_sql() -> &'static str {
+    "format('{\"orderId\":\"order-%s\",\"customer\":{\"id\":\"cust-%s\",\"email\":\"customer%s@example.com\",\"tier\":\"gold\"},\"lines\":[{\"sku\":\"SKU-%s\",\"qty\":2,\"price\":19.99},{\"sku\":\"SKU-%s\",\"qty\":1,\"price\":5.25}],\"total\":45.23,\"currency\":\"EUR\",\"shipping\":{\"method\":\"standard\",\"address\":\"Example Street 12, 10115 Berlin\"},\"note\":\"benchmark row\"}', \
+     lpad(g::text, 8, '0'), lpad((g % 100000)::text, 6, '0'), g % 100000, lpad((g % 50000)::text, 5, '0'), lpad(((g * 7) % 50000)::text, 5, '0'))::json"
+}
+
+/// Writes `rows` rows, `per_txn` per transaction, round robin over `aggregates`
+/// aggregates, with `max_retries` on each when given. Returns the LSN after the
+/// last commit.
+async fn write_backlog(
+    db: &Client,
+    rows: usize,
+    aggregates: usize,
+    per_txn: usize,
+    failing: Failing,
+    max_retries: Option<i32>,
+) -> String {
+    let event_type = failing.event_type(aggregates);
+    let retries = max_retries.map_or("1000000".to_string(), |m| m.to_string());
+    let insert = |from: usize, to: usize| {
+        format!(
+            "insert into {TABLE} (id, aggregate_type, aggregate_id, event_type, payload, max_retries) \
+             select lpad(g::text, 8, '0') || '-bench', 'Order', 'order-' || (g % {aggregates}), {event_type}, {}, {retries} \
+             from generate_series({from}, {to}) g",
+            payload_sql()
+        )
+    };
+    if per_txn == 1 {
+        // One transaction per row, written by the server itself (a procedure may
+        // commit): 100 000 round trips would take longer than the run.
+        for start in (0..rows).step_by(10_000) {
+            let end = (start + 10_000).min(rows) - 1;
+            db.batch_execute(&format!(
+                "do $$ begin for g in {start}..{end} loop {}; commit; end loop; end $$",
+                insert(0, 0).replace("generate_series(0, 0) g", "(select g) as g(g)")
+            ))
+            .await
+            .unwrap();
+        }
+    } else {
+        for start in (0..rows).step_by(per_txn) {
+            let end = (start + per_txn).min(rows) - 1;
+            db.batch_execute(&insert(start, end)).await.unwrap();
+        }
     }
     db.query_one("select pg_current_wal_lsn()::text", &[])
         .await
@@ -412,24 +489,54 @@ async fn write_backlog(db: &Client, rows: usize, aggregates: usize) -> String {
         .get(0)
 }
 
-/// What a drain run looks like: the backlog's aggregates and the relay's settings.
+/// What a drain run looks like: the backlog's aggregates, transactions and
+/// failures, and the relay's settings.
 #[derive(Clone, Copy)]
 struct Shape {
     aggregates: usize,
     on_success: &'static str,
     ordering: &'static str,
+    per_txn: usize,
+    failing: Failing,
 }
 
 impl Shape {
+    const fn new(aggregates: usize, on_success: &'static str, ordering: &'static str) -> Shape {
+        Shape {
+            aggregates,
+            on_success,
+            ordering,
+            per_txn: 1000,
+            failing: Failing::None,
+        }
+    }
+
     fn label(&self, rows: usize) -> String {
+        let txns = if self.per_txn == 1 {
+            "one-row transactions".to_string()
+        } else {
+            format!("{}-row transactions", self.per_txn)
+        };
+        let failing = match self.failing {
+            Failing::None => "",
+            Failing::All => ", every message unroutable (all parked)",
+            Failing::TenthOfAggregates => {
+                ", one aggregate in ten unroutable (parked), msg/s of the others"
+            }
+        };
         format!(
-            "relay drains {rows} rows over {} aggregates, on_success = {}, ordering = {}",
+            "relay drains {rows} rows ({txns}) over {} aggregates, on_success = {}, ordering = {}{failing}",
             self.aggregates, self.on_success, self.ordering
         )
     }
 }
 
 fn spawn_relay(window: usize, shape: Shape) -> std::process::Child {
+    spawn_relay_with(window, shape, "")
+}
+
+/// `retry_section`: lines for `[retry]` (the failure scenarios retry quickly).
+fn spawn_relay_with(window: usize, shape: Shape, retry_section: &str) -> std::process::Child {
     let Shape {
         on_success,
         ordering,
@@ -444,7 +551,7 @@ fn spawn_relay(window: usize, shape: Shape) -> std::process::Child {
             "[postgres]\nurl = \"{PG_URL}\"\ntable = \"{TABLE}\"\nslot = \"{SLOT}\"\npublication = \"{SLOT}\"\n\
              retry_table = \"public.bench_parked\"\non_success = \"{on_success}\"\n\
              [amqp]\nurl = \"{AMQP_URL}\"\nexchange = \"{EXCHANGE}\"\nmax_in_flight = {window}\nmax_in_flight_bytes = 268435456\n\
-             [relay]\nordering = \"{ordering}\"\n[metrics]\nlisten = \"\"\n[log]\nlevel = \"warn\"\n"
+             [relay]\nordering = \"{ordering}\"\n[retry]\n{retry_section}\n[metrics]\nlisten = \"\"\n[log]\nlevel = \"warn\"\n"
         ),
     )
     .unwrap();
@@ -502,13 +609,25 @@ struct Drain {
     cpu: CpuUse,
 }
 
+/// Retries of the failure scenarios: quick, so a parked backlog is due soon.
+const QUICK_RETRIES: &str = "backoff_base = \"100ms\"\nbackoff_max = \"1s\"";
+
 /// Drains a backlog of `rows` rows; timed from the relay's start until the slot's
-/// confirmed LSN passes the last commit (and every message is in the queue).
+/// confirmed LSN passes the last commit (every message in the queue, or parked).
 async fn relay_drain(rows: usize, window: usize, shape: Shape) -> Drain {
     let db = pg().await;
     fresh_outbox(&db).await;
     let t = Instant::now();
-    let end_lsn = write_backlog(&db, rows, shape.aggregates).await;
+    let end_lsn = write_backlog(
+        &db,
+        rows,
+        shape.aggregates,
+        shape.per_txn,
+        shape.failing,
+        None,
+    )
+    .await;
+    let routable = shape.failing.routable(rows, shape.aggregates);
     // What autovacuum would do to a freshly loaded table, and a checkpoint, before
     // the clock starts rather than at some point during the run.
     db.batch_execute(&format!("vacuum analyze {TABLE}"))
@@ -519,12 +638,16 @@ async fn relay_drain(rows: usize, window: usize, shape: Shape) -> Drain {
         "backlog of {rows} rows written in {:.1} s",
         t.elapsed().as_secs_f64()
     );
-    let (amqp, ch) = amqp_setup().await;
+    let (amqp, ch) = if shape.failing == Failing::None {
+        amqp_setup().await
+    } else {
+        amqp_setup_bound("Order.order.placed").await
+    };
     settle_broker().await;
     let broker = broker_pid();
     let cpu0 = CpuUse::now(None, broker);
     let start = Instant::now();
-    let mut child = spawn_relay(window, shape);
+    let mut child = spawn_relay_with(window, shape, QUICK_RETRIES);
     let pid = child.id();
     let mut perf = profile(pid);
     let deadline = Instant::now() + Duration::from_secs(1800);
@@ -535,7 +658,7 @@ async fn relay_drain(rows: usize, window: usize, shape: Shape) -> Drain {
         if first_secs.is_none() && depth > 0 {
             first_secs = Some(start.elapsed().as_secs_f64());
         }
-        if delivered_secs.is_none() && depth >= rows {
+        if delivered_secs.is_none() && depth >= routable {
             delivered_secs = Some(start.elapsed().as_secs_f64());
         }
         let confirmed: Option<String> = db
@@ -563,7 +686,11 @@ async fn relay_drain(rows: usize, window: usize, shape: Shape) -> Drain {
     let secs = start.elapsed().as_secs_f64();
     eprintln!("  first message after {:.2} s, all in queue after {:.2} s, slot confirmed after {secs:.2} s", first_secs.unwrap_or(0.0), delivered_secs.unwrap_or(0.0));
     let drain = Drain {
-        rate: rows as f64 / secs,
+        rate: match shape.failing {
+            // The others' rate: what routes, until it is all in the queue.
+            Failing::TenthOfAggregates => routable as f64 / delivered_secs.unwrap_or(secs),
+            _ => rows as f64 / secs,
+        },
         delivered_secs: delivered_secs.unwrap_or(secs),
         secs,
         rss_mb: peak_rss_mb(pid),
@@ -572,6 +699,150 @@ async fn relay_drain(rows: usize, window: usize, shape: Shape) -> Drain {
     if let Some(perf) = perf.as_mut() {
         signal(perf, "-INT");
     }
+    stop(&mut child);
+    let _ = amqp.close(200, "bye".into()).await;
+    drop_outbox(&db).await;
+    drain
+}
+
+/// A parked backlog and the moment its cause is fixed.
+#[derive(Clone, Copy)]
+enum Recovery {
+    /// Everything parked because its routing key had no binding; then bound.
+    Parked,
+    /// Everything dead (no retries left); then bound and `dead requeue --all`.
+    Requeued,
+}
+
+impl Recovery {
+    fn label(&self, rows: usize) -> String {
+        match self {
+            Recovery::Parked => format!(
+                "recovery: {rows} parked messages over 1000 aggregates reach the broker once the binding exists (strict order)"
+            ),
+            Recovery::Requeued => format!(
+                "recovery: `dead requeue --all` of {rows} dead messages over 1000 aggregates"
+            ),
+        }
+    }
+}
+
+async fn count_parked(db: &Client, status: &str) -> i64 {
+    db.query_one(
+        "select count(*) from public.bench_parked where status = $1",
+        &[&status],
+    )
+    .await
+    .map(|r| r.get(0))
+    .unwrap_or(-1)
+}
+
+/// Parks (or kills) a backlog of `rows` unroutable messages over 1 000 aggregates,
+/// then fixes the cause; timed from the fix until every message is in the queue
+/// and the retry table is empty.
+async fn recover(rows: usize, window: usize, how: Recovery) -> Drain {
+    let db = pg().await;
+    fresh_outbox(&db).await;
+    let max_retries = match how {
+        Recovery::Parked => None,
+        Recovery::Requeued => Some(0),
+    };
+    let shape = Shape {
+        failing: Failing::All,
+        ..Shape::new(1000, "mark_published", "strict")
+    };
+    let end_lsn = write_backlog(&db, rows, 1000, 1000, Failing::All, max_retries).await;
+    db.batch_execute(&format!("vacuum analyze {TABLE}"))
+        .await
+        .unwrap();
+    let (amqp, ch) = amqp_setup_bound("Order.order.placed").await;
+    let mut child = spawn_relay_with(window, shape, QUICK_RETRIES);
+    let pid = child.id();
+    let waiting = match how {
+        Recovery::Parked => "parked",
+        Recovery::Requeued => "dead",
+    };
+    let deadline = Instant::now() + Duration::from_secs(1800);
+    loop {
+        let confirmed: Option<String> = db
+            .query_one(
+                "select confirmed_flush_lsn::text from pg_replication_slots where slot_name = $1",
+                &[&SLOT],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if confirmed.is_some_and(|c| lsn(&c) >= lsn(&end_lsn))
+            && count_parked(&db, waiting).await == rows as i64
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "backlog not {waiting} in 30 minutes"
+        );
+        assert!(child.try_wait().unwrap().is_none(), "relay exited early");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("  {rows} messages {waiting}");
+    settle_broker().await;
+    let broker = broker_pid();
+    let cpu0 = CpuUse::now(Some(pid), broker);
+    let start = Instant::now();
+    ch.queue_bind(
+        QUEUE.into(),
+        EXCHANGE.into(),
+        format!("Order.{LOST}").as_str().into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    if let Recovery::Requeued = how {
+        let cfg = std::env::temp_dir()
+            .join("outbox-relay-bench")
+            .join("bench.toml");
+        let binary = std::env::var("BENCH_RELAY")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_outbox-relay").to_string());
+        let out = Command::new(binary)
+            .args([
+                "dead",
+                "requeue",
+                "--all",
+                "--config",
+                cfg.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    loop {
+        if queue_depth(&ch).await as usize >= rows
+            && count_parked(&db, "parked").await == 0
+            && count_parked(&db, "dead").await == 0
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "backlog not recovered in 30 minutes"
+        );
+        assert!(child.try_wait().unwrap().is_none(), "relay exited early");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    eprintln!("  recovered in {secs:.2} s");
+    let drain = Drain {
+        rate: rows as f64 / secs,
+        delivered_secs: secs,
+        secs,
+        rss_mb: peak_rss_mb(pid),
+        cpu: CpuUse::now(Some(pid), broker).per_100k_since(cpu0, rows),
+    };
     stop(&mut child);
     let _ = amqp.close(200, "bye".into()).await;
     drop_outbox(&db).await;
@@ -594,14 +865,7 @@ async fn live(rate: usize, secs: usize, window: usize) -> Live {
     let db = pg().await;
     fresh_outbox(&db).await;
     let (amqp, ch) = amqp_setup().await;
-    let mut child = spawn_relay(
-        window,
-        Shape {
-            aggregates: 1000,
-            on_success: "mark_published",
-            ordering: "strict",
-        },
-    );
+    let mut child = spawn_relay(window, Shape::new(1000, "mark_published", "strict"));
     // Wait until the relay streams: one probe row arrives.
     db.batch_execute(&format!("insert into {TABLE} (id, aggregate_type, aggregate_id, event_type, payload) values ('probe', 'P', 'p', 'e', '{{}}')"))
         .await
@@ -764,29 +1028,29 @@ async fn main() {
 
     let aggregates = env_usize("BENCH_AGGREGATES", 10_000);
     let shapes = [
-        Shape {
-            aggregates,
-            on_success: "mark_published",
-            ordering: "strict",
-        },
-        Shape {
-            aggregates,
-            on_success: "keep",
-            ordering: "strict",
-        },
+        Shape::new(aggregates, "mark_published", "strict"),
+        Shape::new(aggregates, "keep", "strict"),
         // Hot aggregates: strict ordering allows one unconfirmed message per
         // aggregate, so the broker sees at most 1 000 in flight whatever the window.
+        Shape::new(1000, "mark_published", "strict"),
+        Shape::new(1000, "mark_published", "relaxed"),
+        // What an OLTP application writes: one row per business transaction.
         Shape {
-            aggregates: 1000,
-            on_success: "mark_published",
-            ordering: "strict",
+            per_txn: 1,
+            ..Shape::new(aggregates, "mark_published", "strict")
         },
+        // A deploy that forgot a binding: everything is parked.
         Shape {
-            aggregates: 1000,
-            on_success: "mark_published",
-            ordering: "relaxed",
+            failing: Failing::All,
+            ..Shape::new(aggregates, "mark_published", "strict")
+        },
+        // One aggregate in ten parked: the others must keep their pace.
+        Shape {
+            failing: Failing::TenthOfAggregates,
+            ..Shape::new(aggregates, "mark_published", "strict")
         },
     ];
+    let recoveries = [Recovery::Parked, Recovery::Requeued];
 
     // BENCH_CEILING_CHANNELS=N: only the ceiling, on 1..=N channels (is one channel the limit?).
     if let Some(n) = std::env::var("BENCH_CEILING_CHANNELS")
@@ -819,6 +1083,13 @@ async fn main() {
     // is a relay run over the ceiling of its own round.
     let mut ceiling_runs: Vec<Ceiling> = Vec::new();
     let mut drains: Vec<Vec<Drain>> = shapes.iter().map(|_| Vec::new()).collect();
+    let recoveries: Vec<Recovery> = recoveries
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| only.as_ref().is_none_or(|o| o.contains(&(i + 7))))
+        .map(|(_, r)| r)
+        .collect();
+    let mut recovered: Vec<Vec<Drain>> = recoveries.iter().map(|_| Vec::new()).collect();
     for round in 1..=rounds {
         if round % 2 == 1 {
             ceiling_runs.push(lapin_ceiling(rows, window, &message, 1).await);
@@ -828,6 +1099,15 @@ async fn main() {
             eprintln!(
                 "round {round}/{rounds}: {}: {:.0} msg/s",
                 shape.label(rows),
+                d.rate
+            );
+            runs.push(d);
+        }
+        for (r, runs) in recoveries.iter().zip(recovered.iter_mut()) {
+            let d = recover(rows, window, *r).await;
+            eprintln!(
+                "round {round}/{rounds}: {}: {:.0} msg/s",
+                r.label(rows),
                 d.rate
             );
             runs.push(d);
@@ -842,11 +1122,7 @@ async fn main() {
     }
     let ceilings: Vec<f64> = ceiling_runs.iter().map(|c| c.rate).collect();
     let live = live(live_rate, live_secs, window).await;
-    let big_shape = Shape {
-        aggregates,
-        on_success: "keep",
-        ordering: "strict",
-    };
+    let big_shape = Shape::new(aggregates, "keep", "strict");
     let big = if big_rows > 0 {
         let c = lapin_ceiling(big_rows, window, &message, 1).await.rate;
         Some((relay_drain(big_rows, window, big_shape).await, c))
@@ -870,6 +1146,9 @@ async fn main() {
     );
     for (shape, runs) in shapes.iter().zip(&drains) {
         drain_row(&shape.label(rows), runs, &ceilings);
+    }
+    for (r, runs) in recoveries.iter().zip(&recovered) {
+        drain_row(&r.label(rows), runs, &ceilings);
     }
     if let Some((big, c)) = big {
         drain_row(

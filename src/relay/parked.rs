@@ -370,6 +370,7 @@ mod tests {
             commit_time: 0,
             attempts: 1,
             max_retries: 3,
+            last_error: None,
         }
     }
 

@@ -59,6 +59,7 @@ impl Relay {
 
     async fn send_load(&mut self, req: Option<LoadRequest>) {
         if let Some(req) = req {
+            tracing::debug!(key = req.key.0, after = ?req.after_seq, "load");
             let _ = self
                 .loads
                 .send(Load {
@@ -87,8 +88,16 @@ impl Relay {
             let Some(key) = self.parked.take_ready() else {
                 return;
             };
-            if let Some(loaded) = self.parked.next(key) {
-                self.publish_loaded(key, loaded).await;
+            match self.parked.next(key) {
+                Some(loaded) => {
+                    tracing::trace!(
+                        key = key.0,
+                        seq = loaded.parked_seq,
+                        "publishing a parked message"
+                    );
+                    self.publish_loaded(key, loaded).await;
+                }
+                None => tracing::trace!(key = key.0, "ready, but nothing to publish"),
             }
         }
     }
@@ -165,6 +174,21 @@ impl Relay {
             self.parked.failed(key, Instant::now() + delay);
             return;
         }
+        self.dead(key, row, message, parked_seq, attempts, reason)
+            .await;
+    }
+
+    /// A message out of retries: its dead-letter copy goes out (when one is
+    /// configured), else it is recorded dead at once.
+    async fn dead(
+        &mut self,
+        key: AggregateKey,
+        row: Row,
+        message: Option<Arc<OutboundMessage>>,
+        parked_seq: i64,
+        attempts: i32,
+        reason: String,
+    ) {
         match self.dead_letter_exchange.clone() {
             Some(dlx) => {
                 let dead = sink::format::dead_letter(
@@ -214,6 +238,7 @@ impl Relay {
                 }
             }
             StoreEvent::Loaded { key, rows, end } => {
+                tracing::debug!(key = key.0, rows = rows.len(), ?end, "loaded");
                 let next = self.parked.loaded(key, rows, end);
                 self.send_load(next).await;
             }
@@ -242,7 +267,24 @@ impl Relay {
             commit_time,
             attempts,
             max_retries,
+            last_error,
         } = loaded;
+        if attempts > max_retries {
+            // Its retry budget is spent (say, `max_retries = 0` and its first publish
+            // failed): dead without another attempt.
+            let row = match event {
+                Ok(e) => Row::Event(Arc::new(e)),
+                Err(bad) => Row::Malformed(*bad),
+            };
+            let message = match &row {
+                Row::Event(e) => self.encode(e, commit_time).ok(),
+                Row::Malformed(_) => None,
+            };
+            let reason = last_error.unwrap_or_else(|| "out of retries".into());
+            self.dead(key, row, message, parked_seq, attempts, reason)
+                .await;
+            return;
+        }
         let event = match event {
             Ok(e) if e.key() != key => {
                 // Published under another aggregate it could overtake that one's

@@ -123,6 +123,8 @@ pub struct Loaded {
     pub commit_time: i64,
     pub attempts: i32,
     pub max_retries: i32,
+    /// Why its last attempt failed, if one did.
+    pub last_error: Option<String>,
 }
 
 impl Loaded {

@@ -39,6 +39,8 @@ pub struct ParkedRow {
     pub commit_time: i64,
     pub attempts: i32,
     pub max_retries: i32,
+    /// The last failure, if it failed at all.
+    pub error_message: Option<String>,
 }
 
 /// One parked row as inserted.
@@ -225,7 +227,7 @@ impl RetryTable {
             .query(
                 &format!(
                     "select seq, status, (extract(epoch from scheduled_at) * 1000000)::bigint, id, event_type, payload, metadata, \
-                     created_at, commit_time, attempts, max_retries \
+                     created_at, commit_time, attempts, max_retries, error_message \
                      from {} where slot = $1 and aggregate_type = $2 and aggregate_id = $3 and seq > $4 and {} \
                      order by seq limit $5",
                     self.table.quoted(),
@@ -255,6 +257,7 @@ impl RetryTable {
                     commit_time: get(r, 8, CONTEXT)?,
                     attempts: get(r, 9, CONTEXT)?,
                     max_retries: get(r, 10, CONTEXT)?,
+                    error_message: get(r, 11, CONTEXT)?,
                 })
             })
             .collect()

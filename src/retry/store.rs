@@ -609,6 +609,7 @@ impl Store {
                 commit_time: row.commit_time,
                 attempts: row.attempts,
                 max_retries,
+                last_error: row.error_message.clone(),
             };
             bytes += loaded.weight();
             rows.push(loaded);
