@@ -469,16 +469,23 @@ async fn write_backlog(
     };
     if per_txn == 1 {
         // One transaction per row, written by the server itself (a procedure may
-        // commit): 100 000 round trips would take longer than the run.
+        // commit), without waiting for each commit's flush: 100 000 round trips and
+        // flushes would take longer than the run.
+        db.batch_execute("set synchronous_commit = off")
+            .await
+            .unwrap();
         for start in (0..rows).step_by(10_000) {
             let end = (start + 10_000).min(rows) - 1;
             db.batch_execute(&format!(
-                "do $$ begin for g in {start}..{end} loop {}; commit; end loop; end $$",
-                insert(0, 0).replace("generate_series(0, 0) g", "(select g) as g(g)")
+                "do $$ begin for r in {start}..{end} loop {}; commit; end loop; end $$",
+                insert(0, 0).replace("generate_series(0, 0) g", "(select r) as x(g)")
             ))
             .await
             .unwrap();
         }
+        db.batch_execute("set synchronous_commit = on")
+            .await
+            .unwrap();
     } else {
         for start in (0..rows).step_by(per_txn) {
             let end = (start + per_txn).min(rows) - 1;
@@ -649,7 +656,9 @@ async fn relay_drain(rows: usize, window: usize, shape: Shape) -> Drain {
     let broker = broker_pid();
     let cpu0 = CpuUse::now(None, broker);
     let start = Instant::now();
-    let mut child = spawn_relay_with(window, shape, QUICK_RETRIES);
+    // Retries at the defaults (5 s and up): a drain run sees the parked heads
+    // retried once or twice, as production would.
+    let mut child = spawn_relay(window, shape);
     let pid = child.id();
     let mut perf = profile(pid);
     let deadline = Instant::now() + Duration::from_secs(1800);
@@ -1006,6 +1015,24 @@ fn drain_row(label: &str, runs: &[Drain], ceilings: &[f64]) {
 async fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
+    }
+    // One benchmark at a time on this machine (another checkout's run would share
+    // the tables, the slot, the queue and the cores): held until the process ends.
+    let (guard, guard_conn) = tokio_postgres::connect(PG_URL, NoTls).await.unwrap();
+    tokio::spawn(async move {
+        let _ = guard_conn.await;
+    });
+    if !guard
+        .query_one("select pg_try_advisory_lock(7243001)", &[])
+        .await
+        .unwrap()
+        .get::<_, bool>(0)
+    {
+        eprintln!("another drain benchmark is running on this machine; waiting for it to finish");
+        guard
+            .batch_execute("select pg_advisory_lock(7243001)")
+            .await
+            .unwrap();
     }
     let rows = env_usize("BENCH_ROWS", 100_000);
     let big_rows = env_usize("BENCH_BIG_ROWS", 1_000_000);

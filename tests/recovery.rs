@@ -114,6 +114,11 @@ async fn a_lost_slot_is_refused_and_replay_recovers_the_gap() {
     .await;
     assert!(relay.terminate(T).await.success());
     // The slot is lost while no relay runs (dropped, or a failover to a server without it)...
+    // (the walsender of the relay that just exited may still be finishing)
+    wait_for(T, "the slot released by the exited relay", || async {
+        f.slot_active_pid().await.is_none()
+    })
+    .await;
     f.db.execute("select pg_drop_replication_slot($1)", &[&f.slot])
         .await
         .unwrap();

@@ -128,7 +128,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         exchange = %config.amqp.exchange,
         start_lsn = %start_lsn,
         ordering = ?config.relay.ordering,
-        "outbox-relay {} streaming",
+        "outbox-relay {} holds the slot; reading the retry state",
         env!("CARGO_PKG_VERSION")
     );
     metrics::metrics()

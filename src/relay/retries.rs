@@ -251,7 +251,9 @@ impl Relay {
                 if self.heads_pending {
                     tracing::info!(
                         parked_aggregates = self.parked.len(),
-                        "retry state read: streaming"
+                        start_lsn = %self.applied,
+                        "retry state read: outbox-relay {} streaming",
+                        env!("CARGO_PKG_VERSION")
                     );
                 }
                 self.heads_pending = false;

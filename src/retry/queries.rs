@@ -212,53 +212,55 @@ impl RetryTable {
             .collect()
     }
 
-    /// Up to `limit` rows that hold an aggregate (parked, or dead with `on_dead =
-    /// "block"`), after `after_seq`, in commit order.
-    pub async fn page(
+    /// For each of several aggregates `(type, id, after_seq)`, up to `limit` rows
+    /// that hold it (parked, or dead with `on_dead = "block"`) after `after_seq`,
+    /// in commit order; in one statement. Returns (request index, row) pairs.
+    pub async fn pages(
         &self,
         client: &impl GenericClient,
-        aggregate_type: &str,
-        aggregate_id: &str,
-        after_seq: Option<i64>,
+        requests: &[(&str, &str, i64)],
         limit: i64,
-    ) -> Result<Vec<ParkedRow>, Error> {
+    ) -> Result<Vec<(usize, ParkedRow)>, Error> {
         const CONTEXT: &str = "loading messages from the retry table";
+        let types: Vec<&str> = requests.iter().map(|r| r.0).collect();
+        let ids: Vec<&str> = requests.iter().map(|r| r.1).collect();
+        let afters: Vec<i64> = requests.iter().map(|r| r.2).collect();
         let rows = client
             .query(
                 &format!(
-                    "select seq, status, (extract(epoch from scheduled_at) * 1000000)::bigint, id, event_type, payload, metadata, \
-                     created_at, commit_time, attempts, max_retries, error_message \
-                     from {} where slot = $1 and aggregate_type = $2 and aggregate_id = $3 and seq > $4 and {} \
-                     order by seq limit $5",
+                    "select a.ord, p.seq, p.status, (extract(epoch from p.scheduled_at) * 1000000)::bigint, p.id, p.event_type, \
+                     p.payload, p.metadata, p.created_at, p.commit_time, p.attempts, p.max_retries, p.error_message \
+                     from unnest($2::text[], $3::text[], $4::bigint[]) with ordinality as a(t, i, after_seq, ord) \
+                     cross join lateral (select * from {} r where r.slot = $1 and r.aggregate_type = a.t \
+                     and r.aggregate_id = a.i and r.seq > a.after_seq and {} order by r.seq limit $5) p \
+                     order by a.ord, p.seq",
                     self.table.quoted(),
-                    self.blockers
+                    self.blockers.replace("status", "r.status")
                 ),
-                &[
-                    &self.slot,
-                    &aggregate_type,
-                    &aggregate_id,
-                    &after_seq.unwrap_or(0),
-                    &limit,
-                ],
+                &[&self.slot, &types, &ids, &afters, &limit],
             )
             .await
             .map_err(query_err(CONTEXT))?;
         rows.iter()
             .map(|r| {
-                Ok(ParkedRow {
-                    seq: get(r, 0, CONTEXT)?,
-                    status: get(r, 1, CONTEXT)?,
-                    due: get(r, 2, CONTEXT)?,
-                    id: get(r, 3, CONTEXT)?,
-                    event_type: get(r, 4, CONTEXT)?,
-                    payload: get(r, 5, CONTEXT)?,
-                    metadata: get(r, 6, CONTEXT)?,
-                    created_at: get(r, 7, CONTEXT)?,
-                    commit_time: get(r, 8, CONTEXT)?,
-                    attempts: get(r, 9, CONTEXT)?,
-                    max_retries: get(r, 10, CONTEXT)?,
-                    error_message: get(r, 11, CONTEXT)?,
-                })
+                let ord: i64 = get(r, 0, CONTEXT)?;
+                Ok((
+                    (ord - 1) as usize,
+                    ParkedRow {
+                        seq: get(r, 1, CONTEXT)?,
+                        status: get(r, 2, CONTEXT)?,
+                        due: get(r, 3, CONTEXT)?,
+                        id: get(r, 4, CONTEXT)?,
+                        event_type: get(r, 5, CONTEXT)?,
+                        payload: get(r, 6, CONTEXT)?,
+                        metadata: get(r, 7, CONTEXT)?,
+                        created_at: get(r, 8, CONTEXT)?,
+                        commit_time: get(r, 9, CONTEXT)?,
+                        attempts: get(r, 10, CONTEXT)?,
+                        max_retries: get(r, 11, CONTEXT)?,
+                        error_message: get(r, 12, CONTEXT)?,
+                    },
+                ))
             })
             .collect()
     }

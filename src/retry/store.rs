@@ -33,6 +33,8 @@ use tokio_postgres::{AsyncMessage, Client};
 const PARK_BATCH: usize = 2000;
 /// Most outcome commands handled in one turn (their deletes go together).
 const COMMAND_BATCH: usize = 2000;
+/// Most loads answered by one statement.
+const LOAD_BATCH: usize = 64;
 /// Heads read per page on a reload.
 const HEADS_PAGE: i64 = 1000;
 /// Failures of one statement before `/readyz` reports the store as failing.
@@ -180,9 +182,21 @@ impl Store {
                     }
                     None => break,
                 },
-                Some(load) = loads.recv() => {
-                    let (rows, end) = self.load(&load).await;
-                    events.send(StoreEvent::Loaded { key: load.key, rows, end }).await.is_ok()
+                Some(first) = loads.recv() => {
+                    // Every load waiting now, in one statement.
+                    let mut batch = vec![first];
+                    while batch.len() < LOAD_BATCH {
+                        match loads.try_recv() {
+                            Ok(more) => batch.push(more),
+                            Err(_) => break,
+                        }
+                    }
+                    let pages = self.load(&batch).await;
+                    let mut sent = true;
+                    for (load, (rows, end)) in batch.iter().zip(pages) {
+                        sent &= events.send(StoreEvent::Loaded { key: load.key, rows, end }).await.is_ok();
+                    }
+                    sent
                 }
                 Some(_) = self.notifications.recv() => {
                     tracing::info!("requeue notification: reading the retry queue again");
@@ -530,49 +544,59 @@ impl Store {
         events.send(StoreEvent::HeadsDone).await.is_ok()
     }
 
-    /// The next due rows of one aggregate, with their outbox rows read again (so a
-    /// row fixed by an operator goes out fixed; a row that is gone goes out as parked).
-    async fn load(&mut self, load: &Load) -> (Vec<Loaded>, PageEnd) {
-        let limit = load.max_rows.max(1) as i64;
-        let mut attempt = 0;
-        let page = loop {
-            match self
-                .retry
-                .page(
-                    &self.client,
-                    &load.aggregate_type,
-                    &load.aggregate_id,
-                    load.after_seq,
-                    limit,
+    /// The next due rows of each of these aggregates, with their outbox rows read
+    /// again (so a row fixed by an operator goes out fixed; a row that is gone goes
+    /// out as parked): two statements for all of them. One answer per load.
+    async fn load(&mut self, loads: &[Load]) -> Vec<(Vec<Loaded>, PageEnd)> {
+        let limit = loads.iter().map(|l| l.max_rows).max().unwrap_or(1).max(1) as i64;
+        let requests: Vec<(&str, &str, i64)> = loads
+            .iter()
+            .map(|l| {
+                (
+                    l.aggregate_type.as_str(),
+                    l.aggregate_id.as_str(),
+                    l.after_seq.unwrap_or(0),
                 )
-                .await
-            {
-                Ok(page) => break page,
+            })
+            .collect();
+        let mut attempt = 0;
+        let found = loop {
+            match self.retry.pages(&self.client, &requests, limit).await {
+                Ok(found) => break found,
                 Err(e) => {
                     attempt += 1;
                     if let Next::GiveUp = self.trouble("loading retries", &e, attempt).await {
                         // Not this time: the relay asks again later.
-                        return (Vec::new(), PageEnd::Due(now_micros() + 30_000_000));
+                        let later = PageEnd::Due(now_micros() + 30_000_000);
+                        return loads.iter().map(|_| (Vec::new(), later)).collect();
                     }
                 }
             }
         };
-        let full = page.len() as i64 == limit;
-        let now = now_micros();
-        let mut due_rows: Vec<&ParkedRow> = Vec::new();
-        let mut end = if full { PageEnd::More } else { PageEnd::Empty };
-        for row in &page {
-            if row.status == "dead" {
-                end = PageEnd::Blocked;
-                break;
+        let mut pages: Vec<Vec<ParkedRow>> = loads.iter().map(|_| Vec::new()).collect();
+        for (i, row) in found {
+            if let Some(page) = pages.get_mut(i) {
+                page.push(row);
             }
-            if row.due > now {
-                end = PageEnd::Due(row.due);
-                break;
-            }
-            due_rows.push(row);
         }
-        let ids: Vec<&str> = due_rows.iter().map(|r| r.id.as_str()).collect();
+        // What each page may give: due rows, up to its dead or not-yet-due row.
+        let now = now_micros();
+        let mut ends = Vec::with_capacity(loads.len());
+        for (load, page) in loads.iter().zip(pages.iter_mut()) {
+            let full = page.len() >= load.max_rows.max(1);
+            page.truncate(load.max_rows.max(1));
+            let mut end = if full { PageEnd::More } else { PageEnd::Empty };
+            if let Some(stop) = page.iter().position(|r| r.status == "dead" || r.due > now) {
+                end = if page[stop].status == "dead" {
+                    PageEnd::Blocked
+                } else {
+                    PageEnd::Due(page[stop].due)
+                };
+                page.truncate(stop);
+            }
+            ends.push(end);
+        }
+        let ids: Vec<&str> = pages.iter().flatten().map(|r| r.id.as_str()).collect();
         let mut current = if ids.is_empty() {
             Default::default()
         } else {
@@ -593,33 +617,40 @@ impl Store {
                 }
             }
         };
-        let mut rows = Vec::with_capacity(due_rows.len());
-        let mut bytes = 0usize;
-        for (i, row) in due_rows.iter().enumerate() {
-            let event = current
-                .remove(&row.id)
-                .unwrap_or_else(|| parked_copy(row, &load.aggregate_type, &load.aggregate_id));
-            let max_retries = match &event {
-                Ok(e) if self.outbox.has_max_retries() => e.max_retries.unwrap_or(row.max_retries),
-                _ => row.max_retries,
-            };
-            let loaded = Loaded {
-                parked_seq: row.seq,
-                event,
-                commit_time: row.commit_time,
-                attempts: row.attempts,
-                max_retries,
-                last_error: row.error_message.clone(),
-            };
-            bytes += loaded.weight();
-            rows.push(loaded);
-            if bytes >= load.max_bytes && i + 1 < due_rows.len() {
-                end = PageEnd::More;
-                break;
+        let mut out = Vec::with_capacity(loads.len());
+        for ((load, page), mut end) in loads.iter().zip(pages).zip(ends) {
+            let mut rows = Vec::with_capacity(page.len());
+            let mut bytes = 0usize;
+            let count = page.len();
+            for (i, row) in page.into_iter().enumerate() {
+                let event = current
+                    .remove(&row.id)
+                    .unwrap_or_else(|| parked_copy(&row, &load.aggregate_type, &load.aggregate_id));
+                let max_retries = match &event {
+                    Ok(e) if self.outbox.has_max_retries() => {
+                        e.max_retries.unwrap_or(row.max_retries)
+                    }
+                    _ => row.max_retries,
+                };
+                let loaded = Loaded {
+                    parked_seq: row.seq,
+                    event,
+                    commit_time: row.commit_time,
+                    attempts: row.attempts,
+                    max_retries,
+                    last_error: row.error_message,
+                };
+                bytes += loaded.weight();
+                rows.push(loaded);
+                if bytes >= load.max_bytes && i + 1 < count {
+                    end = PageEnd::More;
+                    break;
+                }
             }
+            out.push((rows, end));
         }
         self.healthy();
-        (rows, end)
+        out
     }
 }
 
