@@ -1,5 +1,6 @@
 //! `outbox-relay check`: one line per preflight check, each failure with its fix.
 
+use super::privileges;
 use crate::config::Config;
 use crate::error::Error;
 use crate::pg::catalog::{self, PublicationState};
@@ -76,6 +77,7 @@ pub async fn check(config: &Config) -> Checks {
                 "replication privilege",
                 "publication",
                 "slot",
+                "privileges",
             ] {
                 out.push(fail(name, "skipped: Postgres is not reachable"));
             }
@@ -102,6 +104,7 @@ pub async fn check(config: &Config) -> Checks {
             });
             out.push(publication_check(&sql, config).await);
             out.push(slot_check(&sql, config).await);
+            out.extend(privileges_check(&sql, config).await);
         }
     }
     // The exchanges are declared only where the relay would declare them
@@ -148,6 +151,36 @@ pub async fn check(config: &Config) -> Checks {
         }
     }
     Checks(out)
+}
+
+/// One line when the role holds every privilege the configured mode needs, else
+/// one line per missing privilege with the GRANT that adds it.
+async fn privileges_check(sql: &tokio_postgres::Client, config: &Config) -> Vec<Check> {
+    let missing = match privileges::needed(sql, config).await {
+        Ok(needs) => privileges::missing(sql, needs).await,
+        Err(e) => Err(e),
+    };
+    match missing {
+        Err(e) => vec![fail("privileges", e.to_string())],
+        Ok(m) if m.needs.is_empty() => vec![pass(
+            "privileges",
+            format!(
+                "role {} holds every table privilege that on_success = \"{}\" and the retry state need",
+                m.role,
+                config.postgres.on_success.as_str()
+            ),
+        )],
+        Ok(m) => m
+            .needs
+            .iter()
+            .map(|need| {
+                fail(
+                    "privileges",
+                    format!("role {} lacks {need}; fix: {}", m.role, need.grant(&m.role)),
+                )
+            })
+            .collect(),
+    }
 }
 
 /// The name of the check line for the exchange under `key`.
