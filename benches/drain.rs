@@ -559,7 +559,7 @@ fn spawn_relay_with(window: usize, shape: Shape, retry_section: &str) -> std::pr
         format!(
             "[postgres]\nurl = \"{PG_URL}\"\ntable = \"{TABLE}\"\nslot = \"{SLOT}\"\npublication = \"{SLOT}\"\n\
              retry_table = \"public.bench_parked\"\non_success = \"{on_success}\"\n\
-             [amqp]\nurl = \"{AMQP_URL}\"\nexchange = \"{EXCHANGE}\"\nmax_in_flight = {window}\nmax_in_flight_bytes = 268435456\n\
+             [amqp]\nurl = \"{AMQP_URL}\"\nexchange = \"{EXCHANGE}\"\nmax_in_flight = {window}\n\
              [relay]\nordering = \"{ordering}\"\n[retry]\n{retry_section}\n[metrics]\nlisten = \"\"\n[log]\nlevel = \"warn\"\n"
         ),
     )
