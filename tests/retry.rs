@@ -697,3 +697,64 @@ async fn published_rows_past_retention_are_deleted_in_the_background() {
     assert!(relay.terminate(T).await.success());
     f.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_retries_are_counted_durably_and_a_restart_continues_the_count() {
+    let f = Fixture::new("retry_count", false).await;
+    f.bind("Order.ok").await;
+    let extra = [
+        ("retry", "backoff_base = \"100ms\""),
+        ("retry", "backoff_max = \"200ms\""),
+    ];
+    let mut relay = f.spawn(&extra);
+    relay.wait_streaming().await;
+    let t = &f.table;
+    // 200 aggregates, each with a message no queue takes, in one transaction: their
+    // retries fail at the same pace, so the store records them together.
+    let lost: Vec<String> = (0..200).map(|i| format!("lost-{i}")).collect();
+    f.db.batch_execute(&format!(
+        "insert into {t} (id, aggregate_type, aggregate_id, event_type, payload) \
+             select 'lost-' || g, 'Order', 'c' || g, 'lost', '{{}}' from generate_series(0, 199) g"
+    ))
+    .await
+    .unwrap();
+    let r = &f.retry_table;
+    let attempts = || async {
+        let row = f
+            .db
+            .query_one(
+                &format!(
+                    "select count(*)::int, coalesce(min(attempts), 0), coalesce(max(attempts), 0), \
+                     bool_and(error_message like '%unroutable%'), bool_and(scheduled_at > parked_at) from {r}"
+                ),
+                &[],
+            )
+            .await
+            .unwrap();
+        let (n, min, max): (i32, i32, i32) = (row.get(0), row.get(1), row.get(2));
+        let (reason, scheduled): (Option<bool>, Option<bool>) = (row.get(3), row.get(4));
+        (n, min, max, reason == Some(true) && scheduled == Some(true))
+    };
+    // Every failed retry is written: count, reason and the next due time.
+    wait_for(T, "each message's failed retries recorded", || async {
+        let (n, min, _, recorded) = attempts().await;
+        n == 200 && min >= 4 && recorded
+    })
+    .await;
+    assert!(relay.terminate(T).await.success());
+    let (_, _, max_before, _) = attempts().await;
+    // A new process continues each message's count from the table.
+    let mut relay = f.spawn(&extra);
+    relay.wait_streaming().await;
+    wait_for(
+        T,
+        "the count goes on past what the first process reached",
+        || async { attempts().await.1 > max_before },
+    )
+    .await;
+    f.bind("Order.lost").await;
+    f.consumer().wait_ids(&lost, T).await;
+    f.wait_retry_drained().await;
+    assert!(relay.terminate(T).await.success());
+    f.cleanup().await;
+}

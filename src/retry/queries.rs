@@ -326,6 +326,32 @@ impl RetryTable {
         row.map(|r| get(&r, 0, CONTEXT)).transpose()
     }
 
+    /// Counts a failed attempt of each `(seq, attempts, reason, delay)` and schedules
+    /// its next one, all in one statement; how many rows were still there.
+    pub async fn record_failures(
+        &self,
+        client: &impl GenericClient,
+        failures: &[(i64, i32, &str, Duration)],
+    ) -> Result<u64, Error> {
+        let seqs: Vec<i64> = failures.iter().map(|f| f.0).collect();
+        let attempts: Vec<i32> = failures.iter().map(|f| f.1).collect();
+        let reasons: Vec<&str> = failures.iter().map(|f| f.2).collect();
+        let delays: Vec<i64> = failures.iter().map(|f| f.3.as_micros() as i64).collect();
+        client
+            .execute(
+                &format!(
+                    "update {} as r set attempts = u.attempts, error_message = u.reason, \
+                     scheduled_at = now() + u.delay * interval '1 microsecond', updated_at = now() \
+                     from unnest($1::bigint[], $2::int[], $3::text[], $4::bigint[]) as u(seq, attempts, reason, delay) \
+                     where r.seq = u.seq",
+                    self.table.quoted()
+                ),
+                &[&seqs, &attempts, &reasons, &delays],
+            )
+            .await
+            .map_err(query_err("recording failed retries"))
+    }
+
     /// Marks a row dead; false when it is gone.
     pub async fn mark_dead(
         &self,

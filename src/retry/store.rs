@@ -87,6 +87,15 @@ async fn connect(
 }
 
 /// What to do after a statement failed.
+/// A retried message that failed again, waiting to be recorded.
+struct FailedRetry {
+    parked_seq: i64,
+    id: String,
+    attempts: i32,
+    reason: String,
+    delay: Duration,
+}
+
 enum Next {
     /// Try the same statement again (after a backoff, or at once after the
     /// outbox table's shape was read again).
@@ -375,16 +384,21 @@ impl Store {
         metrics().retries_pending.add(batch.len() as i64);
     }
 
-    /// Outcome commands in order; consecutive deliveries are deleted together.
+    /// Outcome commands in order; consecutive deliveries are deleted together, and
+    /// consecutive failures recorded together.
     async fn commands(
         &mut self,
         batch: Vec<StoreCommand>,
         events: &mpsc::Sender<StoreEvent>,
     ) -> bool {
         let mut delivered: Vec<(i64, String)> = Vec::new();
+        let mut failed: Vec<FailedRetry> = Vec::new();
         for cmd in batch {
             if !matches!(cmd, StoreCommand::Delivered { .. }) {
                 self.delivered(std::mem::take(&mut delivered)).await;
+            }
+            if !matches!(cmd, StoreCommand::Failed { .. }) {
+                self.failed(std::mem::take(&mut failed)).await;
             }
             match cmd {
                 StoreCommand::Delivered { parked_seq, id } => delivered.push((parked_seq, id)),
@@ -394,33 +408,13 @@ impl Store {
                     attempts,
                     reason,
                     delay,
-                } => {
-                    let mut attempt = 0;
-                    loop {
-                        match self
-                            .retry
-                            .record_failure(&self.client, parked_seq, attempts, &reason, delay)
-                            .await
-                        {
-                            Ok(_) => break,
-                            Err(e) => {
-                                attempt += 1;
-                                if let Next::GiveUp =
-                                    self.trouble("recording a failed retry", &e, attempt).await
-                                {
-                                    tracing::error!(%id, error = %e, "cannot record a failed retry; it is retried sooner than its backoff says");
-                                    break;
-                                }
-                            }
-                        }
-                    }
-                    self.chore(Chore::Mirror(MirrorUpdate {
-                        id,
-                        status: "failed",
-                        reason,
-                        delay: Some(delay),
-                    }));
-                }
+                } => failed.push(FailedRetry {
+                    parked_seq,
+                    id,
+                    attempts,
+                    reason,
+                    delay,
+                }),
                 StoreCommand::Dead {
                     parked_seq,
                     id,
@@ -467,6 +461,7 @@ impl Store {
             }
         }
         self.delivered(delivered).await;
+        self.failed(failed).await;
         self.healthy();
         true
     }
@@ -499,6 +494,61 @@ impl Store {
         self.chore(Chore::Succeeded(
             delivered.into_iter().map(|(_, id)| id).collect(),
         ));
+    }
+
+    /// Records failed retries in one statement; when that fails for good, one by
+    /// one, so a row that cannot be updated only fails itself.
+    async fn failed(&mut self, failed: Vec<FailedRetry>) {
+        if failed.is_empty() {
+            return;
+        }
+        let together = failed.len() > 1
+            && {
+                let items: Vec<(i64, i32, &str, Duration)> = failed
+                    .iter()
+                    .map(|f| (f.parked_seq, f.attempts, f.reason.as_str(), f.delay))
+                    .collect();
+                match self.retry.record_failures(&self.client, &items).await {
+                    Ok(_) => true,
+                    Err(e) => {
+                        tracing::warn!(count = failed.len(), error = %e, "recording failed retries together failed: recording them one by one");
+                        false
+                    }
+                }
+            };
+        for f in failed {
+            if !together {
+                self.record_failure(&f).await;
+            }
+            self.chore(Chore::Mirror(MirrorUpdate {
+                id: f.id,
+                status: "failed",
+                reason: f.reason,
+                delay: Some(f.delay),
+            }));
+        }
+    }
+
+    async fn record_failure(&mut self, f: &FailedRetry) {
+        let mut attempt = 0;
+        loop {
+            match self
+                .retry
+                .record_failure(&self.client, f.parked_seq, f.attempts, &f.reason, f.delay)
+                .await
+            {
+                Ok(_) => break,
+                Err(e) => {
+                    attempt += 1;
+                    if let Next::GiveUp =
+                        self.trouble("recording a failed retry", &e, attempt).await
+                    {
+                        tracing::error!(id = %f.id, error = %e, "cannot record a failed retry; it is retried sooner than its backoff says");
+                        break;
+                    }
+                }
+            }
+        }
     }
 
     /// Reads every aggregate's head, page by page, and hands them to the relay.
