@@ -304,3 +304,103 @@ impl InboxFixture {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A TCP proxy in front of the broker that can hold everything the client sends
+/// (acks among it) while still passing what the broker sends (deliveries), and
+/// then cut every connection without ever forwarding what it held.
+pub struct HoldingProxy {
+    pub port: u16,
+    hold: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl HoldingProxy {
+    pub async fn start(upstream: &'static str) -> HoldingProxy {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let hold = Arc::new(AtomicBool::new(false));
+        let cut = Arc::new(AtomicBool::new(false));
+        let (h, c) = (hold.clone(), cut.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (hold, cut) = (h.clone(), c.clone());
+                tokio::spawn(async move {
+                    let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    let (cr, cw) = client.into_split();
+                    let (sr, sw) = server.into_split();
+                    let pump = |mut from: tokio::net::tcp::OwnedReadHalf,
+                                mut to: tokio::net::tcp::OwnedWriteHalf,
+                                hold: Option<Arc<AtomicBool>>,
+                                cut: Arc<AtomicBool>| async move {
+                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let read = tokio::time::timeout(
+                                Duration::from_millis(20),
+                                from.read(&mut buf),
+                            )
+                            .await;
+                            if cut.load(Ordering::SeqCst) {
+                                return;
+                            }
+                            let n = match read {
+                                Err(_) => continue,
+                                Ok(Ok(0)) | Ok(Err(_)) => return,
+                                Ok(Ok(n)) => n,
+                            };
+                            while hold.as_ref().is_some_and(|h| h.load(Ordering::SeqCst)) {
+                                if cut.load(Ordering::SeqCst) {
+                                    return;
+                                }
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                            }
+                            if to.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    };
+                    // Both sockets close when both pumps return (halves dropped).
+                    tokio::join!(
+                        pump(cr, sw, Some(hold), cut.clone()),
+                        pump(sr, cw, None, cut)
+                    );
+                });
+            }
+        });
+        HoldingProxy {
+            port,
+            hold,
+            cut,
+            task,
+        }
+    }
+
+    /// Holds (true) or passes (false) what clients send to the broker.
+    pub fn hold(&self, on: bool) {
+        self.hold.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Closes every proxied connection, dropping what was held.
+    pub fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn amqp_url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+}
+
+impl Drop for HoldingProxy {
+    fn drop(&mut self) {
+        self.cut();
+        self.task.abort();
+    }
+}
