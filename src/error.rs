@@ -151,6 +151,9 @@ pub enum Error {
         "the inbox store task stopped: the receiver shuts down (see the log line before this one)"
     )]
     InboxStoreGone,
+
+    #[error("inbox processor: {0}")]
+    Processor(String),
 }
 
 /// The server's message (with detail and hint) rather than tokio-postgres's generic text.

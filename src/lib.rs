@@ -32,6 +32,7 @@ pub mod event;
 pub mod failure;
 pub mod inbox;
 pub mod metrics;
+pub mod outbox;
 pub mod pg;
 pub mod progress;
 pub mod redact;

@@ -11,6 +11,7 @@ mod inbox;
 mod isolation;
 mod operate;
 mod ordering;
+mod processor;
 mod recovery;
 mod refusal;
 mod retry;

@@ -15,14 +15,22 @@
 //!
 //! Both tasks reconnect with backoff; nothing is acked before its commit, so a
 //! crash anywhere means a redelivery, which the unique key turns into a duplicate.
+//!
+//! Then [`Processor`] (a library API for Rust services) runs handlers on the
+//! recorded rows, each in the transaction that marks its row processed.
 
 pub mod acks;
 pub mod broker;
+pub mod claim;
 pub mod mapping;
+pub mod processor;
 pub mod queries;
 pub mod store;
 
 pub use mapping::{Invalid, Record};
+pub use processor::{
+    Handler, HandlerError, HandlerFuture, InboxMessage, Processor, ProcessorOptions,
+};
 
 use crate::config::Config;
 use crate::error::Error;

@@ -45,6 +45,10 @@ pub struct Metrics {
     pub inbox_invalid: IntCounterVec,
     /// From a delivery's arrival to the commit that recorded it.
     pub inbox_receive_latency: Histogram,
+    /// Inbox rows a Processor handler processed (committed with the row's status).
+    pub inbox_processed: IntCounter,
+    /// Inbox handler attempts that failed (retried later or permanently failed).
+    pub inbox_failed: IntCounter,
 }
 
 impl Metrics {
@@ -164,6 +168,16 @@ impl Metrics {
             ]),
         )
         .expect("valid metric");
+        let inbox_processed = IntCounter::new(
+            "outbox_relay_inbox_processed_total",
+            "Inbox rows processed by a Processor handler (its writes committed with the status)",
+        )
+        .expect("valid metric");
+        let inbox_failed = IntCounter::new(
+            "outbox_relay_inbox_failed_total",
+            "Inbox handler attempts that failed (scheduled again, or permanently failed)",
+        )
+        .expect("valid metric");
         for peer in ["postgres", "amqp"] {
             reconnects.with_label_values(&[peer]);
         }
@@ -183,6 +197,8 @@ impl Metrics {
             Box::new(inbox_duplicates.clone()),
             Box::new(inbox_invalid.clone()),
             Box::new(inbox_receive_latency.clone()),
+            Box::new(inbox_processed.clone()),
+            Box::new(inbox_failed.clone()),
         ] {
             registry.register(c).expect("each metric registered once");
         }
@@ -203,6 +219,8 @@ impl Metrics {
             inbox_duplicates,
             inbox_invalid,
             inbox_receive_latency,
+            inbox_processed,
+            inbox_failed,
         }
     }
 
@@ -260,6 +278,8 @@ mod tests {
             "outbox_relay_inbox_duplicates_total",
             "outbox_relay_inbox_invalid_total",
             "outbox_relay_inbox_receive_latency_seconds",
+            "outbox_relay_inbox_processed_total",
+            "outbox_relay_inbox_failed_total",
         ] {
             assert!(text.contains(name), "{name} missing");
         }
