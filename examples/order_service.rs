@@ -59,7 +59,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Consumer side: ship each order once.
     Processor::new(&url, "public.inbox_messages")?
         .handler("order.placed", |tx: &Transaction<'_>, m: &InboxMessage| {
-            let order = m.payload["orderId"].as_str().unwrap_or_default().to_string();
+            let order = m.payload["orderId"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
             Box::pin(async move {
                 tx.execute(
                     "insert into example_shipments (order_id) values ($1)",

@@ -143,3 +143,205 @@ async fn inb_a_lost_postgres_session_reconnects_and_loses_nothing() {
     assert_eq!(f.ready(&f.queue).await, 0);
     f.cleanup().await;
 }
+
+/// The whole chain under load and crashes: a producer transaction writes a
+/// business row and its outbox row (`enqueue_into`); the relay publishes it; the
+/// inbox receiver records it; a Processor handler writes a side-effect row in the
+/// transaction that marks it processed. The relay is killed (-9) three times, the
+/// receiver three times, a processor is dropped mid-handler (its session dies
+/// with its open transaction, as in a crash), and every broker connection is
+/// closed once. At the end: one side effect per business row, none missing, none
+/// doubled, and each aggregate's effects in commit order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inb_chain_effects_once_under_crashes() {
+    use outbox_relay::inbox::{InboxMessage, Processor, ProcessorOptions};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use tokio_postgres::Transaction;
+
+    const N: usize = 1500;
+    const AGGS: usize = 10;
+    let relay_fx = support::Fixture::bare("inb_chain").await;
+    let outbox = outbox_relay::pg::TableName::parse(&relay_fx.table).unwrap();
+    relay_fx
+        .db
+        .batch_execute(&outbox_relay::pg::catalog::outbox_ddl(&outbox))
+        .await
+        .unwrap();
+    let f = InboxFixture::new("chain").await;
+    let orders = "public.inb_chain_orders";
+    let effects = "public.inb_chain_effects";
+    f.db.batch_execute(&format!(
+        "drop table if exists {orders}; drop table if exists {effects};
+         create table {orders} (id text primary key, agg text not null, n int not null);
+         create table {effects} (seq bigserial primary key, order_id text not null, agg text not null, n int not null);"
+    ))
+    .await
+    .unwrap();
+    let inbox_config = f.config(&[
+        &format!("bind_exchange = \"{}\"", relay_fx.exchange),
+        "bind_keys = [\"#\"]",
+    ]);
+    let mut receiver = f.spawn(&inbox_config);
+    receiver.wait_log("inbox consuming", T).await;
+    let mut relay = relay_fx.spawn(&[]);
+    relay.wait_streaming().await;
+
+    // The producer: one order and its event per transaction.
+    let producer = {
+        let outbox = outbox.clone();
+        tokio::spawn(async move {
+            let mut db = support::pg().await;
+            for i in 0..N {
+                let (id, agg) = (format!("order-{i:05}"), format!("agg-{}", i % AGGS));
+                let tx = db.transaction().await.unwrap();
+                tx.execute(
+                    &format!("insert into {orders} (id, agg, n) values ($1, $2, $3)"),
+                    &[&id, &agg, &(i as i32)],
+                )
+                .await
+                .unwrap();
+                outbox_relay::outbox::enqueue_into(
+                    &tx,
+                    &outbox,
+                    outbox_relay::outbox::NewEvent {
+                        id: Some(id.clone()),
+                        aggregate_type: "Order".into(),
+                        aggregate_id: agg.clone(),
+                        event_type: "order.placed".into(),
+                        payload: serde_json::json!({"orderId": id, "agg": agg, "n": i}),
+                        metadata: None,
+                    },
+                )
+                .await
+                .unwrap();
+                tx.commit().await.unwrap();
+                if i % 100 == 0 {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        })
+    };
+
+    // The processor: ordering by aggregate; `in_handler` tells when one is mid-handler.
+    let in_handler = Arc::new(AtomicBool::new(false));
+    let processor = {
+        let in_handler = in_handler.clone();
+        Processor::new(support::PG_URL, &f.table)
+            .unwrap()
+            .options(ProcessorOptions {
+                notify_channel: Some(f.channel.clone()),
+                ordering_field: Some("agg".into()),
+                backoff_base: Duration::from_millis(50),
+                backoff_max: Duration::from_millis(200),
+                ..Default::default()
+            })
+            .handler(
+                "order.placed",
+                move |tx: &Transaction<'_>, m: &InboxMessage| {
+                    let p = m.payload.clone();
+                    let flag = in_handler.clone();
+                    Box::pin(async move {
+                        tx.execute(
+                            &format!(
+                                "insert into {effects} (order_id, agg, n) values ($1, $2, $3)"
+                            ),
+                            &[
+                                &p["orderId"].as_str().unwrap_or_default(),
+                                &p["agg"].as_str().unwrap_or_default(),
+                                &(p["n"].as_i64().unwrap_or(-1) as i32),
+                            ],
+                        )
+                        .await?;
+                        flag.store(true, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                        flag.store(false, Ordering::SeqCst);
+                        Ok(())
+                    })
+                },
+            )
+    };
+    let spawn_processor = |p: Processor| tokio::spawn(p.run(std::future::pending()));
+    let mut worker = spawn_processor(processor.clone());
+
+    let effects_count = || async {
+        f.db.query_one(&format!("select count(*) from {effects}"), &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    for round in 0..3 {
+        wait_for(T, "progress", || async {
+            effects_count().await >= ((round + 1) * N / 8) as i64
+        })
+        .await;
+        relay.kill9();
+        relay = relay_fx.spawn(&[]);
+        receiver.kill9();
+        receiver = f.spawn(&inbox_config);
+        if round == 1 {
+            // A processor crashes mid-handler: its transaction dies with its session.
+            wait_for(T, "a handler running", || async {
+                in_handler.load(Ordering::SeqCst)
+            })
+            .await;
+            worker.abort();
+            let _ = worker.await;
+            worker = spawn_processor(processor.clone());
+        }
+        if round == 2 {
+            receiver.wait_log("inbox consuming", T).await;
+            relay.wait_streaming().await;
+            sh("rabbitmqctl -q close_all_connections 'inbox chain test'");
+        }
+    }
+    producer.await.unwrap();
+    wait_for(Duration::from_secs(300), "every order's effect", || async {
+        effects_count().await >= N as i64
+    })
+    .await;
+    // Nothing more arrives late (a doubled effect would show up now).
+    support::holds_for(Duration::from_secs(3), "no doubled effect", || async {
+        effects_count().await == N as i64
+    })
+    .await;
+    let missing: i64 = f
+        .db
+        .query_one(
+            &format!(
+                "select count(*) from {orders} o where not exists (select 1 from {effects} e where e.order_id = o.id)"
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(missing, 0);
+    for a in 0..AGGS {
+        let ns: Vec<i32> =
+            f.db.query(
+                &format!("select n from {effects} where agg = $1 order by seq"),
+                &[&format!("agg-{a}")],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let mut sorted = ns.clone();
+        sorted.sort();
+        assert_eq!(ns, sorted, "agg-{a} effects in commit order");
+    }
+    worker.abort();
+    assert!(relay.terminate(T).await.success(), "{}", relay.log_text());
+    assert!(
+        receiver.terminate(T).await.success(),
+        "{}",
+        receiver.log_text()
+    );
+    f.db.batch_execute(&format!("drop table {orders}; drop table {effects}"))
+        .await
+        .unwrap();
+    relay_fx.cleanup().await;
+    f.cleanup().await;
+}
