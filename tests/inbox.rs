@@ -333,3 +333,76 @@ async fn inb_init_creates_the_table_and_status_shows_the_backlog() {
     assert!(r.terminate(T).await.success(), "{}", r.log_text());
     f.cleanup().await;
 }
+
+/// Interop: rows the receiver recorded are processed by Event-Forge's own Python
+/// `InboxService` (SQLAlchemy repository) unchanged. Needs a Python with the
+/// `event-forge`, `sqlalchemy` and `asyncpg` packages, named by
+/// `OUTBOX_RELAY_EVENT_FORGE_PYTHON`; run with `--ignored`. Without the variable
+/// it fails, so it never passes without running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs OUTBOX_RELAY_EVENT_FORGE_PYTHON (a python with event-forge, sqlalchemy, asyncpg)"]
+async fn inb_event_forge_inbox_service_processes_what_the_receiver_recorded() {
+    let python = std::env::var("OUTBOX_RELAY_EVENT_FORGE_PYTHON").expect(
+        "set OUTBOX_RELAY_EVENT_FORGE_PYTHON to a python with event-forge, sqlalchemy[asyncio] and asyncpg \
+         (python3 -m venv v && v/bin/pip install event-forge 'sqlalchemy[asyncio]' asyncpg)",
+    );
+    let f = InboxFixture::new("interop").await;
+    let schema = "inb_interop";
+    f.db.batch_execute(&format!(
+        "drop schema if exists {schema} cascade; create schema {schema};"
+    ))
+    .await
+    .unwrap();
+    let table = outbox_relay::pg::TableName::parse(&format!("{schema}.inbox_messages")).unwrap();
+    f.db.batch_execute(&outbox_relay::inbox::queries::inbox_ddl(&table))
+        .await
+        .unwrap();
+    let mut r = f.start(&[&format!("table = \"{table}\"")]).await;
+    let ids: Vec<String> = (0..5).map(|i| format!("inb-interop-{i}")).collect();
+    f.publish(
+        &ids.iter()
+            .map(|id| Msg::event_forge(id))
+            .collect::<Vec<_>>(),
+    )
+    .await;
+    let count = || async {
+        f.db.query_one(&format!("select count(*) from {}", table.quoted()), &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    wait_for(T, "5 rows recorded", || async { count().await == 5 }).await;
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/interop/event_forge_inbox.py"
+    );
+    let out = std::process::Command::new(&python)
+        .args([
+            script,
+            "postgresql+asyncpg://postgres@127.0.0.1:5432/test",
+            schema,
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let mut want = ids.clone();
+    want.sort();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), want.join(","));
+    let processed: i64 =
+        f.db.query_one(
+            &format!(
+                "select count(*) from {} where status = 'processed' and processed_at is not null",
+                table.quoted()
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(processed, 5, "InboxService marked every row processed");
+    assert!(r.terminate(T).await.success(), "{}", r.log_text());
+    f.db.batch_execute(&format!("drop schema {schema} cascade"))
+        .await
+        .unwrap();
+    f.cleanup().await;
+}
