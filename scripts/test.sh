@@ -19,3 +19,6 @@ flock -o -x "$LOCK" cargo test --test main
 # Restarts RabbitMQ and Postgres: one test at a time, nothing else running beside them.
 cargo test --test faults --no-run
 flock -o -x "$LOCK" cargo test --test faults -- --test-threads=1
+# The inbox fault tests close every broker connection and kill receivers: the same.
+cargo test --test inbox_faults --no-run
+flock -o -x "$LOCK" cargo test --test inbox_faults -- --test-threads=1

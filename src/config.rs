@@ -4,6 +4,10 @@
 //! column mapping) with messages that name the key. Everything else takes these
 //! typed values; nothing parses a setting again.
 
+mod inbox;
+
+pub use inbox::{InboxConfig, OnInvalid, QueueType};
+
 use crate::pg::names::{check_identifier, TableName};
 use crate::pg::target::PgTarget;
 use serde::{Deserialize, Deserializer};
@@ -17,7 +21,9 @@ use std::time::Duration;
 pub const ENV_PREFIX: &str = "OUTBOX_RELAY_";
 
 /// Sections of the configuration file, in the order they are documented.
-pub const SECTIONS: &[&str] = &["postgres", "amqp", "relay", "retry", "metrics", "log"];
+pub const SECTIONS: &[&str] = &[
+    "postgres", "amqp", "relay", "retry", "inbox", "metrics", "log",
+];
 
 /// Environment variables with the prefix that are not configuration keys
 /// (read by the command line parser).
@@ -46,6 +52,8 @@ pub struct Config {
     pub amqp: AmqpConfig,
     pub relay: RelayConfig,
     pub retry: RetryConfig,
+    /// `[inbox]`, when the file has the section (the `inbox` mode needs it).
+    pub inbox: Option<InboxConfig>,
     pub metrics: MetricsConfig,
     pub log: LogConfig,
 }
@@ -380,6 +388,7 @@ mod raw {
         pub amqp: Amqp,
         pub relay: Relay,
         pub retry: Retry,
+        pub inbox: Option<super::inbox::RawInbox>,
         pub metrics: Metrics,
         pub log: LogConfig,
     }
@@ -562,9 +571,11 @@ mod raw {
                 amqp,
                 relay,
                 retry,
+                inbox,
                 metrics,
                 log,
             } = self;
+            let inbox = inbox.map(|i| i.validate()).transpose()?;
             let target = PgTarget::parse(&pg.url).map_err(|m| invalid("postgres.url", m))?;
             let table = TableName::parse(&pg.table).map_err(|m| invalid("postgres.table", m))?;
             check_identifier(&pg.slot).map_err(|m| invalid("postgres.slot", m))?;
@@ -689,6 +700,7 @@ mod raw {
                     dead_retention: (!retry.dead_retention.is_zero())
                         .then_some(retry.dead_retention),
                 },
+                inbox,
                 metrics: MetricsConfig { listen },
                 log,
             })

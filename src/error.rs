@@ -126,6 +126,34 @@ pub enum Error {
 
     #[error("shutdown did not finish in time: {0}")]
     Shutdown(String),
+
+    #[error("the configuration has no [inbox] section: add one naming at least the queue (see config.example.toml) to run `outbox-relay inbox`")]
+    InboxNotConfigured,
+
+    #[error("inbox table {table} does not exist: run `outbox-relay init --inbox-only --config FILE` or apply sql/inbox_messages.sql")]
+    InboxTableMissing { table: String },
+
+    #[error("inbox table {table} cannot be written: {message} (compare it with sql/inbox_messages.sql: it needs UNIQUE (message_id, source))")]
+    InboxTableUnusable { table: String, message: String },
+
+    #[error("inbox queue {queue:?} cannot be used: {source}; {hint}")]
+    InboxQueue {
+        queue: String,
+        hint: &'static str,
+        #[source]
+        source: Box<lapin::Error>,
+    },
+
+    #[error("inbox broker session: {0}")]
+    InboxBroker(String),
+
+    #[error(
+        "the inbox store task stopped: the receiver shuts down (see the log line before this one)"
+    )]
+    InboxStoreGone,
+
+    #[error("inbox processor: {0}")]
+    Processor(String),
 }
 
 /// The server's message (with detail and hint) rather than tokio-postgres's generic text.

@@ -21,13 +21,18 @@
 //! schedules its retries. [`admin`] holds the operator commands; [`pg`] the
 //! Postgres names, targets, connections and catalog queries; [`metrics`] the
 //! Prometheus metrics and health endpoint; [`time`] and [`redact`] small leaves.
+//!
+//! The inbox half ([`inbox`], `outbox-relay inbox`) goes the other way: a queue
+//! into Event-Forge's `inbox_messages` table, each message recorded once.
 
 pub mod admin;
 pub mod config;
 pub mod error;
 pub mod event;
 pub mod failure;
+pub mod inbox;
 pub mod metrics;
+pub mod outbox;
 pub mod pg;
 pub mod progress;
 pub mod redact;

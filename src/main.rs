@@ -29,8 +29,18 @@ struct Cli {
 enum Command {
     /// Run the relay until SIGTERM or SIGINT.
     Run(ConfigArg),
-    /// Create the outbox table, publication and slot when missing.
-    Init(ConfigArg),
+    /// Create the outbox table, publication and slot when missing (and the inbox
+    /// table when [inbox] is configured).
+    Init {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Only the inbox table of [inbox] (for a service that only receives).
+        #[arg(long)]
+        inbox_only: bool,
+    },
+    /// Receive: record the [inbox] queue into the inbox table, each message once,
+    /// until SIGTERM or SIGINT.
+    Inbox(ConfigArg),
     /// Preflight: one line per check, non-zero exit when any fails.
     Check(ConfigArg),
     /// Slot (active, holder pid, confirmed LSN, lag), pending retries, dead letters,
@@ -100,11 +110,12 @@ struct ConfigArg {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let path = match &cli.command {
-        Command::Run(a) | Command::Init(a) | Command::Check(a) => a.config.clone(),
+        Command::Run(a) | Command::Inbox(a) | Command::Check(a) => a.config.clone(),
         Command::Dead {
             command: DeadCommand::List { config, .. } | DeadCommand::Requeue { config, .. },
         }
         | Command::Status { config, .. }
+        | Command::Init { config, .. }
         | Command::Replay { config, .. } => config.config.clone(),
     };
     let config = match Config::load(&path) {
@@ -146,8 +157,18 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<ExitCode> 
                 .await
                 .context("outbox-relay run")?;
         }
-        Command::Init(_) => {
-            let lines = admin::init(&config).await.context("outbox-relay init")?;
+        Command::Inbox(_) => {
+            outbox_relay::inbox::receive(config, shutdown_signal())
+                .await
+                .context("outbox-relay inbox")?;
+        }
+        Command::Init { inbox_only, .. } => {
+            let lines = if inbox_only {
+                admin::init_inbox(&config).await
+            } else {
+                admin::init(&config).await
+            }
+            .context("outbox-relay init")?;
             println!("{}", lines.join("\n"));
         }
         Command::Check(_) => {

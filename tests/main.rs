@@ -7,9 +7,11 @@ mod support;
 
 mod crash;
 mod delivery;
+mod inbox;
 mod isolation;
 mod operate;
 mod ordering;
+mod processor;
 mod recovery;
 mod refusal;
 mod retry;

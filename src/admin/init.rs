@@ -1,5 +1,6 @@
 //! `outbox-relay init`: creates what is missing — the outbox table (Event-Forge
-//! layout only), the retry table, the publication and the slot.
+//! layout only), the retry table, the publication and the slot; and the inbox
+//! table when `[inbox]` is configured (`--inbox-only`: just that).
 
 use super::retry_table;
 use crate::config::{Config, Mapping};
@@ -57,6 +58,9 @@ pub async fn init(config: &Config) -> Result<Vec<String>, Error> {
     catalog::require_logical(&sql).await?;
     let existed = catalog::slot_state(&sql, &pg.slot).await?.is_some();
     let slot = slots::ensure_slot(&sql, &records, &pg.slot, &pg.target.dbname, table, true).await?;
+    if config.inbox.is_some() {
+        lines.extend(init_inbox(config).await?);
+    }
     lines.push(format!(
         "slot {}: {} at {}",
         pg.slot,
@@ -66,4 +70,16 @@ pub async fn init(config: &Config) -> Result<Vec<String>, Error> {
             .unwrap_or_else(|| "?".into())
     ));
     Ok(lines)
+}
+
+/// Creates the inbox table of `[inbox]` when missing (sql/inbox_messages.sql).
+pub async fn init_inbox(config: &Config) -> Result<Vec<String>, Error> {
+    let inbox = config.inbox.as_ref().ok_or(Error::InboxNotConfigured)?;
+    let sql = config.postgres.target.connect().await?;
+    let created = crate::inbox::queries::create_if_missing(&sql, &inbox.table).await?;
+    Ok(vec![format!(
+        "inbox table {}: {}",
+        inbox.table,
+        if created { "created" } else { "exists" }
+    )])
 }

@@ -11,9 +11,9 @@ mod status;
 
 pub use check::{check, Check, Checks};
 pub use dead::{dead_list, dead_requeue, DeadList};
-pub use init::init;
+pub use init::{init, init_inbox};
 pub use replay::{replay_pending, ReplayReport};
-pub use status::{status, SlotStatus, Status};
+pub use status::{status, InboxBacklog, SlotStatus, Status};
 
 use crate::config::Config;
 use crate::retry::queries::RetryTable;

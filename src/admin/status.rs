@@ -32,6 +32,16 @@ pub struct Status {
     pub outbox_oldest_pending_age_seconds: Option<f64>,
     /// When a relay last started on the slot or stopped cleanly (the slot record).
     pub slot_last_seen: Option<String>,
+    /// Inbox rows by status, when `[inbox]` is configured and its table exists.
+    pub inbox: Option<InboxBacklog>,
+}
+
+/// The inbox table's rows by status.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct InboxBacklog {
+    pub table: String,
+    /// (status, rows), by status name.
+    pub by_status: std::collections::BTreeMap<String, i64>,
 }
 
 impl std::fmt::Display for Status {
@@ -85,6 +95,19 @@ impl std::fmt::Display for Status {
         if let (true, Some(seen)) = (s.exists, &self.slot_last_seen) {
             writeln!(f, "slot last seen  {seen}")?;
         }
+        if let Some(inbox) = &self.inbox {
+            let counts: Vec<String> = inbox
+                .by_status
+                .iter()
+                .map(|(status, n)| format!("{status} {n}"))
+                .collect();
+            let counts = if counts.is_empty() {
+                "empty".to_string()
+            } else {
+                counts.join(", ")
+            };
+            writeln!(f, "inbox           {}: {counts}", inbox.table)?;
+        }
         Ok(())
     }
 }
@@ -119,7 +142,18 @@ pub async fn status(config: &Config) -> Result<Status, Error> {
             .map(|r| r.seen_at),
         None => None,
     };
+    let inbox = match &config.inbox {
+        Some(i) if crate::inbox::queries::exists(&sql, &i.table).await? => Some(InboxBacklog {
+            table: i.table.to_string(),
+            by_status: crate::inbox::queries::backlog(&sql, &i.table)
+                .await?
+                .into_iter()
+                .collect(),
+        }),
+        _ => None,
+    };
     Ok(Status {
+        inbox,
         slot,
         outbox_pending: pending.as_ref().map(|p| p.count),
         outbox_oldest_pending_age_seconds: pending.and_then(|p| p.oldest_age_seconds),

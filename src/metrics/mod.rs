@@ -37,6 +37,18 @@ pub struct Metrics {
     pub reconnects: IntCounterVec,
     /// Housekeeping statements given up for one row, by job.
     pub housekeeping_failures: IntCounterVec,
+    /// Inbox deliveries recorded as new rows.
+    pub inbox_received: IntCounter,
+    /// Inbox deliveries whose (message_id, source) was already recorded (acked, not stored).
+    pub inbox_duplicates: IntCounter,
+    /// Inbox deliveries refused, by reason (see `inbox::Invalid`).
+    pub inbox_invalid: IntCounterVec,
+    /// From a delivery's arrival to the commit that recorded it.
+    pub inbox_receive_latency: Histogram,
+    /// Inbox rows a Processor handler processed (committed with the row's status).
+    pub inbox_processed: IntCounter,
+    /// Inbox handler attempts that failed (retried later or permanently failed).
+    pub inbox_failed: IntCounter,
 }
 
 impl Metrics {
@@ -125,6 +137,47 @@ impl Metrics {
         for job in ["on_success", "mirror", "retention", "dead_purge"] {
             housekeeping_failures.with_label_values(&[job]);
         }
+        let inbox_received = IntCounter::new(
+            "outbox_relay_inbox_received_total",
+            "Inbox deliveries recorded as new rows of the inbox table",
+        )
+        .expect("valid metric");
+        let inbox_duplicates = IntCounter::new(
+            "outbox_relay_inbox_duplicates_total",
+            "Inbox deliveries whose (message_id, source) was already recorded: acked, not stored again",
+        )
+        .expect("valid metric");
+        let inbox_invalid = IntCounterVec::new(
+            Opts::new(
+                "outbox_relay_inbox_invalid_total",
+                "Inbox deliveries that cannot be recorded, dead-lettered or rejected, by reason",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        for reason in crate::inbox::Invalid::REASONS {
+            inbox_invalid.with_label_values(&[reason]);
+        }
+        let inbox_receive_latency = Histogram::with_opts(
+            HistogramOpts::new(
+                "outbox_relay_inbox_receive_latency_seconds",
+                "Time from a delivery's arrival at the inbox receiver to the commit that recorded it",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ]),
+        )
+        .expect("valid metric");
+        let inbox_processed = IntCounter::new(
+            "outbox_relay_inbox_processed_total",
+            "Inbox rows processed by a Processor handler (its writes committed with the status)",
+        )
+        .expect("valid metric");
+        let inbox_failed = IntCounter::new(
+            "outbox_relay_inbox_failed_total",
+            "Inbox handler attempts that failed (scheduled again, or permanently failed)",
+        )
+        .expect("valid metric");
         for peer in ["postgres", "amqp"] {
             reconnects.with_label_values(&[peer]);
         }
@@ -140,6 +193,12 @@ impl Metrics {
             Box::new(delivery_latency.clone()),
             Box::new(reconnects.clone()),
             Box::new(housekeeping_failures.clone()),
+            Box::new(inbox_received.clone()),
+            Box::new(inbox_duplicates.clone()),
+            Box::new(inbox_invalid.clone()),
+            Box::new(inbox_receive_latency.clone()),
+            Box::new(inbox_processed.clone()),
+            Box::new(inbox_failed.clone()),
         ] {
             registry.register(c).expect("each metric registered once");
         }
@@ -156,6 +215,12 @@ impl Metrics {
             delivery_latency,
             reconnects,
             housekeeping_failures,
+            inbox_received,
+            inbox_duplicates,
+            inbox_invalid,
+            inbox_receive_latency,
+            inbox_processed,
+            inbox_failed,
         }
     }
 
@@ -209,6 +274,12 @@ mod tests {
             "outbox_relay_delivery_latency_seconds",
             "outbox_relay_reconnects_total",
             "outbox_relay_housekeeping_failures_total",
+            "outbox_relay_inbox_received_total",
+            "outbox_relay_inbox_duplicates_total",
+            "outbox_relay_inbox_invalid_total",
+            "outbox_relay_inbox_receive_latency_seconds",
+            "outbox_relay_inbox_processed_total",
+            "outbox_relay_inbox_failed_total",
         ] {
             assert!(text.contains(name), "{name} missing");
         }

@@ -11,7 +11,7 @@
 //! suspects of making the broker close channels. A channel-level refusal there
 //! closes only that channel and is that one message's alone.
 
-mod connect;
+pub mod connect;
 pub mod format;
 mod returns;
 

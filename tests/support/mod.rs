@@ -4,6 +4,8 @@
 //! connection loss, and condition waits with timeouts.
 #![allow(dead_code)]
 
+pub mod inbox;
+
 use futures_util::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, ExchangeDeclareOptions, ExchangeDeleteOptions,

@@ -1,0 +1,160 @@
+//! The inbox half: `outbox-relay inbox` records a queue into Event-Forge's
+//! `inbox_messages` table exactly once.
+//!
+//! The path of one delivery through the files:
+//!
+//! 1. [`broker`] — the task that owns the RabbitMQ connection consumes the queue
+//!    (manual acks, `inbox.prefetch`) and maps the delivery ([`mapping`]); an
+//!    invalid one (not JSON, no id, too big) goes to the dead-letter exchange with
+//!    the reason in a header;
+//! 2. [`store`] — the task that owns the Postgres connection inserts it with the
+//!    others waiting (one transaction, `ON CONFLICT (message_id, source) DO
+//!    NOTHING`, [`queries`]), `NOTIFY`s the new ids and commits;
+//! 3. back in [`broker`], [`acks::AckTracker`] turns the committed tags into one
+//!    multiple ack. A duplicate is acked and counted like a new row.
+//!
+//! Both tasks reconnect with backoff; nothing is acked before its commit, so a
+//! crash anywhere means a redelivery, which the unique key turns into a duplicate.
+//!
+//! Then [`Processor`] (a library API for Rust services) runs handlers on the
+//! recorded rows, each in the transaction that marks its row processed.
+
+pub mod acks;
+pub mod broker;
+pub mod claim;
+pub mod mapping;
+pub mod processor;
+pub mod queries;
+pub mod store;
+
+pub use mapping::{Invalid, Record};
+pub use processor::{
+    Handler, HandlerError, HandlerFuture, InboxMessage, Processor, ProcessorOptions,
+};
+
+use crate::config::Config;
+use crate::error::Error;
+use crate::metrics::Health;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+
+/// Runs `outbox-relay inbox` until `shutdown` resolves: the deliveries handed to
+/// Postgres are recorded and acked before it returns (within
+/// `relay.shutdown_timeout`; the rest are redelivered).
+pub async fn receive(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+    let inbox = config.inbox.clone().ok_or(Error::InboxNotConfigured)?;
+    let session_options = crate::pg::connect::session_timeouts(
+        config.postgres.statement_timeout,
+        config.postgres.lock_timeout,
+    );
+    check_table(&config, &inbox).await?;
+    let health = Arc::new(Health::default());
+    // Postgres answered the table check; the store task reports later trouble.
+    health.set_streaming(true);
+    let _metrics = spawn_metrics(&config, &health).await?;
+
+    let capacity = usize::from(inbox.prefetch);
+    let (to_store, from_broker) = mpsc::channel(capacity);
+    let (to_broker, from_store) = mpsc::channel(capacity);
+    let (stop, stopped) = watch::channel(false);
+    let store = tokio::spawn(store::run(
+        store::StoreSettings {
+            target: config.postgres.target.clone(),
+            inbox: inbox.clone(),
+            backoff_max: config.postgres.reconnect_backoff_max,
+            session_options,
+        },
+        from_broker,
+        to_broker,
+        stopped.clone(),
+        health.clone(),
+    ));
+    let broker = broker::run(
+        broker::BrokerSettings {
+            amqp: config.amqp.clone(),
+            inbox,
+            shutdown_timeout: config.relay.shutdown_timeout,
+        },
+        to_store,
+        from_store,
+        stopped,
+        health,
+    );
+    tokio::pin!(broker);
+    tokio::pin!(shutdown);
+    // Priority: the broker task ending on its own (an error) first, then the signal.
+    let result = tokio::select! {
+        biased;
+        r = &mut broker => r,
+        _ = &mut shutdown => {
+            tracing::info!("inbox: shutting down; recording what was handed to Postgres");
+            let _ = stop.send(true);
+            broker.await
+        }
+    };
+    let _ = stop.send(true);
+    // The broker task dropped its sender: the store ends after its batch.
+    let _ = tokio::time::timeout(Duration::from_secs(10), store).await;
+    if result.is_ok() {
+        tracing::info!("inbox stopped");
+    }
+    result
+}
+
+/// The table exists and takes the insert (its unique key matches the ON CONFLICT).
+async fn check_table(config: &Config, inbox: &crate::config::InboxConfig) -> Result<(), Error> {
+    let client = config
+        .postgres
+        .target
+        .connect_as("outbox-relay inbox")
+        .await?;
+    if !queries::exists(&client, &inbox.table).await? {
+        return Err(Error::InboxTableMissing {
+            table: inbox.table.to_string(),
+        });
+    }
+    client
+        .prepare(&queries::insert_sql(&inbox.table))
+        .await
+        .map_err(|e| Error::InboxTableUnusable {
+            table: inbox.table.to_string(),
+            message: e
+                .as_db_error()
+                .map(|d| d.message().to_string())
+                .unwrap_or_else(|| e.to_string()),
+        })?;
+    Ok(())
+}
+
+/// Starts `/metrics`, `/healthz`, `/readyz` when configured.
+async fn spawn_metrics(
+    config: &Config,
+    health: &Arc<Health>,
+) -> Result<Option<AbortOnDrop>, Error> {
+    let Some(addr) = config.metrics.listen else {
+        return Ok(None);
+    };
+    let listener = crate::metrics::server::bind(addr).await?;
+    let local = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    tracing::info!(listen = %local, "metrics listening on {local}: /metrics /healthz /readyz");
+    let lag = crate::metrics::server::LagSource {
+        target: config.postgres.target.clone(),
+        slot: config.postgres.slot.clone(),
+    };
+    Ok(Some(AbortOnDrop(tokio::spawn(
+        crate::metrics::server::serve(listener, health.clone(), lag),
+    ))))
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

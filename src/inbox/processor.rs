@@ -1,0 +1,427 @@
+//! [`Processor`]: runs Rust handlers on the rows of an Event-Forge inbox table,
+//! each in the transaction that marks its row `processed`, so a handler's own
+//! writes and the status commit together (effects once).
+//!
+//! A worker claims one due row (`received`, or `failed` with `scheduled_at`
+//! reached) with `FOR UPDATE SKIP LOCKED`, so several processors share a table;
+//! runs the handler for its `event_type` inside a savepoint of that transaction;
+//! on success marks it `processed`, on failure rolls the handler's writes back and
+//! marks it `failed` with Event-Forge's backoff, or `permanently_failed` once the
+//! retry budget is spent (`claim.rs`). A crashed worker's transaction rolls back
+//! by itself; rows left in `processing` by other workers (Event-Forge's own
+//! `InboxService`) are recovered by a sweep through the recovery columns. The
+//! worker sleeps until a `NOTIFY` from the receiver, the next scheduled retry, or
+//! the next recovery sweep: no fixed-interval polling.
+
+use super::claim::{self, AfterFailure};
+use crate::error::Error;
+use crate::metrics::metrics;
+use crate::pg::names::TableName;
+use crate::pg::{query_err, PgTarget};
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_postgres::{Client, Transaction};
+
+/// An inbox row as a handler sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InboxMessage {
+    /// The row's id (a UUID string).
+    pub id: String,
+    pub message_id: String,
+    pub source: String,
+    pub event_type: String,
+    pub payload: serde_json::Value,
+    pub metadata: Option<serde_json::Value>,
+    /// Failed attempts so far.
+    pub retry_count: i32,
+    pub max_retries: i32,
+}
+
+/// What a handler returns on failure: any error (its text becomes `error_message`).
+pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The future a handler returns.
+pub type HandlerFuture<'a> = Pin<Box<dyn Future<Output = Result<(), HandlerError>> + Send + 'a>>;
+
+/// A handler for one event type. Any `Fn(&Transaction, &InboxMessage) ->
+/// HandlerFuture` is one; its writes go through the transaction it is given.
+pub trait Handler: Send + Sync {
+    fn handle<'a>(
+        &'a self,
+        tx: &'a Transaction<'a>,
+        message: &'a InboxMessage,
+    ) -> HandlerFuture<'a>;
+}
+
+impl<F> Handler for F
+where
+    F: for<'a> Fn(&'a Transaction<'a>, &'a InboxMessage) -> HandlerFuture<'a> + Send + Sync,
+{
+    fn handle<'a>(
+        &'a self,
+        tx: &'a Transaction<'a>,
+        message: &'a InboxMessage,
+    ) -> HandlerFuture<'a> {
+        self(tx, message)
+    }
+}
+
+/// How a [`Processor`] works; `Default` is Event-Forge's policy.
+#[derive(Debug, Clone)]
+pub struct ProcessorOptions {
+    /// First retry delay (Event-Forge: 5 s).
+    pub backoff_base: Duration,
+    /// Longest retry delay (Event-Forge: 1 h).
+    pub backoff_max: Duration,
+    /// The receiver's `inbox.notify_channel`; `None`: woken by timers only.
+    pub notify_channel: Option<String>,
+    /// A row in `processing` for longer than this was left by a crashed worker.
+    pub stuck_after: Duration,
+    /// Recoveries before such a row is `permanently_failed`.
+    pub max_recoveries: i32,
+    /// Per-aggregate ordering: rows whose payload has the same value in this
+    /// field are processed one at a time, in arrival order (a failed row holds
+    /// the later ones until it is processed or dead). `None`: no ordering.
+    pub ordering_field: Option<String>,
+}
+
+impl Default for ProcessorOptions {
+    fn default() -> Self {
+        Self {
+            backoff_base: Duration::from_secs(5),
+            backoff_max: Duration::from_secs(3600),
+            notify_channel: Some("inbox_messages".into()),
+            stuck_after: Duration::from_secs(300),
+            max_recoveries: 3,
+            ordering_field: None,
+        }
+    }
+}
+
+/// Runs handlers on inbox rows. See the module documentation.
+///
+/// ```no_run
+/// use outbox_relay::inbox::{InboxMessage, Processor};
+/// use tokio_postgres::Transaction;
+///
+/// # async fn example() -> Result<(), outbox_relay::Error> {
+/// let processor = Processor::new("postgresql://app@127.0.0.1:5432/app", "public.inbox_messages")?
+///     .handler("order.placed", |tx: &Transaction<'_>, m: &InboxMessage| {
+///         let order = m.payload["id"].as_str().unwrap_or_default().to_string();
+///         Box::pin(async move {
+///             // Runs in the transaction that marks the row processed.
+///             tx.execute("insert into shipments (order_id) values ($1)", &[&order])
+///                 .await?;
+///             Ok(())
+///         })
+///     });
+/// processor.run(async { let _ = tokio::signal::ctrl_c().await; }).await?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Processor {
+    target: PgTarget,
+    table: TableName,
+    handlers: HashMap<String, Arc<dyn Handler>>,
+    options: ProcessorOptions,
+}
+
+impl Processor {
+    /// A processor for `table` (`schema.table`) in the database at `url`.
+    pub fn new(url: &str, table: &str) -> Result<Processor, Error> {
+        let target =
+            PgTarget::parse(url).map_err(|m| Error::Processor(format!("the database URL {m}")))?;
+        let table = TableName::parse(table)
+            .map_err(|m| Error::Processor(format!("the inbox table: {m}")))?;
+        Ok(Processor {
+            target,
+            table,
+            handlers: HashMap::new(),
+            options: ProcessorOptions::default(),
+        })
+    }
+
+    /// Registers the handler of `event_type` (replacing an earlier one): a
+    /// closure that returns `Box::pin(async move { … })`.
+    pub fn handler<F>(mut self, event_type: &str, handler: F) -> Self
+    where
+        F: for<'a> Fn(&'a Transaction<'a>, &'a InboxMessage) -> HandlerFuture<'a>
+            + Send
+            + Sync
+            + 'static,
+    {
+        self.handlers
+            .insert(event_type.to_string(), Arc::new(handler));
+        self
+    }
+
+    pub fn options(mut self, options: ProcessorOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    fn event_types(&self) -> Vec<String> {
+        self.handlers.keys().cloned().collect()
+    }
+
+    fn claim_sql(&self) -> String {
+        let t = self.table.quoted();
+        let ordering = match &self.options.ordering_field {
+            Some(_) => format!(
+                " and not exists (select 1 from {t} o where o.payload->>$2 = m.payload->>$2 \
+                 and (o.created_at, o.id) < (m.created_at, m.id) \
+                 and o.status not in ('processed', 'permanently_failed'))"
+            ),
+            None => String::new(),
+        };
+        format!(
+            "select id, message_id, source, event_type, payload::text, metadata::text, \
+             retry_count, max_retries from {t} m \
+             where event_type = any($1) and (status = 'received' or (status = 'failed' \
+             and (scheduled_at is null or scheduled_at <= now()))){ordering} \
+             order by created_at, id limit 1 for update skip locked"
+        )
+    }
+
+    /// Claims and processes one due row; `Ok(false)` when none is due.
+    pub async fn process_one(&self, client: &mut Client) -> Result<bool, Error> {
+        let err = query_err("processing an inbox row");
+        let types = self.event_types();
+        let sql = self.claim_sql();
+        let mut tx = client.transaction().await.map_err(&err)?;
+        let row = match &self.options.ordering_field {
+            Some(field) => tx.query_opt(&sql, &[&types, field]).await,
+            None => tx.query_opt(&sql, &[&types]).await,
+        }
+        .map_err(&err)?;
+        let Some(row) = row else {
+            tx.commit().await.map_err(&err)?;
+            return Ok(false);
+        };
+        let text: String = row.get(4);
+        let metadata: Option<String> = row.get(5);
+        let message = InboxMessage {
+            id: row.get(0),
+            message_id: row.get(1),
+            source: row.get(2),
+            event_type: row.get(3),
+            payload: serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+            metadata: metadata.and_then(|m| serde_json::from_str(&m).ok()),
+            retry_count: row.get(6),
+            max_retries: row.get(7),
+        };
+        let handler = self.handlers.get(&message.event_type).cloned();
+        let result = match handler {
+            Some(handler) => {
+                let savepoint = tx.savepoint("outbox_relay_handler").await.map_err(&err)?;
+                let result = handler.handle(&savepoint, &message).await;
+                match result {
+                    Ok(()) => savepoint.commit().await.map_err(&err)?,
+                    Err(_) => savepoint.rollback().await.map_err(&err)?,
+                }
+                result
+            }
+            None => Err("no handler for this event type".into()),
+        };
+        let t = self.table.quoted();
+        match result {
+            Ok(()) => {
+                tx.execute(
+                    &format!(
+                        "update {t} set status = 'processed', processed_at = now(), \
+                         updated_at = now(), error_message = null where id = $1"
+                    ),
+                    &[&message.id],
+                )
+                .await
+                .map_err(&err)?;
+                tx.commit().await.map_err(&err)?;
+                metrics().inbox_processed.inc();
+            }
+            Err(e) => {
+                let jitter = rand::random_range(0.9..=1.1);
+                let (status, retries, delay) = match claim::after_failure(
+                    message.retry_count,
+                    message.max_retries,
+                    self.options.backoff_base,
+                    self.options.backoff_max,
+                    jitter,
+                ) {
+                    AfterFailure::Retry { retries, delay } => ("failed", retries, delay),
+                    AfterFailure::Dead { retries } => {
+                        ("permanently_failed", retries, Duration::ZERO)
+                    }
+                };
+                let delay_ms = delay.as_millis() as f64;
+                tx.execute(
+                    &format!(
+                        "update {t} set status = $2::text, retry_count = $3, error_message = $4, \
+                         scheduled_at = case when $2::text = 'failed' \
+                         then now() + make_interval(secs => $5::float8 / 1000) else scheduled_at end, \
+                         updated_at = now() where id = $1"
+                    ),
+                    &[&message.id, &status, &retries, &e.to_string(), &delay_ms],
+                )
+                .await
+                .map_err(&err)?;
+                tx.commit().await.map_err(&err)?;
+                metrics().inbox_failed.inc();
+                tracing::warn!(id = %message.id, message_id = %message.message_id, event_type = %message.event_type, status, error = %e, "inbox handler failed");
+            }
+        }
+        Ok(true)
+    }
+
+    /// Processes due rows until none is left; returns how many were processed.
+    pub async fn process_due(&self, client: &mut Client) -> Result<usize, Error> {
+        let mut n = 0;
+        while self.process_one(client).await? {
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Moves rows stuck in `processing` for longer than `stuck_after` back to
+    /// `failed` (due now), or to `permanently_failed` after `max_recoveries`;
+    /// returns how many.
+    pub async fn recover_stuck(&self, client: &Client) -> Result<u64, Error> {
+        let t = self.table.quoted();
+        let secs = self.options.stuck_after.as_secs_f64();
+        client
+            .execute(
+                &format!(
+                    "update {t} set status = case when recovery_attempts >= $1 \
+                     then 'permanently_failed' else 'failed' end, \
+                     scheduled_at = now(), recovery_attempts = recovery_attempts + 1, \
+                     last_recovered_at = now(), updated_at = now(), \
+                     recovery_reason = 'stuck in processing for more than ' || $2::float8 || ' s (worker crashed?)' \
+                     where status = 'processing' and updated_at < now() - make_interval(secs => $2)"
+                ),
+                &[&self.options.max_recoveries, &secs],
+            )
+            .await
+            .map_err(query_err("recovering stuck inbox rows"))
+    }
+
+    /// When the earliest failed row of this processor's event types is due.
+    async fn next_due(&self, client: &Client) -> Result<Option<Duration>, Error> {
+        let row = client
+            .query_one(
+                &format!(
+                    "select extract(epoch from min(scheduled_at) - now())::float8 from {} \
+                     where status = 'failed' and event_type = any($1)",
+                    self.table.quoted()
+                ),
+                &[&self.event_types()],
+            )
+            .await
+            .map_err(query_err("reading the next inbox retry"))?;
+        Ok(row
+            .get::<_, Option<f64>>(0)
+            .map(|s| Duration::from_secs_f64(s.max(0.0))))
+    }
+
+    /// Runs until `shutdown` resolves: processes what is due, then sleeps until a
+    /// NOTIFY, the next retry or the next recovery sweep. Reconnects with backoff.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+        tokio::pin!(shutdown);
+        let mut failures = 0u32;
+        loop {
+            let result = self.serve(&mut shutdown).await;
+            match result {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    failures += 1;
+                    let wait = crate::time::backoff(
+                        Duration::from_millis(200),
+                        Duration::from_secs(30),
+                        failures,
+                    );
+                    tracing::warn!(error = %e, retry_in = ?wait, "inbox processor: reconnecting");
+                    // Priority: shutdown, then the end of the backoff.
+                    tokio::select! {
+                        biased;
+                        _ = &mut shutdown => return Ok(()),
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    async fn serve<S: Future<Output = ()>>(&self, shutdown: &mut Pin<&mut S>) -> Result<(), Error> {
+        let mut client = self.target.connect_as("outbox-relay processor").await?;
+        let (wake_tx, mut wake) = tokio::sync::mpsc::channel::<()>(1);
+        // Without a channel the sender stays here, so `wake` never ends.
+        let (_listener, _sender) = match &self.options.notify_channel {
+            Some(channel) => (Some(listen(&self.target, channel, wake_tx).await?), None),
+            None => (None, Some(wake_tx)),
+        };
+        let mut next_sweep = tokio::time::Instant::now();
+        loop {
+            if tokio::time::Instant::now() >= next_sweep {
+                self.recover_stuck(&client).await?;
+                next_sweep = tokio::time::Instant::now() + self.options.stuck_after;
+            }
+            self.process_due(&mut client).await?;
+            let retry = self
+                .next_due(&client)
+                .await?
+                .map(|d| tokio::time::Instant::now() + d);
+            let wake_at = retry.map_or(next_sweep, |r| r.min(next_sweep));
+            // Priority: shutdown, then a NOTIFY, then the timer.
+            tokio::select! {
+                biased;
+                _ = shutdown.as_mut() => return Ok(()),
+                w = wake.recv() => if w.is_none() {
+                    return Err(Error::Processor("the LISTEN connection was lost".into()));
+                },
+                _ = tokio::time::sleep_until(wake_at) => {}
+            }
+        }
+    }
+}
+
+/// A connection that LISTENs on `channel` and wakes the worker on each NOTIFY;
+/// dropping the handle ends it.
+async fn listen(
+    target: &PgTarget,
+    channel: &str,
+    wake: tokio::sync::mpsc::Sender<()>,
+) -> Result<ListenHandle, Error> {
+    use futures_util::StreamExt;
+    let (client, mut connection) = target
+        .connect_raw("outbox-relay processor listen", "")
+        .await?;
+    let task = tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(Ok(m)) = messages.next().await {
+            if let tokio_postgres::AsyncMessage::Notification(_) = m {
+                let _ = wake.try_send(());
+            }
+        }
+    });
+    client
+        .batch_execute(&format!("listen {}", crate::pg::quote_ident(channel)))
+        .await
+        .map_err(query_err("listening for new inbox rows"))?;
+    Ok(ListenHandle {
+        _client: client,
+        task,
+    })
+}
+
+struct ListenHandle {
+    _client: Client,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for ListenHandle {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

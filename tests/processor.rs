@@ -1,0 +1,400 @@
+//! The library API: `outbox::enqueue` and `inbox::Processor` against Postgres.
+
+use crate::support::inbox::InboxFixture;
+use crate::support::wait_for;
+use outbox_relay::inbox::{InboxMessage, Processor, ProcessorOptions};
+use outbox_relay::outbox::{enqueue_into, NewEvent};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_postgres::Transaction;
+
+const T: Duration = Duration::from_secs(60);
+
+fn options() -> ProcessorOptions {
+    ProcessorOptions {
+        backoff_base: Duration::from_millis(50),
+        backoff_max: Duration::from_millis(200),
+        notify_channel: None,
+        ..Default::default()
+    }
+}
+
+/// Inserts `received` rows: (message_id, event_type, payload).
+async fn insert_rows(
+    f: &InboxFixture,
+    rows: &[(String, &str, serde_json::Value)],
+    max_retries: i32,
+) {
+    for (id, event_type, payload) in rows {
+        f.db.execute(
+            &format!(
+                "insert into {} (id, message_id, source, event_type, payload, max_retries) \
+                 values (gen_random_uuid()::text, $1, 'test', $2, $3::text::json, $4)",
+                f.table
+            ),
+            &[id, event_type, &payload.to_string(), &max_retries],
+        )
+        .await
+        .unwrap();
+    }
+}
+
+async fn effects_table(f: &InboxFixture) -> String {
+    let t = format!("public.inb_fx_{}", f.name);
+    f.db.batch_execute(&format!(
+        "drop table if exists {t}; create table {t} (seq bigserial primary key, message_id text not null, agg text)"
+    ))
+    .await
+    .unwrap();
+    t
+}
+
+async fn statuses(f: &InboxFixture) -> Vec<(String, String, i32)> {
+    f.db.query(
+        &format!(
+            "select message_id, status, retry_count from {} order by message_id",
+            f.table
+        ),
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1), r.get(2)))
+    .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inb_processor_effects_commit_with_processed_and_failures_back_off() {
+    let f = InboxFixture::new("proc_effects").await;
+    let fx = effects_table(&f).await;
+    insert_rows(
+        &f,
+        &[
+            ("ok".into(), "done", serde_json::json!({"n": 1})),
+            ("flaky".into(), "flaky", serde_json::json!({"n": 2})),
+            ("bad".into(), "bad", serde_json::json!({"n": 3})),
+            ("other".into(), "nobody.handles", serde_json::json!({})),
+        ],
+        1,
+    )
+    .await;
+    let flaky_calls = Arc::new(AtomicUsize::new(0));
+    let calls = flaky_calls.clone();
+    let (fx1, fx2, fx3) = (fx.clone(), fx.clone(), fx.clone());
+    let processor = Processor::new(crate::support::PG_URL, &f.table)
+        .unwrap()
+        .options(options())
+        .handler("done", move |tx: &Transaction<'_>, m: &InboxMessage| {
+            let (sql, id) = (
+                format!("insert into {fx1} (message_id) values ($1)"),
+                m.message_id.clone(),
+            );
+            Box::pin(async move {
+                tx.execute(&sql, &[&id]).await?;
+                Ok(())
+            })
+        })
+        .handler("flaky", move |tx: &Transaction<'_>, m: &InboxMessage| {
+            let (sql, id) = (
+                format!("insert into {fx2} (message_id) values ($1)"),
+                m.message_id.clone(),
+            );
+            let first = calls.fetch_add(1, Ordering::SeqCst) == 0;
+            Box::pin(async move {
+                // The write happens, then the failure: it must be rolled back.
+                tx.execute(&sql, &[&id]).await?;
+                if first {
+                    return Err("first attempt fails".into());
+                }
+                Ok(())
+            })
+        })
+        .handler("bad", move |tx: &Transaction<'_>, m: &InboxMessage| {
+            let (sql, id) = (
+                format!("insert into {fx3} (message_id) values ($1)"),
+                m.message_id.clone(),
+            );
+            Box::pin(async move {
+                tx.execute(&sql, &[&id]).await?;
+                Err("always fails".into())
+            })
+        });
+    let mut client = crate::support::pg().await;
+    let want: Vec<(String, String, i32)> = vec![
+        ("bad".into(), "permanently_failed".into(), 2),
+        ("flaky".into(), "processed".into(), 1),
+        ("ok".into(), "processed".into(), 0),
+        ("other".into(), "received".into(), 0),
+    ];
+    // Retries come due after their backoff: process until the states settle.
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        processor.process_due(&mut client).await.unwrap();
+        let got = statuses(&f).await;
+        if got == want {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "states did not settle: {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(flaky_calls.load(Ordering::SeqCst), 2);
+    let effects: Vec<String> =
+        f.db.query(
+            &format!("select message_id from {fx} order by message_id"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        effects,
+        vec!["flaky", "ok"],
+        "failed attempts left no effects"
+    );
+    let error: Option<String> =
+        f.db.query_one(
+            &format!(
+                "select error_message from {} where message_id = 'bad'",
+                f.table
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(error.as_deref(), Some("always fails"));
+    f.db.batch_execute(&format!("drop table {fx}"))
+        .await
+        .unwrap();
+    f.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inb_processor_recovers_rows_stuck_in_processing() {
+    let f = InboxFixture::new("proc_stuck").await;
+    insert_rows(
+        &f,
+        &[
+            ("stuck".into(), "e", serde_json::json!({})),
+            ("stuck-often".into(), "e", serde_json::json!({})),
+            ("fresh".into(), "e", serde_json::json!({})),
+        ],
+        3,
+    )
+    .await;
+    f.db.batch_execute(&format!(
+        "update {t} set status = 'processing', updated_at = now() - interval '1 hour' where message_id like 'stuck%';
+         update {t} set recovery_attempts = 3 where message_id = 'stuck-often';
+         update {t} set status = 'processing' where message_id = 'fresh';",
+        t = f.table
+    ))
+    .await
+    .unwrap();
+    let processor = Processor::new(crate::support::PG_URL, &f.table)
+        .unwrap()
+        .options(options())
+        .handler("e", |_tx: &Transaction<'_>, _m: &InboxMessage| {
+            Box::pin(async { Ok(()) })
+        });
+    let mut client = crate::support::pg().await;
+    assert_eq!(processor.recover_stuck(&client).await.unwrap(), 2);
+    processor.process_due(&mut client).await.unwrap();
+    let rows: Vec<(String, String, i32, Option<String>)> = f
+        .db
+        .query(
+            &format!(
+                "select message_id, status, recovery_attempts, recovery_reason from {} order by message_id",
+                f.table
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    assert_eq!(rows[0].0, "fresh");
+    assert_eq!(
+        rows[0].1, "processing",
+        "a row still being worked on is left alone"
+    );
+    assert_eq!((rows[1].1.as_str(), rows[1].2), ("processed", 1));
+    assert!(rows[1]
+        .3
+        .as_deref()
+        .unwrap()
+        .contains("stuck in processing"));
+    assert_eq!((rows[2].1.as_str(), rows[2].2), ("permanently_failed", 4));
+    f.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inb_processors_share_the_work_and_keep_aggregate_order() {
+    let f = InboxFixture::new("proc_share").await;
+    let fx = effects_table(&f).await;
+    let rows: Vec<(String, &str, serde_json::Value)> = (0..300)
+        .map(|i| {
+            (
+                format!("m-{i:04}"),
+                "e",
+                serde_json::json!({"agg": format!("a{}", i % 5), "i": i}),
+            )
+        })
+        .collect();
+    insert_rows(&f, &rows, 3).await;
+    let make = || {
+        let fx = fx.clone();
+        Processor::new(crate::support::PG_URL, &f.table)
+            .unwrap()
+            .options(ProcessorOptions {
+                ordering_field: Some("agg".into()),
+                notify_channel: Some(f.channel.clone()),
+                ..options()
+            })
+            .handler("e", move |tx: &Transaction<'_>, m: &InboxMessage| {
+                let sql = format!("insert into {fx} (message_id, agg) values ($1, $2)");
+                let id = m.message_id.clone();
+                let agg = m.payload["agg"].as_str().unwrap_or_default().to_string();
+                Box::pin(async move {
+                    tx.execute(&sql, &[&id, &agg]).await?;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    Ok(())
+                })
+            })
+    };
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut workers = Vec::new();
+    for _ in 0..3 {
+        let p = make();
+        let mut stopped = stopped.clone();
+        workers.push(tokio::spawn(async move {
+            p.run(async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            })
+            .await
+        }));
+    }
+    let count = || async {
+        f.db.query_one(&format!("select count(*) from {fx}"), &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    wait_for(T, "every row processed", || async { count().await == 300 }).await;
+    // Woken by NOTIFY: rows added now are processed without any timer.
+    insert_rows(
+        &f,
+        &[("late".into(), "e", serde_json::json!({"agg": "z"}))],
+        3,
+    )
+    .await;
+    f.db.execute("select pg_notify($1, 'x')", &[&f.channel])
+        .await
+        .unwrap();
+    wait_for(
+        Duration::from_secs(10),
+        "the late row processed on NOTIFY",
+        || async { count().await == 301 },
+    )
+    .await;
+    let _ = stop.send(true);
+    for w in workers {
+        w.await.unwrap().unwrap();
+    }
+    let distinct: i64 =
+        f.db.query_one(&format!("select count(distinct message_id) from {fx}"), &[])
+            .await
+            .unwrap()
+            .get(0);
+    assert_eq!(distinct, 301, "each row once");
+    for agg in 0..5 {
+        let order: Vec<String> =
+            f.db.query(
+                &format!("select message_id from {fx} where agg = $1 order by seq"),
+                &[&format!("a{agg}")],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let mut sorted = order.clone();
+        sorted.sort();
+        assert_eq!(order, sorted, "aggregate a{agg} in arrival order");
+    }
+    f.db.batch_execute(&format!("drop table {fx}"))
+        .await
+        .unwrap();
+    f.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inb_enqueue_writes_in_the_callers_transaction() {
+    let mut db = crate::support::pg().await;
+    let table = outbox_relay::pg::TableName::parse("public.inb_outbox_enqueue").unwrap();
+    db.batch_execute(&format!(
+        "drop table if exists {t}; drop table if exists inb_orders_enqueue; create table inb_orders_enqueue (id text primary key);",
+        t = table.quoted()
+    ))
+    .await
+    .unwrap();
+    db.batch_execute(&outbox_relay::pg::catalog::outbox_ddl(&table))
+        .await
+        .unwrap();
+    let event = |aggregate: &str| NewEvent {
+        id: None,
+        aggregate_type: "Order".into(),
+        aggregate_id: aggregate.into(),
+        event_type: "order.placed".into(),
+        payload: serde_json::json!({"id": aggregate, "big": 12345678901234567u64}),
+        metadata: Some(serde_json::json!({"traceId": "t"})),
+    };
+    let tx = db.transaction().await.unwrap();
+    tx.execute("insert into inb_orders_enqueue values ('o-1')", &[])
+        .await
+        .unwrap();
+    let id = enqueue_into(&tx, &table, event("o-1")).await.unwrap();
+    tx.commit().await.unwrap();
+    let tx = db.transaction().await.unwrap();
+    tx.execute("insert into inb_orders_enqueue values ('o-2')", &[])
+        .await
+        .unwrap();
+    enqueue_into(&tx, &table, event("o-2")).await.unwrap();
+    tx.rollback().await.unwrap();
+    let rows = db
+        .query(
+            &format!(
+                "select id, aggregate_id, payload::text, metadata::text, status from {}",
+                table.quoted()
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        rows.len(),
+        1,
+        "the rolled back event is gone with its order"
+    );
+    assert_eq!(rows[0].get::<_, String>(0), id);
+    assert_eq!(id.len(), 36);
+    assert_eq!(rows[0].get::<_, String>(1), "o-1");
+    assert_eq!(
+        rows[0].get::<_, String>(2),
+        r#"{"big":12345678901234567,"id":"o-1"}"#
+    );
+    assert_eq!(rows[0].get::<_, String>(4), "pending");
+    db.batch_execute(&format!(
+        "drop table {}; drop table inb_orders_enqueue",
+        table.quoted()
+    ))
+    .await
+    .unwrap();
+}
