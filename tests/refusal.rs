@@ -179,7 +179,7 @@ async fn init_creates_what_is_missing_and_check_passes() {
     assert_eq!(code, 0, "{out}");
     assert_eq!(
         out.lines().filter(|l| l.starts_with("ok")).count(),
-        8,
+        9,
         "{out}"
     );
     f.cleanup().await;

@@ -76,6 +76,7 @@ pub async fn check(config: &Config) -> Checks {
                 "replication privilege",
                 "publication",
                 "slot",
+                "privileges",
             ] {
                 out.push(fail(name, "skipped: Postgres is not reachable"));
             }
@@ -102,6 +103,7 @@ pub async fn check(config: &Config) -> Checks {
             });
             out.push(publication_check(&sql, config).await);
             out.push(slot_check(&sql, config).await);
+            out.extend(privilege_checks(&sql, config).await);
         }
     }
     // The exchanges are declared only where the relay would declare them
@@ -157,6 +159,99 @@ fn exchange_check(key: &str) -> &'static str {
     } else {
         "exchange"
     }
+}
+
+/// The table privileges the configured mode needs (`sql/role.sql` is the
+/// reference), one failing line per missing privilege with the GRANT that fixes
+/// it; tables that do not exist yet are left to `run`/`init`, which create them.
+async fn privilege_checks(sql: &tokio_postgres::Client, config: &Config) -> Vec<Check> {
+    use crate::config::{Mapping, OnSuccess};
+    let pg = &config.postgres;
+    let mut outbox = vec!["SELECT"];
+    if pg.mapping == Mapping::EventForge || pg.on_success == OnSuccess::MarkPublished {
+        outbox.push("UPDATE");
+    }
+    if pg.on_success == OnSuccess::Delete
+        || (pg.on_success == OnSuccess::MarkPublished && !pg.retention.is_zero())
+    {
+        outbox.push("DELETE");
+    }
+    let slots = pg.retry_table.sibling("outbox_relay_slots");
+    let wanted: Vec<(&crate::pg::TableName, Vec<&str>)> = vec![
+        (&pg.table, outbox),
+        (
+            &pg.retry_table,
+            vec!["SELECT", "INSERT", "UPDATE", "DELETE"],
+        ),
+        (&slots, vec!["SELECT", "INSERT", "UPDATE"]),
+    ];
+    let mut out = Vec::new();
+    let role: String = match sql.query_one("select current_user::text", &[]).await {
+        Ok(r) => r.get(0),
+        Err(e) => return vec![fail("privileges", e.to_string())],
+    };
+    let role = crate::pg::quote_ident(&role);
+    let mut checked = Vec::new();
+    for (table, privileges) in wanted {
+        let rows = sql
+            .query(
+                "select p, has_table_privilege(to_regclass($1), p) from unnest($2::text[]) p \
+                 where to_regclass($1) is not null",
+                &[&table.quoted(), &privileges],
+            )
+            .await;
+        let rows = match rows {
+            Ok(rows) => rows,
+            Err(e) => {
+                out.push(fail("privileges", e.to_string()));
+                continue;
+            }
+        };
+        for row in rows {
+            let (privilege, granted): (String, bool) = (row.get(0), row.get(1));
+            if granted {
+                checked.push(format!("{privilege} on {table}"));
+            } else {
+                out.push(fail(
+                    "privileges",
+                    format!(
+                        "{role} lacks {privilege} on {table}, needed for this configuration: GRANT {privilege} ON {} TO {role};",
+                        table.quoted()
+                    ),
+                ));
+            }
+        }
+    }
+    if !pg.retry_table.name.is_empty() {
+        let seq = pg
+            .retry_table
+            .sibling(&format!("{}_seq_seq", pg.retry_table.name));
+        if let Ok(rows) = sql
+            .query(
+                "select has_sequence_privilege(to_regclass($1), 'USAGE') where to_regclass($1) is not null",
+                &[&seq.quoted()],
+            )
+            .await
+        {
+            if rows.first().is_some_and(|r| !r.get::<_, bool>(0)) {
+                out.push(fail(
+                    "privileges",
+                    format!("{role} lacks USAGE on sequence {seq}: GRANT USAGE ON SEQUENCE {} TO {role};", seq.quoted()),
+                ));
+            }
+        }
+    }
+    if out.is_empty() {
+        out.push(pass(
+            "privileges",
+            if checked.is_empty() {
+                "nothing to check yet (the tables do not exist)".to_string()
+            } else {
+                format!("{role} has {}", checked.join(", "))
+            },
+        ));
+    }
+    out
 }
 
 async fn publication_check(sql: &tokio_postgres::Client, config: &Config) -> Check {
