@@ -7,6 +7,10 @@ cd "$(dirname "$0")/.."
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
 cargo test --lib --bins
+# TLS and secrets: scratch Postgres and RabbitMQ instances on ports of their own
+# (55441-55443, 56711-56718), so the shared services are not touched and no lock
+# is needed; one test at a time (each boots its own RabbitMQ node).
+cargo test --test security -- --test-threads=1
 # Integration tests share the local services; the fault tests restart them. The lock
 # keeps several checkouts on one machine from disturbing each other (shared for the
 # integration tests, exclusive for the faults); CI holds it alone. `-o`: the lock
