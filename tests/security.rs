@@ -660,9 +660,69 @@ async fn rows_flow_over_tls_on_both_sides_and_no_output_holds_a_password() {
         vec!["dead", "list", "--config", cfg],
         vec!["dead", "list", "--json", "--config", cfg],
     ] {
-        let (_, out) = run_cmd(&args, &dir).await;
+        let (code, out) = run_cmd(&args, &dir).await;
+        assert_eq!(code, 0, "{}: {out}", args.join(" "));
         outputs.push((args.join(" "), out));
     }
+
+    // Any role may NOTIFY the requeue channel: a flood from one without any
+    // privilege makes at most about one reload a second.
+    pg.psql(&format!(
+        "create role sec_nobody login password '{PG_MARKER}'"
+    ));
+    let reloads = |text: &str| text.matches("reading the retry queue again").count();
+    let before = reloads(&relay.log_text());
+    let channel = outbox_relay::retry::requeue_channel("sec_slot");
+    let started = std::time::Instant::now();
+    for round in 0..10 {
+        sh_pg(&format!(
+            "{}/psql -h {} -p {} -U sec_nobody -d postgres -Atc \"select pg_notify('{channel}', g::text) from generate_series({}, {}) g\" >/dev/null",
+            pg.bin,
+            pg.dir.display(),
+            pg.port,
+            round * 100,
+            round * 100 + 99
+        ));
+    }
+    let flood = started.elapsed();
+    // The last notification's reload is due within a second of it.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let made = reloads(&relay.log_text()) - before;
+    assert!(made >= 1, "the notifications were not heard");
+    assert!(
+        made as u64 <= flood.as_secs() + 2,
+        "1000 notifications in {flood:?} made {made} reloads"
+    );
+    let (code, _) = get(&addr, "/readyz", "").await;
+    assert_eq!(code, 200, "not ready after the flood");
+
+    // A role that lacks privileges: check names each with its GRANT.
+    pg.psql(&format!(
+        "create role sec_reader login replication password '{PG_MARKER}'; grant select on public.sec_outbox to sec_reader"
+    ));
+    let reader = config.replacen("postgresql://postgres@", "postgresql://sec_reader@", 1);
+    let reader_path = dir.join("reader.toml");
+    std::fs::write(&reader_path, &reader).unwrap();
+    let (code, out) = run_cmd(&["check", "--config", reader_path.to_str().unwrap()], &dir).await;
+    assert_eq!(code, 1, "{out}");
+    for grant in [
+        r#"GRANT UPDATE ON "public"."sec_outbox" TO "sec_reader";"#,
+        r#"GRANT DELETE ON "public"."sec_outbox" TO "sec_reader";"#,
+        r#"GRANT INSERT ON "public"."sec_parked" TO "sec_reader";"#,
+        r#"GRANT SELECT ON "public"."outbox_relay_slots" TO "sec_reader";"#,
+        r#"GRANT USAGE ON SEQUENCE "public"."sec_parked_seq_seq" TO "sec_reader";"#,
+    ] {
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with("FAIL") && l.contains(grant)),
+            "check does not say {grant}:\n{out}"
+        );
+    }
+    assert!(
+        !out.contains(r#"GRANT SELECT ON "public"."sec_outbox""#),
+        "{out}"
+    );
+    outputs.push(("check as a role without privileges".into(), out));
     assert!(relay.terminate(T).await.success());
     outputs.push(("run (trace)".into(), relay.log_text()));
 
