@@ -82,6 +82,7 @@ impl Certs {
             vec!["other.invalid".into()],
         );
         leaf("client", "postgres", vec![]);
+        leaf("mq-client", "sec_user", vec![]);
         Certs {
             dir: dir.to_path_buf(),
         }
@@ -228,7 +229,8 @@ struct ScratchRabbit {
 }
 
 impl ScratchRabbit {
-    fn start(port: u16, certs: &Certs) -> ScratchRabbit {
+    /// `external`: also log in by client certificate (EXTERNAL, by common name).
+    fn start(port: u16, certs: &Certs, external: bool) -> ScratchRabbit {
         let dir = std::env::temp_dir().join(format!("outbox-relay-sec-rabbit-{port}"));
         kill_group_in(&dir);
         let _ = std::fs::remove_dir_all(&dir);
@@ -245,14 +247,24 @@ impl ScratchRabbit {
                  ssl_options.fail_if_no_peer_cert = false\n\
                  loopback_users = none\n\
                  default_user = sec_user\n\
-                 default_pass = {MQ_MARKER}\n",
+                 default_pass = {MQ_MARKER}\n{extra}",
+                extra = if external {
+                    "auth_mechanisms.1 = PLAIN\nauth_mechanisms.2 = EXTERNAL\nssl_cert_login_from = common_name\n"
+                } else {
+                    ""
+                },
                 ca = certs.path("ca.pem"),
                 cert = certs.path("server.pem"),
                 key = certs.path("server.key"),
             ),
         )
         .unwrap();
-        std::fs::write(dir.join("enabled_plugins"), "[].\n").unwrap();
+        let plugins = if external {
+            "[rabbitmq_auth_mechanism_ssl].\n"
+        } else {
+            "[].\n"
+        };
+        std::fs::write(dir.join("enabled_plugins"), plugins).unwrap();
         let log = std::fs::File::create(dir.join("out.log")).unwrap();
         let d = dir.display().to_string();
         let mut cmd = Command::new("/usr/lib/rabbitmq/bin/rabbitmq-server");
@@ -522,7 +534,7 @@ async fn rows_flow_over_tls_on_both_sides_and_no_output_holds_a_password() {
     let dir = std::env::temp_dir().join("outbox-relay-sec-e2e");
     let _ = std::fs::remove_dir_all(&dir);
     let certs = Certs::make(&dir.join("certs"));
-    let rabbit = ScratchRabbit::start(56711, &certs);
+    let rabbit = ScratchRabbit::start(56711, &certs, false);
     let pg = ScratchPg::start(55442, &certs);
     let broker = wait_rabbit(&rabbit, &certs).await;
 
@@ -817,7 +829,7 @@ async fn the_metrics_endpoint_withstands_abuse_and_the_relay_keeps_publishing() 
     let dir = std::env::temp_dir().join("outbox-relay-sec-abuse");
     let _ = std::fs::remove_dir_all(&dir);
     let certs = Certs::make(&dir.join("certs"));
-    let rabbit = ScratchRabbit::start(56716, &certs);
+    let rabbit = ScratchRabbit::start(56716, &certs, true);
     let pg = ScratchPg::start(55443, &certs);
     let broker = wait_rabbit(&rabbit, &certs).await;
     let ch = broker.create_channel().await.unwrap();
@@ -848,12 +860,14 @@ async fn the_metrics_endpoint_withstands_abuse_and_the_relay_keeps_publishing() 
     std::fs::write(&token, "sec-token-123\n").unwrap();
     let config = format!(
         "[postgres]\nurl = \"postgresql://postgres:{PG_MARKER}@localhost:{}/postgres?sslmode=verify-full&sslrootcert={}\"\ntable = \"public.sec_outbox\"\nslot = \"sec_slot\"\npublication = \"sec_pub\"\nretry_table = \"public.sec_parked\"\n\
-         [amqp]\nurl = \"{}\"\ntls_ca_file = \"{}\"\nexchange = \"sec_events\"\n\
+         [amqp]\nurl = \"amqps://localhost:{}/%2f?auth_mechanism=external\"\ntls_ca_file = \"{}\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\nexchange = \"sec_events\"\n\
          [metrics]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"{}\"\n",
         pg.port,
         certs.path("ca.pem"),
-        rabbit.url(),
+        rabbit.port,
         certs.path("ca.pem"),
+        certs.path("mq-client.pem"),
+        certs.path("mq-client.key"),
         token.display(),
     );
     let path = dir.join("relay.toml");
