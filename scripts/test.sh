@@ -8,17 +8,21 @@ cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
 cargo test --lib --bins
 # TLS and secrets: scratch Postgres and RabbitMQ instances on ports of their own
-# (55441-55443, 56711-56718), so the shared services are not touched and no lock
-# is needed; one test at a time (each boots its own RabbitMQ node).
-cargo test --test security -- --test-threads=1
+# (55441-55443, 56711-56718), so the shared services are not touched; a lock of its
+# own keeps two checkouts from starting them on the same ports at once; one test at
+# a time (each boots its own RabbitMQ node).
+cargo test --test security --no-run
+flock -o -x "${OUTBOX_RELAY_SECURITY_LOCK:-/tmp/outbox-relay-security.lock}" \
+  cargo test --test security -- --test-threads=1
 # Integration tests share the local services; the fault tests restart them. The lock
-# keeps several checkouts on one machine from disturbing each other (shared for the
-# integration tests, exclusive for the faults); CI holds it alone. `-o`: the lock
+# keeps several checkouts on one machine from disturbing each other: tests of two
+# checkouts use the same object names, so each binary holds it alone; CI holds it
+# alone anyway. `-o`: the lock
 # stays with flock and is not inherited by what the tests start (a restarted
 # Postgres would otherwise hold it forever).
 LOCK=${OUTBOX_RELAY_SERVICES_LOCK:-/tmp/outbox-relay-services.lock}
 cargo test --test main --no-run
-flock -o -s "$LOCK" cargo test --test main
+flock -o -x "$LOCK" cargo test --test main
 # Restarts RabbitMQ and Postgres: one test at a time, nothing else running beside them.
 cargo test --test faults --no-run
 flock -o -x "$LOCK" cargo test --test faults -- --test-threads=1

@@ -250,6 +250,17 @@ pub enum OnSuccess {
     Keep,
 }
 
+impl OnSuccess {
+    /// The value as `postgres.on_success` spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnSuccess::MarkPublished => "mark_published",
+            OnSuccess::Delete => "delete",
+            OnSuccess::Keep => "keep",
+        }
+    }
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]

@@ -153,9 +153,10 @@ async fn slot_lsn_waits_for_an_ack_or_durable_retry_state() {
     .await
     .unwrap();
     let t = &f.table;
-    // The WAL insert position just before the refused message's commit record: with
-    // nothing in flight the relay may confirm up to the server's keepalive position
-    // (other tests write WAL all the time), but never past this commit.
+    // The refused message's commit record, read exactly from the WAL: with nothing in
+    // flight the relay may confirm a keepalive position (other tests commit all the
+    // time, and Postgres reports their skipped transactions as progress, also between
+    // this insert and its commit), but never past the start of this commit record.
     let mut writer = crate::support::pg().await;
     let gated = writer.transaction().await.unwrap();
     gated
@@ -164,13 +165,16 @@ async fn slot_lsn_waits_for_an_ack_or_durable_retry_state() {
         ))
         .await
         .unwrap();
-    let before_commit: String = gated
-        .query_one("select pg_current_wal_insert_lsn()::text", &[])
+    let row = gated
+        .query_one(
+            "select pg_current_wal_insert_lsn()::text, pg_current_xact_id()::xid::text",
+            &[],
+        )
         .await
-        .unwrap()
-        .get(0);
-    let before = crate::support::lsn_to_u64(&before_commit);
+        .unwrap();
+    let (from, xid): (String, String) = (row.get(0), row.get(1));
     gated.commit().await.unwrap();
+    let before = crate::support::commit_record_lsn(&f.db, &from, &xid).await;
     // A later transaction of another aggregate is acked ...
     f.db
         .batch_execute(&format!(

@@ -185,6 +185,58 @@ async fn init_creates_what_is_missing_and_check_passes() {
     f.cleanup().await;
 }
 
+#[tokio::test]
+async fn check_names_each_missing_privilege_with_the_grant_that_fixes_it() {
+    let f = Fixture::bare("privs").await;
+    let role = "role_privs";
+    let reset = format!(
+        "do $$ begin if exists (select from pg_roles where rolname = '{role}') then \
+         execute 'drop owned by {role}'; execute 'drop role {role}'; end if; end $$"
+    );
+    f.db.batch_execute(&reset).await.unwrap();
+    let (code, out) = run_with("privs", "init", &base("privs"), &[]).await;
+    assert_eq!(code, 0, "{out}");
+    f.db.batch_execute(&format!("create role {role} login replication"))
+        .await
+        .unwrap();
+    let as_role = base("privs").replace("postgres@", &format!("{role}@"));
+    let (code, out) = run_with("privs", "check", &as_role, &[]).await;
+    assert_ne!(code, 0, "{out}");
+    let lacking: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("FAIL") && l.contains("privileges"))
+        .collect();
+    // The defaults (Event-Forge table, mark_published): SELECT, UPDATE and DELETE on
+    // the outbox, all four on the retry table and its sequence, three on the records.
+    for what in [
+        "lacks SELECT on public.t_privs",
+        "lacks UPDATE on public.t_privs",
+        "lacks DELETE on public.t_privs",
+        "lacks INSERT on public.r_privs",
+        "lacks DELETE on public.r_privs",
+        "lacks USAGE on sequence public.r_privs_seq_seq",
+        "lacks UPDATE on public.outbox_relay_slots",
+    ] {
+        assert!(lacking.iter().any(|l| l.contains(what)), "{what}: {out}");
+    }
+    assert_eq!(lacking.len(), 11, "{out}");
+    // The fix each line gives works: run them all, and the role lacks nothing.
+    for line in &lacking {
+        let grant = line.split_once("fix: ").expect("a fix").1;
+        assert!(grant.starts_with("GRANT "), "{line}");
+        f.db.batch_execute(grant).await.unwrap();
+    }
+    let (_, out) = run_with("privs", "check", &as_role, &[]).await;
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("ok") && l.contains("holds every table privilege")),
+        "{out}"
+    );
+    assert!(!out.contains("lacks"), "{out}");
+    f.db.batch_execute(&reset).await.unwrap();
+    f.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slot_held_by_another_process_names_its_pid() {
     let f = Fixture::new("slot_busy", true).await;

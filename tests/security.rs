@@ -722,7 +722,7 @@ async fn rows_flow_over_tls_on_both_sides_and_no_output_holds_a_password() {
         r#"GRANT DELETE ON "public"."sec_outbox" TO "sec_reader";"#,
         r#"GRANT INSERT ON "public"."sec_parked" TO "sec_reader";"#,
         r#"GRANT SELECT ON "public"."outbox_relay_slots" TO "sec_reader";"#,
-        r#"GRANT USAGE ON SEQUENCE "public"."sec_parked_seq_seq" TO "sec_reader";"#,
+        r#"sec_parked_seq_seq TO "sec_reader";"#,
     ] {
         assert!(
             out.lines()

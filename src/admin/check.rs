@@ -1,5 +1,6 @@
 //! `outbox-relay check`: one line per preflight check, each failure with its fix.
 
+use super::privileges;
 use crate::config::Config;
 use crate::error::Error;
 use crate::pg::catalog::{self, PublicationState};
@@ -103,7 +104,7 @@ pub async fn check(config: &Config) -> Checks {
             });
             out.push(publication_check(&sql, config).await);
             out.push(slot_check(&sql, config).await);
-            out.extend(privilege_checks(&sql, config).await);
+            out.extend(privileges_check(&sql, config).await);
         }
     }
     // The exchanges are declared only where the relay would declare them
@@ -152,6 +153,36 @@ pub async fn check(config: &Config) -> Checks {
     Checks(out)
 }
 
+/// One line when the role holds every privilege the configured mode needs, else
+/// one line per missing privilege with the GRANT that adds it.
+async fn privileges_check(sql: &tokio_postgres::Client, config: &Config) -> Vec<Check> {
+    let missing = match privileges::needed(sql, config).await {
+        Ok(needs) => privileges::missing(sql, needs).await,
+        Err(e) => Err(e),
+    };
+    match missing {
+        Err(e) => vec![fail("privileges", e.to_string())],
+        Ok(m) if m.needs.is_empty() => vec![pass(
+            "privileges",
+            format!(
+                "role {} holds every table privilege that on_success = \"{}\" and the retry state need",
+                m.role,
+                config.postgres.on_success.as_str()
+            ),
+        )],
+        Ok(m) => m
+            .needs
+            .iter()
+            .map(|need| {
+                fail(
+                    "privileges",
+                    format!("role {} lacks {need}; fix: {}", m.role, need.grant(&m.role)),
+                )
+            })
+            .collect(),
+    }
+}
+
 /// The name of the check line for the exchange under `key`.
 fn exchange_check(key: &str) -> &'static str {
     if key == "amqp.dead_letter_exchange" {
@@ -159,99 +190,6 @@ fn exchange_check(key: &str) -> &'static str {
     } else {
         "exchange"
     }
-}
-
-/// The table privileges the configured mode needs (`sql/role.sql` is the
-/// reference), one failing line per missing privilege with the GRANT that fixes
-/// it; tables that do not exist yet are left to `run`/`init`, which create them.
-async fn privilege_checks(sql: &tokio_postgres::Client, config: &Config) -> Vec<Check> {
-    use crate::config::{Mapping, OnSuccess};
-    let pg = &config.postgres;
-    let mut outbox = vec!["SELECT"];
-    if pg.mapping == Mapping::EventForge || pg.on_success == OnSuccess::MarkPublished {
-        outbox.push("UPDATE");
-    }
-    if pg.on_success == OnSuccess::Delete
-        || (pg.on_success == OnSuccess::MarkPublished && !pg.retention.is_zero())
-    {
-        outbox.push("DELETE");
-    }
-    let slots = pg.retry_table.sibling("outbox_relay_slots");
-    let wanted: Vec<(&crate::pg::TableName, Vec<&str>)> = vec![
-        (&pg.table, outbox),
-        (
-            &pg.retry_table,
-            vec!["SELECT", "INSERT", "UPDATE", "DELETE"],
-        ),
-        (&slots, vec!["SELECT", "INSERT", "UPDATE"]),
-    ];
-    let mut out = Vec::new();
-    let role: String = match sql.query_one("select current_user::text", &[]).await {
-        Ok(r) => r.get(0),
-        Err(e) => return vec![fail("privileges", e.to_string())],
-    };
-    let role = crate::pg::quote_ident(&role);
-    let mut checked = Vec::new();
-    for (table, privileges) in wanted {
-        let rows = sql
-            .query(
-                "select p, has_table_privilege(to_regclass($1), p) from unnest($2::text[]) p \
-                 where to_regclass($1) is not null",
-                &[&table.quoted(), &privileges],
-            )
-            .await;
-        let rows = match rows {
-            Ok(rows) => rows,
-            Err(e) => {
-                out.push(fail("privileges", e.to_string()));
-                continue;
-            }
-        };
-        for row in rows {
-            let (privilege, granted): (String, bool) = (row.get(0), row.get(1));
-            if granted {
-                checked.push(format!("{privilege} on {table}"));
-            } else {
-                out.push(fail(
-                    "privileges",
-                    format!(
-                        "{role} lacks {privilege} on {table}, needed for this configuration: GRANT {privilege} ON {} TO {role};",
-                        table.quoted()
-                    ),
-                ));
-            }
-        }
-    }
-    if !pg.retry_table.name.is_empty() {
-        let seq = pg
-            .retry_table
-            .sibling(&format!("{}_seq_seq", pg.retry_table.name));
-        if let Ok(rows) = sql
-            .query(
-                "select has_sequence_privilege(to_regclass($1), 'USAGE') where to_regclass($1) is not null",
-                &[&seq.quoted()],
-            )
-            .await
-        {
-            if rows.first().is_some_and(|r| !r.get::<_, bool>(0)) {
-                out.push(fail(
-                    "privileges",
-                    format!("{role} lacks USAGE on sequence {seq}: GRANT USAGE ON SEQUENCE {} TO {role};", seq.quoted()),
-                ));
-            }
-        }
-    }
-    if out.is_empty() {
-        out.push(pass(
-            "privileges",
-            if checked.is_empty() {
-                "nothing to check yet (the tables do not exist)".to_string()
-            } else {
-                format!("{role} has {}", checked.join(", "))
-            },
-        ));
-    }
-    out
 }
 
 async fn publication_check(sql: &tokio_postgres::Client, config: &Config) -> Check {

@@ -5,6 +5,7 @@
 mod check;
 mod dead;
 mod init;
+mod privileges;
 mod replay;
 mod status;
 
