@@ -779,6 +779,25 @@ async fn rows_flow_over_tls_on_both_sides_and_no_output_holds_a_password() {
     assert!(e.starts_with("amqp.tls_ca_file:"), "{e}");
     assert!(!e.contains('\n'), "{e}");
     outputs.push(("wrong amqp CA".into(), e));
+    // The broker's certificate names localhost, not 127.0.0.1.
+    let by_ip = config.replace(
+        &format!("amqps://sec_user@localhost:{}", rabbit.port),
+        &format!("amqps://sec_user@127.0.0.1:{}", rabbit.port),
+    );
+    let cfg_ip = outbox_relay::Config::from_toml_with_env(&by_ip, "test", Vec::new()).unwrap();
+    let e = match outbox_relay::sink::open(&outbox_relay::sink::SinkSettings::from_config(
+        &cfg_ip.amqp,
+    ))
+    .await
+    {
+        Ok(_) => panic!("a broker certificate for another host name was accepted"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        e.starts_with("amqp.url: the broker's certificate is not valid for host 127.0.0.1"),
+        "{e}"
+    );
+    outputs.push(("wrong amqp host name".into(), e));
     let (code, out) = run_cmd(&["check", "--config", bad.to_str().unwrap()], &dir).await;
     assert_ne!(code, 0);
     outputs.push(("check with a wrong amqp CA".into(), out));
