@@ -230,7 +230,12 @@ struct ScratchRabbit {
 
 impl ScratchRabbit {
     /// `external`: also log in by client certificate (EXTERNAL, by common name).
+    /// `plain_too`: also a plain listener on `port + 3` (for the TLS cost measurement).
     fn start(port: u16, certs: &Certs, external: bool) -> ScratchRabbit {
+        Self::start_with(port, certs, external, false)
+    }
+
+    fn start_with(port: u16, certs: &Certs, external: bool, plain_too: bool) -> ScratchRabbit {
         let dir = std::env::temp_dir().join(format!("outbox-relay-sec-rabbit-{port}"));
         kill_group_in(&dir);
         let _ = std::fs::remove_dir_all(&dir);
@@ -238,7 +243,7 @@ impl ScratchRabbit {
         std::fs::write(
             dir.join("rabbitmq.conf"),
             format!(
-                "listeners.tcp = none\n\
+                "{tcp}\n\
                  listeners.ssl.default = {port}\n\
                  ssl_options.cacertfile = {ca}\n\
                  ssl_options.certfile = {cert}\n\
@@ -248,6 +253,11 @@ impl ScratchRabbit {
                  loopback_users = none\n\
                  default_user = sec_user\n\
                  default_pass = {MQ_MARKER}\n{extra}",
+                tcp = if plain_too {
+                    format!("listeners.tcp.default = 127.0.0.1:{}", port + 3)
+                } else {
+                    "listeners.tcp = none".to_string()
+                },
                 extra = if external {
                     "auth_mechanisms.1 = PLAIN\nauth_mechanisms.2 = EXTERNAL\nssl_cert_login_from = common_name\n"
                 } else {
@@ -1044,6 +1054,132 @@ async fn the_metrics_endpoint_withstands_abuse_and_the_relay_keeps_publishing() 
     assert_eq!(get(&addr, "/metrics", auth).await.0, 200);
     assert_eq!(get(&addr, "/healthz", "").await.0, 200);
     assert!(relay.terminate(T).await.success());
+    drop_slot_when_inactive(&pg, "sec_slot").await;
+    let _ = broker.close(200, "bye".into()).await;
+    drop(rabbit);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// What TLS costs the relay: 20 000 one-row transactions drained with both
+/// sides plain, then with both sides on TLS (verify-full to Postgres, amqps to
+/// the broker), on scratch instances. A measurement, not a check: run it with
+/// `cargo test --release --test security -- --ignored --nocapture tls_cost`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn tls_cost() {
+    let dir = std::env::temp_dir().join("outbox-relay-sec-cost");
+    let _ = std::fs::remove_dir_all(&dir);
+    let certs = Certs::make(&dir.join("certs"));
+    let rabbit = ScratchRabbit::start_with(56721, &certs, false, true);
+    let pg = ScratchPg::start(55444, &certs);
+    let broker = wait_rabbit(&rabbit, &certs).await;
+    let ch = broker.create_channel().await.unwrap();
+    ch.exchange_declare(
+        "sec_events".into(),
+        lapin::ExchangeKind::Topic,
+        lapin::options::ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_declare("sec_q".into(), Default::default(), Default::default())
+        .await
+        .unwrap();
+    ch.queue_bind(
+        "sec_q".into(),
+        "sec_events".into(),
+        "#".into(),
+        Default::default(),
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    pg.psql(&outbox_relay::pg::catalog::outbox_ddl(
+        &outbox_relay::pg::TableName::parse("public.sec_outbox").unwrap(),
+    ));
+    // The drain is measured, not the server's fsyncs.
+    pg.psql("alter system set synchronous_commit = off");
+    pg.psql("select pg_reload_conf()");
+    let pw = dir.join("pg.password");
+    std::fs::write(&pw, PG_MARKER).unwrap();
+    let n = 20_000;
+    let plain = (
+        format!(
+            "postgresql://postgres@127.0.0.1:{}/postgres?sslmode=disable",
+            pg.port
+        ),
+        format!(
+            "amqp://sec_user:{MQ_MARKER}@127.0.0.1:{}/%2f",
+            rabbit.port + 3
+        ),
+        "allow_insecure_password = true\n".to_string(),
+    );
+    let tls = (
+        format!(
+            "postgresql://postgres@localhost:{}/postgres?sslmode=verify-full&sslrootcert={}",
+            pg.port,
+            certs.path("ca.pem")
+        ),
+        format!("amqps://sec_user:{MQ_MARKER}@localhost:{}/%2f", rabbit.port),
+        format!("tls_ca_file = \"{}\"\n", certs.path("ca.pem")),
+    );
+    use futures_util::StreamExt;
+    for (round, (name, (pg_url, mq_url, extra))) in
+        [("plain", plain), ("tls", tls)].into_iter().enumerate()
+    {
+        let config = format!(
+            "[postgres]\nurl = \"{pg_url}\"\npassword_file = \"{}\"\n{}table = \"public.sec_outbox\"\nslot = \"sec_slot\"\npublication = \"sec_pub\"\nretry_table = \"public.sec_parked\"\non_success = \"keep\"\n\
+             [amqp]\nurl = \"{mq_url}\"\n{}exchange = \"sec_events\"\n[metrics]\nlisten = \"\"\n",
+            pw.display(),
+            if name == "plain" { "allow_insecure_password = true\n" } else { "" },
+            if name == "plain" { "allow_insecure_password = true\n" } else { extra.as_str() },
+        );
+        let path = dir.join(format!("{name}.toml"));
+        std::fs::write(&path, &config).unwrap();
+        let mut relay = Relay::command(&["run", "--config", path.to_str().unwrap()], &dir, &[]);
+        relay.wait_streaming().await;
+        // Rows written while the relay is stopped would measure start-up too:
+        // write them now, one transaction each, then time the drain.
+        let started = std::time::Instant::now();
+        pg.psql(&format!(
+            "do $$ begin for i in 1..{n} loop \
+               insert into public.sec_outbox (id, aggregate_type, aggregate_id, event_type, payload) \
+               values ('{round}-' || i, 'cost', 'a' || (i % 64), 'cost.e', '{{}}'); commit; end loop; end $$"
+        ));
+        let mut consumer = ch
+            .basic_consume(
+                "sec_q".into(),
+                format!("c{round}").as_str().into(),
+                lapin::options::BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                Default::default(),
+            )
+            .await
+            .unwrap();
+        let mut got = 0;
+        while got < n {
+            tokio::time::timeout(Duration::from_secs(300), consumer.next())
+                .await
+                .expect("drained in time")
+                .unwrap()
+                .unwrap();
+            got += 1;
+        }
+        let took = started.elapsed();
+        println!(
+            "{name}: {n} one-row transactions written and delivered in {took:?} ({:.0} msg/s)",
+            n as f64 / took.as_secs_f64()
+        );
+        ch.basic_cancel(format!("c{round}").as_str().into(), Default::default())
+            .await
+            .unwrap();
+        assert!(relay.terminate(T).await.success());
+    }
     drop_slot_when_inactive(&pg, "sec_slot").await;
     let _ = broker.close(200, "bye".into()).await;
     drop(rabbit);
