@@ -7,6 +7,13 @@ cd "$(dirname "$0")/.."
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
 cargo test --lib --bins
+# TLS and secrets: scratch Postgres and RabbitMQ instances on ports of their own
+# (55441-55443, 56711-56718), so the shared services are not touched; a lock of its
+# own keeps two checkouts from starting them on the same ports at once; one test at
+# a time (each boots its own RabbitMQ node).
+cargo test --test security --no-run
+flock -o -x "${OUTBOX_RELAY_SECURITY_LOCK:-/tmp/outbox-relay-security.lock}" \
+  cargo test --test security -- --test-threads=1
 # Integration tests share the local services; the fault tests restart them. The lock
 # keeps several checkouts on one machine from disturbing each other: tests of two
 # checkouts use the same object names, so each binary holds it alone; CI holds it

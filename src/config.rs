@@ -121,6 +121,21 @@ pub struct AmqpConfig {
     pub reconnect_backoff_max: Duration,
     /// Longest wait for a connection to be ready.
     pub connect_timeout: Duration,
+    /// TLS for `amqps://`: the CA and the client certificate, read at start-up.
+    pub tls: AmqpTls,
+}
+
+/// TLS settings of an `amqps://` connection; `Debug` never shows the key.
+#[derive(Clone, Default)]
+pub struct AmqpTls(pub lapin::tcp::OwnedTLSConfig);
+
+impl fmt::Debug for AmqpTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AmqpTls")
+            .field("ca", &self.0.cert_chain.is_some())
+            .field("client_certificate", &self.0.identity.is_some())
+            .finish()
+    }
 }
 
 /// An AMQP URL; `Debug` shows it without its password.
@@ -188,6 +203,8 @@ pub struct RetryConfig {
 pub struct MetricsConfig {
     /// Address of the `/metrics`, `/healthz`, `/readyz` endpoint; `None`: off.
     pub listen: Option<SocketAddr>,
+    /// Bearer token `/metrics` and `/readyz` require (`metrics.token_file`).
+    pub token: Option<crate::redact::Secret>,
 }
 
 /// `[log]`.
@@ -421,6 +438,8 @@ mod raw {
         pub lock_timeout: Duration,
         #[serde(deserialize_with = "de_duration")]
         pub replication_timeout: Duration,
+        pub password_file: String,
+        pub allow_insecure_password: bool,
     }
 
     impl Default for Postgres {
@@ -443,6 +462,8 @@ mod raw {
                 statement_timeout: Duration::from_secs(30),
                 lock_timeout: Duration::from_secs(5),
                 replication_timeout: Duration::from_secs(60),
+                password_file: String::new(),
+                allow_insecure_password: false,
             }
         }
     }
@@ -461,6 +482,11 @@ mod raw {
         pub reconnect_backoff_max: Duration,
         #[serde(deserialize_with = "de_duration")]
         pub connect_timeout: Duration,
+        pub password_file: String,
+        pub allow_insecure_password: bool,
+        pub tls_ca_file: String,
+        pub tls_cert_file: String,
+        pub tls_key_file: String,
     }
 
     impl Default for Amqp {
@@ -475,6 +501,11 @@ mod raw {
                 dead_letter_exchange: String::new(),
                 reconnect_backoff_max: Duration::from_secs(30),
                 connect_timeout: Duration::from_secs(10),
+                password_file: String::new(),
+                allow_insecure_password: false,
+                tls_ca_file: String::new(),
+                tls_cert_file: String::new(),
+                tls_key_file: String::new(),
             }
         }
     }
@@ -531,12 +562,14 @@ mod raw {
     #[serde(deny_unknown_fields, default)]
     pub struct Metrics {
         pub listen: String,
+        pub token_file: String,
     }
 
     impl Default for Metrics {
         fn default() -> Self {
             Self {
                 listen: "127.0.0.1:9187".into(),
+                token_file: String::new(),
             }
         }
     }
@@ -576,7 +609,18 @@ mod raw {
                 log,
             } = self;
             let inbox = inbox.map(|i| i.validate()).transpose()?;
-            let target = PgTarget::parse(&pg.url).map_err(|m| invalid("postgres.url", m))?;
+            let mut target = PgTarget::parse(&pg.url).map_err(|m| invalid("postgres.url", m))?;
+            if !pg.password_file.is_empty() {
+                if target.has_password() {
+                    return Err(invalid(
+                        "postgres.password_file",
+                        "postgres.url holds a password too: keep only one of them",
+                    ));
+                }
+                target = target
+                    .with_password(read_password("postgres.password_file", &pg.password_file)?);
+            }
+            target.allow_insecure_password = pg.allow_insecure_password;
             let table = TableName::parse(&pg.table).map_err(|m| invalid("postgres.table", m))?;
             check_identifier(&pg.slot).map_err(|m| invalid("postgres.slot", m))?;
             check_identifier(&pg.publication).map_err(|m| invalid("postgres.publication", m))?;
@@ -610,8 +654,50 @@ mod raw {
                     "must start with amqp:// (e.g. \"amqp://guest:guest@127.0.0.1:5672/%2f\")",
                 ));
             }
-            lapin::uri::AMQPUri::from_str(&amqp.url)
+            let uri = lapin::uri::AMQPUri::from_str(&amqp.url)
                 .map_err(|e| invalid("amqp.url", format!("cannot be parsed: {e}")))?;
+            let mut amqp_url = amqp.url.clone();
+            if !amqp.password_file.is_empty() {
+                if url::Url::parse(&amqp.url).is_ok_and(|u| u.password().is_some()) {
+                    return Err(invalid(
+                        "amqp.password_file",
+                        "amqp.url holds a password too: keep only one of them",
+                    ));
+                }
+                let password = read_password("amqp.password_file", &amqp.password_file)?;
+                amqp_url =
+                    with_amqp_password(&amqp.url, &password).map_err(|m| invalid("amqp.url", m))?;
+            }
+            let tls_wanted = !(amqp.tls_ca_file.is_empty()
+                && amqp.tls_cert_file.is_empty()
+                && amqp.tls_key_file.is_empty());
+            let amqps = amqp.url.starts_with("amqps://");
+            if tls_wanted && !amqps {
+                return Err(invalid(
+                    "amqp.url",
+                    "amqp.tls_* files are set but the URL is amqp://: use amqps:// (e.g. amqps://host:5671/%2f)",
+                ));
+            }
+            let external = uri.query.auth_mechanism == Some(lapin::uri::SASLMechanism::External);
+            if external && amqp.tls_cert_file.is_empty() {
+                return Err(invalid(
+                    "amqp.url",
+                    "auth_mechanism=external needs a client certificate: set amqp.tls_cert_file and amqp.tls_key_file",
+                ));
+            }
+            if !amqps
+                && !external
+                && !amqp.allow_insecure_password
+                && !is_loopback(&uri.authority.host)
+                && (url::Url::parse(&amqp.url).is_ok_and(|u| u.password().is_some())
+                    || !amqp.password_file.is_empty())
+            {
+                return Err(invalid(
+                    "amqp.url",
+                    format!("amqp:// to {} would send the password in clear text: use amqps:// (or set amqp.allow_insecure_password = true to accept the risk)", uri.authority.host),
+                ));
+            }
+            let tls = amqp_tls(&amqp.tls_ca_file, &amqp.tls_cert_file, &amqp.tls_key_file)?;
             let connect_timeout = positive("amqp.connect_timeout", amqp.connect_timeout, "10s")?;
             if amqp.exchange.is_empty() {
                 return Err(invalid(
@@ -675,7 +761,7 @@ mod raw {
                     replication_timeout: pg.replication_timeout,
                 },
                 amqp: AmqpConfig {
-                    url: AmqpUrl(amqp.url),
+                    url: AmqpUrl(amqp_url),
                     exchange: amqp.exchange,
                     declare_exchange: amqp.declare_exchange,
                     max_in_flight: amqp.max_in_flight,
@@ -685,6 +771,7 @@ mod raw {
                         .then_some(amqp.dead_letter_exchange),
                     reconnect_backoff_max: amqp.reconnect_backoff_max,
                     connect_timeout,
+                    tls,
                 },
                 relay: RelayConfig {
                     ordering: relay.ordering,
@@ -701,11 +788,117 @@ mod raw {
                         .then_some(retry.dead_retention),
                 },
                 inbox,
-                metrics: MetricsConfig { listen },
+                metrics: MetricsConfig {
+                    listen,
+                    token: match metrics.token_file.as_str() {
+                        "" => None,
+                        path => Some(crate::redact::Secret::new(read_password(
+                            "metrics.token_file",
+                            path,
+                        )?)),
+                    },
+                },
                 log,
             })
         }
     }
+}
+
+/// A password from a file (a Kubernetes secret, say): its content without the
+/// final line break.
+fn read_password(key: &str, path: &str) -> Result<String, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Invalid {
+        key: key.to_string(),
+        message: format!(
+            "{path} cannot be read ({e}): give a readable file that holds only the password"
+        ),
+    })?;
+    let password = text.strip_suffix('\n').unwrap_or(&text);
+    let password = password.strip_suffix('\r').unwrap_or(password);
+    if password.is_empty() {
+        return Err(ConfigError::Invalid {
+            key: key.to_string(),
+            message: format!("{path} is empty: it must hold the password"),
+        });
+    }
+    Ok(password.to_string())
+}
+
+/// `url` with `password` set (percent-encoded).
+fn with_amqp_password(url: &str, password: &str) -> Result<String, String> {
+    let mut u = url::Url::parse(url).map_err(|e| format!("cannot be parsed: {e}"))?;
+    if u.username().is_empty() {
+        return Err("names no user: use amqps://user@host:5671/%2f with amqp.password_file".into());
+    }
+    u.set_password(Some(password))
+        .map_err(|_| "cannot hold a password".to_string())?;
+    Ok(u.to_string())
+}
+
+fn is_loopback(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .trim_matches(|c| c == '[' || c == ']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// The CA and client certificate for `amqps://`, read and checked now so that
+/// a wrong file is an error naming its key.
+fn amqp_tls(ca: &str, cert: &str, key: &str) -> Result<AmqpTls, ConfigError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let invalid = |k: &str, m: String| ConfigError::Invalid {
+        key: k.to_string(),
+        message: m,
+    };
+    let read = |k: &str, path: &str| {
+        std::fs::read(path).map_err(|e| invalid(k, format!("{path} cannot be read ({e})")))
+    };
+    let certs = |k: &str, path: &str, bytes: &[u8]| -> Result<(), ConfigError> {
+        let n = CertificateDer::pem_slice_iter(bytes)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| invalid(k, format!("{path} is not a PEM certificate file ({e})")))?
+            .len();
+        if n == 0 {
+            return Err(invalid(k, format!("{path} holds no PEM certificate")));
+        }
+        Ok(())
+    };
+    let mut tls = lapin::tcp::OwnedTLSConfig::default();
+    if !ca.is_empty() {
+        let bytes = read("amqp.tls_ca_file", ca)?;
+        certs("amqp.tls_ca_file", ca, &bytes)?;
+        tls.cert_chain = Some(String::from_utf8_lossy(&bytes).into_owned());
+    }
+    match (cert.is_empty(), key.is_empty()) {
+        (true, true) => {}
+        (false, true) => {
+            return Err(invalid(
+                "amqp.tls_key_file",
+                "is empty while amqp.tls_cert_file is set: give both, or neither".into(),
+            ))
+        }
+        (true, false) => {
+            return Err(invalid(
+                "amqp.tls_cert_file",
+                "is empty while amqp.tls_key_file is set: give both, or neither".into(),
+            ))
+        }
+        (false, false) => {
+            let pem = read("amqp.tls_cert_file", cert)?;
+            certs("amqp.tls_cert_file", cert, &pem)?;
+            let key_pem = read("amqp.tls_key_file", key)?;
+            PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
+                invalid(
+                    "amqp.tls_key_file",
+                    format!("{key} is not a PEM private key (PKCS#8, PKCS#1 or SEC1): {e}"),
+                )
+            })?;
+            tls.identity = Some(lapin::tcp::OwnedIdentity::PKCS8 { pem, key: key_pem });
+        }
+    }
+    Ok(AmqpTls(tls))
 }
 
 fn apply_env(table: &mut toml::Table, var: &str, value: &str) -> Result<(), ConfigError> {
@@ -892,12 +1085,83 @@ mod tests {
     #[test]
     fn debug_hides_passwords() {
         let c = load(
-            "[postgres]\nurl = \"postgresql://u:hunter2@h/db\"\n[amqp]\nurl = \"amqp://u:hunter3@h:5672/%2f\"\n",
+            "[postgres]\nurl = \"postgresql://u:hunter2@h/db\"\n[amqp]\nurl = \"amqp://u:hunter3@h:5672/%2f\"\nallow_insecure_password = true\n",
             &[],
         )
         .unwrap();
         let s = format!("{c:?}");
         assert!(!s.contains("hunter2") && !s.contains("hunter3"), "{s}");
+    }
+
+    #[test]
+    fn passwords_come_from_files_and_never_go_out_in_clear() {
+        let dir = std::env::temp_dir().join(format!("outbox-relay-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pg = dir.join("pg");
+        std::fs::write(&pg, "hunter4\n").unwrap();
+        let mq = dir.join("mq");
+        std::fs::write(&mq, "hunter5").unwrap();
+        let c = load(
+            &format!(
+                "[postgres]\nurl = \"postgresql://u@h/db?sslmode=require\"\npassword_file = \"{}\"\n\
+                 [amqp]\nurl = \"amqps://u@h:5671/%2f\"\npassword_file = \"{}\"\n",
+                pg.display(),
+                mq.display()
+            ),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.postgres.target.password(), "hunter4");
+        assert!(c.amqp.url.expose().contains(":hunter5@"));
+        let s = format!("{c:?}");
+        assert!(!s.contains("hunter4") && !s.contains("hunter5"), "{s}");
+        // Both a URL password and a file: which one is meant?
+        let e = load(
+            &format!(
+                "[postgres]\nurl = \"postgresql://u:x@h/db\"\npassword_file = \"{}\"\n",
+                pg.display()
+            ),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("postgres.password_file"), "{e}");
+        let e = load("[postgres]\npassword_file = \"/nonexistent/pw\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("postgres.password_file") && e.contains("/nonexistent/pw"),
+            "{e}"
+        );
+        // amqp:// with a password to another host is clear text: refused unless allowed.
+        let e = load(
+            "[amqp]\nurl = \"amqp://u:hunter6@broker.example:5672/%2f\"\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("amqp.url") && e.contains("amqps://"), "{e}");
+        assert!(!e.contains("hunter6"), "{e}");
+        // TLS files are read at start-up, errors name the key.
+        let e = load(
+            "[amqp]\nurl = \"amqps://u:p@h:5671/%2f\"\ntls_ca_file = \"/nonexistent/ca.pem\"\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("amqp.tls_ca_file"), "{e}");
+        let e = load(
+            "[amqp]\nurl = \"amqps://u@h:5671/%2f?auth_mechanism=external\"\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("tls_cert_file"), "{e}");
+        let e = load("[metrics]\ntoken_file = \"/nonexistent/token\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("metrics.token_file"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -15,6 +15,16 @@ pub enum Error {
         source: tokio_postgres::Error,
     },
 
+    #[error("postgres.url {key}: {message} (connecting to {url})")]
+    PostgresTls {
+        url: String,
+        key: String,
+        message: String,
+    },
+
+    #[error("the Postgres server at {url} asks for the password in {method} over an unencrypted connection, where anyone on the way can read it: use sslmode=require or stricter in postgres.url, or switch the server to scram-sha-256 in pg_hba.conf (or set postgres.allow_insecure_password = true to accept the risk)")]
+    InsecurePassword { url: String, method: &'static str },
+
     #[error("Postgres error while {context}: {}", pg_message(.source))]
     Postgres {
         context: String,
@@ -91,6 +101,13 @@ pub enum Error {
         url: String,
         #[source]
         source: lapin::Error,
+    },
+
+    #[error("amqp.{key}: {message} (connecting to {url})")]
+    AmqpTls {
+        url: String,
+        key: String,
+        message: String,
     },
 
     #[error("RabbitMQ at {url} accepted the connection but did not get it ready within {timeout:?} (amqp.connect_timeout): check that the broker has finished starting and is not overloaded, or raise the timeout")]

@@ -53,7 +53,8 @@ pub async fn receive(config: Config, shutdown: impl Future<Output = ()>) -> Resu
     let health = Arc::new(Health::default());
     // Postgres answered the table check; the store task reports later trouble.
     health.set_streaming(true);
-    let _metrics = spawn_metrics(&config, &health).await?;
+    // The same endpoint as `run` (the slot's lag is the relay's, when one runs).
+    let _metrics = crate::relay::spawn_metrics(&config, &health).await?;
 
     let capacity = usize::from(inbox.prefetch);
     let (to_store, from_broker) = mpsc::channel(capacity);
@@ -126,35 +127,4 @@ async fn check_table(config: &Config, inbox: &crate::config::InboxConfig) -> Res
                 .unwrap_or_else(|| e.to_string()),
         })?;
     Ok(())
-}
-
-/// Starts `/metrics`, `/healthz`, `/readyz` when configured.
-async fn spawn_metrics(
-    config: &Config,
-    health: &Arc<Health>,
-) -> Result<Option<AbortOnDrop>, Error> {
-    let Some(addr) = config.metrics.listen else {
-        return Ok(None);
-    };
-    let listener = crate::metrics::server::bind(addr).await?;
-    let local = listener
-        .local_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
-    tracing::info!(listen = %local, "metrics listening on {local}: /metrics /healthz /readyz");
-    let lag = crate::metrics::server::LagSource {
-        target: config.postgres.target.clone(),
-        slot: config.postgres.slot.clone(),
-    };
-    Ok(Some(AbortOnDrop(tokio::spawn(
-        crate::metrics::server::serve(listener, health.clone(), lag),
-    ))))
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }

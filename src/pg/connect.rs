@@ -1,8 +1,16 @@
-//! SQL sessions to the configured Postgres; each connection runs on a task of its own.
+//! SQL sessions to the configured Postgres; each connection runs on a task of
+//! its own. TLS follows `postgres.url`'s sslmode (see `pg::tls`), and a password
+//! is never sent in clear text over an unencrypted connection.
 
 use super::target::PgTarget;
+use super::tls::{RustlsStream, SslMode};
 use crate::error::Error;
-use tokio_postgres::{Client, NoTls};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_postgres::{Client, Socket};
+
+/// An SQL connection's driving future, plain or encrypted.
+pub type PgConnection = tokio_postgres::Connection<Socket, RustlsStream<Socket>>;
 
 impl PgTarget {
     /// Opens an SQL session named `outbox-relay` in pg_stat_activity.
@@ -12,13 +20,7 @@ impl PgTarget {
 
     /// Like `connect`, with this `application_name` (shown in pg_stat_activity).
     pub async fn connect_as(&self, application_name: &str) -> Result<Client, Error> {
-        let (client, connection) = self.connect_raw(application_name, "").await?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "postgres sql connection ended");
-            }
-        });
-        Ok(client)
+        self.connect_with(application_name, "").await
     }
 
     /// Like `connect_as`, with session settings (`options`, e.g.
@@ -43,13 +45,7 @@ impl PgTarget {
         &self,
         application_name: &str,
         options: &str,
-    ) -> Result<
-        (
-            Client,
-            tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>,
-        ),
-        Error,
-    > {
+    ) -> Result<(Client, PgConnection), Error> {
         let mut config: tokio_postgres::Config =
             self.url()
                 .parse()
@@ -61,13 +57,105 @@ impl PgTarget {
         if !options.is_empty() {
             config.options(options);
         }
+        if !self.password().is_empty() {
+            config.password(self.password());
+        }
+        config.ssl_mode(self.tls.tokio_postgres_mode());
+        self.refuse_clear_password(false).await?;
         config
-            .connect(NoTls)
+            .connect(self.tls.connector())
             .await
-            .map_err(|source| Error::PostgresConnect {
-                url: self.redacted(),
-                source,
+            .map_err(|source| self.connect_error(source))
+    }
+
+    /// The error for a failed connection: one naming the TLS key at fault when
+    /// the TLS negotiation failed.
+    fn connect_error(&self, source: tokio_postgres::Error) -> Error {
+        let mut text = source.to_string();
+        let mut cause: Option<&dyn std::error::Error> = std::error::Error::source(&source);
+        while let Some(c) = cause {
+            text.push_str(": ");
+            text.push_str(&c.to_string());
+            cause = c.source();
+        }
+        if text.contains("TLS") || text.contains("certificate") {
+            if let Some((key, message)) = self.tls.explain(&text, &self.host) {
+                return self.tls_error(key, message);
+            }
+        }
+        Error::PostgresConnect {
+            url: self.redacted(),
+            source,
+        }
+    }
+
+    pub(crate) fn tls_error(&self, key: String, message: String) -> Error {
+        Error::PostgresTls {
+            url: self.redacted(),
+            key,
+            message,
+        }
+    }
+
+    /// Refuses to go on when the server would have the password in clear text
+    /// or MD5 over an unencrypted connection (unless
+    /// `postgres.allow_insecure_password`). It asks the server first, on a
+    /// connection of its own that sends no password: the same start-up message
+    /// (so the same pg_hba.conf line applies) and, under `sslmode=prefer`, the
+    /// same TLS request. Nothing to ask without a password, over a Unix socket,
+    /// or when TLS is required anyway.
+    pub async fn refuse_clear_password(&self, replication: bool) -> Result<(), Error> {
+        if self.allow_insecure_password
+            || self.password().is_empty()
+            || self.is_unix_socket()
+            || self.tls.effective.requires_tls()
+        {
+            return Ok(());
+        }
+        let probe = async {
+            let mut s = tokio::net::TcpStream::connect((self.host.as_str(), self.port)).await?;
+            if self.tls.effective == SslMode::Prefer {
+                s.write_all(&[0, 0, 0, 8, 4, 210, 22, 47]).await?;
+                if s.read_u8().await? == b'S' {
+                    return Ok::<_, std::io::Error>(None);
+                }
+            }
+            let mut body = Vec::new();
+            body.extend_from_slice(&196608i32.to_be_bytes());
+            let mut param = |k: &str, v: &str| {
+                body.extend_from_slice(k.as_bytes());
+                body.push(0);
+                body.extend_from_slice(v.as_bytes());
+                body.push(0);
+            };
+            param("user", &self.user);
+            param("database", &self.dbname);
+            if replication {
+                param("replication", "database");
+            }
+            body.push(0);
+            let mut msg = ((body.len() + 4) as i32).to_be_bytes().to_vec();
+            msg.extend_from_slice(&body);
+            s.write_all(&msg).await?;
+            let tag = s.read_u8().await?;
+            let len = s.read_i32().await?;
+            if tag != b'R' || len < 8 {
+                return Ok(None);
+            }
+            Ok(match s.read_i32().await? {
+                3 => Some("clear text"),
+                5 => Some("MD5"),
+                _ => None,
             })
+        };
+        match tokio::time::timeout(Duration::from_secs(10), probe).await {
+            Ok(Ok(Some(method))) => Err(Error::InsecurePassword {
+                url: self.redacted(),
+                method,
+            }),
+            // Unreachable or slow: the real connection says why.
+            _ => Ok(()),
+        }
     }
 }
 

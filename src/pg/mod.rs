@@ -7,6 +7,7 @@ pub mod connect;
 pub mod names;
 pub mod slots;
 pub mod target;
+pub mod tls;
 
 pub use names::{quote_ident, TableName};
 pub use target::PgTarget;

@@ -20,6 +20,8 @@ mod fastmap;
 mod parked;
 mod retries;
 mod startup;
+
+pub(crate) use startup::spawn_metrics;
 mod window;
 
 pub use startup::heartbeat_application_name;

@@ -221,11 +221,22 @@ pub async fn spawn_metrics(
         .map(|a| a.to_string())
         .unwrap_or_default();
     tracing::info!(listen = %local, "metrics listening on {local}: /metrics /healthz /readyz");
-    let lag = crate::metrics::server::LagSource {
-        target: config.postgres.target.clone(),
-        slot: config.postgres.slot.clone(),
-    };
+    let token = config
+        .metrics
+        .token
+        .as_ref()
+        .map(|t| t.expose().to_string());
+    if token.is_none() && !addr.ip().is_loopback() {
+        tracing::warn!(
+            listen = %local,
+            "the metrics endpoint is reachable beyond this host without a token: set metrics.token_file, or bind it to 127.0.0.1"
+        );
+    }
+    let lag = crate::metrics::server::LagSource::new(
+        config.postgres.target.clone(),
+        config.postgres.slot.clone(),
+    );
     Ok(Some(AbortOnDrop(tokio::spawn(
-        crate::metrics::server::serve(listener, health.clone(), lag),
+        crate::metrics::server::serve(listener, health.clone(), lag, token),
     ))))
 }

@@ -37,6 +37,8 @@ const COMMAND_BATCH: usize = 2000;
 const LOAD_BATCH: usize = 64;
 /// Heads read per page on a reload.
 const HEADS_PAGE: i64 = 1000;
+/// Requeue notifications cause at most one reload per this interval.
+pub const REQUEUE_RELOAD_INTERVAL: Duration = Duration::from_secs(1);
 /// Failures of one statement before `/readyz` reports the store as failing.
 const REPORT_AFTER: u32 = 3;
 /// Failures of a statement that is not about the connection before it is given up.
@@ -156,6 +158,11 @@ impl Store {
         events: mpsc::Sender<StoreEvent>,
     ) {
         let mut parks_open = true;
+        // Any role that may connect can NOTIFY any channel: a burst of requeue
+        // notifications (a flood from anyone) makes one reload, at most one per
+        // REQUEUE_RELOAD_INTERVAL, and a reload is read in pages anyway.
+        let mut reload_due: Option<tokio::time::Instant> = None;
+        let mut last_reload: Option<tokio::time::Instant> = None;
         loop {
             // Priority, highest first: parks (they hold the relay's window and LSN),
             // outcomes and reloads, loads (a retry storm slows retries down but never
@@ -208,6 +215,15 @@ impl Store {
                     sent
                 }
                 Some(_) = self.notifications.recv() => {
+                    while self.notifications.try_recv().is_ok() {}
+                    let now = tokio::time::Instant::now();
+                    let due = last_reload.map_or(now, |t| (t + REQUEUE_RELOAD_INTERVAL).max(now));
+                    reload_due.get_or_insert(due);
+                    true
+                }
+                _ = tokio::time::sleep_until(reload_due.unwrap_or_else(tokio::time::Instant::now)), if reload_due.is_some() => {
+                    reload_due = None;
+                    last_reload = Some(tokio::time::Instant::now());
                     tracing::info!("requeue notification: reading the retry queue again");
                     self.reload(&events).await
                 }

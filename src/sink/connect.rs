@@ -71,12 +71,64 @@ pub async fn open(settings: &SinkSettings) -> Result<Connection, Error> {
 async fn open_now(settings: &SinkSettings) -> Result<Connection, Error> {
     let props = ConnectionProperties::default()
         .with_connection_name(format!("outbox-relay {}", env!("CARGO_PKG_VERSION")).into());
-    Connection::connect(settings.url.expose(), props)
-        .await
-        .map_err(|source| Error::AmqpConnect {
-            url: settings.url.redacted(),
-            source,
-        })
+    // rustls needs a process-wide crypto provider when more than one is built in.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let runtime = lapin::runtime::default_runtime().map_err(|source| Error::AmqpConnect {
+        url: settings.url.redacted(),
+        source,
+    })?;
+    Connection::connect_with_config(
+        settings.url.expose(),
+        props,
+        settings.tls.0.clone(),
+        runtime,
+    )
+    .await
+    .map_err(|source| connect_error(settings, source))
+}
+
+/// A failed connection; one that failed in the TLS handshake names the key to
+/// look at.
+fn connect_error(settings: &SinkSettings, source: lapin::Error) -> Error {
+    let mut text = source.to_string();
+    let mut cause: Option<&dyn std::error::Error> = std::error::Error::source(&source);
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    let lower = text.to_ascii_lowercase();
+    let url = settings.url.redacted();
+    let tls = |key: &str, message: String| Error::AmqpTls {
+        url: url.clone(),
+        key: key.to_string(),
+        message,
+    };
+    if lower.contains("unknownissuer")
+        || lower.contains("unknown issuer")
+        || lower.contains("badsignature")
+    {
+        return tls("tls_ca_file", "the broker's certificate is not signed by a trusted CA: set amqp.tls_ca_file to the CA (PEM) that signed it".into());
+    }
+    if lower.contains("notvalidforname") || lower.contains("not valid for name") {
+        return tls("url", format!("the broker's certificate is not valid for host {}: connect by a name the certificate holds", crate::redact::amqp_host(settings.url.expose())));
+    }
+    if lower.contains("certificaterequired")
+        || lower.contains("certificate required")
+        || lower.contains("unknownca")
+        || lower.contains("unknown ca")
+    {
+        return tls("tls_cert_file", "the broker refused the client certificate (or wants one): set amqp.tls_cert_file and amqp.tls_key_file to a certificate its CA signed".into());
+    }
+    if (lower.contains("invalidcontenttype")
+        || lower.contains("corrupt message")
+        || lower.contains("invalid peer certificate")
+        || lower.contains("handshake"))
+        && settings.url.expose().starts_with("amqps://")
+    {
+        return tls("url", format!("TLS negotiation failed ({}): check that the port speaks TLS (RabbitMQ's default is 5671) and the certificates", crate::redact::one_line(&text)));
+    }
+    Error::AmqpConnect { url, source }
 }
 
 /// The exchanges the relay publishes to, with the keys that name them.

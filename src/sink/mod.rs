@@ -112,6 +112,7 @@ pub struct SinkSettings {
     pub declare_exchange: bool,
     pub reconnect_backoff_max: Duration,
     pub connect_timeout: Duration,
+    pub tls: crate::config::AmqpTls,
 }
 
 impl SinkSettings {
@@ -124,6 +125,7 @@ impl SinkSettings {
             declare_exchange: amqp.declare_exchange,
             reconnect_backoff_max: amqp.reconnect_backoff_max,
             connect_timeout: amqp.connect_timeout,
+            tls: amqp.tls.clone(),
         }
     }
 }

@@ -40,6 +40,7 @@ pub async fn start(settings: &SourceSettings, start: Lsn) -> Result<ReplicationC
         settings.publication.clone(),
     )
     .with_port(t.port)
+    .with_tls(replication_tls(t).await?)
     .with_start_lsn(start)
     .with_ack_lsn(start)
     .with_status_interval(settings.status_interval)
@@ -50,6 +51,7 @@ pub async fn start(settings: &SourceSettings, start: Lsn) -> Result<ReplicationC
         "-c datestyle=ISO,YMD -c timezone=UTC -c intervalstyle=iso_8601 -c extra_float_digits=3",
     )
     .with_application_name("outbox-relay");
+    t.refuse_clear_password(true).await?;
     let mut client = ReplicationClient::connect(cfg)
         .await
         .map_err(|e| map_start_error(settings, e))?;
@@ -60,7 +62,33 @@ pub async fn start(settings: &SourceSettings, start: Lsn) -> Result<ReplicationC
     Ok(client)
 }
 
+/// The replication connection's TLS settings (see `PgTls::certificate_name`
+/// for verify-ca).
+async fn replication_tls(t: &PgTarget) -> Result<pgwire_replication::TlsConfig, Error> {
+    let mut tls = t.tls.replication(&t.host);
+    if t.tls.effective == crate::pg::tls::SslMode::VerifyCa {
+        match t.tls.certificate_name(&t.host, t.port).await {
+            Ok(Some(name)) => tls.sni_hostname = Some(name),
+            Ok(None) => {}
+            Err(text) => {
+                let (key, message) = t
+                    .tls
+                    .explain(&text, &t.host)
+                    .unwrap_or_else(|| (format!("sslmode={}", t.tls.mode.as_str()), text));
+                return Err(t.tls_error(key, message));
+            }
+        }
+    }
+    Ok(tls)
+}
+
 fn map_start_error(settings: &SourceSettings, e: PgWireError) -> Error {
+    if let PgWireError::Tls(text) = &e {
+        let t = &settings.target;
+        if let Some((key, message)) = t.tls.explain(text, &t.host) {
+            return t.tls_error(key, message);
+        }
+    }
     if let PgWireError::Server(msg) = &e {
         if let Some(pid) = pid_from_slot_error(msg) {
             return Error::SlotBusy {
