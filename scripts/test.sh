@@ -27,5 +27,7 @@ flock -o -x "$LOCK" cargo test --test main
 cargo test --test faults --no-run
 flock -o -x "$LOCK" cargo test --test faults -- --test-threads=1
 # The inbox fault tests close every broker connection and kill receivers: the same.
+# The chain test kills a processor process: examples/inbox_worker.rs.
+cargo build --examples
 cargo test --test inbox_faults --no-run
 flock -o -x "$LOCK" cargo test --test inbox_faults -- --test-threads=1

@@ -7,7 +7,7 @@ mod support;
 use std::process::Command;
 use std::time::Duration;
 use support::inbox::{HoldingProxy, InboxFixture, Msg};
-use support::{http_get, metric_value, wait_for, AMQP_URL};
+use support::{http_get, metric_value, wait_for, Relay, AMQP_URL};
 
 const T: Duration = Duration::from_secs(60);
 
@@ -154,11 +154,6 @@ async fn inb_a_lost_postgres_session_reconnects_and_loses_nothing() {
 /// doubled, and each aggregate's effects in commit order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inb_chain_effects_once_under_crashes() {
-    use outbox_relay::inbox::{InboxMessage, Processor, ProcessorOptions};
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
-    use tokio_postgres::Transaction;
-
     const N: usize = 1500;
     const AGGS: usize = 10;
     let relay_fx = support::Fixture::bare("inb_chain").await;
@@ -223,46 +218,26 @@ async fn inb_chain_effects_once_under_crashes() {
         })
     };
 
-    // The processor: ordering by aggregate; `in_handler` tells when one is mid-handler.
-    let in_handler = Arc::new(AtomicBool::new(false));
-    let processor = {
-        let in_handler = in_handler.clone();
-        Processor::new(support::PG_URL, &f.table)
-            .unwrap()
-            .options(ProcessorOptions {
-                notify_channel: Some(f.channel.clone()),
-                ordering_field: Some("agg".into()),
-                backoff_base: Duration::from_millis(50),
-                backoff_max: Duration::from_millis(200),
-                ..Default::default()
-            })
-            .handler(
-                "order.placed",
-                move |tx: &Transaction<'_>, m: &InboxMessage| {
-                    let p = m.payload.clone();
-                    let flag = in_handler.clone();
-                    Box::pin(async move {
-                        tx.execute(
-                            &format!(
-                                "insert into {effects} (order_id, agg, n) values ($1, $2, $3)"
-                            ),
-                            &[
-                                &p["orderId"].as_str().unwrap_or_default(),
-                                &p["agg"].as_str().unwrap_or_default(),
-                                &(p["n"].as_i64().unwrap_or(-1) as i32),
-                            ],
-                        )
-                        .await?;
-                        flag.store(true, Ordering::SeqCst);
-                        tokio::time::sleep(Duration::from_millis(2)).await;
-                        flag.store(false, Ordering::SeqCst);
-                        Ok(())
-                    })
-                },
-            )
+    // The processor: its own process (examples/inbox_worker.rs), ordering by
+    // aggregate; while `hold` exists its next handler waits with its transaction open.
+    let hold = f.dir.join("hold");
+    let _ = std::fs::remove_file(&hold);
+    let worker_dir = f.dir.join("worker");
+    let spawn_worker = || {
+        Relay::example(
+            "inbox_worker",
+            &[
+                support::PG_URL,
+                &f.table,
+                effects,
+                &f.channel,
+                hold.to_str().unwrap(),
+            ],
+            &worker_dir,
+        )
     };
-    let spawn_processor = |p: Processor| tokio::spawn(p.run(std::future::pending()));
-    let mut worker = spawn_processor(processor.clone());
+    let mut worker = spawn_worker();
+    worker.wait_log("processing", T).await;
 
     let effects_count = || async {
         f.db.query_one(&format!("select count(*) from {effects}"), &[])
@@ -280,14 +255,26 @@ async fn inb_chain_effects_once_under_crashes() {
         receiver.kill9();
         receiver = f.spawn(&inbox_config);
         if round == 1 {
-            // A processor crashes mid-handler: its transaction dies with its session.
-            wait_for(T, "a handler running", || async {
-                in_handler.load(Ordering::SeqCst)
-            })
-            .await;
-            worker.abort();
-            let _ = worker.await;
-            worker = spawn_processor(processor.clone());
+            // A processor is killed (-9) in the middle of a handler: its effect row is
+            // written and its transaction open, so both die with its session.
+            std::fs::write(&hold, b"").unwrap();
+            worker.wait_log("mid-handler", T).await;
+            let open: i64 = f
+                .db
+                .query_one(
+                    &format!(
+                        "select count(*) from pg_locks l join pg_class c on c.oid = l.relation \
+                         where c.oid = '{effects}'::regclass and l.mode = 'RowExclusiveLock' and l.granted"
+                    ),
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(open, 1, "a handler's uncommitted effect");
+            worker.kill9();
+            std::fs::remove_file(&hold).unwrap();
+            worker = spawn_worker();
         }
         if round == 2 {
             receiver.wait_log("inbox consuming", T).await;
@@ -332,7 +319,7 @@ async fn inb_chain_effects_once_under_crashes() {
         sorted.sort();
         assert_eq!(ns, sorted, "agg-{a} effects in commit order");
     }
-    worker.abort();
+    worker.kill9();
     assert!(relay.terminate(T).await.success(), "{}", relay.log_text());
     assert!(
         receiver.terminate(T).await.success(),

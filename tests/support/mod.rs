@@ -705,11 +705,43 @@ impl Relay {
 
     /// Runs `outbox-relay <args>` in the background with stderr/stdout in a log file.
     pub fn command(args: &[&str], dir: &std::path::Path, env: &[(&str, &str)]) -> Relay {
+        Self::program(
+            std::path::Path::new(env!("CARGO_BIN_EXE_outbox-relay")),
+            args,
+            dir,
+            env,
+        )
+    }
+
+    /// Runs one of the crate's examples (built by `cargo build --examples`, which
+    /// `scripts/test.sh` does) like [`Relay::command`].
+    pub fn example(name: &str, args: &[&str], dir: &std::path::Path) -> Relay {
+        // target/<profile>/deps/<test binary> -> target/<profile>/examples/<name>
+        let exe = std::env::current_exe().unwrap();
+        let path = exe
+            .parent()
+            .and_then(|deps| deps.parent())
+            .map(|profile| profile.join("examples").join(name))
+            .unwrap();
+        assert!(
+            path.exists(),
+            "{} is missing: run `cargo build --examples` first (scripts/test.sh does)",
+            path.display()
+        );
+        Self::program(&path, args, dir, &[])
+    }
+
+    fn program(
+        program: &std::path::Path,
+        args: &[&str],
+        dir: &std::path::Path,
+        env: &[(&str, &str)],
+    ) -> Relay {
         std::fs::create_dir_all(dir).unwrap();
         let n = std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0);
         let log = dir.join(format!("relay-{n}.log"));
         let file = std::fs::File::create(&log).unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_outbox-relay"));
+        let mut cmd = Command::new(program);
         cmd.args(args)
             .stdin(Stdio::null())
             .stdout(file.try_clone().unwrap())
@@ -723,7 +755,9 @@ impl Relay {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let child = cmd.spawn().expect("spawn outbox-relay");
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", program.display()));
         Relay { child, log }
     }
 
