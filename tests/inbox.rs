@@ -1,7 +1,7 @@
 //! `outbox-relay inbox`: a queue recorded into the Event-Forge inbox table once.
 
 use crate::support::inbox::{headers, InboxFixture, Msg};
-use crate::support::{http_get, metric_value, wait_for};
+use crate::support::{http_get, metric_value, wait_for, AMQP_URL};
 use lapin::BasicProperties;
 use std::collections::HashSet;
 use std::time::Duration;
@@ -404,5 +404,118 @@ async fn inb_event_forge_inbox_service_processes_what_the_receiver_recorded() {
     f.db.batch_execute(&format!("drop schema {schema} cascade"))
         .await
         .unwrap();
+    f.cleanup().await;
+}
+
+/// Interop, the other way: messages Event-Forge's own Python publisher
+/// (`AioPikaPublisher`) sends are recorded by the receiver with Event-Forge's
+/// mapping. Needs `OUTBOX_RELAY_EVENT_FORGE_PYTHON` to name a Python with the
+/// `event-forge` and `aio-pika` packages; run with `--ignored`. Without the
+/// variable it fails, so it never passes without running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs OUTBOX_RELAY_EVENT_FORGE_PYTHON (a python with event-forge and aio-pika)"]
+async fn inb_what_event_forge_publishes_is_recorded_once() {
+    let python = std::env::var("OUTBOX_RELAY_EVENT_FORGE_PYTHON").expect(
+        "set OUTBOX_RELAY_EVENT_FORGE_PYTHON to a python with event-forge and aio-pika \
+         (python3 -m venv v && v/bin/pip install event-forge aio-pika)",
+    );
+    let f = InboxFixture::new("interop_pub").await;
+    let exchange = "inb_ex_interop_pub";
+    let conn = lapin::Connection::connect(AMQP_URL, Default::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.exchange_declare(
+        exchange.into(),
+        lapin::ExchangeKind::Topic,
+        lapin::options::ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    let mut r = f
+        .start(&[
+            &format!("bind_exchange = \"{exchange}\""),
+            "bind_keys = [\"Order.#\"]",
+            "source = \"event-forge\"",
+        ])
+        .await;
+    let ids: Vec<String> = (0..20).map(|i| format!("inb-ef-pub-{i}")).collect();
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/interop/event_forge_publish.py"
+    );
+    // Published twice: the second copy of each is a duplicate.
+    for _ in 0..2 {
+        let out = std::process::Command::new(&python)
+            .arg(script)
+            .arg(AMQP_URL)
+            .arg(exchange)
+            .args(&ids)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+    wait_for(T, "every message recorded", || async {
+        f.db.query_one(
+            &format!(
+                "select count(*) from {} where source = 'event-forge'",
+                f.table
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+            == 20
+    })
+    .await;
+    let rows = f
+        .db
+        .query(
+            &format!(
+                "select message_id, event_type, payload::text, metadata->>'traceId', status from {} order by message_id",
+                f.table
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 20, "stored once each");
+    for row in &rows {
+        let id: String = row.get(0);
+        let i: usize = id.rsplit('-').next().unwrap().parse().unwrap();
+        assert_eq!(row.get::<_, String>(1), "order.placed");
+        let payload: serde_json::Value = serde_json::from_str(&row.get::<_, String>(2)).unwrap();
+        assert_eq!(payload, serde_json::json!({"orderId": id, "n": i}));
+        assert_eq!(
+            row.get::<_, Option<String>>(3).as_deref(),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
+        assert_eq!(row.get::<_, String>(4), "received");
+    }
+    wait_for(T, "the copies counted as duplicates and acked", || async {
+        let q = ch
+            .queue_declare(
+                f.queue.as_str().into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                Default::default(),
+            )
+            .await
+            .unwrap();
+        q.message_count() == 0
+    })
+    .await;
+    assert!(r.terminate(T).await.success(), "{}", r.log_text());
+    let _ = ch
+        .exchange_delete(exchange.into(), Default::default())
+        .await;
+    let _ = conn.close(200, "bye".into()).await;
     f.cleanup().await;
 }
