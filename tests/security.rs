@@ -706,15 +706,21 @@ async fn rows_flow_over_tls_on_both_sides_and_no_output_holds_a_password() {
             round * 100 + 99
         ));
     }
-    let flood = started.elapsed();
-    // The last notification's reload is due within a second of it.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let made = reloads(&relay.log_text()) - before;
-    assert!(made >= 1, "the notifications were not heard");
-    assert!(
-        made as u64 <= flood.as_secs() + 2,
-        "1000 notifications in {flood:?} made {made} reloads"
-    );
+    // Heard, and coalesced: by any moment, no more reloads than about one for each
+    // second since the flood began (a slow machine only makes fewer).
+    support::wait_for(T, "the notifications heard", || async {
+        reloads(&relay.log_text()) > before
+    })
+    .await;
+    support::holds_for(
+        Duration::from_secs(3),
+        "about one reload a second at most",
+        || async {
+            let made = reloads(&relay.log_text()) - before;
+            made as u64 <= started.elapsed().as_secs() + 2
+        },
+    )
+    .await;
     let (code, _) = get(&addr, "/readyz", "").await;
     assert_eq!(code, 200, "not ready after the flood");
 
