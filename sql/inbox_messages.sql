@@ -28,3 +28,8 @@ CREATE INDEX IF NOT EXISTS idx_inbox_processed ON public.inbox_messages (process
 CREATE INDEX IF NOT EXISTS idx_inbox_scheduled ON public.inbox_messages (scheduled_at);
 CREATE INDEX IF NOT EXISTS idx_inbox_recovery_sweep ON public.inbox_messages (status, updated_at)
     WHERE status = 'processing';
+-- outbox-relay's addition (Event-Forge's tables lack it; create it on those too): the
+-- Processor claims the oldest unfinished row, and per-aggregate ordering looks for
+-- unfinished predecessors. Without it each claim walks past every processed row.
+CREATE INDEX IF NOT EXISTS idx_inbox_unfinished ON public.inbox_messages (created_at, id)
+    WHERE status IN ('received', 'failed', 'processing');

@@ -172,16 +172,16 @@ impl Processor {
         let t = self.table.quoted();
         let ordering = match &self.options.ordering_field {
             Some(_) => format!(
-                " and not exists (select 1 from {t} o where o.payload->>$2 = m.payload->>$2 \
-                 and (o.created_at, o.id) < (m.created_at, m.id) \
-                 and o.status not in ('processed', 'permanently_failed'))"
+                " and not exists (select 1 from {t} o where o.status in ('received', 'failed', 'processing') \
+                 and (o.created_at, o.id) < (m.created_at, m.id) and o.payload->>$2 = m.payload->>$2)"
             ),
             None => String::new(),
         };
         format!(
             "select id, message_id, source, event_type, payload::text, metadata::text, \
              retry_count, max_retries from {t} m \
-             where event_type = any($1) and (status = 'received' or (status = 'failed' \
+             where status in ('received', 'failed', 'processing') and event_type = any($1) \
+             and (status = 'received' or (status = 'failed' \
              and (scheduled_at is null or scheduled_at <= now()))){ordering} \
              order by created_at, id limit 1 for update skip locked"
         )
