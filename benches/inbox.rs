@@ -357,12 +357,14 @@ async fn receive(db: &Client, rows: usize, prefix: u32) -> Run {
 /// last receive run left in the table (all set back to `received` first); stops at
 /// `cap` (then the rate is over what it did).
 async fn process(db: &Client, workers: usize, cap: Duration) -> (Run, usize) {
-    db.batch_execute(&format!(
-        "update {TABLE} set status = 'received', processed_at = null where status <> 'received'; \
-         vacuum analyze {TABLE}; checkpoint"
-    ))
-    .await
-    .unwrap();
+    // One statement each: VACUUM cannot run inside the implicit transaction of several.
+    for sql in [
+        format!("update {TABLE} set status = 'received', processed_at = null where status <> 'received'"),
+        format!("vacuum analyze {TABLE}"),
+        "checkpoint".to_string(),
+    ] {
+        db.batch_execute(&sql).await.unwrap();
+    }
     let rows = count_rows(db).await as usize;
     let processor = Processor::new(PG_URL, TABLE)
         .unwrap()
