@@ -22,7 +22,7 @@
 //! Run with `timeout 1800 flock -o -x /tmp/outbox-relay-services.lock cargo bench
 //! --bench inbox` (the services are shared). Environment: BENCH_INBOX_ROWS=100000,
 //! BENCH_ROUNDS=3, BENCH_INBOX_ACK_EVERY=500 (the receiver's default batch_size),
-//! BENCH_INBOX_WORKERS=1,4, BENCH_INBOX_PROCESSOR_SECS=120 (a cap per processor
+//! BENCH_INBOX_WORKERS=1,4, BENCH_INBOX_PROCESSOR_SECS=30 (a cap per processor
 //! run), BENCH_INBOX_LIVE_RATE=1000, BENCH_INBOX_LIVE_SECS=10 (0 skips live),
 //! BENCH_RELAY=PATH (another build of the binary).
 //!
@@ -539,7 +539,7 @@ async fn main() {
     let rows = env_usize("BENCH_INBOX_ROWS", 100_000);
     let rounds = env_usize("BENCH_ROUNDS", 3).max(1);
     let ack_every = env_usize("BENCH_INBOX_ACK_EVERY", 500).max(1);
-    let cap = Duration::from_secs(env_usize("BENCH_INBOX_PROCESSOR_SECS", 120) as u64);
+    let cap = Duration::from_secs(env_usize("BENCH_INBOX_PROCESSOR_SECS", 30) as u64);
     let live_rate = env_usize("BENCH_INBOX_LIVE_RATE", 1000).max(1);
     let live_secs = env_usize("BENCH_INBOX_LIVE_SECS", 10);
     let workers: Vec<usize> = std::env::var("BENCH_INBOX_WORKERS")
