@@ -1,0 +1,154 @@
+//! Helpers shared by the end-to-end benchmarks (`drain`, `inbox`): CPU seconds and
+//! peak RSS from /proc, the broker's pid and settling, medians.
+#![allow(dead_code)]
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+pub fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Clock ticks per second of /proc's CPU times (`getconf CLK_TCK`; 100 on most systems).
+pub fn clock_ticks() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(100.0)
+    })
+}
+
+/// Fields of /proc/<pid>/stat after the command name (field 3 is index 0).
+pub fn stat_fields(pid: u32) -> Vec<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after_comm = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    after_comm.split_whitespace().map(str::to_string).collect()
+}
+
+pub fn ticks_at(fields: &[String], index: usize) -> f64 {
+    fields
+        .get(index)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// CPU seconds (user + system) a process has used so far.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let f = stat_fields(pid);
+    (ticks_at(&f, 11) + ticks_at(&f, 12)) / clock_ticks()
+}
+
+/// CPU seconds used so far by Postgres: every running Postgres process (walsender,
+/// backends, background writers), plus what its exited children used (the
+/// postmaster's cutime and cstime), so backends that ended between two samples count.
+pub fn postgres_cpu_seconds() -> f64 {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    let pids: Vec<u32> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim() == "postgres")
+        })
+        .collect();
+    let mut total = 0.0;
+    for &pid in &pids {
+        let f = stat_fields(pid);
+        total += ticks_at(&f, 11) + ticks_at(&f, 12);
+        // The postmaster: its parent is not a Postgres process.
+        let parent: u32 = f.get(1).and_then(|v| v.parse().ok()).unwrap_or(0);
+        if !pids.contains(&parent) {
+            total += ticks_at(&f, 13) + ticks_at(&f, 14);
+        }
+    }
+    total / clock_ticks()
+}
+
+/// CPU seconds used so far by one process (the relay or the plain publisher), the
+/// broker and Postgres; the difference of two is what a run cost each of them.
+#[derive(Clone, Copy, Default)]
+pub struct CpuUse {
+    pub process: f64,
+    pub broker: f64,
+    pub postgres: f64,
+}
+
+impl CpuUse {
+    /// `process: None` counts the process as zero (it has not started yet).
+    pub fn now(process: Option<u32>, broker: Option<u32>) -> CpuUse {
+        CpuUse {
+            process: process.map(cpu_seconds).unwrap_or(0.0),
+            broker: broker.map(cpu_seconds).unwrap_or(0.0),
+            postgres: postgres_cpu_seconds(),
+        }
+    }
+
+    /// What was used since `before`, per 100 000 of `messages`.
+    pub fn per_100k_since(self, before: CpuUse, messages: usize) -> CpuUse {
+        let per = |now: f64, then: f64| (now - then) * 100_000.0 / messages as f64;
+        CpuUse {
+            process: per(self.process, before.process),
+            broker: per(self.broker, before.broker),
+            postgres: per(self.postgres, before.postgres),
+        }
+    }
+}
+
+/// Peak resident set size in MB.
+pub fn peak_rss_mb(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+/// Waits until the broker is quiet (under 5 % of a core over 250 ms, at most 60 s):
+/// the purge of the previous run's messages must not be billed to the next one.
+pub async fn settle_broker() {
+    let Some(pid) = broker_pid() else { return };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        let before = cpu_seconds(pid);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        if cpu_seconds(pid) - before < 0.0125 {
+            return;
+        }
+    }
+}
+
+pub fn broker_pid() -> Option<u32> {
+    let out = Command::new("pgrep")
+        .args(["-f", "beam.smp"])
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// The median of some figures.
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
