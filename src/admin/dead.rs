@@ -3,10 +3,11 @@
 
 use super::retry_table;
 use crate::config::Config;
-use crate::error::Error;
+use crate::error::{Error, SqlTrouble};
 use crate::pg::{query_err, quote_ident};
 use crate::retry::outbox::OutboxTable;
 use crate::retry::queries::DeadMessage;
+use crate::retry::queries::RetryTable;
 
 /// Rows requeued per transaction.
 const REQUEUE_PAGE: i64 = 1000;
@@ -95,13 +96,60 @@ pub async fn dead_requeue(config: &Config, ids: Option<&[String]>) -> Result<u64
     );
     if let Some(ids) = ids {
         // Named ids: all of them or none, in one transaction.
-        let tx = sql
-            .transaction()
-            .await
-            .map_err(query_err("starting the requeue"))?;
-        let requeued = retry
-            .requeue(&tx, Some(ids), ids.len().max(1) as i64)
-            .await?;
+        let requeued = retrying(&mut sql, &retry, &outbox, &notify, Some(ids)).await?;
+        return Ok(requeued as u64);
+    }
+    let mut total = 0u64;
+    loop {
+        let requeued = retrying(&mut sql, &retry, &outbox, &notify, None).await?;
+        total += requeued as u64;
+        if (requeued as i64) < REQUEUE_PAGE {
+            return Ok(total);
+        }
+    }
+}
+
+/// Runs one requeue transaction again (up to five times, after a short wait) when
+/// Postgres aborted it for a deadlock, a serialization failure or a lock timeout:
+/// the running relay updates the same outbox rows, and a rolled-back page changed
+/// nothing.
+async fn retrying(
+    sql: &mut tokio_postgres::Client,
+    retry: &RetryTable,
+    outbox: &OutboxTable,
+    notify: &str,
+    ids: Option<&[String]>,
+) -> Result<usize, Error> {
+    let mut attempt = 0u32;
+    loop {
+        match requeue_page(sql, retry, outbox, notify, ids).await {
+            Err(e) if e.sql_trouble() == Some(SqlTrouble::Timeout) && attempt < 5 => {
+                attempt += 1;
+                tracing::warn!(error = %e, attempt, "requeue page aborted by Postgres: trying it again");
+                tokio::time::sleep(std::time::Duration::from_millis(100 * u64::from(attempt)))
+                    .await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// One requeue transaction: the named `ids` (all or none), or the next page of
+/// dead messages; marks their outbox rows and wakes the relay. How many.
+async fn requeue_page(
+    sql: &mut tokio_postgres::Client,
+    retry: &RetryTable,
+    outbox: &OutboxTable,
+    notify: &str,
+    ids: Option<&[String]>,
+) -> Result<usize, Error> {
+    let tx = sql
+        .transaction()
+        .await
+        .map_err(query_err("starting the requeue"))?;
+    let limit = ids.map_or(REQUEUE_PAGE, |ids| ids.len().max(1) as i64);
+    let requeued = retry.requeue(&tx, ids, limit).await?;
+    if let Some(ids) = ids {
         let unknown: Vec<&str> = ids
             .iter()
             .filter(|id| !requeued.contains(id))
@@ -111,38 +159,19 @@ pub async fn dead_requeue(config: &Config, ids: Option<&[String]>) -> Result<u64
             tx.rollback().await.ok();
             return Err(Error::Requeue(format!(
                 "not dead in slot {}: {} (see `outbox-relay dead list`)",
-                pg.slot,
+                retry.slot(),
                 unknown.join(", ")
             )));
         }
-        outbox.mirror_requeued(&tx, &requeued).await?;
-        tx.batch_execute(&notify)
+    }
+    outbox.mirror_requeued(&tx, &requeued).await?;
+    if !requeued.is_empty() {
+        tx.batch_execute(notify)
             .await
             .map_err(query_err("notifying the relay"))?;
-        tx.commit()
-            .await
-            .map_err(query_err("committing the requeue"))?;
-        return Ok(requeued.len() as u64);
     }
-    let mut total = 0u64;
-    loop {
-        let tx = sql
-            .transaction()
-            .await
-            .map_err(query_err("starting the requeue"))?;
-        let requeued = retry.requeue(&tx, None, REQUEUE_PAGE).await?;
-        outbox.mirror_requeued(&tx, &requeued).await?;
-        if !requeued.is_empty() {
-            tx.batch_execute(&notify)
-                .await
-                .map_err(query_err("notifying the relay"))?;
-        }
-        tx.commit()
-            .await
-            .map_err(query_err("committing the requeue"))?;
-        total += requeued.len() as u64;
-        if (requeued.len() as i64) < REQUEUE_PAGE {
-            return Ok(total);
-        }
-    }
+    tx.commit()
+        .await
+        .map_err(query_err("committing the requeue"))?;
+    Ok(requeued.len())
 }
