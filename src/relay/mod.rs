@@ -6,7 +6,8 @@
 //!   accounting, publish deadlines;
 //! - [`parked`]: which aggregates have retry state and which heads are due;
 //! - [`retries`]: parking messages and re-publishing retried heads;
-//! - [`startup`]: preflight, slot take-over and standby wait, heartbeat.
+//! - [`startup`]: preflight, slot take-over and standby wait, heartbeat;
+//! - [`wiring`]: `run`, which starts the tasks and channels and hands them to the loop.
 //!
 //! One row's path: `source` hands an XLogData payload to the decoder, which
 //! makes an `OutboxEvent`; `sink::format` turns it into an AMQP message; the
@@ -20,9 +21,11 @@ mod fastmap;
 mod parked;
 mod retries;
 mod startup;
+mod window;
+mod wiring;
 
 pub(crate) use startup::spawn_metrics;
-mod window;
+pub use wiring::run;
 
 pub use startup::heartbeat_application_name;
 
@@ -61,152 +64,6 @@ const HAND_OVER_AFTER: Duration = Duration::from_millis(50);
 /// Acked ids held when housekeeping cannot take them (Postgres slow or away):
 /// past this many, WAL reading stops.
 const MAX_SUCCEEDED: usize = 100_000;
-
-/// Runs the relay until `shutdown` resolves (then drains and exits cleanly) or
-/// an error that the relay cannot recover from.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
-    tokio::pin!(shutdown);
-    // /healthz answers from the start; /readyz says why it is not ready yet.
-    let health = Arc::new(Health::default());
-    let _metrics_server = startup::spawn_metrics(&config, &health).await?;
-    startup::preflight(&config).await?;
-    let pg = &config.postgres;
-    let session_options = session_timeouts(pg.statement_timeout, pg.lock_timeout);
-    let (chores_tx, chores_rx) = mpsc::channel(256);
-    let store = Store::open(
-        StoreSettings {
-            target: pg.target.clone(),
-            slot: pg.slot.clone(),
-            table: pg.table.clone(),
-            retry_table: pg.retry_table.clone(),
-            mapping: pg.columns.clone(),
-            on_dead: config.retry.on_dead,
-            reconnect_backoff_max: pg.reconnect_backoff_max,
-            session_options: session_options.clone(),
-        },
-        health.clone(),
-        chores_tx.clone(),
-    )
-    .await?;
-    let housekeeping = Housekeeping::open(
-        HousekeepingSettings {
-            target: pg.target.clone(),
-            application_name: housekeeping_application_name(&pg.slot),
-            session_options,
-            on_success: pg.on_success,
-            retention: pg.retention,
-            dead_retention: config.retry.dead_retention,
-            reconnect_backoff_max: pg.reconnect_backoff_max,
-        },
-        store.outbox().clone(),
-        store.retry_table().clone(),
-    )
-    .await?;
-    let sink_settings = SinkSettings::from_config(&config.amqp);
-    let broker = sink::connect(&sink_settings).await?;
-    let frame_max = broker.frame_max();
-    let source_settings = SourceSettings {
-        target: pg.target.clone(),
-        slot: pg.slot.clone(),
-        publication: pg.publication.clone(),
-        status_interval: pg.status_interval,
-        // Rows buffered ahead of the window (each event is one row): small, so the
-        // memory beyond the window stays bounded; larger buffers measured no faster.
-        buffer_events: 256,
-    };
-    let Some((client, start_lsn)) =
-        startup::take_slot(&source_settings, &config, &health, &mut shutdown).await?
-    else {
-        tracing::info!("stopped while waiting for the slot");
-        return Ok(());
-    };
-    health.set_streaming(true);
-    tracing::info!(
-        postgres = %pg.target.redacted(),
-        table = %pg.table,
-        slot = %pg.slot,
-        publication = %pg.publication,
-        amqp = %config.amqp.url.redacted(),
-        exchange = %config.amqp.exchange,
-        start_lsn = %start_lsn,
-        ordering = ?config.relay.ordering,
-        "outbox-relay {} holds the slot; reading the retry state",
-        env!("CARGO_PKG_VERSION")
-    );
-    metrics::metrics()
-        .confirmed_lsn
-        .set(start_lsn.as_u64() as f64);
-    let heartbeat = startup::Heartbeat::spawn(
-        pg.target.clone(),
-        &pg.slot,
-        (!pg.heartbeat_interval.is_zero()).then_some(pg.heartbeat_interval),
-    );
-
-    let window = config.amqp.max_in_flight;
-    let (cmd_tx, cmd_rx) = mpsc::channel(window * 2 + 16);
-    let (ev_tx, ev_rx) = mpsc::channel(window * 4 + 64);
-    let sink_task = tokio::spawn(sink::run(sink_settings, broker, cmd_rx, ev_tx));
-    // Answers outstanding at once: parks (each holds window space), one command per
-    // retried head in flight (window) and loads (capped): the event channel always
-    // has room, so the store never blocks and the main loop never waits on it for long.
-    let (store_tx, store_rx) = mpsc::channel(window * 2 + MAX_LOADING + 16);
-    let (loads_tx, loads_rx) = mpsc::channel(MAX_LOADING + 16);
-    let (parks_tx, parks_rx) = mpsc::channel(window + 16);
-    let (store_ev_tx, store_ev_rx) = mpsc::channel(window * 2 + MAX_LOADING * 2 + 64);
-    let store_task = tokio::spawn(store.run(parks_rx, store_rx, loads_rx, store_ev_tx));
-    let housekeeping_task = tokio::spawn(housekeeping.run(chores_rx));
-
-    let mut relay = Relay {
-        window: Window::new(
-            config.relay.ordering,
-            config.amqp.max_in_flight,
-            config.amqp.max_in_flight_bytes,
-            config.retry.publish_timeout,
-        ),
-        tracker: Tracker::new(),
-        decoder: Decoder::new(pg.table.clone(), pg.columns.clone()),
-        source_settings,
-        client,
-        applied: start_lsn,
-        commit_time: 0,
-        sink: cmd_tx,
-        store: store_tx,
-        loads: loads_tx,
-        parks: parks_tx,
-        parked: Parked::new(config.amqp.max_in_flight_bytes / 2),
-        heads_pending: true,
-        chores: chores_tx,
-        heartbeat,
-        liveness: Liveness::new(),
-        dead_letter_exchange: config
-            .amqp
-            .dead_letter_exchange
-            .as_deref()
-            .map(ShortString::from),
-        frame_max,
-        refused: RefusedIds::default(),
-        probing_reported: false,
-        succeeded: Vec::new(),
-        succeeded_since: None,
-        collect_succeeded: pg.on_success != OnSuccess::Keep,
-        health: health.clone(),
-        config,
-    };
-    // The retry state is read now that the slot is held (a standby reads it when
-    // it takes over, not when it started), before any WAL is published.
-    let _ = relay.store.send(StoreCommand::Reload).await;
-    let result = relay.main_loop(ev_rx, store_ev_rx, shutdown).await;
-    if result.is_ok() {
-        startup::record_stop(&relay.config, relay.applied).await;
-    }
-    // Closing the command channels ends the sink task (which closes the broker
-    // connection) and the store task (after it flushes pending on_success updates).
-    drop(relay);
-    let _ = tokio::time::timeout(Duration::from_secs(5), sink_task).await;
-    let _ = tokio::time::timeout(Duration::from_secs(10), store_task).await;
-    let _ = tokio::time::timeout(Duration::from_secs(10), housekeeping_task).await;
-    result
-}
 
 /// The loop's state: the window and the parked set it drives, the transactions
 /// it tracks, and the channels to the tasks that own the connections.
