@@ -43,7 +43,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio_postgres::{Client, NoTls};
 
 mod common;
-use common::{broker_pid, env_usize, median, peak_rss_mb, settle_broker, CpuUse};
+use common::{broker_pid, env_usize, median, peak_rss_mb, queue_depth, settle_broker, CpuUse};
 
 const PG_URL: &str = "postgresql://postgres@127.0.0.1:5432/test";
 const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -140,21 +140,6 @@ async fn amqp_teardown() {
     let _ = conn.close(200, "bye".into()).await;
 }
 
-async fn queue_depth(ch: &lapin::Channel) -> u32 {
-    ch.queue_declare(
-        QUEUE.into(),
-        QueueDeclareOptions {
-            passive: true,
-            durable: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .unwrap()
-    .message_count()
-}
-
 /// Plain lapin publisher: confirms on, `window` publishes in flight, mandatory, the
 /// same message (body, properties, headers) as the relay sends.
 async fn lapin_ceiling(
@@ -213,7 +198,7 @@ async fn lapin_ceiling(
     futures_util::future::join_all(publishers).await;
     let secs = start.elapsed().as_secs_f64();
     let cpu = CpuUse::now(own, broker).per_100k_since(cpu0, rows);
-    assert_eq!(queue_depth(&ch).await as usize, rows);
+    assert_eq!(queue_depth(&ch, QUEUE).await as usize, rows);
     let _ = conn.close(200, "bye".into()).await;
     Ceiling {
         rate: rows as f64 / secs,
@@ -531,7 +516,7 @@ async fn relay_drain(rows: usize, window: usize, shape: Shape) -> Drain {
     let mut delivered_secs = None;
     let mut first_secs = None;
     loop {
-        let depth = queue_depth(&ch).await as usize;
+        let depth = queue_depth(&ch, QUEUE).await as usize;
         if first_secs.is_none() && depth > 0 {
             first_secs = Some(start.elapsed().as_secs_f64());
         }
@@ -699,7 +684,7 @@ async fn recover(rows: usize, window: usize, how: Recovery) -> Drain {
         }
     }
     loop {
-        if queue_depth(&ch).await as usize >= rows
+        if queue_depth(&ch, QUEUE).await as usize >= rows
             && count_parked(&db, "parked").await == 0
             && count_parked(&db, "dead").await == 0
         {

@@ -43,7 +43,7 @@ use tokio::sync::mpsc;
 use tokio_postgres::{Client, NoTls, Transaction};
 
 mod common;
-use common::{broker_pid, env_usize, median, peak_rss_mb, settle_broker, CpuUse};
+use common::{broker_pid, env_usize, median, peak_rss_mb, queue_depth, settle_broker, CpuUse};
 
 const PG_URL: &str = "postgresql://postgres@127.0.0.1:5432/test";
 const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -116,21 +116,6 @@ async fn fresh_queue(ch: &lapin::Channel) {
     )
     .await
     .unwrap();
-}
-
-async fn queue_depth(ch: &lapin::Channel) -> u32 {
-    ch.queue_declare(
-        QUEUE.into(),
-        QueueDeclareOptions {
-            passive: true,
-            durable: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .unwrap()
-    .message_count()
 }
 
 /// Publishes `rows` persistent messages to the queue (default exchange), with
@@ -207,7 +192,7 @@ async fn ceiling(rows: usize, ack_every: usize, prefix: u32) -> Run {
     }
     let secs = start.elapsed().as_secs_f64();
     let cpu = CpuUse::now(own, broker).per_100k_since(cpu0, rows);
-    assert_eq!(queue_depth(&ch).await, 0);
+    assert_eq!(queue_depth(&ch, QUEUE).await, 0);
     let _ = conn.close(200, "bye".into()).await;
     Run {
         rate: rows as f64 / secs,
@@ -338,7 +323,7 @@ async fn receive(db: &Client, rows: usize, prefix: u32) -> Run {
     let rss_mb = peak_rss_mb(pid);
     // The acks follow the commits: the queue empties within moments.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while queue_depth(&ch).await > 0 {
+    while queue_depth(&ch, QUEUE).await > 0 {
         assert!(Instant::now() < deadline, "the queue did not empty");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
