@@ -43,7 +43,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio_postgres::{Client, NoTls};
 
 mod common;
-use common::{broker_pid, env_usize, median, peak_rss_mb, queue_depth, settle_broker, CpuUse};
+use common::{
+    broker_pid, env_usize, median, peak_rss_mb, queue_depth, relay_binary, settle_broker, CpuUse,
+};
 
 const PG_URL: &str = "postgresql://postgres@127.0.0.1:5432/test";
 const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -416,9 +418,7 @@ fn spawn_relay_with(window: usize, shape: Shape, retry_section: &str) -> std::pr
     )
     .unwrap();
     let log = std::fs::File::create(dir.join("relay.log")).unwrap();
-    // BENCH_RELAY=PATH runs another build of the relay (an A/B of two commits).
-    let binary = std::env::var("BENCH_RELAY")
-        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_outbox-relay").to_string());
+    let binary = relay_binary();
     Command::new(binary)
         .args(["run", "--config", cfg.to_str().unwrap()])
         .stdout(Stdio::null())
@@ -664,8 +664,7 @@ async fn recover(rows: usize, window: usize, how: Recovery) -> Drain {
         let cfg = std::env::temp_dir()
             .join("outbox-relay-bench")
             .join("bench.toml");
-        let binary = std::env::var("BENCH_RELAY")
-            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_outbox-relay").to_string());
+        let binary = relay_binary();
         let out = Command::new(binary)
             .args([
                 "dead",

@@ -43,7 +43,9 @@ use tokio::sync::mpsc;
 use tokio_postgres::{Client, NoTls, Transaction};
 
 mod common;
-use common::{broker_pid, env_usize, median, peak_rss_mb, queue_depth, settle_broker, CpuUse};
+use common::{
+    broker_pid, env_usize, median, peak_rss_mb, queue_depth, relay_binary, settle_broker, CpuUse,
+};
 
 const PG_URL: &str = "postgresql://postgres@127.0.0.1:5432/test";
 const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -255,8 +257,7 @@ fn spawn_inbox() -> std::process::Child {
     )
     .unwrap();
     let log = std::fs::File::create(dir.join("inbox.log")).unwrap();
-    let binary = std::env::var("BENCH_RELAY")
-        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_outbox-relay").to_string());
+    let binary = relay_binary();
     Command::new(binary)
         .args(["inbox", "--config", cfg.to_str().unwrap()])
         .stdout(Stdio::null())

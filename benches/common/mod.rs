@@ -168,3 +168,9 @@ pub async fn queue_depth(ch: &lapin::Channel, queue: &str) -> u32 {
     .unwrap()
     .message_count()
 }
+
+/// The relay binary to run: this build's, or `BENCH_RELAY=PATH` (another build, for
+/// an A/B of two commits).
+pub fn relay_binary() -> String {
+    std::env::var("BENCH_RELAY").unwrap_or_else(|_| env!("CARGO_BIN_EXE_outbox-relay").to_string())
+}
