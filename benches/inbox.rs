@@ -10,7 +10,8 @@
 //!   holds N rows and the queue is empty; with its peak RSS and the CPU seconds of
 //!   the receiver, the broker and Postgres;
 //! - `inbox::Processor` with an empty handler turning those N rows from
-//!   `received` to `processed` (1 and 4 workers, each with its own session);
+//!   `received` to `processed` (workers, each with its own session, claiming
+//!   batches of a given size: one row per transaction, and the default 100);
 //! - live: a steady publish rate while the receiver runs, publish (a timestamp in
 //!   the message's metadata) to committed row (the NOTIFY after its commit).
 //!
@@ -22,7 +23,8 @@
 //! Run with `timeout 1800 flock -o -x /tmp/outbox-relay-services.lock cargo bench
 //! --bench inbox` (the services are shared). Environment: BENCH_INBOX_ROWS=100000,
 //! BENCH_ROUNDS=3, BENCH_INBOX_ACK_EVERY=500 (the receiver's default batch_size),
-//! BENCH_INBOX_WORKERS=1,4, BENCH_INBOX_PROCESSOR_SECS=30 (a cap per processor
+//! BENCH_INBOX_PROCESSORS=1x1,1x100,4x100 (processor runs, WORKERSxBATCH),
+//! BENCH_INBOX_PROCESSOR_SECS=30 (a cap per processor
 //! run), BENCH_INBOX_LIVE_RATE=1000, BENCH_INBOX_LIVE_SECS=10 (0 skips live),
 //! BENCH_RELAY=PATH (another build of the binary).
 //!
@@ -342,7 +344,7 @@ async fn receive(db: &Client, rows: usize, prefix: u32) -> Run {
 /// `inbox::Processor` with an empty handler and `workers` sessions, on the rows the
 /// last receive run left in the table (all set back to `received` first); stops at
 /// `cap` (then the rate is over what it did).
-async fn process(db: &Client, workers: usize, cap: Duration) -> (Run, usize) {
+async fn process(db: &Client, workers: usize, batch: usize, cap: Duration) -> (Run, usize) {
     // One statement each: VACUUM cannot run inside the implicit transaction of several.
     for sql in [
         format!("update {TABLE} set status = 'received', processed_at = null where status <> 'received'"),
@@ -356,6 +358,7 @@ async fn process(db: &Client, workers: usize, cap: Duration) -> (Run, usize) {
         .unwrap()
         .options(ProcessorOptions {
             notify_channel: None,
+            batch_size: batch,
             ..Default::default()
         })
         .handler(
@@ -376,8 +379,11 @@ async fn process(db: &Client, workers: usize, cap: Duration) -> (Run, usize) {
         let p = processor.clone();
         async move {
             let mut n = 0;
-            while Instant::now() < deadline && p.process_one(&mut c).await.unwrap() {
-                n += 1;
+            while Instant::now() < deadline {
+                match p.process_batch(&mut c).await.unwrap() {
+                    0 => break,
+                    k => n += k,
+                }
             }
             n
         }
@@ -528,11 +534,14 @@ async fn main() {
     let cap = Duration::from_secs(env_usize("BENCH_INBOX_PROCESSOR_SECS", 30) as u64);
     let live_rate = env_usize("BENCH_INBOX_LIVE_RATE", 1000).max(1);
     let live_secs = env_usize("BENCH_INBOX_LIVE_SECS", 10);
-    let workers: Vec<usize> = std::env::var("BENCH_INBOX_WORKERS")
-        .unwrap_or_else(|_| "1,4".into())
+    let workers: Vec<(usize, usize)> = std::env::var("BENCH_INBOX_PROCESSORS")
+        .unwrap_or_else(|_| "1x1,1x100,4x100".into())
         .split(',')
-        .filter_map(|w| w.trim().parse().ok())
-        .filter(|w| *w > 0)
+        .filter_map(|w| {
+            let (w, b) = w.trim().split_once('x')?;
+            Some((w.parse().ok()?, b.parse().ok()?))
+        })
+        .filter(|(w, b)| *w > 0 && *b > 0)
         .collect();
     let body_len = body(&message_id(0, 0), 0, now_micros()).len();
     let db = pg().await;
@@ -551,10 +560,10 @@ async fn main() {
             r.rate, r.secs
         );
         receives.push(r);
-        for (w, runs) in workers.iter().zip(processed.iter_mut()) {
-            let (p, left) = process(&db, *w, cap).await;
+        for ((w, b), runs) in workers.iter().zip(processed.iter_mut()) {
+            let (p, left) = process(&db, *w, *b, cap).await;
             eprintln!(
-                "round {round}/{rounds}: processor, {w} worker(s): {:.0} msg/s ({left} left)",
+                "round {round}/{rounds}: processor, {w} worker(s), batch {b}: {:.0} msg/s ({left} left)",
                 p.rate
             );
             runs.push((p, left));
@@ -609,11 +618,11 @@ async fn main() {
         &format!("**{:.2}** ({lo:.2}–{hi:.2})", receive_rate / ceiling_rate),
         &format!("{:.2} s", median(receives.iter().map(|r| r.secs).collect())),
     );
-    for (w, runs) in workers.iter().zip(&processed) {
+    for ((w, b), runs) in workers.iter().zip(&processed) {
         let left = runs.iter().map(|(_, l)| *l).max().unwrap_or(0);
         let runs: Vec<Run> = runs.iter().map(|(r, _)| Run { ..*r }).collect();
         row(
-            &format!("`inbox::Processor`, empty handler, {w} worker(s), {rows} rows received → processed{}", if left > 0 { format!(" (capped: {left} left)") } else { String::new() }),
+            &format!("`inbox::Processor`, empty handler, {w} worker(s), {b} row(s) per transaction, {rows} rows received → processed{}", if left > 0 { format!(" (capped: {left} left)") } else { String::new() }),
             &runs,
             "",
             &format!("{:.2} s", median(runs.iter().map(|r| r.secs).collect())),

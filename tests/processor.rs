@@ -76,13 +76,14 @@ async fn inb_processor_effects_commit_with_processed_and_failures_back_off() {
             ("flaky".into(), "flaky", serde_json::json!({"n": 2})),
             ("bad".into(), "bad", serde_json::json!({"n": 3})),
             ("other".into(), "nobody.handles", serde_json::json!({})),
+            ("swallow".into(), "swallow", serde_json::json!({"n": 4})),
         ],
         1,
     )
     .await;
     let flaky_calls = Arc::new(AtomicUsize::new(0));
     let calls = flaky_calls.clone();
-    let (fx1, fx2, fx3) = (fx.clone(), fx.clone(), fx.clone());
+    let (fx1, fx2, fx3, fx4) = (fx.clone(), fx.clone(), fx.clone(), fx.clone());
     let processor = Processor::new(crate::support::PG_URL, &f.table)
         .unwrap()
         .options(options())
@@ -120,6 +121,19 @@ async fn inb_processor_effects_commit_with_processed_and_failures_back_off() {
                 tx.execute(&sql, &[&id]).await?;
                 Err("always fails".into())
             })
+        })
+        .handler("swallow", move |tx: &Transaction<'_>, m: &InboxMessage| {
+            let (sql, id) = (
+                format!("insert into {fx4} (message_id) values ($1)"),
+                m.message_id.clone(),
+            );
+            Box::pin(async move {
+                // Writes, then ignores a failed statement and reports success: its
+                // write is void, so the row fails and the batch's others commit.
+                tx.execute(&sql, &[&id]).await?;
+                let _ = tx.execute("select 1 / 0", &[]).await;
+                Ok(())
+            })
         });
     let mut client = crate::support::pg().await;
     let want: Vec<(String, String, i32)> = vec![
@@ -127,6 +141,7 @@ async fn inb_processor_effects_commit_with_processed_and_failures_back_off() {
         ("flaky".into(), "processed".into(), 1),
         ("ok".into(), "processed".into(), 0),
         ("other".into(), "received".into(), 0),
+        ("swallow".into(), "permanently_failed".into(), 2),
     ];
     // Retries come due after their backoff: process until the states settle.
     let deadline = std::time::Instant::now() + T;
@@ -170,6 +185,21 @@ async fn inb_processor_effects_commit_with_processed_and_failures_back_off() {
         .unwrap()
         .get(0);
     assert_eq!(error.as_deref(), Some("always fails"));
+    let error: String =
+        f.db.query_one(
+            &format!(
+                "select error_message from {} where message_id = 'swallow'",
+                f.table
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        error.contains("returned success after one of its statements had failed"),
+        "{error}"
+    );
     f.db.batch_execute(&format!("drop table {fx}"))
         .await
         .unwrap();

@@ -2,13 +2,15 @@
 //! each in the transaction that marks its row `processed`, so a handler's own
 //! writes and the status commit together (effects once).
 //!
-//! A worker claims one due row (`received`, or `failed` with `scheduled_at`
-//! reached) with `FOR UPDATE SKIP LOCKED`, so several processors share a table;
-//! runs the handler for its `event_type` inside a savepoint of that transaction;
-//! on success marks it `processed`, on failure rolls the handler's writes back and
-//! marks it `failed` with Event-Forge's backoff, or `permanently_failed` once the
-//! retry budget is spent (`claim.rs`). A crashed worker's transaction rolls back
-//! by itself; rows left in `processing` by other workers (Event-Forge's own
+//! A worker claims a batch of due rows (`received`, or `failed` with
+//! `scheduled_at` reached) with `FOR UPDATE SKIP LOCKED`, so several processors
+//! share a table; runs each row's handler for its `event_type` inside its own
+//! savepoint of that transaction; on success marks it `processed`, on failure
+//! rolls that handler's writes back and marks it `failed` with Event-Forge's
+//! backoff, or `permanently_failed` once the retry budget is spent (`claim.rs`).
+//! One commit covers the batch, so a handler's effects and its row's status still
+//! commit together, and a batch pays one commit flush instead of one per row. A
+//! crashed worker's transaction rolls the whole batch back by itself; rows left in `processing` by other workers (Event-Forge's own
 //! `InboxService`) are recovered by a sweep through the recovery columns. The
 //! worker sleeps until a `NOTIFY` from the receiver, the next scheduled retry, or
 //! the next recovery sweep: no fixed-interval polling.
@@ -86,6 +88,12 @@ pub struct ProcessorOptions {
     /// field are processed one at a time, in arrival order (a failed row holds
     /// the later ones until it is processed or dead). `None`: no ordering.
     pub ordering_field: Option<String>,
+    /// Rows claimed per transaction (at least 1). Each handler runs in its own
+    /// savepoint and the batch commits once: larger batches pay fewer commit
+    /// flushes, but a row's effects become visible only when its batch commits,
+    /// and a crash redoes the whole batch. With `ordering_field`, a batch holds at
+    /// most one row per aggregate.
+    pub batch_size: usize,
 }
 
 impl Default for ProcessorOptions {
@@ -97,6 +105,7 @@ impl Default for ProcessorOptions {
             stuck_after: Duration::from_secs(300),
             max_recoveries: 3,
             ordering_field: None,
+            batch_size: 100,
         }
     }
 }
@@ -168,7 +177,7 @@ impl Processor {
         self.handlers.keys().cloned().collect()
     }
 
-    fn claim_sql(&self) -> String {
+    fn claim_sql(&self, limit: usize) -> String {
         let t = self.table.quoted();
         let ordering = match &self.options.ordering_field {
             Some(_) => format!(
@@ -183,106 +192,141 @@ impl Processor {
              where status in ('received', 'failed', 'processing') and event_type = any($1) \
              and (status = 'received' or (status = 'failed' \
              and (scheduled_at is null or scheduled_at <= now()))){ordering} \
-             order by created_at, id limit 1 for update skip locked"
+             order by created_at, id limit {limit} for update skip locked"
         )
     }
 
     /// Claims and processes one due row; `Ok(false)` when none is due.
     pub async fn process_one(&self, client: &mut Client) -> Result<bool, Error> {
-        let err = query_err("processing an inbox row");
-        let types = self.event_types();
-        let sql = self.claim_sql();
-        let mut tx = client.transaction().await.map_err(&err)?;
-        let row = match &self.options.ordering_field {
-            Some(field) => tx.query_opt(&sql, &[&types, field]).await,
-            None => tx.query_opt(&sql, &[&types]).await,
-        }
-        .map_err(&err)?;
-        let Some(row) = row else {
-            tx.commit().await.map_err(&err)?;
-            return Ok(false);
-        };
-        let text: String = row.get(4);
-        let metadata: Option<String> = row.get(5);
-        let message = InboxMessage {
-            id: row.get(0),
-            message_id: row.get(1),
-            source: row.get(2),
-            event_type: row.get(3),
-            payload: serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
-            metadata: metadata.and_then(|m| serde_json::from_str(&m).ok()),
-            retry_count: row.get(6),
-            max_retries: row.get(7),
-        };
-        let handler = self.handlers.get(&message.event_type).cloned();
-        let result = match handler {
-            Some(handler) => {
-                let savepoint = tx.savepoint("outbox_relay_handler").await.map_err(&err)?;
-                let result = handler.handle(&savepoint, &message).await;
-                match result {
-                    Ok(()) => savepoint.commit().await.map_err(&err)?,
-                    Err(_) => savepoint.rollback().await.map_err(&err)?,
-                }
-                result
-            }
-            None => Err("no handler for this event type".into()),
-        };
-        let t = self.table.quoted();
-        match result {
-            Ok(()) => {
-                tx.execute(
-                    &format!(
-                        "update {t} set status = 'processed', processed_at = now(), \
-                         updated_at = now(), error_message = null where id = $1"
-                    ),
-                    &[&message.id],
-                )
-                .await
-                .map_err(&err)?;
-                tx.commit().await.map_err(&err)?;
-                metrics().inbox_processed.inc();
-            }
-            Err(e) => {
-                let jitter = rand::random_range(0.9..=1.1);
-                let (status, retries, delay) = match claim::after_failure(
-                    message.retry_count,
-                    message.max_retries,
-                    self.options.backoff_base,
-                    self.options.backoff_max,
-                    jitter,
-                ) {
-                    AfterFailure::Retry { retries, delay } => ("failed", retries, delay),
-                    AfterFailure::Dead { retries } => {
-                        ("permanently_failed", retries, Duration::ZERO)
-                    }
-                };
-                let delay_ms = delay.as_millis() as f64;
-                tx.execute(
-                    &format!(
-                        "update {t} set status = $2::text, retry_count = $3, error_message = $4, \
-                         scheduled_at = case when $2::text = 'failed' \
-                         then now() + make_interval(secs => $5::float8 / 1000) else scheduled_at end, \
-                         updated_at = now() where id = $1"
-                    ),
-                    &[&message.id, &status, &retries, &e.to_string(), &delay_ms],
-                )
-                .await
-                .map_err(&err)?;
-                tx.commit().await.map_err(&err)?;
-                metrics().inbox_failed.inc();
-                tracing::warn!(id = %message.id, message_id = %message.message_id, event_type = %message.event_type, status, error = %e, "inbox handler failed");
-            }
-        }
-        Ok(true)
+        Ok(self.claim_and_run(client, 1).await? > 0)
+    }
+
+    /// Claims up to `batch_size` due rows in one transaction, runs each one's
+    /// handler in its own savepoint and commits once; returns how many rows it
+    /// claimed (0 when none is due).
+    pub async fn process_batch(&self, client: &mut Client) -> Result<usize, Error> {
+        self.claim_and_run(client, self.options.batch_size.max(1))
+            .await
     }
 
     /// Processes due rows until none is left; returns how many were processed.
     pub async fn process_due(&self, client: &mut Client) -> Result<usize, Error> {
         let mut n = 0;
-        while self.process_one(client).await? {
-            n += 1;
+        loop {
+            match self.process_batch(client).await? {
+                0 => return Ok(n),
+                k => n += k,
+            }
         }
-        Ok(n)
+    }
+
+    async fn claim_and_run(&self, client: &mut Client, limit: usize) -> Result<usize, Error> {
+        let err = query_err("processing inbox rows");
+        let types = self.event_types();
+        let sql = self.claim_sql(limit);
+        let tx = client.transaction().await.map_err(&err)?;
+        let rows = match &self.options.ordering_field {
+            Some(field) => tx.query(&sql, &[&types, field]).await,
+            None => tx.query(&sql, &[&types]).await,
+        }
+        .map_err(&err)?;
+        let claimed = rows.len();
+        let mut processed = Vec::with_capacity(claimed);
+        let mut failures = Vec::new();
+        for row in rows {
+            let message = message_of(&row);
+            match self.run_handler(&tx, &message).await? {
+                Ok(()) => processed.push(message.id),
+                Err(e) => failures.push((message, e.to_string())),
+            }
+        }
+        let t = self.table.quoted();
+        if !processed.is_empty() {
+            tx.execute(
+                &format!(
+                    "update {t} set status = 'processed', processed_at = now(), \
+                     updated_at = now(), error_message = null where id = any($1)"
+                ),
+                &[&processed],
+            )
+            .await
+            .map_err(&err)?;
+        }
+        let mut outcomes = Vec::with_capacity(failures.len());
+        for (message, error) in &failures {
+            let jitter = rand::random_range(0.9..=1.1);
+            let (status, retries, delay) = match claim::after_failure(
+                message.retry_count,
+                message.max_retries,
+                self.options.backoff_base,
+                self.options.backoff_max,
+                jitter,
+            ) {
+                AfterFailure::Retry { retries, delay } => ("failed", retries, delay),
+                AfterFailure::Dead { retries } => ("permanently_failed", retries, Duration::ZERO),
+            };
+            let delay_ms = delay.as_millis() as f64;
+            tx.execute(
+                &format!(
+                    "update {t} set status = $2::text, retry_count = $3, error_message = $4, \
+                     scheduled_at = case when $2::text = 'failed' \
+                     then now() + make_interval(secs => $5::float8 / 1000) else scheduled_at end, \
+                     updated_at = now() where id = $1"
+                ),
+                &[&message.id, &status, &retries, error, &delay_ms],
+            )
+            .await
+            .map_err(&err)?;
+            outcomes.push(status);
+        }
+        tx.commit().await.map_err(&err)?;
+        metrics().inbox_processed.inc_by(processed.len() as u64);
+        metrics().inbox_failed.inc_by(failures.len() as u64);
+        for ((message, error), status) in failures.iter().zip(outcomes) {
+            tracing::warn!(id = %message.id, message_id = %message.message_id, event_type = %message.event_type, status, error = %error, "inbox handler failed");
+        }
+        Ok(claimed)
+    }
+
+    /// Runs `message`'s handler inside a savepoint of `tx`: `Ok(Err(_))` is the
+    /// handler's failure (its writes rolled back, the batch goes on); `Err(_)` is
+    /// the transaction's (the batch rolls back).
+    async fn run_handler(
+        &self,
+        tx: &Transaction<'_>,
+        message: &InboxMessage,
+    ) -> Result<Result<(), HandlerError>, Error> {
+        let err = query_err("running an inbox handler");
+        let Some(handler) = self.handlers.get(&message.event_type) else {
+            return Ok(Err("no handler for this event type".into()));
+        };
+        tx.batch_execute("savepoint outbox_relay_handler")
+            .await
+            .map_err(&err)?;
+        let failure = match handler.handle(tx, message).await {
+            Ok(()) => match tx
+                .batch_execute("release savepoint outbox_relay_handler")
+                .await
+            {
+                Ok(()) => return Ok(Ok(())),
+                // The handler swallowed an error of one of its statements: its
+                // writes are void, so this row failed (and the batch goes on).
+                Err(e) => format!(
+                    "the handler returned success after one of its statements had failed \
+                     (it ignored the error; its writes are rolled back): {}",
+                    e.as_db_error()
+                        .map_or_else(|| e.to_string(), |d| d.message().to_string())
+                )
+                .into(),
+            },
+            Err(e) => e,
+        };
+        tx.batch_execute(
+            "rollback to savepoint outbox_relay_handler; release savepoint outbox_relay_handler",
+        )
+        .await
+        .map_err(&err)?;
+        Ok(Err(failure))
     }
 
     /// Moves rows stuck in `processing` for longer than `stuck_after` back to
@@ -383,6 +427,22 @@ impl Processor {
                 _ = tokio::time::sleep_until(wake_at) => {}
             }
         }
+    }
+}
+
+/// The claimed row as its handler sees it.
+fn message_of(row: &tokio_postgres::Row) -> InboxMessage {
+    let text: String = row.get(4);
+    let metadata: Option<String> = row.get(5);
+    InboxMessage {
+        id: row.get(0),
+        message_id: row.get(1),
+        source: row.get(2),
+        event_type: row.get(3),
+        payload: serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+        metadata: metadata.and_then(|m| serde_json::from_str(&m).ok()),
+        retry_count: row.get(6),
+        max_retries: row.get(7),
     }
 }
 
