@@ -158,21 +158,25 @@ async fn publish_backlog(conn: &Connection, rows: usize, prefix: u32) {
 /// One timed drain of the queue.
 struct Run {
     rate: f64,
+    /// From the first delivery (ceiling) or the first commit (receiver) to the
+    /// last: the rate without start-up (the receiver's includes exec, connects
+    /// and checks). Equal to `rate` where that does not apply.
+    steady: f64,
     secs: f64,
     rss_mb: f64,
     /// Per 100k; the process is the consumer (this benchmark, or the receiver).
     cpu: CpuUse,
 }
 
-/// The plain lapin consumer: prefetch 1000, manual acks, one multiple ack every
+/// The plain lapin consumer: `prefetch`, manual acks, one multiple ack every
 /// `ack_every` deliveries.
-async fn ceiling(rows: usize, ack_every: usize, prefix: u32) -> Run {
+async fn ceiling(rows: usize, ack_every: usize, prefetch: u16, prefix: u32) -> Run {
     let (conn, ch) = amqp().await;
     fresh_queue(&ch).await;
     publish_backlog(&conn, rows, prefix).await;
     let consumer_ch = conn.create_channel().await.unwrap();
     consumer_ch
-        .basic_qos(1000, BasicQosOptions::default())
+        .basic_qos(prefetch, BasicQosOptions::default())
         .await
         .unwrap();
     settle_broker().await;
@@ -188,18 +192,22 @@ async fn ceiling(rows: usize, ack_every: usize, prefix: u32) -> Run {
         )
         .await
         .unwrap();
+    let mut first = None;
     for n in 1..=rows {
         let d = consumer.next().await.unwrap().unwrap();
+        first.get_or_insert_with(Instant::now);
         if n % ack_every == 0 || n == rows {
             d.ack(BasicAckOptions { multiple: true }).await.unwrap();
         }
     }
     let secs = start.elapsed().as_secs_f64();
+    let steady = (rows - 1) as f64 / first.unwrap().elapsed().as_secs_f64();
     let cpu = CpuUse::now(own, broker).per_100k_since(cpu0, rows);
     assert_eq!(queue_depth(&ch, QUEUE).await, 0);
     let _ = conn.close(200, "bye".into()).await;
     Run {
         rate: rows as f64 / secs,
+        steady,
         secs,
         rss_mb: 0.0,
         cpu,
@@ -307,9 +315,13 @@ async fn receive(db: &Client, rows: usize, prefix: u32) -> Run {
     let mut child = spawn_inbox();
     let pid = child.id();
     let mut committed = 0;
+    let mut first: Option<(Instant, usize)> = None;
     while committed < rows {
         match tokio::time::timeout(Duration::from_secs(1), notes.recv()).await {
-            Ok(Some((_, ids))) => committed += ids.len(),
+            Ok(Some((_, ids))) => {
+                committed += ids.len();
+                first.get_or_insert((Instant::now(), committed));
+            }
             Ok(None) => panic!("the LISTEN session ended"),
             Err(_) => {
                 assert!(
@@ -322,6 +334,8 @@ async fn receive(db: &Client, rows: usize, prefix: u32) -> Run {
         }
     }
     let secs = start.elapsed().as_secs_f64();
+    let (t1, n1) = first.unwrap();
+    let steady = (rows - n1) as f64 / t1.elapsed().as_secs_f64();
     let cpu = CpuUse::now(Some(pid), broker).per_100k_since(cpu0, rows);
     let rss_mb = peak_rss_mb(pid);
     // The acks follow the commits: the queue empties within moments.
@@ -335,6 +349,7 @@ async fn receive(db: &Client, rows: usize, prefix: u32) -> Run {
     let _ = conn.close(200, "bye".into()).await;
     Run {
         rate: rows as f64 / secs,
+        steady,
         secs,
         rss_mb,
         cpu,
@@ -396,6 +411,7 @@ async fn process(db: &Client, workers: usize, batch: usize, cap: Duration) -> (R
     (
         Run {
             rate: done as f64 / secs,
+            steady: done as f64 / secs,
             secs,
             rss_mb: 0.0,
             cpu,
@@ -531,6 +547,12 @@ async fn main() {
     let rows = env_usize("BENCH_INBOX_ROWS", 100_000);
     let rounds = env_usize("BENCH_ROUNDS", 3).max(1);
     let ack_every = env_usize("BENCH_INBOX_ACK_EVERY", 500).max(1);
+    // The ceiling's prefetch: the receiver's (its default, or the override the
+    // receiver inherits from this environment).
+    let prefetch = std::env::var("OUTBOX_RELAY_INBOX_PREFETCH")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(outbox_relay::config::InboxConfig::DEFAULT_PREFETCH);
     let cap = Duration::from_secs(env_usize("BENCH_INBOX_PROCESSOR_SECS", 30) as u64);
     let live_rate = env_usize("BENCH_INBOX_LIVE_RATE", 1000).max(1);
     let live_secs = env_usize("BENCH_INBOX_LIVE_SECS", 10);
@@ -552,7 +574,7 @@ async fn main() {
     for round in 1..=rounds {
         let prefix = round as u32;
         if round % 2 == 1 {
-            ceilings.push(ceiling(rows, ack_every, prefix).await);
+            ceilings.push(ceiling(rows, ack_every, prefetch, prefix).await);
         }
         let r = receive(&db, rows, prefix).await;
         eprintln!(
@@ -569,7 +591,7 @@ async fn main() {
             runs.push((p, left));
         }
         if round % 2 == 0 {
-            ceilings.push(ceiling(rows, ack_every, prefix).await);
+            ceilings.push(ceiling(rows, ack_every, prefetch, prefix).await);
         }
         let c = ceilings.last().unwrap();
         eprintln!(
@@ -594,10 +616,20 @@ async fn main() {
         .iter()
         .fold((f64::MAX, f64::MIN), |(lo, hi), r| (lo.min(*r), hi.max(*r)));
     let receive_rate = median(receives.iter().map(|r| r.rate).collect());
+    let steady: Vec<f64> = receives
+        .iter()
+        .zip(&ceilings)
+        .map(|(r, c)| r.steady / c.steady)
+        .collect();
+    let (slo, shi) = steady
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(lo, hi), r| (lo.min(*r), hi.max(*r)));
+    let ceiling_steady = median(ceilings.iter().map(|c| c.steady).collect());
+    let receive_steady = median(receives.iter().map(|r| r.steady).collect());
 
     println!();
     println!(
-        "outbox-relay inbox benchmark: body {body_len} bytes, one durable classic queue, prefetch 1000, {} cores, median of {rounds} rounds",
+        "outbox-relay inbox benchmark: body {body_len} bytes, one durable classic queue, prefetch {prefetch}, {} cores, median of {rounds} rounds",
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(0)
@@ -605,7 +637,7 @@ async fn main() {
     println!("| measurement | msg/s | ratio to ceiling (range) | peak RSS | consumer CPU s / 100k | broker CPU s / 100k | Postgres CPU s / 100k | time |");
     println!("|---|---|---|---|---|---|---|---|");
     row(
-        &format!("plain lapin consumer, manual acks (multiple every {ack_every}), prefetch 1000 (ceiling), {rows} msgs"),
+        &format!("plain lapin consumer, manual acks (multiple every {ack_every}), prefetch {prefetch} (ceiling), {rows} msgs"),
         &ceilings,
         "1.00",
         &format!("{:.2} s", median(ceilings.iter().map(|c| c.secs).collect())),
@@ -617,6 +649,10 @@ async fn main() {
         &receives,
         &format!("**{:.2}** ({lo:.2}–{hi:.2})", receive_rate / ceiling_rate),
         &format!("{:.2} s", median(receives.iter().map(|r| r.secs).collect())),
+    );
+    println!(
+        "| the same two, steady state: consumer from its first delivery, receiver from its first commit, to the last | {receive_steady:.0} vs {ceiling_steady:.0} | **{:.2}** ({slo:.2}–{shi:.2}) | | | | | |",
+        receive_steady / ceiling_steady
     );
     for ((w, b), runs) in workers.iter().zip(&processed) {
         let left = runs.iter().map(|(_, l)| *l).max().unwrap_or(0);

@@ -57,7 +57,8 @@ pub struct InboxConfig {
     /// where invalid deliveries go.
     pub dead_letter_exchange: Option<String>,
     pub on_invalid: OnInvalid,
-    /// Unacked deliveries the broker may send at once.
+    /// Unacked deliveries the broker may send at once (the receiver holds up to
+    /// this many bodies in memory).
     pub prefetch: u16,
     /// Most deliveries recorded in one transaction.
     pub batch_size: usize,
@@ -67,6 +68,11 @@ pub struct InboxConfig {
     pub max_message_bytes: usize,
     /// `max_retries` of the rows recorded (Event-Forge default 3).
     pub max_retries: i32,
+}
+
+impl InboxConfig {
+    /// `prefetch` when the config does not set it.
+    pub const DEFAULT_PREFETCH: u16 = 2000;
 }
 
 /// The raw `[inbox]` section.
@@ -101,7 +107,7 @@ impl Default for RawInbox {
             bind_keys: vec!["#".into()],
             dead_letter_exchange: String::new(),
             on_invalid: OnInvalid::DeadLetter,
-            prefetch: 1000,
+            prefetch: InboxConfig::DEFAULT_PREFETCH,
             batch_size: 500,
             notify_channel: "inbox_messages".into(),
             max_message_bytes: 8 * 1024 * 1024,
@@ -216,7 +222,7 @@ mod tests {
         let c = load(MINIMAL, &[]).unwrap().inbox.unwrap();
         assert_eq!(c.source, "rabbitmq");
         assert_eq!(c.table.to_string(), "public.inbox_messages");
-        assert_eq!(c.prefetch, 1000);
+        assert_eq!(c.prefetch, 2000);
         assert_eq!(c.notify_channel.as_deref(), Some("inbox_messages"));
         assert_eq!(c.max_message_bytes, 8 * 1024 * 1024);
         assert_eq!(c.bind_exchange, None);
