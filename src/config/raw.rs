@@ -1,0 +1,405 @@
+//! The raw file as it deserializes, before validation: strings where the typed
+//! configuration has parsed values.
+
+use super::*;
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub postgres: Postgres,
+    pub amqp: Amqp,
+    pub relay: Relay,
+    pub retry: Retry,
+    pub inbox: Option<super::inbox::RawInbox>,
+    pub metrics: Metrics,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Postgres {
+    pub url: String,
+    pub table: String,
+    pub slot: String,
+    pub publication: String,
+    pub create_missing: bool,
+    #[serde(deserialize_with = "de_duration")]
+    pub status_interval: Duration,
+    #[serde(deserialize_with = "de_duration")]
+    pub reconnect_backoff_max: Duration,
+    #[serde(deserialize_with = "de_duration")]
+    pub slot_wait: Duration,
+    pub mapping: Mapping,
+    pub on_success: Option<OnSuccess>,
+    #[serde(deserialize_with = "de_duration")]
+    pub retention: Duration,
+    pub retry_table: String,
+    #[serde(deserialize_with = "de_duration")]
+    pub heartbeat_interval: Duration,
+    pub standby: bool,
+    #[serde(deserialize_with = "de_duration")]
+    pub statement_timeout: Duration,
+    #[serde(deserialize_with = "de_duration")]
+    pub lock_timeout: Duration,
+    #[serde(deserialize_with = "de_duration")]
+    pub replication_timeout: Duration,
+    pub password_file: String,
+    pub allow_insecure_password: bool,
+}
+
+impl Default for Postgres {
+    fn default() -> Self {
+        Self {
+            url: "postgresql://postgres@127.0.0.1:5432/test".into(),
+            table: "public.outbox_messages".into(),
+            slot: "outbox_relay".into(),
+            publication: "outbox_relay".into(),
+            create_missing: true,
+            status_interval: Duration::from_millis(100),
+            reconnect_backoff_max: Duration::from_secs(30),
+            slot_wait: Duration::from_secs(10),
+            mapping: Mapping::EventForge,
+            on_success: None,
+            retention: Duration::from_secs(7 * 86400),
+            retry_table: "public.outbox_relay_parked".into(),
+            heartbeat_interval: Duration::ZERO,
+            standby: false,
+            statement_timeout: Duration::from_secs(30),
+            lock_timeout: Duration::from_secs(5),
+            replication_timeout: Duration::from_secs(60),
+            password_file: String::new(),
+            allow_insecure_password: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Amqp {
+    pub url: String,
+    pub exchange: String,
+    pub declare_exchange: bool,
+    pub max_in_flight: usize,
+    pub max_in_flight_bytes: usize,
+    pub max_message_bytes: usize,
+    pub dead_letter_exchange: String,
+    #[serde(deserialize_with = "de_duration")]
+    pub reconnect_backoff_max: Duration,
+    #[serde(deserialize_with = "de_duration")]
+    pub connect_timeout: Duration,
+    pub password_file: String,
+    pub allow_insecure_password: bool,
+    pub tls_ca_file: String,
+    pub tls_cert_file: String,
+    pub tls_key_file: String,
+}
+
+impl Default for Amqp {
+    fn default() -> Self {
+        Self {
+            url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            exchange: "events".into(),
+            declare_exchange: true,
+            max_in_flight: 2048,
+            max_in_flight_bytes: 16 * 1024 * 1024,
+            max_message_bytes: 8 * 1024 * 1024,
+            dead_letter_exchange: String::new(),
+            reconnect_backoff_max: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
+            password_file: String::new(),
+            allow_insecure_password: false,
+            tls_ca_file: String::new(),
+            tls_cert_file: String::new(),
+            tls_key_file: String::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Relay {
+    pub ordering: Ordering,
+    #[serde(deserialize_with = "de_duration")]
+    pub shutdown_timeout: Duration,
+    #[serde(deserialize_with = "de_duration")]
+    pub stall_timeout: Duration,
+}
+
+impl Default for Relay {
+    fn default() -> Self {
+        Self {
+            ordering: Ordering::Strict,
+            shutdown_timeout: Duration::from_secs(10),
+            stall_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Retry {
+    #[serde(deserialize_with = "de_duration")]
+    pub backoff_base: Duration,
+    #[serde(deserialize_with = "de_duration")]
+    pub backoff_max: Duration,
+    pub max_retries: i32,
+    #[serde(deserialize_with = "de_duration")]
+    pub publish_timeout: Duration,
+    pub on_dead: OnDead,
+    #[serde(deserialize_with = "de_duration")]
+    pub dead_retention: Duration,
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Self {
+            backoff_base: Duration::from_secs(5),
+            backoff_max: Duration::from_secs(3600),
+            max_retries: 3,
+            publish_timeout: Duration::from_secs(30),
+            on_dead: OnDead::Skip,
+            dead_retention: Duration::from_secs(30 * 86400),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Metrics {
+    pub listen: String,
+    pub token_file: String,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9187".into(),
+            token_file: String::new(),
+        }
+    }
+}
+
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_duration(&s).map_err(serde::de::Error::custom)
+}
+
+fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_string(),
+        message: message.into(),
+    }
+}
+
+fn positive(key: &str, d: Duration, example: &str) -> Result<Duration, ConfigError> {
+    if d.is_zero() {
+        return Err(invalid(
+            key,
+            format!("must be greater than 0 (e.g. \"{example}\")"),
+        ));
+    }
+    Ok(d)
+}
+
+impl Config {
+    /// Checks values that parse but cannot work, and returns the typed configuration.
+    pub fn validate(self) -> Result<super::Config, ConfigError> {
+        let Config {
+            postgres: pg,
+            amqp,
+            relay,
+            retry,
+            inbox,
+            metrics,
+            log,
+        } = self;
+        let inbox = inbox.map(|i| i.validate()).transpose()?;
+        let mut target = PgTarget::parse(&pg.url).map_err(|m| invalid("postgres.url", m))?;
+        if !pg.password_file.is_empty() {
+            if target.has_password() {
+                return Err(invalid(
+                    "postgres.password_file",
+                    "postgres.url holds a password too: keep only one of them",
+                ));
+            }
+            target =
+                target.with_password(read_password("postgres.password_file", &pg.password_file)?);
+        }
+        target.allow_insecure_password = pg.allow_insecure_password;
+        let table = TableName::parse(&pg.table).map_err(|m| invalid("postgres.table", m))?;
+        check_identifier(&pg.slot).map_err(|m| invalid("postgres.slot", m))?;
+        check_identifier(&pg.publication).map_err(|m| invalid("postgres.publication", m))?;
+        let status_interval = positive("postgres.status_interval", pg.status_interval, "100ms")?;
+        let retry_table =
+            TableName::parse(&pg.retry_table).map_err(|m| invalid("postgres.retry_table", m))?;
+        let statement_timeout =
+            positive("postgres.statement_timeout", pg.statement_timeout, "30s")?;
+        let lock_timeout = positive("postgres.lock_timeout", pg.lock_timeout, "5s")?;
+        if pg.replication_timeout < Duration::from_secs(2) {
+            return Err(invalid(
+                "postgres.replication_timeout",
+                "must be at least 2s (e.g. \"60s\"): half of it, the relay asks the server for a sign of life",
+            ));
+        }
+        if pg.mapping == Mapping::Debezium && pg.on_success == Some(OnSuccess::MarkPublished) {
+            return Err(invalid(
+                "postgres.on_success",
+                "mark_published needs a status column; Debezium-style tables use \"delete\" or \"keep\"",
+            ));
+        }
+        let on_success = pg.on_success.unwrap_or(match pg.mapping {
+            Mapping::EventForge => OnSuccess::MarkPublished,
+            Mapping::Debezium => OnSuccess::Keep,
+        });
+
+        if !(amqp.url.starts_with("amqp://") || amqp.url.starts_with("amqps://")) {
+            return Err(invalid(
+                "amqp.url",
+                "must start with amqp:// (e.g. \"amqp://guest:guest@127.0.0.1:5672/%2f\")",
+            ));
+        }
+        let uri = lapin::uri::AMQPUri::from_str(&amqp.url)
+            .map_err(|e| invalid("amqp.url", format!("cannot be parsed: {e}")))?;
+        let mut amqp_url = amqp.url.clone();
+        if !amqp.password_file.is_empty() {
+            if url::Url::parse(&amqp.url).is_ok_and(|u| u.password().is_some()) {
+                return Err(invalid(
+                    "amqp.password_file",
+                    "amqp.url holds a password too: keep only one of them",
+                ));
+            }
+            let password = read_password("amqp.password_file", &amqp.password_file)?;
+            amqp_url =
+                with_amqp_password(&amqp.url, &password).map_err(|m| invalid("amqp.url", m))?;
+        }
+        let tls_wanted = !(amqp.tls_ca_file.is_empty()
+            && amqp.tls_cert_file.is_empty()
+            && amqp.tls_key_file.is_empty());
+        let amqps = amqp.url.starts_with("amqps://");
+        if tls_wanted && !amqps {
+            return Err(invalid(
+                "amqp.url",
+                "amqp.tls_* files are set but the URL is amqp://: use amqps:// (e.g. amqps://host:5671/%2f)",
+            ));
+        }
+        let external = uri.query.auth_mechanism == Some(lapin::uri::SASLMechanism::External);
+        if external && amqp.tls_cert_file.is_empty() {
+            return Err(invalid(
+                "amqp.url",
+                "auth_mechanism=external needs a client certificate: set amqp.tls_cert_file and amqp.tls_key_file",
+            ));
+        }
+        if !amqps
+            && !external
+            && !amqp.allow_insecure_password
+            && !is_loopback(&uri.authority.host)
+            && (url::Url::parse(&amqp.url).is_ok_and(|u| u.password().is_some())
+                || !amqp.password_file.is_empty())
+        {
+            return Err(invalid(
+                "amqp.url",
+                format!("amqp:// to {} would send the password in clear text: use amqps:// (or set amqp.allow_insecure_password = true to accept the risk)", uri.authority.host),
+            ));
+        }
+        let tls = amqp_tls(&amqp.tls_ca_file, &amqp.tls_cert_file, &amqp.tls_key_file)?;
+        let connect_timeout = positive("amqp.connect_timeout", amqp.connect_timeout, "10s")?;
+        if amqp.exchange.is_empty() {
+            return Err(invalid(
+                "amqp.exchange",
+                "must name a topic exchange (the default exchange cannot route by topic)",
+            ));
+        }
+        if amqp.max_in_flight == 0 {
+            return Err(invalid("amqp.max_in_flight", "must be at least 1"));
+        }
+        if amqp.max_in_flight_bytes < 1024 {
+            return Err(invalid("amqp.max_in_flight_bytes", "must be at least 1024"));
+        }
+        if amqp.max_message_bytes == 0 {
+            return Err(invalid("amqp.max_message_bytes", "must be at least 1"));
+        }
+
+        let listen = match metrics.listen.as_str() {
+            "" => None,
+            s => Some(s.parse::<SocketAddr>().map_err(|e| {
+                invalid(
+                    "metrics.listen",
+                    format!("{e}; use host:port like \"127.0.0.1:9187\", or \"\" to turn it off"),
+                )
+            })?),
+        };
+
+        if retry.max_retries < 0 {
+            return Err(invalid("retry.max_retries", "must be 0 or more"));
+        }
+        let publish_timeout = positive("retry.publish_timeout", retry.publish_timeout, "30s")?;
+        let backoff_base = positive("retry.backoff_base", retry.backoff_base, "5s")?;
+        if retry.backoff_max < backoff_base {
+            return Err(invalid(
+                "retry.backoff_max",
+                "must not be smaller than retry.backoff_base",
+            ));
+        }
+
+        Ok(super::Config {
+            postgres: PostgresConfig {
+                target,
+                table,
+                slot: pg.slot,
+                publication: pg.publication,
+                create_missing: pg.create_missing,
+                status_interval,
+                reconnect_backoff_max: pg.reconnect_backoff_max,
+                slot_wait: pg.slot_wait,
+                mapping: pg.mapping,
+                columns: ColumnMapping::of(pg.mapping),
+                on_success,
+                retention: pg.retention,
+                retry_table,
+                heartbeat_interval: pg.heartbeat_interval,
+                standby: pg.standby,
+                statement_timeout,
+                lock_timeout,
+                replication_timeout: pg.replication_timeout,
+            },
+            amqp: AmqpConfig {
+                url: AmqpUrl(amqp_url),
+                exchange: amqp.exchange,
+                declare_exchange: amqp.declare_exchange,
+                max_in_flight: amqp.max_in_flight,
+                max_in_flight_bytes: amqp.max_in_flight_bytes,
+                max_message_bytes: amqp.max_message_bytes,
+                dead_letter_exchange: (!amqp.dead_letter_exchange.is_empty())
+                    .then_some(amqp.dead_letter_exchange),
+                reconnect_backoff_max: amqp.reconnect_backoff_max,
+                connect_timeout,
+                tls,
+            },
+            relay: RelayConfig {
+                ordering: relay.ordering,
+                shutdown_timeout: relay.shutdown_timeout,
+                stall_timeout: positive("relay.stall_timeout", relay.stall_timeout, "2m")?,
+            },
+            retry: RetryConfig {
+                backoff_base,
+                backoff_max: retry.backoff_max,
+                max_retries: retry.max_retries,
+                publish_timeout,
+                on_dead: retry.on_dead,
+                dead_retention: (!retry.dead_retention.is_zero()).then_some(retry.dead_retention),
+            },
+            inbox,
+            metrics: MetricsConfig {
+                listen,
+                token: match metrics.token_file.as_str() {
+                    "" => None,
+                    path => Some(crate::redact::Secret::new(read_password(
+                        "metrics.token_file",
+                        path,
+                    )?)),
+                },
+            },
+            log,
+        })
+    }
+}

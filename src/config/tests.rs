@@ -1,0 +1,217 @@
+use super::*;
+
+fn load(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+    Config::from_toml_with_env(
+        text,
+        "test.toml",
+        env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+    )
+}
+
+#[test]
+fn the_example_config_documents_the_defaults() {
+    let example = load(include_str!("../../config.example.toml"), &[]).unwrap();
+    let defaults = load("", &[]).unwrap();
+    assert_eq!(format!("{example:?}"), format!("{defaults:?}"));
+}
+
+#[test]
+fn durations() {
+    assert_eq!(parse_duration("200ms").unwrap(), Duration::from_millis(200));
+    assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
+    assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
+    assert_eq!(parse_duration("1m30s").unwrap(), Duration::from_secs(90));
+    assert_eq!(
+        parse_duration("7d").unwrap(),
+        Duration::from_secs(7 * 86400)
+    );
+    assert_eq!(parse_duration("0s").unwrap(), Duration::ZERO);
+    assert!(parse_duration("5").is_err());
+    assert!(parse_duration("5x").is_err());
+    assert!(parse_duration("s").is_err());
+}
+
+#[test]
+fn defaults_apply_to_an_empty_file() {
+    let c = load("", &[]).unwrap();
+    assert_eq!(c.postgres.table.to_string(), "public.outbox_messages");
+    assert_eq!(c.postgres.status_interval, Duration::from_millis(100));
+    assert_eq!(c.postgres.on_success, OnSuccess::MarkPublished);
+    assert_eq!(c.amqp.exchange, "events");
+    assert_eq!(c.amqp.dead_letter_exchange, None);
+    assert_eq!(c.relay.ordering, Ordering::Strict);
+    assert_eq!(c.metrics.listen, Some("127.0.0.1:9187".parse().unwrap()));
+}
+
+#[test]
+fn typed_values_come_out_of_validation() {
+    let c = load(
+        "[postgres]\nurl = \"postgresql://relay@db:6543/app\"\ntable = \"app.out\"\nmapping = \"debezium\"\n[metrics]\nlisten = \"\"\n",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(c.postgres.target.port, 6543);
+    assert_eq!(c.postgres.table.schema, "app");
+    assert_eq!(c.postgres.columns, ColumnMapping::DEBEZIUM);
+    assert_eq!(c.postgres.on_success, OnSuccess::Keep);
+    assert_eq!(c.metrics.listen, None);
+}
+
+#[test]
+fn unknown_key_is_named() {
+    let e = load("[postgres]\nslott = \"x\"\n", &[])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("slott"), "{e}");
+    let e = load("[nope]\n", &[]).unwrap_err().to_string();
+    assert!(e.contains("nope"), "{e}");
+}
+
+#[test]
+fn env_overrides_file() {
+    let c = load(
+        "[postgres]\nslot = \"a\"\n[amqp]\nmax_in_flight = 5\n",
+        &[
+            ("OUTBOX_RELAY_POSTGRES_SLOT", "b"),
+            ("OUTBOX_RELAY_AMQP_MAX_IN_FLIGHT", "7"),
+            ("OUTBOX_RELAY_RETRY_BACKOFF_BASE", "1s"),
+            ("OUTBOX_RELAY_CONFIG", "ignored.toml"),
+            ("OTHER", "x"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(c.postgres.slot, "b");
+    assert_eq!(c.amqp.max_in_flight, 7);
+    assert_eq!(c.retry.backoff_base, Duration::from_secs(1));
+}
+
+#[test]
+fn unknown_env_key_is_named() {
+    let e = load("", &[("OUTBOX_RELAY_POSTGRES_SLOTT", "b")])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("slott"), "{e}");
+    let e = load("", &[("OUTBOX_RELAY_NOPE", "b")])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("OUTBOX_RELAY_NOPE"), "{e}");
+}
+
+#[test]
+fn validation_names_the_key() {
+    for (text, key) in [
+        ("[postgres]\nslot = \"Bad-Name\"\n", "postgres.slot"),
+        ("[postgres]\ntable = \"a;b\"\n", "postgres.table"),
+        ("[postgres]\nurl = \"postgresql://h/db\"\n", "postgres.url"),
+        ("[amqp]\nmax_in_flight = 0\n", "amqp.max_in_flight"),
+        ("[amqp]\nurl = \"http://x\"\n", "amqp.url"),
+        ("[relay]\nshutdown_timeout = \"10\"\n", "shutdown_timeout"),
+        ("[retry]\nbackoff_max = \"1s\"\n", "retry.backoff_max"),
+        ("[metrics]\nlisten = \"nowhere\"\n", "metrics.listen"),
+        (
+            "[postgres]\nmapping = \"debezium\"\non_success = \"mark_published\"\n",
+            "postgres.on_success",
+        ),
+    ] {
+        let e = load(text, &[]).unwrap_err().to_string();
+        assert!(e.contains(key), "{text}: {e}");
+    }
+}
+
+#[test]
+fn debug_hides_passwords() {
+    let c = load(
+        "[postgres]\nurl = \"postgresql://u:hunter2@h/db\"\n[amqp]\nurl = \"amqp://u:hunter3@h:5672/%2f\"\nallow_insecure_password = true\n",
+        &[],
+    )
+    .unwrap();
+    let s = format!("{c:?}");
+    assert!(!s.contains("hunter2") && !s.contains("hunter3"), "{s}");
+}
+
+#[test]
+fn passwords_come_from_files_and_never_go_out_in_clear() {
+    let dir = std::env::temp_dir().join(format!("outbox-relay-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pg = dir.join("pg");
+    std::fs::write(&pg, "hunter4\n").unwrap();
+    let mq = dir.join("mq");
+    std::fs::write(&mq, "hunter5").unwrap();
+    let c = load(
+        &format!(
+            "[postgres]\nurl = \"postgresql://u@h/db?sslmode=require\"\npassword_file = \"{}\"\n\
+             [amqp]\nurl = \"amqps://u@h:5671/%2f\"\npassword_file = \"{}\"\n",
+            pg.display(),
+            mq.display()
+        ),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(c.postgres.target.password(), "hunter4");
+    assert!(c.amqp.url.expose().contains(":hunter5@"));
+    let s = format!("{c:?}");
+    assert!(!s.contains("hunter4") && !s.contains("hunter5"), "{s}");
+    // Both a URL password and a file: which one is meant?
+    let e = load(
+        &format!(
+            "[postgres]\nurl = \"postgresql://u:x@h/db\"\npassword_file = \"{}\"\n",
+            pg.display()
+        ),
+        &[],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("postgres.password_file"), "{e}");
+    let e = load("[postgres]\npassword_file = \"/nonexistent/pw\"\n", &[])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("postgres.password_file") && e.contains("/nonexistent/pw"),
+        "{e}"
+    );
+    // amqp:// with a password to another host is clear text: refused unless allowed.
+    let e = load(
+        "[amqp]\nurl = \"amqp://u:hunter6@broker.example:5672/%2f\"\n",
+        &[],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("amqp.url") && e.contains("amqps://"), "{e}");
+    assert!(!e.contains("hunter6"), "{e}");
+    // TLS files are read at start-up, errors name the key.
+    let e = load(
+        "[amqp]\nurl = \"amqps://u:p@h:5671/%2f\"\ntls_ca_file = \"/nonexistent/ca.pem\"\n",
+        &[],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("amqp.tls_ca_file"), "{e}");
+    let e = load(
+        "[amqp]\nurl = \"amqps://u@h:5671/%2f?auth_mechanism=external\"\n",
+        &[],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("tls_cert_file"), "{e}");
+    let e = load("[metrics]\ntoken_file = \"/nonexistent/token\"\n", &[])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("metrics.token_file"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_syntax_error_never_prints_the_line_that_holds_the_password() {
+    let e = load(
+        "[postgres]\nurl = \"postgresql://u:hunter2@h/db\" oops\n",
+        &[],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(!e.contains("hunter2"), "{e}");
+    assert!(e.contains("line 2"), "{e}");
+    let e = load("[amqp]\nurl = 'amqp://u:hunter3@h:5672\n", &[])
+        .unwrap_err()
+        .to_string();
+    assert!(!e.contains("hunter3"), "{e}");
+}
