@@ -1,0 +1,481 @@
+use super::*;
+use crate::event::OutboxEvent;
+use bytes::Bytes;
+use proptest::prelude::*;
+use std::collections::HashMap;
+
+fn event(agg: u8, n: u32) -> Row {
+    Row::Event(Arc::new(OutboxEvent {
+        id: format!("{agg}-{n}"),
+        aggregate_type: "A".into(),
+        aggregate_id: agg.to_string(),
+        event_type: "e".into(),
+        payload: Bytes::from_static(b"{}"),
+        metadata: None,
+        created_at: None,
+        scheduled_at: None,
+        max_retries: None,
+    }))
+}
+
+fn message(row: &Row, size: usize) -> Arc<OutboundMessage> {
+    let Row::Event(e) = row else { unreachable!() };
+    let mut m = crate::sink::format::encode(e, 0).unwrap();
+    m.body.resize(size, b' ');
+    Arc::new(m)
+}
+
+fn stream(txn: u64) -> Origin {
+    Origin::Stream {
+        txn,
+        commit_time: 0,
+    }
+}
+
+fn window(ordering: Ordering, max: usize) -> Window {
+    let mut w = Window::new(ordering, max, 1 << 30, Duration::from_secs(30));
+    w.on_up(1);
+    w
+}
+
+#[test]
+fn strict_order_queues_behind_the_unconfirmed_message() {
+    let mut w = window(Ordering::Strict, 10);
+    let a0 = event(1, 0);
+    let a1 = event(1, 1);
+    let b0 = event(2, 0);
+    assert_eq!(
+        w.admit(a0.clone(), Some(message(&a0, 10)), stream(0), None),
+        Admitted::Sent
+    );
+    assert_eq!(
+        w.admit(a1.clone(), Some(message(&a1, 10)), stream(0), None),
+        Admitted::Queued
+    );
+    assert_eq!(
+        w.admit(b0.clone(), Some(message(&b0, 10)), stream(0), None),
+        Admitted::Sent
+    );
+    let sent: Vec<Seq> = w.take_publishes().map(|p| p.seq).collect();
+    assert_eq!(sent, vec![0, 2]);
+    let r = w.resolve(0).unwrap();
+    assert!(r.park.is_empty());
+    let sent: Vec<Seq> = w.take_publishes().map(|p| p.seq).collect();
+    assert_eq!(sent, vec![1], "the ack hands the turn to the next message");
+    w.check_invariants();
+}
+
+#[test]
+fn a_full_window_refuses_and_a_confirm_frees_room() {
+    let mut w = window(Ordering::Relaxed, 2);
+    for n in 0..2 {
+        let r = event(1, n);
+        w.admit(r.clone(), Some(message(&r, 10)), stream(0), None);
+    }
+    assert!(!w.has_room());
+    assert_eq!(w.room(), 0);
+    w.resolve(0);
+    assert!(w.has_room());
+    w.resolve(1);
+    assert_eq!((w.len(), w.bytes()), (0, 0));
+}
+
+#[test]
+fn bytes_limit_lets_one_big_message_into_an_empty_window() {
+    let mut w = Window::new(Ordering::Strict, 100, 1024, Duration::from_secs(30));
+    w.on_up(1);
+    let r = event(1, 0);
+    assert!(w.has_room());
+    w.admit(r.clone(), Some(message(&r, 5000)), stream(0), None);
+    assert!(!w.has_room(), "over the byte limit");
+    w.resolve(0);
+    assert!(w.has_room());
+}
+
+#[test]
+fn no_broker_no_room_and_unsent_messages_go_out_on_reconnect_in_order() {
+    let mut w = window(Ordering::Relaxed, 10);
+    for n in 0..3 {
+        let r = event(1, n);
+        w.admit(r.clone(), Some(message(&r, 10)), stream(0), None);
+    }
+    assert_eq!(w.take_publishes().count(), 3);
+    assert_eq!(w.on_down(1, false), None);
+    assert!(!w.has_room());
+    assert!(!w.is_published(0, 1));
+    assert!(
+        w.expired(Instant::now() + Duration::from_secs(3600))
+            .is_empty(),
+        "no deadlines run while the broker is down"
+    );
+    assert_eq!(w.on_up(2), 3);
+    let sent: Vec<(Seq, u64)> = w.take_publishes().map(|p| (p.seq, p.generation)).collect();
+    assert_eq!(sent, vec![(0, 2), (1, 2), (2, 2)]);
+    assert!(w.is_published(1, 2) && !w.is_published(1, 1));
+}
+
+#[test]
+fn a_failure_parks_the_message_and_its_queue() {
+    let mut w = window(Ordering::Strict, 10);
+    for n in 0..3 {
+        let r = event(1, n);
+        w.admit(r.clone(), Some(message(&r, 10)), stream(0), None);
+    }
+    let park = w.fail_stream(0, Failure::Nack);
+    assert_eq!(park, vec![0, 1, 2]);
+    assert_eq!(
+        w.take_publishes().count(),
+        1,
+        "only the first was published"
+    );
+    for s in park {
+        assert!(w.resolve(s).unwrap().park.is_empty());
+    }
+    assert!(w.is_empty());
+    w.check_invariants();
+}
+
+#[test]
+fn a_queued_message_with_its_own_cause_is_parked_when_its_turn_comes() {
+    let mut w = window(Ordering::Strict, 10);
+    let a0 = event(1, 0);
+    let a1 = event(1, 1);
+    let a2 = event(1, 2);
+    w.admit(a0.clone(), Some(message(&a0, 10)), stream(0), None);
+    let cause = ParkCause {
+        failure: Some(Failure::TooLarge { bytes: 2, limit: 1 }),
+        not_before: None,
+    };
+    assert_eq!(
+        w.admit(a1.clone(), None, stream(0), Some(cause)),
+        Admitted::Queued
+    );
+    w.admit(a2.clone(), Some(message(&a2, 10)), stream(0), None);
+    w.take_publishes().count();
+    let r = w.resolve(0).unwrap();
+    assert_eq!(r.park, vec![1, 2]);
+    assert_eq!(w.take_publishes().count(), 0);
+    w.check_invariants();
+}
+
+#[test]
+fn timeouts_expire_only_what_is_still_published() {
+    let mut w = window(Ordering::Relaxed, 10);
+    for n in 0..3 {
+        let r = event(n as u8, n);
+        w.admit(r.clone(), Some(message(&r, 10)), stream(0), None);
+    }
+    w.resolve(1);
+    let late = Instant::now() + Duration::from_secs(31);
+    assert_eq!(w.expired(late), vec![0, 2]);
+    assert!(w.expired(late).is_empty(), "each deadline fires once");
+}
+
+#[test]
+fn dropping_stream_messages_keeps_parks_and_retries() {
+    let mut w = window(Ordering::Strict, 10);
+    let a0 = event(1, 0);
+    let a1 = event(1, 1);
+    let b0 = event(2, 0);
+    w.admit(a0.clone(), Some(message(&a0, 10)), stream(0), None);
+    w.admit(a1.clone(), Some(message(&a1, 10)), stream(0), None);
+    let parking = w.admit_parking(b0.clone(), None, stream(0), None);
+    let retry = event(3, 0);
+    w.admit_retry(
+        retry.clone(),
+        message(&retry, 10),
+        Origin::Retry {
+            key: retry.key(),
+            parked_seq: 1,
+            attempts: 1,
+            max_retries: 3,
+        },
+        false,
+    );
+    assert_eq!(w.drop_stream_messages(), 2);
+    assert_eq!(w.len(), 2);
+    assert!(w.entry(parking).is_some());
+    w.check_invariants();
+}
+
+/// One step of a random interleaving.
+#[derive(Debug, Clone)]
+enum Op {
+    /// A stream message of aggregate `agg` (of 4), `size` bytes, maybe with its own cause.
+    Admit {
+        agg: u8,
+        size: usize,
+        cause: bool,
+    },
+    /// The broker answers the `i`-th oldest outstanding publish: ack or refusal.
+    Answer {
+        i: usize,
+        ack: bool,
+    },
+    /// Every outstanding publish times out.
+    Timeout,
+    /// The connection drops and comes back.
+    Reconnect,
+    /// The broker closes the connection in answer to a publish, and is back.
+    Refuse,
+    /// The broker blocks publishing, or unblocks.
+    Block,
+    Unblock,
+    /// The oldest pending park commits.
+    ParkCommitted,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (0u8..4, 1usize..600, proptest::bool::weighted(0.1))
+            .prop_map(|(agg, size, cause)| Op::Admit { agg, size, cause }),
+        4 => (0usize..8, proptest::bool::weighted(0.85)).prop_map(|(i, ack)| Op::Answer { i, ack }),
+        1 => Just(Op::Timeout),
+        1 => Just(Op::Reconnect),
+        1 => Just(Op::Refuse),
+        1 => Just(Op::Block),
+        1 => Just(Op::Unblock),
+        2 => Just(Op::ParkCommitted),
+    ]
+}
+
+/// Drives a window the way the relay does: parks go to a model retry table,
+/// an aggregate with parked messages parks its later messages behind them.
+struct Harness {
+    w: Window,
+    generation: u64,
+    /// Outstanding publishes in publish order: (seq, generation).
+    wire: Vec<(Seq, u64)>,
+    parking: VecDeque<Seq>,
+    parked_aggs: HashMap<AggregateKey, usize>,
+    /// Per aggregate: admission numbers in the order first published.
+    published: HashMap<u8, Vec<u32>>,
+    /// Per aggregate: admission numbers in the order parked.
+    parked: HashMap<u8, Vec<u32>>,
+    counters: HashMap<u8, u32>,
+    admitted: usize,
+    resolved: usize,
+}
+
+fn agg_and_n(row: &Row) -> (u8, u32) {
+    let (a, n) = row.id().split_once('-').unwrap();
+    (a.parse().unwrap(), n.parse().unwrap())
+}
+
+impl Harness {
+    fn new(ordering: Ordering) -> Self {
+        let mut w = Window::new(ordering, 16, 4096, Duration::from_secs(30));
+        w.on_up(1);
+        Harness {
+            w,
+            generation: 1,
+            wire: Vec::new(),
+            parking: VecDeque::new(),
+            parked_aggs: HashMap::new(),
+            published: HashMap::new(),
+            parked: HashMap::new(),
+            counters: HashMap::new(),
+            admitted: 0,
+            resolved: 0,
+        }
+    }
+
+    fn collect(&mut self) {
+        let sent: Vec<(Seq, u64)> = self
+            .w
+            .take_publishes()
+            .map(|p| (p.seq, p.generation))
+            .collect();
+        for (seq, g) in sent {
+            let (agg, n) = agg_and_n(self.w.entry(seq).unwrap().row());
+            let list = self.published.entry(agg).or_default();
+            if !list.contains(&n) {
+                list.push(n);
+            }
+            self.wire.push((seq, g));
+        }
+    }
+
+    fn park(&mut self, seqs: Vec<Seq>) {
+        for s in seqs {
+            let row = self.w.entry(s).unwrap().row().clone();
+            *self.parked_aggs.entry(row.key()).or_default() += 1;
+            let (agg, n) = agg_and_n(&row);
+            self.parked.entry(agg).or_default().push(n);
+            self.parking.push_back(s);
+        }
+    }
+
+    fn apply(&mut self, op: Op) {
+        match op {
+            Op::Admit { agg, size, cause } => {
+                if !self.w.has_room() {
+                    return;
+                }
+                let n = self.counters.entry(agg).or_default();
+                let row = event(agg, *n);
+                *n += 1;
+                self.admitted += 1;
+                let m = Some(message(&row, size));
+                let cause = cause.then_some(ParkCause {
+                    failure: Some(Failure::TooLarge {
+                        bytes: size,
+                        limit: 0,
+                    }),
+                    not_before: None,
+                });
+                if self.parked_aggs.contains_key(&row.key()) {
+                    let s = self.w.admit_parking(row, m, stream(0), cause);
+                    self.park(vec![s]);
+                } else if let Admitted::Park(seqs) = self.w.admit(row, m, stream(0), cause) {
+                    self.park(seqs);
+                }
+            }
+            Op::Answer { i, ack } => {
+                if self.wire.is_empty() {
+                    return;
+                }
+                let (seq, g) = self.wire.remove(i % self.wire.len());
+                if !self.w.is_published(seq, g) {
+                    return; // stale
+                }
+                if ack {
+                    let r = self.w.resolve(seq).unwrap();
+                    self.resolved += 1;
+                    self.park(r.park);
+                } else {
+                    let seqs = self.w.fail_stream(seq, Failure::Nack);
+                    self.park(seqs);
+                }
+            }
+            Op::Timeout => {
+                let late = Instant::now() + Duration::from_secs(3600);
+                for seq in self.w.expired(late) {
+                    let seqs = self.w.fail_stream(
+                        seq,
+                        Failure::Timeout {
+                            after: Duration::from_secs(30),
+                        },
+                    );
+                    self.park(seqs);
+                }
+            }
+            Op::Reconnect => {
+                assert_eq!(self.w.on_down(self.generation, false), None);
+                self.wire.clear();
+                self.generation += 1;
+                self.w.on_up(self.generation);
+            }
+            Op::Refuse => {
+                let probe = self.w.probing();
+                let culprit = self.w.on_down(self.generation, true);
+                if let Some(p) = probe {
+                    if self
+                        .wire
+                        .iter()
+                        .any(|(s, g)| *s == p && *g == self.generation)
+                    {
+                        assert_eq!(
+                            culprit,
+                            Some(p),
+                            "the probe alone on the wire is the culprit"
+                        );
+                    }
+                }
+                self.wire.clear();
+                if let Some(seq) = culprit {
+                    let seqs = self.w.fail_stream(
+                        seq,
+                        Failure::Refused {
+                            reply_code: 406,
+                            reply_text: "PRECONDITION_FAILED".into(),
+                        },
+                    );
+                    self.park(seqs);
+                }
+                self.generation += 1;
+                self.w.on_up(self.generation);
+            }
+            Op::Block => {
+                self.w.suspend();
+                assert!(!self.w.has_room());
+                assert!(
+                    self.w
+                        .expired(Instant::now() + Duration::from_secs(3600))
+                        .is_empty(),
+                    "no deadline runs while the broker blocks"
+                );
+            }
+            Op::Unblock => self.w.resume(),
+            Op::ParkCommitted => {
+                if let Some(s) = self.parking.pop_front() {
+                    let r = self.w.resolve(s).unwrap();
+                    assert!(r.park.is_empty(), "a parked message holds no turn");
+                    self.resolved += 1;
+                }
+            }
+        }
+        self.collect();
+        self.w.check_invariants();
+    }
+
+    /// Acks and commits everything outstanding.
+    fn settle(&mut self) {
+        for _ in 0..10_000 {
+            if self.w.is_empty() {
+                return;
+            }
+            if self.w.blocked {
+                self.apply(Op::Unblock);
+            } else if !self.wire.is_empty() {
+                self.apply(Op::Answer { i: 0, ack: true });
+            } else if !self.parking.is_empty() {
+                self.apply(Op::ParkCommitted);
+            } else {
+                self.apply(Op::Reconnect);
+            }
+        }
+        panic!("window never drained: {} left", self.w.len());
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    /// Strict ordering: per aggregate, first publishes follow admission order and
+    /// never overtake a parked message; every message is resolved exactly once;
+    /// the window's accounting returns to zero.
+    #[test]
+    fn strict_window_keeps_order_and_accounting(ops in proptest::collection::vec(op(), 1..120)) {
+        let mut h = Harness::new(Ordering::Strict);
+        for op in ops {
+            h.apply(op);
+        }
+        h.settle();
+        prop_assert_eq!(h.w.len(), 0);
+        prop_assert_eq!(h.w.bytes(), 0);
+        prop_assert_eq!(h.resolved, h.admitted);
+        for (agg, order) in &h.published {
+            prop_assert!(order.windows(2).all(|w| w[0] < w[1]), "aggregate {} published out of order: {:?}", agg, order);
+            if let Some(first_parked) = h.parked.get(agg).and_then(|p| p.iter().min()) {
+                prop_assert!(order.iter().all(|n| n < first_parked || h.parked[agg].contains(n)),
+                    "aggregate {}: a message after parked {} was published: {:?}", agg, first_parked, order);
+            }
+            let parked = h.parked.get(agg).cloned().unwrap_or_default();
+            prop_assert!(parked.windows(2).all(|w| w[0] < w[1]), "aggregate {} parked out of order: {:?}", agg, parked);
+        }
+    }
+
+    /// Relaxed ordering pipelines an aggregate but keeps the same accounting.
+    #[test]
+    fn relaxed_window_accounting_returns_to_zero(ops in proptest::collection::vec(op(), 1..120)) {
+        let mut h = Harness::new(Ordering::Relaxed);
+        for op in ops {
+            h.apply(op);
+        }
+        h.settle();
+        prop_assert_eq!(h.w.len(), 0);
+        prop_assert_eq!(h.w.bytes(), 0);
+        prop_assert_eq!(h.resolved, h.admitted);
+    }
+}
