@@ -295,6 +295,59 @@ async fn dead_letters_reach_the_dead_letter_exchange_and_requeue_revives_them() 
     f.cleanup().await;
 }
 
+/// `dead requeue --all` pages by seq: more than two pages of dead messages all
+/// come back, once each, in order per aggregate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requeue_all_pages_through_every_dead_message() {
+    let f = Fixture::new("retry_requeue_pages", false).await;
+    let mut relay = f.spawn(&[("retry", "on_dead = \"skip\"")]);
+    relay.wait_streaming().await;
+    // 2 500 unroutable messages over 50 aggregates, five transactions; the rows'
+    // `max_retries = 0` kills each after its one attempt.
+    let ids: Vec<String> = (0..2500).map(|i| format!("rq-{i:04}")).collect();
+    for c in 0..5 {
+        f.db.batch_execute(&format!(
+            "insert into {} (id, aggregate_type, aggregate_id, event_type, payload, max_retries) \
+             select 'rq-' || lpad(i::text, 4, '0'), 'Order', 'a' || (i % 50), 'lost', '{{}}', 0 \
+             from generate_series({}, {}) i order by i",
+            f.table,
+            c * 500,
+            c * 500 + 499
+        ))
+        .await
+        .unwrap();
+    }
+    wait_for(T, "2 500 dead", || async {
+        f.parked().await.iter().filter(|p| p.1 == "dead").count() == 2500
+    })
+    .await;
+    f.bind("Order.lost").await;
+    let (code, out) = relay_cmd(&f, &["dead", "requeue", "--all"]).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("requeued 2500 message(s)"), "{out}");
+    f.consumer().wait_ids(&ids, T).await;
+    let got: Vec<String> = f
+        .consumer()
+        .all()
+        .iter()
+        .map(|r| r.message_id())
+        .filter(|id| id.starts_with("rq-"))
+        .collect();
+    assert_eq!(got.len(), 2500, "each requeued message delivered once");
+    for a in 0..50 {
+        let mine: Vec<&String> = got
+            .iter()
+            .filter(|id| id[3..].parse::<usize>().unwrap() % 50 == a)
+            .collect();
+        let mut sorted = mine.clone();
+        sorted.sort();
+        assert_eq!(mine, sorted, "aggregate a{a} in order");
+    }
+    f.wait_retry_drained().await;
+    assert!(relay.terminate(T).await.success());
+    f.cleanup().await;
+}
+
 async fn wait_dead_letter(ch: &lapin::Channel, queue: &str) -> lapin::message::BasicGetMessage {
     let deadline = std::time::Instant::now() + T;
     loop {

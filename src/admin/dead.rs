@@ -96,13 +96,15 @@ pub async fn dead_requeue(config: &Config, ids: Option<&[String]>) -> Result<u64
     );
     if let Some(ids) = ids {
         // Named ids: all of them or none, in one transaction.
-        let requeued = retrying(&mut sql, &retry, &outbox, &notify, Some(ids)).await?;
+        let (requeued, _) = retrying(&mut sql, &retry, &outbox, &notify, Some(ids), 0).await?;
         return Ok(requeued as u64);
     }
-    let mut total = 0u64;
+    // Keyset pages: each starts after the last seq the previous one requeued.
+    let (mut total, mut after) = (0u64, 0i64);
     loop {
-        let requeued = retrying(&mut sql, &retry, &outbox, &notify, None).await?;
+        let (requeued, last) = retrying(&mut sql, &retry, &outbox, &notify, None, after).await?;
         total += requeued as u64;
+        after = last.unwrap_or(after);
         if (requeued as i64) < REQUEUE_PAGE {
             return Ok(total);
         }
@@ -119,10 +121,11 @@ async fn retrying(
     outbox: &OutboxTable,
     notify: &str,
     ids: Option<&[String]>,
-) -> Result<usize, Error> {
+    after: i64,
+) -> Result<(usize, Option<i64>), Error> {
     let mut attempt = 0u32;
     loop {
-        match requeue_page(sql, retry, outbox, notify, ids).await {
+        match requeue_page(sql, retry, outbox, notify, ids, after).await {
             Err(e) if e.sql_trouble() == Some(SqlTrouble::Timeout) && attempt < 5 => {
                 attempt += 1;
                 tracing::warn!(error = %e, attempt, "requeue page aborted by Postgres: trying it again");
@@ -135,20 +138,24 @@ async fn retrying(
 }
 
 /// One requeue transaction: the named `ids` (all or none), or the next page of
-/// dead messages; marks their outbox rows and wakes the relay. How many.
+/// dead messages after seq `after`; marks their outbox rows and wakes the relay.
+/// How many, and the last seq requeued.
 async fn requeue_page(
     sql: &mut tokio_postgres::Client,
     retry: &RetryTable,
     outbox: &OutboxTable,
     notify: &str,
     ids: Option<&[String]>,
-) -> Result<usize, Error> {
+    after: i64,
+) -> Result<(usize, Option<i64>), Error> {
     let tx = sql
         .transaction()
         .await
         .map_err(query_err("starting the requeue"))?;
     let limit = ids.map_or(REQUEUE_PAGE, |ids| ids.len().max(1) as i64);
-    let requeued = retry.requeue(&tx, ids, limit).await?;
+    let page = retry.requeue(&tx, ids, after, limit).await?;
+    let last = page.iter().map(|(seq, _)| *seq).max();
+    let requeued: Vec<String> = page.into_iter().map(|(_, id)| id).collect();
     if let Some(ids) = ids {
         let unknown: Vec<&str> = ids
             .iter()
@@ -173,5 +180,5 @@ async fn requeue_page(
     tx.commit()
         .await
         .map_err(query_err("committing the requeue"))?;
-    Ok(requeued.len())
+    Ok((requeued.len(), last))
 }

@@ -480,14 +480,16 @@ impl RetryTable {
             .collect()
     }
 
-    /// Gives up to `limit` dead rows (of `ids`, or any with `None`) a fresh retry
-    /// budget; returns their ids. Called until it returns fewer than `limit`.
+    /// Gives up to `limit` dead rows (of `ids`, or any with `None`) after `after`
+    /// (a seq) a fresh retry budget; returns their (seq, id) in seq order. Paged by
+    /// the last seq returned, so a page never walks the rows earlier pages requeued.
     pub async fn requeue(
         &self,
         client: &impl GenericClient,
         ids: Option<&[String]>,
+        after: i64,
         limit: i64,
-    ) -> Result<Vec<String>, Error> {
+    ) -> Result<Vec<(i64, String)>, Error> {
         const CONTEXT: &str = "requeueing dead messages";
         let all = ids.is_none();
         let wanted: Vec<String> = ids.map(|v| v.to_vec()).unwrap_or_default();
@@ -497,13 +499,15 @@ impl RetryTable {
                 &format!(
                     "update {t} set status = 'parked', attempts = 0, scheduled_at = now(), updated_at = now() \
                      where seq = any(array(select seq from {t} where slot = $1 and status = 'dead' and ($2 or id = any($3)) \
-                     order by seq limit $4)) returning id"
+                     and seq > $5 order by seq limit $4)) returning seq, id"
                 ),
-                &[&self.slot, &all, &wanted, &limit],
+                &[&self.slot, &all, &wanted, &limit, &after],
             )
             .await
             .map_err(query_err(CONTEXT))?;
-        rows.iter().map(|r| get(r, 0, CONTEXT)).collect()
+        rows.iter()
+            .map(|r| Ok((get(r, 0, CONTEXT)?, get(r, 1, CONTEXT)?)))
+            .collect()
     }
 
     /// Parked and dead counts, and the age of the oldest parked row.
