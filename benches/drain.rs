@@ -665,6 +665,7 @@ async fn recover(rows: usize, window: usize, how: Recovery) -> Drain {
             .join("outbox-relay-bench")
             .join("bench.toml");
         let binary = relay_binary();
+        let began = Instant::now();
         let out = Command::new(binary)
             .args([
                 "dead",
@@ -681,6 +682,13 @@ async fn recover(rows: usize, window: usize, how: Recovery) -> Drain {
             let _ = child.wait();
             panic!("{}", String::from_utf8_lossy(&out.stderr));
         }
+        eprintln!(
+            "  the requeue command took {:.2} s ({} pages run again after a deadlock or lock timeout)",
+            began.elapsed().as_secs_f64(),
+            String::from_utf8_lossy(&out.stderr)
+                .matches("trying it again")
+                .count()
+        );
     }
     loop {
         if queue_depth(&ch, QUEUE).await as usize >= rows

@@ -7,7 +7,7 @@ use crate::error::{Error, SqlTrouble};
 use crate::pg::{query_err, quote_ident};
 use crate::retry::outbox::OutboxTable;
 use crate::retry::queries::DeadMessage;
-use crate::retry::queries::RetryTable;
+use crate::retry::queries::{RequeueKey, RequeuePage, RetryTable};
 
 /// Rows requeued per transaction.
 const REQUEUE_PAGE: i64 = 1000;
@@ -96,13 +96,21 @@ pub async fn dead_requeue(config: &Config, ids: Option<&[String]>) -> Result<u64
     );
     if let Some(ids) = ids {
         // Named ids: all of them or none, in one transaction.
-        let (requeued, _) = retrying(&mut sql, &retry, &outbox, &notify, Some(ids), 0).await?;
+        let (requeued, _) = retrying(
+            &mut sql,
+            &retry,
+            &outbox,
+            &notify,
+            Some(ids),
+            &RequeueKey::default(),
+        )
+        .await?;
         return Ok(requeued as u64);
     }
-    // Keyset pages: each starts after the last seq the previous one requeued.
-    let (mut total, mut after) = (0u64, 0i64);
+    // Keyset pages: each starts after the last key the previous one requeued.
+    let (mut total, mut after) = (0u64, RequeueKey::default());
     loop {
-        let (requeued, last) = retrying(&mut sql, &retry, &outbox, &notify, None, after).await?;
+        let (requeued, last) = retrying(&mut sql, &retry, &outbox, &notify, None, &after).await?;
         total += requeued as u64;
         after = last.unwrap_or(after);
         if (requeued as i64) < REQUEUE_PAGE {
@@ -121,8 +129,8 @@ async fn retrying(
     outbox: &OutboxTable,
     notify: &str,
     ids: Option<&[String]>,
-    after: i64,
-) -> Result<(usize, Option<i64>), Error> {
+    after: &RequeueKey,
+) -> Result<(usize, Option<RequeueKey>), Error> {
     let mut attempt = 0u32;
     loop {
         match requeue_page(sql, retry, outbox, notify, ids, after).await {
@@ -138,24 +146,25 @@ async fn retrying(
 }
 
 /// One requeue transaction: the named `ids` (all or none), or the next page of
-/// dead messages after seq `after`; marks their outbox rows and wakes the relay.
-/// How many, and the last seq requeued.
+/// dead messages after the key `after`; marks their outbox rows and wakes the
+/// relay. How many, and the page's last key.
 async fn requeue_page(
     sql: &mut tokio_postgres::Client,
     retry: &RetryTable,
     outbox: &OutboxTable,
     notify: &str,
     ids: Option<&[String]>,
-    after: i64,
-) -> Result<(usize, Option<i64>), Error> {
+    after: &RequeueKey,
+) -> Result<(usize, Option<RequeueKey>), Error> {
     let tx = sql
         .transaction()
         .await
         .map_err(query_err("starting the requeue"))?;
     let limit = ids.map_or(REQUEUE_PAGE, |ids| ids.len().max(1) as i64);
-    let page = retry.requeue(&tx, ids, after, limit).await?;
-    let last = page.iter().map(|(seq, _)| *seq).max();
-    let requeued: Vec<String> = page.into_iter().map(|(_, id)| id).collect();
+    let RequeuePage {
+        ids: requeued,
+        last,
+    } = retry.requeue(&tx, ids, after, limit).await?;
     if let Some(ids) = ids {
         let unknown: Vec<&str> = ids
             .iter()

@@ -480,34 +480,59 @@ impl RetryTable {
             .collect()
     }
 
-    /// Gives up to `limit` dead rows (of `ids`, or any with `None`) after `after`
-    /// (a seq) a fresh retry budget; returns their (seq, id) in seq order. Paged by
-    /// the last seq returned, so a page never walks the rows earlier pages requeued.
+    /// Gives up to `limit` dead rows (of `ids`, or any with `None`) after the key
+    /// `after` a fresh retry budget; returns their ids and the page's last key.
+    ///
+    /// Pages go by aggregate, then seq (the aggregate index), so each page revives
+    /// whole aggregates the running relay can drain at once, instead of one row of
+    /// every aggregate per page; the keyset never walks rows earlier pages
+    /// requeued. The last key is computed by Postgres, in its own collation.
     pub async fn requeue(
         &self,
         client: &impl GenericClient,
         ids: Option<&[String]>,
-        after: i64,
+        after: &RequeueKey,
         limit: i64,
-    ) -> Result<Vec<(i64, String)>, Error> {
+    ) -> Result<RequeuePage, Error> {
         const CONTEXT: &str = "requeueing dead messages";
         let all = ids.is_none();
         let wanted: Vec<String> = ids.map(|v| v.to_vec()).unwrap_or_default();
         let t = self.table.quoted();
-        let rows = client
-            .query(
+        let row = client
+            .query_one(
                 &format!(
-                    "update {t} set status = 'parked', attempts = 0, scheduled_at = now(), updated_at = now() \
-                     where seq = any(array(select seq from {t} where slot = $1 and status = 'dead' and ($2 or id = any($3)) \
-                     and seq > $5 order by seq limit $4)) returning seq, id"
+                    "with page as (select seq, aggregate_type, aggregate_id from {t} \
+                     where slot = $1 and status = 'dead' and ($2 or id = any($3)) \
+                     and (aggregate_type, aggregate_id, seq) > ($5::text, $6::text, $7::bigint) \
+                     order by aggregate_type, aggregate_id, seq limit $4), \
+                     done as (update {t} set status = 'parked', attempts = 0, scheduled_at = now(), \
+                     updated_at = now() where seq = any(array(select seq from page)) returning id) \
+                     select array(select id from done), l.aggregate_type, l.aggregate_id, l.seq \
+                     from (values (1)) v left join lateral (select * from page \
+                     order by aggregate_type desc, aggregate_id desc, seq desc limit 1) l on true"
                 ),
-                &[&self.slot, &all, &wanted, &limit, &after],
+                &[
+                    &self.slot,
+                    &all,
+                    &wanted,
+                    &limit,
+                    &after.aggregate_type,
+                    &after.aggregate_id,
+                    &after.seq,
+                ],
             )
             .await
             .map_err(query_err(CONTEXT))?;
-        rows.iter()
-            .map(|r| Ok((get(r, 0, CONTEXT)?, get(r, 1, CONTEXT)?)))
-            .collect()
+        let ids: Vec<String> = get(&row, 0, CONTEXT)?;
+        let last = match get::<Option<i64>>(&row, 3, CONTEXT)? {
+            Some(seq) => Some(RequeueKey {
+                aggregate_type: get(&row, 1, CONTEXT)?,
+                aggregate_id: get(&row, 2, CONTEXT)?,
+                seq,
+            }),
+            None => None,
+        };
+        Ok(RequeuePage { ids, last })
     }
 
     /// Parked and dead counts, and the age of the oldest parked row.
@@ -531,6 +556,22 @@ impl RetryTable {
             oldest_parked_seconds: get(&row, 2, CONTEXT)?,
         })
     }
+}
+
+/// Where a `requeue` page starts: after this (aggregate, seq) in the aggregate
+/// index's order; `Default` is before every row.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RequeueKey {
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub seq: i64,
+}
+
+/// One `requeue` page: the ids it revived and its last key (`None`: empty).
+#[derive(Debug, Clone)]
+pub struct RequeuePage {
+    pub ids: Vec<String>,
+    pub last: Option<RequeueKey>,
 }
 
 /// The DDL of `sql/outbox_relay_parked.sql` for another table name.
