@@ -189,3 +189,39 @@ async fn a_lost_slot_is_refused_and_replay_recovers_the_gap() {
     assert!(relay.terminate(T).await.success());
     f.cleanup().await;
 }
+
+/// A restart reads the parked backlog's heads in pages of 1 000 aggregates: with
+/// 1 500 parked aggregates the second page is read too, and every message of
+/// every aggregate is delivered, in order, once the cause is fixed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_reads_every_page_of_parked_aggregates() {
+    let f = Fixture::new("rec_heads_pages", false).await;
+    let cfg = f.config(&[
+        ("retry", "backoff_base = \"100ms\""),
+        ("retry", "backoff_max = \"500ms\""),
+    ]);
+    let mut relay = Relay::spawn(&cfg, &f.dir, &[]);
+    relay.wait_streaming().await;
+    // Two unroutable messages for each of 1 500 aggregates, one transaction.
+    let rows: Vec<(String, String, String)> = (0..3000)
+        .map(|i| {
+            let agg = format!("h{:04}", i % 1500);
+            (format!("{agg}-{i}"), agg, "late".to_string())
+        })
+        .collect();
+    f.insert_batch(&rows).await;
+    wait_for(T, "every message parked", || async {
+        f.parked().await.len() == 3000
+    })
+    .await;
+    assert!(relay.terminate(T).await.success());
+    let mut relay = Relay::spawn(&cfg, &f.dir, &[]);
+    relay.wait_streaming().await;
+    f.bind("Order.late").await;
+    let all: Vec<String> = rows.iter().map(|r| r.0.clone()).collect();
+    f.consumer().wait_ids(&all, Duration::from_secs(120)).await;
+    f.wait_retry_drained().await;
+    crate::ordering::assert_in_order(&f.consumer().all());
+    assert!(relay.terminate(T).await.success());
+    f.cleanup().await;
+}

@@ -574,7 +574,7 @@ impl Store {
         loop {
             match self
                 .retry
-                .heads_page(&self.client, after.as_ref(), HEADS_PAGE)
+                .heads_page(&mut self.client, after.as_ref(), HEADS_PAGE)
                 .await
             {
                 Ok(page) => {
