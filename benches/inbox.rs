@@ -1,6 +1,6 @@
 //! Inbox benchmark against the local Postgres and RabbitMQ:
 //!
-//! - the ceiling: a plain lapin consumer (manual acks, prefetch 1000, one multiple
+//! - the ceiling: a plain lapin consumer (manual acks, the receiver's prefetch, one multiple
 //!   ack every `BENCH_INBOX_ACK_EVERY` deliveries, like the receiver's batches)
 //!   draining a durable queue that holds N Event-Forge messages, measured in every
 //!   round;

@@ -112,9 +112,11 @@ pub async fn dead_requeue(config: &Config, ids: Option<&[String]>) -> Result<u64
     loop {
         let (requeued, last) = retrying(&mut sql, &retry, &outbox, &notify, None, &after).await?;
         total += requeued as u64;
-        after = last.unwrap_or(after);
-        if (requeued as i64) < REQUEUE_PAGE {
-            return Ok(total);
+        // Done when a page finds nothing after the key: a page that came back
+        // short (housekeeping purged some of its rows meanwhile) is not the end.
+        match last {
+            Some(key) => after = key,
+            None => return Ok(total),
         }
     }
 }

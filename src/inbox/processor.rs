@@ -244,8 +244,8 @@ impl Processor {
         if !processed.is_empty() {
             tx.execute(
                 &format!(
-                    "update {t} set status = 'processed', processed_at = now(), \
-                     updated_at = now(), error_message = null where id = any($1)"
+                    "update {t} set status = 'processed', processed_at = clock_timestamp(), \
+                     updated_at = clock_timestamp(), error_message = null where id = any($1)"
                 ),
                 &[&processed],
             )
@@ -270,8 +270,8 @@ impl Processor {
                 &format!(
                     "update {t} set status = $2::text, retry_count = $3, error_message = $4, \
                      scheduled_at = case when $2::text = 'failed' \
-                     then now() + make_interval(secs => $5::float8 / 1000) else scheduled_at end, \
-                     updated_at = now() where id = $1"
+                     then clock_timestamp() + make_interval(secs => $5::float8 / 1000) else scheduled_at end, \
+                     updated_at = clock_timestamp() where id = $1"
                 ),
                 &[&message.id, &status, &retries, error, &delay_ms],
             )
