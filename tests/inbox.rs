@@ -1,16 +1,12 @@
 //! `outbox-relay inbox`: a queue recorded into the Event-Forge inbox table once.
 
 use crate::support::inbox::{headers, InboxFixture, Msg};
-use crate::support::{http_get, metric_value, wait_for, AMQP_URL};
+use crate::support::{scrape_metric as metric, wait_for, AMQP_URL};
 use lapin::BasicProperties;
 use std::collections::HashSet;
 use std::time::Duration;
 
 const T: Duration = Duration::from_secs(60);
-
-async fn metric(addr: &str, name: &str) -> f64 {
-    metric_value(&http_get(addr, "/metrics").await.1, name).unwrap_or(-1.0)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inb_bad_input_is_dead_lettered_with_its_reason_and_never_blocks_the_queue() {
@@ -132,14 +128,7 @@ async fn inb_a_duplicate_flood_is_stored_once_and_all_acked() {
         metric(&addr, "outbox_relay_inbox_duplicates_total").await,
         10_000.0
     );
-    let distinct: i64 =
-        f.db.query_one(
-            &format!("select count(distinct message_id) from {}", f.table),
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let distinct = f.distinct().await;
     assert_eq!(distinct, 10_000);
     assert!(r.terminate(T).await.success(), "{}", r.log_text());
     assert_eq!(f.ready(&f.queue).await, 0, "all acked: nothing requeued");
@@ -425,17 +414,7 @@ async fn inb_what_event_forge_publishes_is_recorded_once() {
         .await
         .unwrap();
     let ch = conn.create_channel().await.unwrap();
-    ch.exchange_declare(
-        exchange.into(),
-        lapin::ExchangeKind::Topic,
-        lapin::options::ExchangeDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        Default::default(),
-    )
-    .await
-    .unwrap();
+    crate::support::declare_topic(&ch, exchange).await;
     let mut r = f
         .start(&[
             &format!("bind_exchange = \"{exchange}\""),

@@ -7,17 +7,13 @@ mod support;
 use std::process::Command;
 use std::time::Duration;
 use support::inbox::{HoldingProxy, InboxFixture, Msg};
-use support::{http_get, metric_value, wait_for, Relay, AMQP_URL};
+use support::{scrape_metric as metric, wait_for, Relay, AMQP_URL};
 
 const T: Duration = Duration::from_secs(60);
 
 fn sh(cmd: &str) {
     let status = Command::new("bash").args(["-c", cmd]).status().unwrap();
     assert!(status.success(), "{cmd} failed");
-}
-
-async fn metric(addr: &str, name: &str) -> f64 {
-    metric_value(&http_get(addr, "/metrics").await.1, name).unwrap_or(-1.0)
 }
 
 fn flood(prefix: &str, n: usize) -> Vec<Msg> {
@@ -92,14 +88,7 @@ async fn inb_broker_closing_connections_loses_nothing() {
         metric(&addr, "outbox_relay_reconnects_total{peer=\"amqp\"}").await >= 2.0
     })
     .await;
-    let distinct: i64 =
-        f.db.query_one(
-            &format!("select count(distinct message_id) from {}", f.table),
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let distinct = f.distinct().await;
     assert_eq!(distinct, 5000);
     assert!(r.terminate(T).await.success(), "{}", r.log_text());
     assert_eq!(f.ready(&f.queue).await, 0);

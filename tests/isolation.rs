@@ -162,36 +162,7 @@ async fn a_dead_letter_exchange_deleted_while_running_fails_only_its_copies() {
         "only the dead-letter channel closed: {m}"
     );
     // The exchange comes back: the copy gets through.
-    ch.exchange_declare(
-        dlx.into(),
-        lapin::ExchangeKind::Topic,
-        lapin::options::ExchangeDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        Default::default(),
-    )
-    .await
-    .unwrap();
-    ch.queue_declare(
-        dlq.into(),
-        lapin::options::QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        Default::default(),
-    )
-    .await
-    .unwrap();
-    ch.queue_bind(
-        dlq.into(),
-        dlx.into(),
-        "#".into(),
-        Default::default(),
-        Default::default(),
-    )
-    .await
-    .unwrap();
+    crate::support::declare_bound_queue(&ch, dlx, dlq, true).await;
     wait_for(T, "the dead-letter copy arrives", || async {
         ch.basic_get(dlq.into(), lapin::options::BasicGetOptions { no_ack: true })
             .await

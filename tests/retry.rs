@@ -198,36 +198,7 @@ async fn dead_letters_reach_the_dead_letter_exchange_and_requeue_revives_them() 
     let conn = crate::support::amqp_connect().await;
     let ch = conn.create_channel().await.unwrap();
     let _ = ch.queue_delete(dlq.into(), Default::default()).await;
-    ch.exchange_declare(
-        dlx.into(),
-        lapin::ExchangeKind::Topic,
-        lapin::options::ExchangeDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        Default::default(),
-    )
-    .await
-    .unwrap();
-    ch.queue_declare(
-        dlq.into(),
-        lapin::options::QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        Default::default(),
-    )
-    .await
-    .unwrap();
-    ch.queue_bind(
-        dlq.into(),
-        dlx.into(),
-        "#".into(),
-        Default::default(),
-        Default::default(),
-    )
-    .await
-    .unwrap();
+    crate::support::declare_bound_queue(&ch, dlx, dlq, true).await;
 
     let dlx_line = format!("dead_letter_exchange = \"{dlx}\"");
     let mut relay = f.spawn(&[("amqp", &dlx_line), ("retry", "on_dead = \"skip\"")]);

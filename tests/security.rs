@@ -550,29 +550,7 @@ async fn rows_flow_over_tls_on_both_sides_and_no_output_holds_a_password() {
 
     // The consumer's queue, bound before the relay publishes.
     let ch = broker.create_channel().await.unwrap();
-    ch.exchange_declare(
-        "sec_events".into(),
-        lapin::ExchangeKind::Topic,
-        lapin::options::ExchangeDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        Default::default(),
-    )
-    .await
-    .unwrap();
-    ch.queue_declare("sec_q".into(), Default::default(), Default::default())
-        .await
-        .unwrap();
-    ch.queue_bind(
-        "sec_q".into(),
-        "sec_events".into(),
-        "#".into(),
-        Default::default(),
-        Default::default(),
-    )
-    .await
-    .unwrap();
+    support::declare_bound_queue(&ch, "sec_events", "sec_q", false).await;
 
     let pw_pg = dir.join("pg.password");
     std::fs::write(&pw_pg, format!("{PG_MARKER}\n")).unwrap();
@@ -868,29 +846,7 @@ async fn the_metrics_endpoint_withstands_abuse_and_the_relay_keeps_publishing() 
     let pg = ScratchPg::start(55443, &certs);
     let broker = wait_rabbit(&rabbit, &certs).await;
     let ch = broker.create_channel().await.unwrap();
-    ch.exchange_declare(
-        "sec_events".into(),
-        lapin::ExchangeKind::Topic,
-        lapin::options::ExchangeDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        Default::default(),
-    )
-    .await
-    .unwrap();
-    ch.queue_declare("sec_q".into(), Default::default(), Default::default())
-        .await
-        .unwrap();
-    ch.queue_bind(
-        "sec_q".into(),
-        "sec_events".into(),
-        "#".into(),
-        Default::default(),
-        Default::default(),
-    )
-    .await
-    .unwrap();
+    support::declare_bound_queue(&ch, "sec_events", "sec_q", false).await;
     let token = dir.join("token");
     std::fs::write(&token, "sec-token-123\n").unwrap();
     let config = format!(
@@ -1080,29 +1036,7 @@ async fn tls_cost() {
     let pg = ScratchPg::start(55444, &certs);
     let broker = wait_rabbit(&rabbit, &certs).await;
     let ch = broker.create_channel().await.unwrap();
-    ch.exchange_declare(
-        "sec_events".into(),
-        lapin::ExchangeKind::Topic,
-        lapin::options::ExchangeDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        Default::default(),
-    )
-    .await
-    .unwrap();
-    ch.queue_declare("sec_q".into(), Default::default(), Default::default())
-        .await
-        .unwrap();
-    ch.queue_bind(
-        "sec_q".into(),
-        "sec_events".into(),
-        "#".into(),
-        Default::default(),
-        Default::default(),
-    )
-    .await
-    .unwrap();
+    support::declare_bound_queue(&ch, "sec_events", "sec_q", false).await;
     pg.psql(&outbox_relay::pg::catalog::outbox_ddl(
         &outbox_relay::pg::TableName::parse("public.sec_outbox").unwrap(),
     ));

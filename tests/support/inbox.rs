@@ -4,11 +4,11 @@
 
 use super::{amqp_connect, pg, wait_for, Relay, AMQP_URL, PG_URL};
 use lapin::options::{
-    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
-    ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{BasicProperties, ExchangeKind};
+use lapin::BasicProperties;
 use std::path::PathBuf;
 use std::time::Duration;
 use tokio_postgres::Client;
@@ -99,36 +99,7 @@ impl InboxFixture {
         let _ = ch
             .exchange_delete(f.dlx.as_str().into(), ExchangeDeleteOptions::default())
             .await;
-        ch.exchange_declare(
-            f.dlx.as_str().into(),
-            ExchangeKind::Topic,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-        ch.queue_declare(
-            f.dlq.as_str().into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-        ch.queue_bind(
-            f.dlq.as_str().into(),
-            f.dlx.as_str().into(),
-            "#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+        super::declare_bound_queue(&ch, &f.dlx, &f.dlq, true).await;
         let _ = conn.close(200, "bye".into()).await;
         f
     }
@@ -210,6 +181,18 @@ impl InboxFixture {
     pub async fn count(&self) -> i64 {
         self.db
             .query_one(&format!("select count(*) from {}", self.table), &[])
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    /// Distinct message ids in the table.
+    pub async fn distinct(&self) -> i64 {
+        self.db
+            .query_one(
+                &format!("select count(distinct message_id) from {}", self.table),
+                &[],
+            )
             .await
             .unwrap()
             .get(0)

@@ -167,27 +167,8 @@ impl Fixture {
     pub async fn with_consumer(mut self, bind_queue: bool) -> Fixture {
         let conn = amqp_connect().await;
         let ch = conn.create_channel().await.unwrap();
-        ch.exchange_declare(
-            self.exchange.as_str().into(),
-            ExchangeKind::Topic,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-        ch.queue_declare(
-            self.queue.as_str().into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+        declare_topic(&ch, &self.exchange).await;
+        declare_queue(&ch, &self.queue, true).await;
         if bind_queue {
             self.bind("#").await;
         }
@@ -503,6 +484,51 @@ async fn drop_pg_objects(db: &Client, slot: &str, publication: &str, table: &str
     let _ = db
         .batch_execute(&format!("drop table if exists {table}"))
         .await;
+}
+
+/// Declares the durable topic exchange `exchange`.
+pub async fn declare_topic(ch: &lapin::Channel, exchange: &str) {
+    ch.exchange_declare(
+        exchange.into(),
+        ExchangeKind::Topic,
+        ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+}
+
+/// Declares the queue `queue` (durable when `durable`).
+pub async fn declare_queue(ch: &lapin::Channel, queue: &str, durable: bool) {
+    ch.queue_declare(
+        queue.into(),
+        QueueDeclareOptions {
+            durable,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+}
+
+/// Declares the durable topic exchange `exchange` and the queue `queue` (durable
+/// when `durable`), bound to it with `#`.
+pub async fn declare_bound_queue(ch: &lapin::Channel, exchange: &str, queue: &str, durable: bool) {
+    declare_topic(ch, exchange).await;
+    declare_queue(ch, queue, durable).await;
+    ch.queue_bind(
+        queue.into(),
+        exchange.into(),
+        "#".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
 }
 
 pub async fn amqp_connect() -> Connection {
@@ -905,6 +931,11 @@ pub async fn wait_window_empty(addr: &str) {
 }
 
 /// The value of a metric line `name{labels} value` (labels as written, "" for none).
+/// The value of one metric scraped from the endpoint at `addr` (-1 when absent).
+pub async fn scrape_metric(addr: &str, name_and_labels: &str) -> f64 {
+    metric_value(&http_get(addr, "/metrics").await.1, name_and_labels).unwrap_or(-1.0)
+}
+
 pub fn metric_value(text: &str, name_and_labels: &str) -> Option<f64> {
     text.lines()
         .find(|l| l.split_whitespace().next() == Some(name_and_labels))
