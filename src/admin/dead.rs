@@ -7,7 +7,7 @@ use crate::error::{Error, SqlTrouble};
 use crate::pg::{query_err, quote_ident};
 use crate::retry::outbox::OutboxTable;
 use crate::retry::queries::DeadMessage;
-use crate::retry::queries::{RequeueKey, RequeuePage, RetryTable, INDEX_ORDER_PLAN};
+use crate::retry::queries::{RequeueKey, RequeuePage, RetryTable};
 
 /// Rows requeued per transaction.
 const REQUEUE_PAGE: i64 = 1000;
@@ -163,11 +163,6 @@ async fn requeue_page(
         .await
         .map_err(query_err("starting the requeue"))?;
     let limit = ids.map_or(REQUEUE_PAGE, |ids| ids.len().max(1) as i64);
-    // The page walks the aggregate index in order from `after` (see
-    // INDEX_ORDER_PLAN: 130 ms of sorting plus 125 ms of JIT a page without it).
-    tx.batch_execute(INDEX_ORDER_PLAN)
-        .await
-        .map_err(query_err("planning the requeue page"))?;
     let RequeuePage {
         ids: requeued,
         last,
