@@ -566,6 +566,7 @@ async fn rows_flow_over_tls_on_both_sides_and_no_output_holds_a_password() {
     let config = format!(
         "[postgres]\nurl = \"{pg_url}\"\npassword_file = \"{}\"\ntable = \"public.sec_outbox\"\nslot = \"sec_slot\"\npublication = \"sec_pub\"\nretry_table = \"public.sec_parked\"\n\
          [amqp]\nurl = \"amqps://sec_user@localhost:{}/%2f\"\npassword_file = \"{}\"\ntls_ca_file = \"{}\"\nexchange = \"sec_events\"\n\
+         [inbox]\nqueue = \"sec_inbox\"\ntable = \"public.sec_inbox\"\nbind_exchange = \"sec_events\"\non_invalid = \"reject\"\n\
          [metrics]\nlisten = \"127.0.0.1:0\"\n[log]\nlevel = \"trace\"\n",
         pw_pg.display(),
         rabbit.port,
@@ -579,7 +580,14 @@ async fn rows_flow_over_tls_on_both_sides_and_no_output_holds_a_password() {
         &outbox_relay::pg::TableName::parse("public.sec_outbox").unwrap(),
     ));
 
+    pg.psql(&outbox_relay::inbox::queries::inbox_ddl(
+        &outbox_relay::pg::TableName::parse("public.sec_inbox").unwrap(),
+    ));
+
     let mut outputs = Vec::new();
+    // The inbox receiver from the same file: amqps with the CA of [amqp] too.
+    let mut receiver = Relay::command(&["inbox", "--config", cfg], &dir, &[]);
+    receiver.wait_log("inbox consuming", T).await;
     let mut relay = Relay::command(&["run", "--config", cfg], &dir, &[]);
     relay.wait_streaming().await;
     let addr = relay.metrics_addr().await;
@@ -632,6 +640,10 @@ async fn rows_flow_over_tls_on_both_sides_and_no_output_holds_a_password() {
         d.ack(Default::default()).await.unwrap();
     }
     assert!(ids.iter().all(|id| seen.contains(id)));
+    support::wait_for(T, "the receiver recorded every message", || async {
+        pg.psql("select count(*) from public.sec_inbox").trim() == "50"
+    })
+    .await;
 
     // Every session of the relay (SQL and the walsender) is encrypted.
     let plain = pg.psql(
@@ -731,6 +743,8 @@ async fn rows_flow_over_tls_on_both_sides_and_no_output_holds_a_password() {
     outputs.push(("check as a role without privileges".into(), out));
     assert!(relay.terminate(T).await.success());
     outputs.push(("run (trace)".into(), relay.log_text()));
+    assert!(receiver.terminate(T).await.success());
+    outputs.push(("inbox (trace)".into(), receiver.log_text()));
 
     // Errors: a TOML syntax error on the URL line, a wrong CA on each side.
     let broken = config.replacen(

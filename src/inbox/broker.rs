@@ -19,7 +19,7 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::Confirmation;
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Connection};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
@@ -84,22 +84,13 @@ async fn timed<T>(
 
 impl Session {
     async fn open(s: &BrokerSettings) -> Result<Session, Error> {
-        let props = ConnectionProperties::default().with_connection_name(
-            format!("outbox-relay inbox {}", env!("CARGO_PKG_VERSION")).into(),
-        );
-        let connection = tokio::time::timeout(
-            s.amqp.connect_timeout,
-            Connection::connect(s.amqp.url.expose(), props),
+        // The relay's own connect: the [amqp] TLS settings (CA, client
+        // certificate) and the errors that name the key to fix.
+        let connection = crate::sink::open_as(
+            &crate::sink::SinkSettings::from_config(&s.amqp),
+            "outbox-relay inbox",
         )
-        .await
-        .map_err(|_| Error::AmqpConnectTimeout {
-            url: s.amqp.url.redacted(),
-            timeout: s.amqp.connect_timeout,
-        })?
-        .map_err(|source| Error::AmqpConnect {
-            url: s.amqp.url.redacted(),
-            source,
-        })?;
+        .await?;
         topology(&connection, &s.inbox).await?;
         let consume = timed("opening the consume channel", connection.create_channel()).await?;
         timed(

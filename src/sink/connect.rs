@@ -58,7 +58,14 @@ pub async fn connect(settings: &SinkSettings) -> Result<Broker, Error> {
 
 /// Opens a connection to the broker, nothing more, within `connect_timeout`.
 pub async fn open(settings: &SinkSettings) -> Result<Connection, Error> {
-    tokio::time::timeout(settings.connect_timeout, open_now(settings))
+    open_as(settings, "outbox-relay").await
+}
+
+/// [`open`], with `name` (and the version) as the connection's name in the
+/// broker's management UI: the same URL, TLS settings, timeout and error
+/// explanations for every connection the binary makes.
+pub async fn open_as(settings: &SinkSettings, name: &str) -> Result<Connection, Error> {
+    tokio::time::timeout(settings.connect_timeout, open_now(settings, name))
         .await
         .unwrap_or_else(|_| {
             Err(Error::AmqpConnectTimeout {
@@ -68,9 +75,9 @@ pub async fn open(settings: &SinkSettings) -> Result<Connection, Error> {
         })
 }
 
-async fn open_now(settings: &SinkSettings) -> Result<Connection, Error> {
+async fn open_now(settings: &SinkSettings, name: &str) -> Result<Connection, Error> {
     let props = ConnectionProperties::default()
-        .with_connection_name(format!("outbox-relay {}", env!("CARGO_PKG_VERSION")).into());
+        .with_connection_name(format!("{name} {}", env!("CARGO_PKG_VERSION")).into());
     // rustls needs a process-wide crypto provider when more than one is built in.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = lapin::runtime::default_runtime().map_err(|source| Error::AmqpConnect {
@@ -141,7 +148,7 @@ pub fn exchanges(settings: &SinkSettings) -> Vec<(&'static str, &str)> {
 }
 
 async fn connect_now(settings: &SinkSettings) -> Result<Broker, Error> {
-    let connection = open_now(settings).await?;
+    let connection = open_now(settings, "outbox-relay").await?;
     for (key, exchange) in exchanges(settings) {
         ensure_exchange(&connection, key, exchange, settings.declare_exchange).await?;
     }

@@ -15,7 +15,7 @@ pub mod connect;
 pub mod format;
 mod returns;
 
-pub use connect::{connect, ensure_exchange, exchanges, open, Broker};
+pub use connect::{connect, ensure_exchange, exchanges, open, open_as, Broker};
 pub use format::OutboundMessage;
 
 use crate::config::AmqpUrl;
