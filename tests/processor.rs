@@ -428,3 +428,98 @@ async fn inb_enqueue_writes_in_the_callers_transaction() {
     .await
     .unwrap();
 }
+
+/// A handler write that Postgres refuses only at commit (a deferred constraint)
+/// rolls back the whole batch: the rows are claimed again one at a time, the row
+/// to blame is marked failed with the reason (and dies after its budget), and the
+/// others are processed, each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inb_a_write_refused_at_commit_fails_its_row_not_the_batch() {
+    let f = InboxFixture::new("proc_deferred").await;
+    let fx = format!("public.inb_fx_{}", f.name);
+    f.db.batch_execute(&format!(
+        "drop table if exists {fx}; create table {fx} (k text, \
+         constraint inb_fx_{}_k unique (k) deferrable initially deferred)",
+        f.name
+    ))
+    .await
+    .unwrap();
+    insert_rows(
+        &f,
+        &[
+            ("a".into(), "e", serde_json::json!({"k": "a"})),
+            (
+                "poison".into(),
+                "e",
+                serde_json::json!({"k": "p", "twice": true}),
+            ),
+            ("b".into(), "e", serde_json::json!({"k": "b"})),
+        ],
+        1,
+    )
+    .await;
+    let sql = format!("insert into {fx} (k) values ($1)");
+    let processor = Processor::new(crate::support::PG_URL, &f.table)
+        .unwrap()
+        .options(options())
+        .handler("e", move |tx: &Transaction<'_>, m: &InboxMessage| {
+            let sql = sql.clone();
+            let k = m.payload["k"].as_str().unwrap_or_default().to_string();
+            let twice = m.payload["twice"].as_bool().unwrap_or(false);
+            Box::pin(async move {
+                tx.execute(&sql, &[&k]).await?;
+                if twice {
+                    // Accepted now, refused at commit.
+                    tx.execute(&sql, &[&k]).await?;
+                }
+                Ok(())
+            })
+        });
+    let mut client = crate::support::pg().await;
+    let want: Vec<(String, String, i32)> = vec![
+        ("a".into(), "processed".into(), 0),
+        ("b".into(), "processed".into(), 0),
+        ("poison".into(), "permanently_failed".into(), 2),
+    ];
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        processor.process_due(&mut client).await.unwrap();
+        let got = statuses(&f).await;
+        if got == want {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "states did not settle: {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let effects: Vec<String> =
+        f.db.query(&format!("select k from {fx} order by k"), &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+    assert_eq!(
+        effects,
+        vec!["a", "b"],
+        "each committed once, none of the poison's"
+    );
+    let error: String =
+        f.db.query_one(
+            &format!(
+                "select error_message from {} where message_id = 'poison'",
+                f.table
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(error.contains("refused at commit"), "{error}");
+    f.db.batch_execute(&format!("drop table {fx}"))
+        .await
+        .unwrap();
+    f.cleanup().await;
+}

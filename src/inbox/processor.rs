@@ -16,7 +16,7 @@
 //! the next recovery sweep: no fixed-interval polling.
 
 use super::claim::{self, AfterFailure};
-use crate::error::Error;
+use crate::error::{Error, SqlTrouble};
 use crate::metrics::metrics;
 use crate::pg::names::TableName;
 use crate::pg::{query_err, PgTarget};
@@ -198,15 +198,14 @@ impl Processor {
 
     /// Claims and processes one due row; `Ok(false)` when none is due.
     pub async fn process_one(&self, client: &mut Client) -> Result<bool, Error> {
-        Ok(self.claim_and_run(client, 1).await? > 0)
+        Ok(self.claim(client, 1).await? > 0)
     }
 
     /// Claims up to `batch_size` due rows in one transaction, runs each one's
     /// handler in its own savepoint and commits once; returns how many rows it
     /// claimed (0 when none is due).
     pub async fn process_batch(&self, client: &mut Client) -> Result<usize, Error> {
-        self.claim_and_run(client, self.options.batch_size.max(1))
-            .await
+        self.claim(client, self.options.batch_size.max(1)).await
     }
 
     /// Processes due rows until none is left; returns how many were processed.
@@ -220,7 +219,45 @@ impl Processor {
         }
     }
 
-    async fn claim_and_run(&self, client: &mut Client, limit: usize) -> Result<usize, Error> {
+    /// One claim of up to `limit` rows. When Postgres refuses the commit for a
+    /// handler's write (a deferred constraint: the whole batch rolled back), the
+    /// rows are claimed again one per transaction, so the one that broke it is
+    /// found and marked failed with the reason, and the others go through: no row
+    /// holds its batch forever.
+    async fn claim(&self, client: &mut Client, limit: usize) -> Result<usize, Error> {
+        let (claimed, mut refused) = match self.claim_and_run(client, limit).await? {
+            Ran::Committed(n) => return Ok(n),
+            Ran::RefusedAtCommit {
+                claimed,
+                message,
+                error,
+            } => (claimed, Some((message, error))),
+        };
+        if claimed > 1 {
+            refused = None;
+            for _ in 0..claimed {
+                match self.claim_and_run(client, 1).await? {
+                    Ran::Committed(0) => break,
+                    Ran::Committed(_) => {}
+                    Ran::RefusedAtCommit { message, error, .. } => {
+                        refused = Some((message, error));
+                        break;
+                    }
+                }
+            }
+        }
+        if let Some((message, error)) = refused {
+            let err = query_err("marking an inbox row whose commit was refused");
+            let tx = client.transaction().await.map_err(&err)?;
+            let status = self.record_failure(&tx, &message, &error).await?;
+            tx.commit().await.map_err(&err)?;
+            metrics().inbox_failed.inc();
+            tracing::warn!(id = %message.id, message_id = %message.message_id, event_type = %message.event_type, status, error = %error, "inbox handler's writes refused at commit");
+        }
+        Ok(claimed)
+    }
+
+    async fn claim_and_run(&self, client: &mut Client, limit: usize) -> Result<Ran, Error> {
         let err = query_err("processing inbox rows");
         let types = self.event_types();
         let sql = self.claim_sql(limit);
@@ -236,56 +273,85 @@ impl Processor {
         for row in rows {
             let message = message_of(&row);
             match self.run_handler(&tx, &message).await? {
-                Ok(()) => processed.push(message.id),
+                Ok(()) => processed.push(message),
                 Err(e) => failures.push((message, e.to_string())),
             }
         }
-        let t = self.table.quoted();
         if !processed.is_empty() {
+            let ids: Vec<&str> = processed.iter().map(|m| m.id.as_str()).collect();
             tx.execute(
                 &format!(
-                    "update {t} set status = 'processed', processed_at = clock_timestamp(), \
-                     updated_at = clock_timestamp(), error_message = null where id = any($1)"
+                    "update {} set status = 'processed', processed_at = clock_timestamp(), \
+                     updated_at = clock_timestamp(), error_message = null where id = any($1)",
+                    self.table.quoted()
                 ),
-                &[&processed],
+                &[&ids],
             )
             .await
             .map_err(&err)?;
         }
         let mut outcomes = Vec::with_capacity(failures.len());
         for (message, error) in &failures {
-            let jitter = rand::random_range(0.9..=1.1);
-            let (status, retries, delay) = match claim::after_failure(
-                message.retry_count,
-                message.max_retries,
-                self.options.backoff_base,
-                self.options.backoff_max,
-                jitter,
-            ) {
-                AfterFailure::Retry { retries, delay } => ("failed", retries, delay),
-                AfterFailure::Dead { retries } => ("permanently_failed", retries, Duration::ZERO),
-            };
-            let delay_ms = delay.as_millis() as f64;
-            tx.execute(
-                &format!(
-                    "update {t} set status = $2::text, retry_count = $3, error_message = $4, \
-                     scheduled_at = case when $2::text = 'failed' \
-                     then clock_timestamp() + make_interval(secs => $5::float8 / 1000) else scheduled_at end, \
-                     updated_at = clock_timestamp() where id = $1"
-                ),
-                &[&message.id, &status, &retries, error, &delay_ms],
-            )
-            .await
-            .map_err(&err)?;
-            outcomes.push(status);
+            outcomes.push(self.record_failure(&tx, message, error).await?);
         }
-        tx.commit().await.map_err(&err)?;
+        if let Err(e) = tx.commit().await {
+            let e = err(e);
+            // Only a handler's write can be refused at commit: one of the processed
+            // rows' (a failed handler's writes were rolled back to its savepoint).
+            if e.sql_trouble() != Some(SqlTrouble::Row) || processed.is_empty() {
+                return Err(e);
+            }
+            let reason = e.to_string();
+            let message = processed.swap_remove(0);
+            return Ok(Ran::RefusedAtCommit {
+                claimed,
+                message,
+                error: format!(
+                    "the handler's writes were refused at commit (a deferred constraint?): {reason}"
+                ),
+            });
+        }
         metrics().inbox_processed.inc_by(processed.len() as u64);
         metrics().inbox_failed.inc_by(failures.len() as u64);
         for ((message, error), status) in failures.iter().zip(outcomes) {
             tracing::warn!(id = %message.id, message_id = %message.message_id, event_type = %message.event_type, status, error = %error, "inbox handler failed");
         }
-        Ok(claimed)
+        Ok(Ran::Committed(claimed))
+    }
+
+    /// Marks `message` failed (due again after Event-Forge's backoff), or
+    /// permanently failed once its budget is spent; returns the status.
+    async fn record_failure(
+        &self,
+        tx: &Transaction<'_>,
+        message: &InboxMessage,
+        error: &str,
+    ) -> Result<&'static str, Error> {
+        let jitter = rand::random_range(0.9..=1.1);
+        let (status, retries, delay) = match claim::after_failure(
+            message.retry_count,
+            message.max_retries,
+            self.options.backoff_base,
+            self.options.backoff_max,
+            jitter,
+        ) {
+            AfterFailure::Retry { retries, delay } => ("failed", retries, delay),
+            AfterFailure::Dead { retries } => ("permanently_failed", retries, Duration::ZERO),
+        };
+        let delay_ms = delay.as_millis() as f64;
+        tx.execute(
+            &format!(
+                "update {} set status = $2::text, retry_count = $3, error_message = $4, \
+                 scheduled_at = case when $2::text = 'failed' \
+                 then clock_timestamp() + make_interval(secs => $5::float8 / 1000) else scheduled_at end, \
+                 updated_at = clock_timestamp() where id = $1",
+                self.table.quoted()
+            ),
+            &[&message.id, &status, &retries, &error, &delay_ms],
+        )
+        .await
+        .map_err(query_err("marking an inbox row failed"))?;
+        Ok(status)
     }
 
     /// Runs `message`'s handler inside a savepoint of `tx`: `Ok(Err(_))` is the
@@ -428,6 +494,19 @@ impl Processor {
             }
         }
     }
+}
+
+/// What one claim transaction did.
+enum Ran {
+    /// Committed; how many rows it claimed.
+    Committed(usize),
+    /// Postgres refused the commit for a handler's write: everything rolled back.
+    /// `message` is the row to blame when the claim held only one.
+    RefusedAtCommit {
+        claimed: usize,
+        message: InboxMessage,
+        error: String,
+    },
 }
 
 /// The claimed row as its handler sees it.
