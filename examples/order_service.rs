@@ -42,14 +42,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .get(0);
         enqueue(
             &tx,
-            NewEvent {
-                id: None,
-                aggregate_type: "Order".into(),
-                aggregate_id: order.clone(),
-                event_type: "order.placed".into(),
-                payload: serde_json::json!({ "orderId": order }),
-                metadata: None,
-            },
+            NewEvent::new(
+                "Order",
+                order.clone(),
+                "order.placed",
+                serde_json::json!({ "orderId": order }),
+            ),
         )
         .await?;
         tx.commit().await?;

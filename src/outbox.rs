@@ -10,7 +10,8 @@ use tokio_postgres::Transaction;
 /// An event to write to the outbox.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewEvent {
-    /// The message id; `None`: a new UUID made by Postgres.
+    /// The message id; `None`: a new UUID made by Postgres (36 characters, as
+    /// Event-Forge's ids are).
     pub id: Option<String>,
     pub aggregate_type: String,
     pub aggregate_id: String,
@@ -18,10 +19,53 @@ pub struct NewEvent {
     pub payload: serde_json::Value,
     /// May hold `traceId` and `spanId` (sent as `traceparent`).
     pub metadata: Option<serde_json::Value>,
+    /// Retries after the first failure before the relay gives the message up;
+    /// `None`: Event-Forge's default, 3.
+    pub max_retries: Option<i32>,
+}
+
+impl NewEvent {
+    /// An event with a new id, no metadata and Event-Forge's retry budget.
+    pub fn new(
+        aggregate_type: impl Into<String>,
+        aggregate_id: impl Into<String>,
+        event_type: impl Into<String>,
+        payload: serde_json::Value,
+    ) -> NewEvent {
+        NewEvent {
+            id: None,
+            aggregate_type: aggregate_type.into(),
+            aggregate_id: aggregate_id.into(),
+            event_type: event_type.into(),
+            payload,
+            metadata: None,
+            max_retries: None,
+        }
+    }
 }
 
 /// The default table, Event-Forge's.
 pub const DEFAULT_TABLE: &str = "public.outbox_messages";
+
+/// Event-Forge's retry budget of a new row.
+pub const DEFAULT_MAX_RETRIES: i32 = 3;
+
+/// The columns [`enqueue`] writes: every NOT NULL column of Event-Forge's table,
+/// with Event-Forge's own values (its models keep the defaults in Python, so a
+/// table they created has no server defaults).
+pub const WRITTEN: [&str; 11] = [
+    "id",
+    "aggregate_type",
+    "aggregate_id",
+    "event_type",
+    "payload",
+    "metadata",
+    "status",
+    "retry_count",
+    "max_retries",
+    "created_at",
+    "updated_at",
+];
 
 /// Writes `event` to `public.outbox_messages` inside `tx`; returns its id.
 ///
@@ -31,14 +75,10 @@ pub const DEFAULT_TABLE: &str = "public.outbox_messages";
 /// # async fn example(client: &mut tokio_postgres::Client) -> Result<(), Box<dyn std::error::Error>> {
 /// let tx = client.transaction().await?;
 /// tx.execute("insert into orders (id) values ($1)", &[&"o-1"]).await?;
-/// enqueue(&tx, NewEvent {
-///     id: None,
-///     aggregate_type: "Order".into(),
-///     aggregate_id: "o-1".into(),
-///     event_type: "order.placed".into(),
-///     payload: serde_json::json!({"id": "o-1"}),
-///     metadata: None,
-/// })
+/// enqueue(
+///     &tx,
+///     NewEvent::new("Order", "o-1", "order.placed", serde_json::json!({"id": "o-1"})),
+/// )
 /// .await?;
 /// tx.commit().await?; // the order and its event, or neither
 /// # Ok(())
@@ -57,11 +97,16 @@ pub async fn enqueue_into(
 ) -> Result<String, Error> {
     let payload = event.payload.to_string();
     let metadata = event.metadata.as_ref().map(|m| m.to_string());
+    let max_retries = event.max_retries.unwrap_or(DEFAULT_MAX_RETRIES);
+    // clock_timestamp(): several events of one transaction keep their order in
+    // created_at (what `replay --pending` orders by), unlike now().
     let row = tx
         .query_one(
             &format!(
-                "insert into {} (id, aggregate_type, aggregate_id, event_type, payload, metadata) \
-                 values (coalesce($1, gen_random_uuid()::text), $2, $3, $4, $5::text::json, $6::text::json) \
+                "insert into {} (id, aggregate_type, aggregate_id, event_type, payload, metadata, \
+                 status, retry_count, max_retries, created_at, updated_at) \
+                 values (coalesce($1, gen_random_uuid()::text), $2, $3, $4, $5::text::json, $6::text::json, \
+                 'pending', 0, $7, clock_timestamp(), clock_timestamp()) \
                  returning id",
                 table.quoted()
             ),
@@ -72,6 +117,7 @@ pub async fn enqueue_into(
                 &event.event_type,
                 &payload,
                 &metadata,
+                &max_retries,
             ],
         )
         .await

@@ -337,15 +337,8 @@ async fn inb_event_forge_inbox_service_processes_what_the_receiver_recorded() {
     );
     let f = InboxFixture::new("interop").await;
     let schema = "inb_interop";
-    f.db.batch_execute(&format!(
-        "drop schema if exists {schema} cascade; create schema {schema};"
-    ))
-    .await
-    .unwrap();
+    event_forge_tables(&python, &f, schema).await;
     let table = outbox_relay::pg::TableName::parse(&format!("{schema}.inbox_messages")).unwrap();
-    f.db.batch_execute(&outbox_relay::inbox::queries::inbox_ddl(&table))
-        .await
-        .unwrap();
     let mut r = f.start(&[&format!("table = \"{table}\"")]).await;
     let ids: Vec<String> = (0..5).map(|i| format!("inb-interop-{i}")).collect();
     f.publish(
@@ -396,6 +389,33 @@ async fn inb_event_forge_inbox_service_processes_what_the_receiver_recorded() {
     f.cleanup().await;
 }
 
+/// Makes `schema` afresh with Event-Forge's tables created by its own models
+/// (`Base.metadata.create_all`: no server defaults), through `python`.
+async fn event_forge_tables(python: &str, f: &InboxFixture, schema: &str) {
+    f.db.batch_execute(&format!("drop schema if exists {schema} cascade"))
+        .await
+        .unwrap();
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/interop/event_forge_tables.py"
+    );
+    let out = std::process::Command::new(python)
+        .args([script, "create", crate::support::PG_URL, schema])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let defaults: i64 = f
+        .db
+        .query_one(
+            "select count(*) from information_schema.columns where table_schema = $1 and column_default is not null",
+            &[&schema],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(defaults, 0, "Event-Forge's models give no server defaults");
+}
+
 /// Interop, the other way: messages Event-Forge's own Python publisher
 /// (`AioPikaPublisher`) sends are recorded by the receiver with Event-Forge's
 /// mapping. Needs `OUTBOX_RELAY_EVENT_FORGE_PYTHON` to name a Python with the
@@ -408,7 +428,14 @@ async fn inb_what_event_forge_publishes_is_recorded_once() {
         "set OUTBOX_RELAY_EVENT_FORGE_PYTHON to a python with event-forge and aio-pika \
          (python3 -m venv v && v/bin/pip install event-forge aio-pika)",
     );
-    let f = InboxFixture::new("interop_pub").await;
+    let mut f = InboxFixture::new("interop_pub").await;
+    let schema = "inb_interop_pub";
+    event_forge_tables(&python, &f, schema).await;
+    f.db.batch_execute(&format!("drop table if exists {}", f.table))
+        .await
+        .unwrap();
+    f.table = format!("{schema}.inbox_messages");
+    f.schema = Some(schema.to_string());
     let exchange = "inb_ex_interop_pub";
     let conn = lapin::Connection::connect(AMQP_URL, Default::default())
         .await
@@ -422,7 +449,7 @@ async fn inb_what_event_forge_publishes_is_recorded_once() {
             "source = \"event-forge\"",
         ])
         .await;
-    let ids: Vec<String> = (0..20).map(|i| format!("inb-ef-pub-{i}")).collect();
+    let ids: Vec<String> = (0..2000).map(|i| format!("inb-ef-pub-{i}")).collect();
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/interop/event_forge_publish.py"
@@ -449,7 +476,7 @@ async fn inb_what_event_forge_publishes_is_recorded_once() {
         .await
         .unwrap()
         .get::<_, i64>(0)
-            == 20
+            == 2000
     })
     .await;
     let rows = f
@@ -463,7 +490,7 @@ async fn inb_what_event_forge_publishes_is_recorded_once() {
         )
         .await
         .unwrap();
-    assert_eq!(rows.len(), 20, "stored once each");
+    assert_eq!(rows.len(), 2000, "stored once each");
     for row in &rows {
         let id: String = row.get(0);
         let i: usize = id.rsplit('-').next().unwrap().parse().unwrap();

@@ -195,6 +195,7 @@ async fn inb_chain_effects_once_under_crashes() {
                         event_type: "order.placed".into(),
                         payload: serde_json::json!({"orderId": id, "agg": agg, "n": i}),
                         metadata: None,
+                        max_retries: None,
                     },
                 )
                 .await

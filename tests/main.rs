@@ -7,6 +7,7 @@ mod support;
 
 mod crash;
 mod delivery;
+mod event_forge;
 mod inbox;
 mod isolation;
 mod operate;

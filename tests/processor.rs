@@ -385,6 +385,7 @@ async fn inb_enqueue_writes_in_the_callers_transaction() {
         event_type: "order.placed".into(),
         payload: serde_json::json!({"id": aggregate, "big": 12345678901234567u64}),
         metadata: Some(serde_json::json!({"traceId": "t"})),
+        max_retries: None,
     };
     let tx = db.transaction().await.unwrap();
     tx.execute("insert into inb_orders_enqueue values ('o-1')", &[])

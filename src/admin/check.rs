@@ -67,7 +67,6 @@ fn fail(name: &'static str, detail: impl Into<String>) -> Check {
 pub async fn check(config: &Config) -> Checks {
     let mut out = Vec::new();
     let target = &config.postgres.target;
-    let table = &config.postgres.table;
     match target.connect().await {
         Err(e) => {
             out.push(fail("postgres reachable", e.to_string()));
@@ -88,12 +87,7 @@ pub async fn check(config: &Config) -> Checks {
                 Ok(()) => pass("wal_level", "logical"),
                 Err(e) => fail("wal_level", e.to_string()),
             });
-            out.push(
-                match catalog::require_table(&sql, table, &config.postgres.columns).await {
-                    Ok(()) => pass("outbox table", format!("{table} has the required columns")),
-                    Err(e) => fail("outbox table", e.to_string()),
-                },
-            );
+            out.push(outbox_table_check(&sql, config).await);
             out.push(match catalog::can_replicate(&sql).await {
                 Ok(true) => pass("replication privilege", "role may replicate"),
                 Ok(false) => fail(
@@ -105,6 +99,9 @@ pub async fn check(config: &Config) -> Checks {
             out.push(publication_check(&sql, config).await);
             out.push(slot_check(&sql, config).await);
             out.extend(privileges_check(&sql, config).await);
+            if config.inbox.is_some() {
+                out.push(inbox_table_check(&sql, config).await);
+            }
         }
     }
     // The exchanges are declared only where the relay would declare them
@@ -151,6 +148,78 @@ pub async fn check(config: &Config) -> Checks {
         }
     }
     Checks(out)
+}
+
+/// The outbox table has the mapping's columns. For the Event-Forge layout, a NOT
+/// NULL column without a default that `outbox::enqueue` (and the README's insert)
+/// does not write is named: the relay reads such rows fine, but those writers fail.
+async fn outbox_table_check(sql: &tokio_postgres::Client, config: &Config) -> Check {
+    let table = &config.postgres.table;
+    if let Err(e) = catalog::require_table(sql, table, &config.postgres.columns).await {
+        return fail("outbox table", e.to_string());
+    }
+    let mut detail = format!("{table} has the required columns");
+    if config.postgres.mapping == crate::config::Mapping::EventForge {
+        match catalog::unfilled_not_null(sql, table, &crate::outbox::WRITTEN).await {
+            Ok(unfilled) if !unfilled.is_empty() => detail.push_str(&format!(
+                "; note: NOT NULL column(s) without a default that outbox::enqueue does not write: {} (your own writers must fill them; else {})",
+                unfilled.join(", "),
+                catalog::unfilled_fix(table, &unfilled)
+            )),
+            Ok(_) => {}
+            Err(e) => return fail("outbox table", e.to_string()),
+        }
+    }
+    pass("outbox table", detail)
+}
+
+/// The inbox table of `[inbox]` exists, takes the receiver's insert (its unique
+/// key) and has no NOT NULL column the receiver leaves empty.
+async fn inbox_table_check(sql: &tokio_postgres::Client, config: &Config) -> Check {
+    let Some(inbox) = &config.inbox else {
+        return pass("inbox table", "no [inbox] section");
+    };
+    let table = &inbox.table;
+    match crate::inbox::queries::exists(sql, table).await {
+        Ok(true) => {}
+        Ok(false) => {
+            return fail(
+                "inbox table",
+                Error::InboxTableMissing {
+                    table: table.to_string(),
+                }
+                .to_string(),
+            )
+        }
+        Err(e) => return fail("inbox table", e.to_string()),
+    }
+    if let Err(e) = sql.prepare(&crate::inbox::queries::insert_sql(table)).await {
+        return fail(
+            "inbox table",
+            Error::InboxTableUnusable {
+                table: table.to_string(),
+                message: e
+                    .as_db_error()
+                    .map(|d| d.message().to_string())
+                    .unwrap_or_else(|| e.to_string()),
+            }
+            .to_string(),
+        );
+    }
+    match catalog::unfilled_not_null(sql, table, &crate::inbox::queries::WRITTEN).await {
+        Ok(unfilled) if unfilled.is_empty() => {
+            pass("inbox table", format!("{table} takes the receiver's rows"))
+        }
+        Ok(unfilled) => fail(
+            "inbox table",
+            format!(
+                "{table} has NOT NULL column(s) without a default that the receiver does not write: {}; it would refuse every delivery (the receiver pauses until fixed): {}",
+                unfilled.join(", "),
+                catalog::unfilled_fix(table, &unfilled)
+            ),
+        ),
+        Err(e) => fail("inbox table", e.to_string()),
+    }
 }
 
 /// One line when the role holds every privilege the configured mode needs, else

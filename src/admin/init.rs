@@ -6,7 +6,9 @@ use super::retry_table;
 use crate::config::{Config, Mapping};
 use crate::error::Error;
 use crate::pg::catalog;
+use crate::pg::ddl::Applied;
 use crate::pg::slots::{self, SlotRecords};
+use crate::pg::TableName;
 
 /// Creates what is missing; returns one line per object saying what was done.
 pub async fn init(config: &Config) -> Result<Vec<String>, Error> {
@@ -14,23 +16,20 @@ pub async fn init(config: &Config) -> Result<Vec<String>, Error> {
     let table = &pg.table;
     let sql = pg.target.connect().await?;
     let mut lines = Vec::new();
-    let existed = catalog::table_columns(&sql, table).await?.is_some();
-    if !existed {
-        match pg.mapping {
-            Mapping::EventForge => catalog::create_outbox_table(&sql, table).await?,
-            // The relay has no DDL of its own for other layouts: the owner creates them.
-            Mapping::Debezium => {
-                return Err(Error::TableMissing {
-                    table: table.to_string(),
-                })
-            }
+    match pg.mapping {
+        // Created when missing; on an existing table (Event-Forge's models make it
+        // under their own index names) only the indexes nothing covers yet.
+        Mapping::EventForge => {
+            let applied = catalog::create_outbox_table(&sql, table).await?;
+            catalog::require_table(&sql, table, &pg.columns).await?;
+            lines.push(applied_line("table", table, &applied));
+        }
+        // The relay has no DDL of its own for other layouts: the owner creates them.
+        Mapping::Debezium => {
+            catalog::require_table(&sql, table, &pg.columns).await?;
+            lines.push(format!("table {table}: exists"));
         }
     }
-    catalog::require_table(&sql, table, &pg.columns).await?;
-    lines.push(format!(
-        "table {table}: {}",
-        if existed { "exists" } else { "created" }
-    ));
     let created = catalog::ensure_publication(&sql, &pg.publication, table, true).await?;
     lines.push(format!(
         "publication {}: {}",
@@ -72,14 +71,36 @@ pub async fn init(config: &Config) -> Result<Vec<String>, Error> {
     Ok(lines)
 }
 
-/// Creates the inbox table of `[inbox]` when missing (sql/inbox_messages.sql).
+/// Creates the inbox table of `[inbox]` when missing (sql/inbox_messages.sql),
+/// and the indexes it lacks.
 pub async fn init_inbox(config: &Config) -> Result<Vec<String>, Error> {
     let inbox = config.inbox.as_ref().ok_or(Error::InboxNotConfigured)?;
     let sql = config.postgres.target.connect().await?;
-    let created = crate::inbox::queries::create_if_missing(&sql, &inbox.table).await?;
-    Ok(vec![format!(
-        "inbox table {}: {}",
-        inbox.table,
-        if created { "created" } else { "exists" }
-    )])
+    let applied = crate::inbox::queries::create_if_missing(&sql, &inbox.table).await?;
+    Ok(vec![applied_line("inbox table", &inbox.table, &applied)])
+}
+
+/// One line on a table and its indexes: created or there, and which of ours an
+/// existing index covers.
+fn applied_line(what: &str, table: &TableName, applied: &Applied) -> String {
+    let mut line = format!(
+        "{what} {table}: {}",
+        if applied.table_created {
+            "created"
+        } else {
+            "exists"
+        }
+    );
+    if !applied.table_created && !applied.created.is_empty() {
+        line.push_str(&format!("; added index(es) {}", applied.created.join(", ")));
+    }
+    if !applied.covered.is_empty() {
+        let covered: Vec<String> = applied
+            .covered
+            .iter()
+            .map(|(ours, theirs)| format!("{ours} (covered by {theirs})"))
+            .collect();
+        line.push_str(&format!("; not added: {}", covered.join(", ")));
+    }
+    line
 }

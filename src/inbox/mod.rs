@@ -26,6 +26,7 @@ pub mod mapping;
 pub mod processor;
 pub mod queries;
 pub mod store;
+pub mod table_fault;
 
 pub use mapping::{Invalid, Record};
 pub use processor::{
@@ -49,8 +50,8 @@ pub async fn receive(config: Config, shutdown: impl Future<Output = ()>) -> Resu
         config.postgres.statement_timeout,
         config.postgres.lock_timeout,
     );
-    check_table(&config, &inbox).await?;
     let health = Arc::new(Health::default());
+    check_table(&config, &inbox, &health).await?;
     // Postgres answered the table check; the store task reports later trouble.
     health.set_streaming(true);
     // The same endpoint as `run` (the slot's lag is the relay's, when one runs).
@@ -105,7 +106,11 @@ pub async fn receive(config: Config, shutdown: impl Future<Output = ()>) -> Resu
 }
 
 /// The table exists and takes the insert (its unique key matches the ON CONFLICT).
-async fn check_table(config: &Config, inbox: &crate::config::InboxConfig) -> Result<(), Error> {
+async fn check_table(
+    config: &Config,
+    inbox: &crate::config::InboxConfig,
+    health: &Health,
+) -> Result<(), Error> {
     let client = config
         .postgres
         .target
@@ -126,5 +131,20 @@ async fn check_table(config: &Config, inbox: &crate::config::InboxConfig) -> Res
                 .map(|d| d.message().to_string())
                 .unwrap_or_else(|| e.to_string()),
         })?;
+    // A NOT NULL column the insert does not write makes the table refuse every
+    // row: say so now; the store holds the deliveries (nothing dead-lettered)
+    // until the table takes a row.
+    let unfilled =
+        crate::pg::catalog::unfilled_not_null(&client, &inbox.table, &queries::WRITTEN).await?;
+    if !unfilled.is_empty() {
+        let why = format!(
+            "inbox table {} has NOT NULL column(s) without a default that the receiver does not write ({}): every row will be refused until {}; deliveries are held unacked meanwhile, nothing is dead-lettered",
+            inbox.table,
+            unfilled.join(", "),
+            crate::pg::catalog::unfilled_fix(&inbox.table, &unfilled)
+        );
+        tracing::warn!("{why}");
+        health.set_problem(crate::metrics::Problem::InboxTable, Some(why));
+    }
     Ok(())
 }

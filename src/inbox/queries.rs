@@ -24,19 +24,13 @@ pub fn inbox_ddl(table: &TableName) -> String {
         )
 }
 
-/// Creates the table when missing; returns whether it was created.
+/// Creates the table when missing, and each index no index of the table covers
+/// yet (a table Event-Forge's models made has its own under other names).
 pub async fn create_if_missing<C: GenericClient>(
     client: &C,
     table: &TableName,
-) -> Result<bool, Error> {
-    let existed = exists(client, table).await?;
-    if !existed {
-        client
-            .batch_execute(&inbox_ddl(table))
-            .await
-            .map_err(query_err("creating the inbox table"))?;
-    }
-    Ok(!existed)
+) -> Result<crate::pg::ddl::Applied, Error> {
+    crate::pg::ddl::apply(client, &inbox_ddl(table), table).await
 }
 
 pub async fn exists<C: GenericClient>(client: &C, table: &TableName) -> Result<bool, Error> {
@@ -65,14 +59,34 @@ pub async fn backlog<C: GenericClient>(
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
+/// The columns the receiver's insert writes (every other column needs a default
+/// or must take NULL).
+pub const WRITTEN: [&str; 12] = [
+    "id",
+    "message_id",
+    "source",
+    "event_type",
+    "payload",
+    "metadata",
+    "status",
+    "retry_count",
+    "max_retries",
+    "created_at",
+    "updated_at",
+    "recovery_attempts",
+];
+
 /// The insert of one batch: new rows come back with their ids; a delivery whose
-/// (message_id, source) is already there is skipped (a duplicate).
+/// (message_id, source) is already there is skipped (a duplicate). Every NOT NULL
+/// column of Event-Forge's table is written with Event-Forge's own value (its
+/// models keep the defaults in Python: a table they created has no server
+/// defaults), so the insert works on such a table as on one from `init`.
 pub fn insert_sql(table: &TableName) -> String {
     format!(
         "insert into {} (id, message_id, source, event_type, payload, metadata, status, \
-         retry_count, max_retries, created_at, updated_at) \
+         retry_count, max_retries, created_at, updated_at, recovery_attempts) \
          select gen_random_uuid()::text, u.m, $1, u.e, u.p::json, u.md::json, 'received', 0, $2, \
-         clock_timestamp(), clock_timestamp() \
+         clock_timestamp(), clock_timestamp(), 0 \
          from unnest($3::text[], $4::text[], $5::text[], $6::text[]) with ordinality as u(m, e, p, md, n) \
          order by u.n \
          on conflict (message_id, source) do nothing \

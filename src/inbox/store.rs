@@ -5,12 +5,19 @@
 //! commit reports the batch's delivery tags back to the broker task, which acks
 //! them. A lost connection keeps the batch and retries it on a new one (with
 //! backoff): a commit whose answer was lost only turns the batch into duplicates.
+//!
+//! A batch the table refuses for one row's sake is recorded row by row; a row
+//! the table refuses is judged with the rows around it ([`super::table_fault`]):
+//! set aside (dead-lettered) once the table accepts another row, held — and
+//! receiving paused, `/readyz` 503 — while it accepts none, so a fault of the
+//! table is never charged to the messages.
 
 use super::mapping::{Invalid, Record};
 use super::queries;
+use super::table_fault::{Judge, Refusal, Verdict};
 use crate::config::InboxConfig;
 use crate::error::{Error, SqlTrouble};
-use crate::metrics::{metrics, Health, Problem};
+use crate::metrics::{metrics, Health, Pause, Problem};
 use crate::pg::PgTarget;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -32,7 +39,8 @@ pub struct Pending {
 pub struct Committed {
     /// Recorded, new or duplicate: (epoch, tag) to be acked.
     pub settled: Vec<(u64, u64)>,
-    /// Refused by the table: (epoch, tag, why, delivery) to be dead-lettered.
+    /// Refused by the table for their own sake: (epoch, tag, why, delivery) to be
+    /// dead-lettered.
     pub refused: Vec<(u64, u64, Invalid, super::broker::Raw)>,
 }
 
@@ -44,6 +52,27 @@ pub struct StoreSettings {
     pub session_options: String,
 }
 
+/// The first wait before held rows are tried again; it doubles up to `backoff_max`.
+const PAUSE_FIRST: Duration = Duration::from_millis(100);
+
+/// Per delivery of a batch: `Ok(true)` new row, `Ok(false)` duplicate, `Err` refused.
+type Outcome = Vec<Result<bool, Refusal>>;
+
+/// The connection and what the task knows while it runs.
+struct Store {
+    settings: StoreSettings,
+    insert: String,
+    client: Option<(Client, tokio_postgres::Statement)>,
+    /// Consecutive failures of the connection or a statement.
+    failures: u32,
+    health: Arc<Health>,
+    judge: Judge<Pending>,
+    /// The wait before the next try of the held rows.
+    pause: Duration,
+    /// The kind of verdict last reported (logged when it changes).
+    reported: Option<std::mem::Discriminant<Verdict>>,
+}
+
 /// Runs until `input` closes (the broker task is done) or `shutdown` turns true
 /// while waiting for Postgres.
 pub async fn run(
@@ -53,157 +82,312 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
     health: Arc<Health>,
 ) {
-    let mut client: Option<(Client, tokio_postgres::Statement)> = None;
-    let insert = queries::insert_sql(&settings.inbox.table);
-    let mut failures = 0u32;
-    while let Some(first) = input.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < settings.inbox.batch_size {
-            match input.try_recv() {
-                Ok(p) => batch.push(p),
-                Err(_) => break,
+    let mut store = Store {
+        insert: queries::insert_sql(&settings.inbox.table),
+        settings,
+        client: None,
+        failures: 0,
+        health,
+        judge: Judge::default(),
+        pause: PAUSE_FIRST,
+        reported: None,
+    };
+    loop {
+        let answer = if store.judge.holding() {
+            // Paused. Priority: shutdown (the held deliveries stay unacked: the
+            // broker redelivers them), then the end of the wait.
+            tokio::select! {
+                biased;
+                _ = shutdown.wait_for(|s| *s) => return,
+                _ = tokio::time::sleep(store.pause) => {}
             }
+            store.pause = (store.pause * 2).min(store.settings.backoff_max);
+            store.retry_held(&mut input, &mut shutdown).await
+        } else {
+            let Some(first) = input.recv().await else {
+                return;
+            };
+            let mut batch = vec![first];
+            while batch.len() < store.settings.inbox.batch_size {
+                match input.try_recv() {
+                    Ok(p) => batch.push(p),
+                    Err(_) => break,
+                }
+            }
+            store.record_batch(batch, &mut shutdown).await
+        };
+        let Some(committed) = answer else {
+            return; // shutdown while Postgres was away
+        };
+        store.report();
+        if !(committed.settled.is_empty() && committed.refused.is_empty())
+            && output.send(committed).await.is_err()
+        {
+            return;
+        }
+    }
+}
+
+impl Store {
+    /// Records `batch` and judges what the table refused. `None`: shutdown came
+    /// while Postgres was away.
+    async fn record_batch(
+        &mut self,
+        batch: Vec<Pending>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Option<Committed> {
+        let outcome = self.record(&batch, shutdown).await?;
+        Some(self.judged(batch.into_iter().zip(outcome).collect()))
+    }
+
+    /// The held rows, the oldest alone first: when the table takes it, the rest
+    /// go too (a fault that was fixed); when it still refuses it, one more
+    /// delivery (if one is waiting) tells whether the table refuses every row.
+    async fn retry_held(
+        &mut self,
+        input: &mut mpsc::Receiver<Pending>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Option<Committed> {
+        let mut held = self.judge.take_held().into_iter();
+        let Some((first, _)) = held.next() else {
+            return Some(empty());
+        };
+        let outcome = self.record(std::slice::from_ref(&first), shutdown).await?;
+        let mut rows: Vec<(Pending, Result<bool, Refusal>)> = vec![(first, outcome_of(outcome))];
+        if rows[0].1.is_ok() {
+            tracing::info!("inbox table takes rows again: recording the held deliveries");
+            let rest: Vec<Pending> = held.map(|(p, _)| p).collect();
+            let outcome = self.record(&rest, shutdown).await?;
+            rows.extend(rest.into_iter().zip(outcome));
+            return Some(self.judged(rows));
+        }
+        let (first, refusal) = rows.pop().expect("one row");
+        let mut back = vec![(first, refusal.expect_err("refused"))];
+        back.extend(held);
+        self.judge.put_back(back);
+        // Try the next delivery alone: accepted, the held rows were the messages'
+        // own fault; refused, it is held too.
+        let Ok(probe) = input.try_recv() else {
+            return Some(empty());
+        };
+        let epoch = probe.epoch;
+        self.judge.forget(|p| p.epoch < epoch);
+        let outcome = self.record(std::slice::from_ref(&probe), shutdown).await?;
+        Some(self.judged(vec![(probe, outcome_of(outcome))]))
+    }
+
+    /// Hands the batch's results to the judge; the answer for the broker task.
+    fn judged(&mut self, rows: Vec<(Pending, Result<bool, Refusal>)>) -> Committed {
+        let m = metrics();
+        let mut committed = empty();
+        let mut refused = Vec::new();
+        for (p, result) in rows {
+            match result {
+                Ok(new) => {
+                    if new {
+                        m.inbox_received.inc();
+                    } else {
+                        m.inbox_duplicates.inc();
+                    }
+                    m.inbox_receive_latency
+                        .observe(p.arrived.elapsed().as_secs_f64());
+                    committed.settled.push((p.epoch, p.tag));
+                }
+                Err(refusal) => refused.push((p, refusal)),
+            }
+        }
+        let accepted = committed.settled.len();
+        for (p, refusal) in self.judge.outcome(accepted, refused) {
+            tracing::warn!(message_id = %p.record.message_id, refusal = %refusal, "inbox table refused a row that others went in beside: setting it aside");
+            committed.refused.push((
+                p.epoch,
+                p.tag,
+                Invalid::RefusedByTable(refusal.to_string()),
+                p.delivery,
+            ));
+        }
+        if accepted > 0 {
+            self.pause = PAUSE_FIRST;
+        }
+        committed
+    }
+
+    /// Reports the judge's verdict in `/readyz`, the log (when it changes) and the
+    /// metric. A clear verdict also clears what the start-up check reported: a
+    /// row went in.
+    fn report(&mut self) {
+        let verdict = self.judge.verdict();
+        let kind = std::mem::discriminant(&verdict);
+        let changed = self.reported != Some(kind);
+        self.reported = Some(kind);
+        let table = self.settings.inbox.table.to_string();
+        match verdict.reason(&table) {
+            Some(why) => {
+                if changed {
+                    tracing::warn!("{why}");
+                }
+                self.health.set_problem(Problem::InboxTable, Some(why));
+            }
+            None => {
+                if changed && self.health.has_problem(Problem::InboxTable) {
+                    tracing::info!("inbox table {table} takes rows: receiving again");
+                }
+                self.health.set_problem(Problem::InboxTable, None);
+            }
+        }
+        metrics().set_paused(Pause::InboxTable, self.judge.holding());
+    }
+
+    /// Records `batch` until Postgres answers: the whole batch in one
+    /// transaction; when the table refuses it for a row's sake, row by row.
+    /// Connection trouble keeps the batch and retries it with backoff. `None`:
+    /// shutdown came first.
+    async fn record(
+        &mut self,
+        batch: &[Pending],
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Option<Outcome> {
+        if batch.is_empty() {
+            return Some(Vec::new());
         }
         loop {
-            let result = match &mut client {
-                Some((c, statement)) => record(c, statement, &settings, &batch).await,
-                None => match connect(&settings, &insert).await {
-                    Ok(c) => {
-                        if failures > 0 {
-                            metrics().reconnect("postgres");
-                            tracing::info!("inbox store connected to Postgres again");
-                        }
-                        health.set_streaming(true);
-                        client = Some(c);
-                        continue;
-                    }
-                    Err(e) => Err(e),
-                },
+            let result = match self.connected().await {
+                Ok(()) => self.record_once(batch).await,
+                Err(e) => Err(e),
             };
-            match result {
+            let e = match result {
                 Ok(outcome) => {
-                    failures = 0;
-                    health.set_problem(Problem::Store, None);
-                    let committed = finish(&batch, outcome);
-                    if output.send(committed).await.is_err() {
-                        return;
+                    if self.failures > 0 {
+                        self.health.set_problem(Problem::Store, None);
                     }
-                    break;
+                    self.failures = 0;
+                    return Some(outcome);
                 }
-                Err(e) => {
-                    failures += 1;
-                    let trouble = e.sql_trouble();
-                    if matches!(trouble, Some(SqlTrouble::Row)) {
-                        // One of the rows is refused by the table itself: record them
-                        // one by one, so only that one is set aside.
-                        match record_each(client.as_mut(), &settings, &batch).await {
-                            Ok(outcome) => {
-                                let committed = finish(&batch, outcome);
-                                if output.send(committed).await.is_err() {
-                                    return;
-                                }
-                                break;
-                            }
-                            Err(e) => {
-                                tracing::warn!(error = %e, "inbox store: recording rows one by one failed")
-                            }
-                        }
-                    }
-                    let lost = client.as_ref().is_none_or(|(c, _)| c.is_closed())
-                        || matches!(trouble, None | Some(SqlTrouble::Connection));
-                    if lost {
-                        client = None;
-                        health.set_streaming(false);
-                    }
-                    health.set_problem(Problem::Store, Some(format!("inbox store: {e}")));
-                    let wait = crate::time::backoff(
-                        Duration::from_millis(100),
-                        settings.backoff_max,
-                        failures,
-                    );
-                    tracing::warn!(error = %e, retry_in = ?wait, "inbox store: recording a batch failed; retrying it");
-                    // Priority: shutdown first (give up the batch: it is not acked, the
-                    // broker redelivers it), then the end of the backoff.
-                    tokio::select! {
-                        biased;
-                        _ = shutdown.wait_for(|s| *s) => return,
-                        _ = tokio::time::sleep(wait) => {}
-                    }
-                }
+                Err(e) => e,
+            };
+            self.failures += 1;
+            let trouble = e.sql_trouble();
+            let lost = self.client.as_ref().is_none_or(|(c, _)| c.is_closed())
+                || matches!(trouble, None | Some(SqlTrouble::Connection));
+            if lost {
+                self.client = None;
+                self.health.set_streaming(false);
+            }
+            self.health
+                .set_problem(Problem::Store, Some(format!("inbox store: {e}")));
+            let wait = crate::time::backoff(
+                Duration::from_millis(100),
+                self.settings.backoff_max,
+                self.failures,
+            );
+            tracing::warn!(error = %e, retry_in = ?wait, "inbox store: recording a batch failed; retrying it");
+            // Priority: shutdown first (give up the batch: it is not acked, the
+            // broker redelivers it), then the end of the backoff.
+            tokio::select! {
+                biased;
+                _ = shutdown.wait_for(|s| *s) => return None,
+                _ = tokio::time::sleep(wait) => {}
             }
         }
     }
-}
 
-/// A new connection with the insert statement prepared.
-async fn connect(
-    settings: &StoreSettings,
-    insert: &str,
-) -> Result<(Client, tokio_postgres::Statement), Error> {
-    let client = settings
-        .target
-        .connect_with("outbox-relay inbox", &settings.session_options)
-        .await?;
-    let statement = client
-        .prepare(insert)
+    /// One try: the batch in one transaction, or row by row when a row is refused.
+    async fn record_once(&mut self, batch: &[Pending]) -> Result<Outcome, Error> {
+        match self.transaction(batch).await {
+            Err(e) if e.sql_trouble() == Some(SqlTrouble::Row) && batch.len() == 1 => {
+                return refusal_of(e)
+            }
+            Err(e) if e.sql_trouble() == Some(SqlTrouble::Row) => {}
+            other => return other,
+        }
+        let mut out = Vec::with_capacity(batch.len());
+        for p in batch {
+            match self.transaction(std::slice::from_ref(p)).await {
+                Ok(mut o) => out.push(o.pop().unwrap_or(Ok(false))),
+                Err(e) => out.extend(refusal_of(e)?),
+            }
+        }
+        Ok(out)
+    }
+
+    /// A connection with the insert prepared.
+    async fn connected(&mut self) -> Result<(), Error> {
+        if self.client.is_some() {
+            return Ok(());
+        }
+        let client = self
+            .settings
+            .target
+            .connect_with("outbox-relay inbox", &self.settings.session_options)
+            .await?;
+        let statement = client
+            .prepare(&self.insert)
+            .await
+            .map_err(crate::pg::query_err("preparing the inbox insert"))?;
+        if self.failures > 0 {
+            metrics().reconnect("postgres");
+            tracing::info!("inbox store connected to Postgres again");
+        }
+        self.health.set_streaming(true);
+        self.client = Some((client, statement));
+        Ok(())
+    }
+
+    /// Records the whole batch in one transaction, with its NOTIFY.
+    async fn transaction(&mut self, batch: &[Pending]) -> Result<Outcome, Error> {
+        let Some((client, statement)) = self.client.as_mut() else {
+            return Err(Error::InboxBroker("no Postgres connection".into()));
+        };
+        let err = crate::pg::query_err("recording inbox deliveries");
+        let tx = client.transaction().await.map_err(&err)?;
+        let records: Vec<&Record> = batch.iter().map(|p| &p.record).collect();
+        let new = queries::insert(
+            &tx,
+            statement,
+            &self.settings.inbox.source,
+            self.settings.inbox.max_retries,
+            &records,
+        )
         .await
-        .map_err(crate::pg::query_err("preparing the inbox insert"))?;
-    Ok((client, statement))
-}
-
-/// Per delivery of a batch: `Ok(true)` new row, `Ok(false)` duplicate, `Err` refused.
-type Outcome = Vec<Result<bool, Invalid>>;
-
-/// Records the whole batch in one transaction, with its NOTIFY.
-async fn record(
-    client: &mut Client,
-    statement: &tokio_postgres::Statement,
-    settings: &StoreSettings,
-    batch: &[Pending],
-) -> Result<Outcome, Error> {
-    let err = crate::pg::query_err("recording inbox deliveries");
-    let tx = client.transaction().await.map_err(&err)?;
-    let records: Vec<&Record> = batch.iter().map(|p| &p.record).collect();
-    let new = queries::insert(
-        &tx,
-        statement,
-        &settings.inbox.source,
-        settings.inbox.max_retries,
-        &records,
-    )
-    .await
-    .map_err(&err)?;
-    notify(&tx, settings, &new).await?;
-    tx.commit().await.map_err(&err)?;
-    // Which deliveries made the new rows: the first of each message_id in the batch.
-    let mut fresh: std::collections::HashSet<&str> = new.iter().map(|(_, m)| m.as_str()).collect();
-    Ok(batch
-        .iter()
-        .map(|p| Ok(fresh.remove(p.record.message_id.as_str())))
-        .collect())
-}
-
-/// Records each delivery in a transaction of its own; a row the table refuses is
-/// set aside as invalid.
-async fn record_each(
-    client: Option<&mut (Client, tokio_postgres::Statement)>,
-    settings: &StoreSettings,
-    batch: &[Pending],
-) -> Result<Outcome, Error> {
-    let Some((client, statement)) = client else {
-        return Err(Error::Shutdown("no connection".into()));
-    };
-    let mut out = Vec::with_capacity(batch.len());
-    for p in batch {
-        match record(client, statement, settings, std::slice::from_ref(p)).await {
-            Ok(mut o) => out.push(o.pop().unwrap_or(Ok(false))),
-            Err(e) if matches!(e.sql_trouble(), Some(SqlTrouble::Row)) => {
-                out.push(Err(Invalid::RefusedByTable(e.to_string())))
-            }
-            Err(e) => return Err(e),
-        }
+        .map_err(&err)?;
+        notify(&tx, &self.settings, &new).await?;
+        tx.commit().await.map_err(&err)?;
+        // Which deliveries made the new rows: the first of each message_id in the batch.
+        let mut fresh: std::collections::HashSet<&str> =
+            new.iter().map(|(_, m)| m.as_str()).collect();
+        Ok(batch
+            .iter()
+            .map(|p| Ok(fresh.remove(p.record.message_id.as_str())))
+            .collect())
     }
-    Ok(out)
+}
+
+/// A one-row statement's failure as that row's refusal, when the table refused
+/// it; any other failure stays an error (the batch is retried).
+fn refusal_of(e: Error) -> Result<Outcome, Error> {
+    if e.sql_trouble() != Some(SqlTrouble::Row) {
+        return Err(e);
+    }
+    let refusal = match &e {
+        Error::Postgres { source, .. } => Refusal::of(source),
+        _ => None,
+    };
+    match refusal {
+        Some(r) => Ok(vec![Err(r)]),
+        None => Err(e),
+    }
+}
+
+/// The result of a one-row outcome.
+fn outcome_of(mut outcome: Outcome) -> Result<bool, Refusal> {
+    outcome.pop().unwrap_or(Ok(false))
+}
+
+fn empty() -> Committed {
+    Committed {
+        settled: Vec::new(),
+        refused: Vec::new(),
+    }
 }
 
 async fn notify(
@@ -221,31 +405,4 @@ async fn notify(
             .map_err(crate::pg::query_err("notifying the inbox channel"))?;
     }
     Ok(())
-}
-
-/// Counts the batch and turns it into the broker task's answer.
-fn finish(batch: &[Pending], outcome: Outcome) -> Committed {
-    let m = metrics();
-    let mut committed = Committed {
-        settled: Vec::with_capacity(batch.len()),
-        refused: Vec::new(),
-    };
-    for (p, o) in batch.iter().zip(outcome) {
-        match o {
-            Ok(new) => {
-                if new {
-                    m.inbox_received.inc();
-                } else {
-                    m.inbox_duplicates.inc();
-                }
-                m.inbox_receive_latency
-                    .observe(p.arrived.elapsed().as_secs_f64());
-                committed.settled.push((p.epoch, p.tag));
-            }
-            Err(invalid) => committed
-                .refused
-                .push((p.epoch, p.tag, invalid, p.delivery.clone())),
-        }
-    }
-    committed
 }

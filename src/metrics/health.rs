@@ -16,6 +16,14 @@ pub enum Problem {
     Store,
     /// Work is pending and the applied LSN has not moved for too long.
     Stalled,
+    /// The inbox table refuses rows and has accepted none since: receiving is paused.
+    InboxTable,
+    /// Every publish across many routing keys is refused the same way (returned,
+    /// nacked): publishing is paused, nothing is counted against the messages.
+    Routing,
+    /// The replication slot is lost (dropped, invalidated, or a fail-over to a
+    /// server without it): the relay waits for `replay --pending`.
+    SlotLost,
 }
 
 /// What `/readyz` reports.

@@ -7,8 +7,8 @@ pub mod server;
 pub use health::{Health, Problem};
 
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 use std::sync::OnceLock;
 
@@ -49,6 +49,57 @@ pub struct Metrics {
     pub inbox_processed: IntCounter,
     /// Inbox handler attempts that failed (retried later or permanently failed).
     pub inbox_failed: IntCounter,
+    /// 1 while the relay or the receiver is paused for a fault that is not a
+    /// message's, by cause (see [`Pause`]).
+    pub paused: IntGaugeVec,
+    /// 1 while the slot is lost, by how (see [`SlotLoss`]).
+    pub slot_lost: IntGaugeVec,
+}
+
+/// Why the relay or the receiver pauses without charging any message: the label
+/// of `outbox_relay_paused`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pause {
+    /// The inbox table refuses rows and has accepted none since.
+    InboxTable,
+    /// Every publish across several routing keys is returned or nacked, none acked.
+    Routing,
+}
+
+impl Pause {
+    pub const ALL: [Pause; 2] = [Pause::InboxTable, Pause::Routing];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Pause::InboxTable => "inbox_table",
+            Pause::Routing => "routing",
+        }
+    }
+}
+
+/// How a replication slot was lost: the label of `outbox_relay_slot_lost`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SlotLoss {
+    /// The slot no longer exists on the server that had it.
+    Dropped,
+    /// The slot exists but can no longer be read (`wal_status = 'lost'`: it fell
+    /// behind `max_slot_wal_keep_size`, or a conflict on a standby).
+    Invalidated,
+    /// Postgres failed over (a new timeline or another server) to one without the slot.
+    Failover,
+}
+
+impl SlotLoss {
+    pub const ALL: [SlotLoss; 3] = [SlotLoss::Dropped, SlotLoss::Invalidated, SlotLoss::Failover];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            SlotLoss::Dropped => "dropped",
+            SlotLoss::Invalidated => "invalidated",
+            SlotLoss::Failover => "failover",
+        }
+    }
 }
 
 impl Metrics {
@@ -181,6 +232,28 @@ impl Metrics {
         for peer in ["postgres", "amqp"] {
             reconnects.with_label_values(&[peer]);
         }
+        let paused = IntGaugeVec::new(
+            Opts::new(
+                "outbox_relay_paused",
+                "1 while publishing (routing) or receiving (inbox_table) is paused for a fault that is not a message's: nothing is counted against the messages",
+            ),
+            &["cause"],
+        )
+        .expect("valid metric");
+        for cause in Pause::ALL {
+            paused.with_label_values(&[cause.label()]);
+        }
+        let slot_lost = IntGaugeVec::new(
+            Opts::new(
+                "outbox_relay_slot_lost",
+                "1 while the replication slot is lost (dropped, invalidated, failover): recover with outbox-relay replay --pending",
+            ),
+            &["how"],
+        )
+        .expect("valid metric");
+        for how in SlotLoss::ALL {
+            slot_lost.with_label_values(&[how.label()]);
+        }
         for c in [
             Box::new(published.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(failures.clone()),
@@ -199,6 +272,8 @@ impl Metrics {
             Box::new(inbox_receive_latency.clone()),
             Box::new(inbox_processed.clone()),
             Box::new(inbox_failed.clone()),
+            Box::new(paused.clone()),
+            Box::new(slot_lost.clone()),
         ] {
             registry.register(c).expect("each metric registered once");
         }
@@ -221,7 +296,16 @@ impl Metrics {
             inbox_receive_latency,
             inbox_processed,
             inbox_failed,
+            paused,
+            slot_lost,
         }
+    }
+
+    /// Sets `outbox_relay_paused{cause}`.
+    pub fn set_paused(&self, cause: Pause, on: bool) {
+        self.paused
+            .with_label_values(&[cause.label()])
+            .set(i64::from(on));
     }
 
     /// Counts one failed publish under its `reason` label.
@@ -280,6 +364,8 @@ mod tests {
             "outbox_relay_inbox_receive_latency_seconds",
             "outbox_relay_inbox_processed_total",
             "outbox_relay_inbox_failed_total",
+            "outbox_relay_paused",
+            "outbox_relay_slot_lost",
         ] {
             assert!(text.contains(name), "{name} missing");
         }

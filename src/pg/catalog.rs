@@ -28,20 +28,28 @@ pub async fn require_logical(client: &Client) -> Result<(), Error> {
     Ok(())
 }
 
-/// Column names of the table, or `None` when it does not exist.
-pub async fn table_columns(
-    client: &Client,
+/// Whether `table` exists (a table or a partitioned table).
+pub async fn table_exists<C: tokio_postgres::GenericClient>(
+    client: &C,
     table: &TableName,
-) -> Result<Option<Vec<String>>, Error> {
-    let exists = client
+) -> Result<bool, Error> {
+    Ok(client
         .query_opt(
             "select c.oid from pg_class c join pg_namespace n on n.oid = c.relnamespace \
              where n.nspname = $1 and c.relname = $2 and c.relkind in ('r', 'p')",
             &[&table.schema, &table.name],
         )
         .await
-        .map_err(query_err("looking up the outbox table"))?;
-    if exists.is_none() {
+        .map_err(query_err("looking up a table"))?
+        .is_some())
+}
+
+/// Column names of the table, or `None` when it does not exist.
+pub async fn table_columns(
+    client: &Client,
+    table: &TableName,
+) -> Result<Option<Vec<String>>, Error> {
+    if !table_exists(client, table).await? {
         return Ok(None);
     }
     let columns = table_column_types(client, table).await?;
@@ -278,12 +286,13 @@ pub fn check_slot(state: &SlotState, slot: &str, dbname: &str) -> Result<(), Err
     }
 }
 
-/// Creates the Event-Forge outbox table (and its indexes) when missing.
-pub async fn create_outbox_table(client: &Client, table: &TableName) -> Result<(), Error> {
-    client
-        .batch_execute(&outbox_ddl(table))
-        .await
-        .map_err(query_err("creating the outbox table"))
+/// Creates the Event-Forge outbox table when missing, and each of its indexes
+/// that no index of the table covers yet.
+pub async fn create_outbox_table(
+    client: &Client,
+    table: &TableName,
+) -> Result<super::ddl::Applied, Error> {
+    super::ddl::apply(client, &outbox_ddl(table), table).await
 }
 
 /// The DDL of `sql/outbox_messages.sql` for another table name.
@@ -318,6 +327,45 @@ pub async fn table_column_types<C: tokio_postgres::GenericClient>(
             ))
         })
         .collect()
+}
+
+/// NOT NULL columns of `table` without a default (nor identity, nor generated)
+/// that are not among `written`: an insert that writes only `written` fails on
+/// them. Empty when the table does not exist.
+pub async fn unfilled_not_null<C: tokio_postgres::GenericClient>(
+    client: &C,
+    table: &TableName,
+    written: &[&str],
+) -> Result<Vec<String>, Error> {
+    const CONTEXT: &str = "reading the table's NOT NULL columns";
+    let written: Vec<&str> = written.to_vec();
+    let rows = client
+        .query(
+            "select a.attname::text from pg_attribute a join pg_class c on c.oid = a.attrelid \
+             join pg_namespace n on n.oid = c.relnamespace \
+             where n.nspname = $1 and c.relname = $2 and a.attnum > 0 and not a.attisdropped \
+             and a.attnotnull and not a.atthasdef and a.attidentity = '' and a.attgenerated = '' \
+             and not (a.attname::text = any($3)) order by a.attnum",
+            &[&table.schema, &table.name, &written],
+        )
+        .await
+        .map_err(query_err(CONTEXT))?;
+    rows.iter().map(|r| get(r, 0, CONTEXT)).collect()
+}
+
+/// What makes a writer that writes none of `columns` work on `table`.
+pub fn unfilled_fix(table: &TableName, columns: &[String]) -> String {
+    columns
+        .iter()
+        .map(|c| {
+            format!(
+                "ALTER TABLE {} ALTER COLUMN {} DROP NOT NULL (or SET DEFAULT ...)",
+                table.quoted(),
+                quote_ident(c)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// Outbox rows still `pending`.

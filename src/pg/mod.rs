@@ -4,6 +4,7 @@
 
 pub mod catalog;
 pub mod connect;
+pub mod ddl;
 pub mod names;
 pub mod slots;
 pub mod target;

@@ -22,6 +22,8 @@ pub struct InboxFixture {
     pub channel: String,
     pub dir: PathBuf,
     pub db: Client,
+    /// A schema of the test's own (Event-Forge's tables), dropped at cleanup.
+    pub schema: Option<String>,
 }
 
 /// A message as a test publishes it.
@@ -79,6 +81,7 @@ impl InboxFixture {
                 .join("outbox-relay-tests")
                 .join(format!("inb_{name}")),
             db,
+            schema: None,
         };
         f.db.batch_execute(&format!("drop table if exists {}", f.table))
             .await
@@ -101,6 +104,20 @@ impl InboxFixture {
             .await;
         super::declare_bound_queue(&ch, &f.dlx, &f.dlq, true).await;
         let _ = conn.close(200, "bye".into()).await;
+        f
+    }
+
+    /// Like `new`, but the inbox table is Event-Forge's own
+    /// (`ef_inb_<name>.inbox_messages`, made by its models' DDL: no server defaults).
+    pub async fn event_forge(name: &str) -> InboxFixture {
+        let mut f = Self::new(name).await;
+        f.db.batch_execute(&format!("drop table if exists {}", f.table))
+            .await
+            .unwrap();
+        let schema = format!("ef_inb_{name}");
+        super::event_forge_schema(&f.db, &schema).await;
+        f.table = format!("{schema}.inbox_messages");
+        f.schema = Some(schema);
         f
     }
 
@@ -273,6 +290,12 @@ impl InboxFixture {
             .db
             .batch_execute(&format!("drop table if exists {}", self.table))
             .await;
+        if let Some(schema) = &self.schema {
+            let _ = self
+                .db
+                .batch_execute(&format!("drop schema if exists {schema} cascade"))
+                .await;
+        }
         let conn = amqp_connect().await;
         let ch = conn.create_channel().await.unwrap();
         for q in [&self.queue, &self.dlq] {

@@ -95,6 +95,36 @@ pub async fn commit_record_lsn(db: &tokio_postgres::Client, from: &str, xid: &st
     lsn_to_u64(&row.get::<_, String>(0))
 }
 
+/// Event-Forge 1.5.0's own DDL, verbatim (tests/fixtures): both tables without
+/// server defaults, with Event-Forge's index names.
+pub const EVENT_FORGE_DDL: &str = include_str!("../fixtures/event_forge_1_5_0.sql");
+
+/// Makes `schema` afresh holding `outbox_messages` and `inbox_messages` exactly
+/// as Event-Forge's models create them (in a schema of their own, as an
+/// Event-Forge service's search path would put them).
+pub async fn event_forge_schema(db: &Client, schema: &str) {
+    db.batch_execute(&format!(
+        "drop schema if exists {schema} cascade; create schema {schema}; \
+         set search_path = {schema}; {EVENT_FORGE_DDL}; reset search_path"
+    ))
+    .await
+    .unwrap_or_else(|e| panic!("creating Event-Forge's tables in {schema}: {e}"));
+}
+
+/// The index names of `table` (`schema.name`), sorted.
+pub async fn index_names(db: &Client, table: &str) -> Vec<String> {
+    let (schema, name) = table.split_once('.').unwrap();
+    db.query(
+        "select indexname::text from pg_indexes where schemaname = $1 and tablename = $2 order by 1",
+        &[&schema, &name],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
 /// One test's private objects.
 pub struct Fixture {
     pub name: String,
@@ -108,6 +138,8 @@ pub struct Fixture {
     pub dir: PathBuf,
     pub db: Client,
     pub consumer: Option<Consumer>,
+    /// A schema of the test's own (Event-Forge's tables), dropped at cleanup.
+    pub schema: Option<String>,
 }
 
 impl Fixture {
@@ -145,6 +177,7 @@ impl Fixture {
             dir: std::env::temp_dir().join("outbox-relay-tests").join(name),
             db,
             consumer: None,
+            schema: None,
         };
         drop_pg_objects(&f.db, &f.slot, &f.publication, &f.table).await;
         let _ =
@@ -162,6 +195,17 @@ impl Fixture {
             .await;
         let _ = conn.close(200, "bye".into()).await;
         f
+    }
+
+    /// Like `new`, but the outbox table is Event-Forge's own (`ef_<name>.outbox_messages`,
+    /// made by its models' DDL: no server defaults), next to its `inbox_messages`.
+    pub async fn event_forge(name: &str, bind_queue: bool) -> Fixture {
+        let mut f = Self::bare(name).await;
+        let schema = format!("ef_{name}");
+        event_forge_schema(&f.db, &schema).await;
+        f.table = format!("{schema}.outbox_messages");
+        f.schema = Some(schema);
+        f.with_consumer(bind_queue).await
     }
 
     pub async fn with_consumer(mut self, bind_queue: bool) -> Fixture {
@@ -229,6 +273,8 @@ impl Fixture {
                 ],
             ),
             ("relay", vec![]),
+            // Written only when a test adds lines (`outbox-relay inbox` needs a queue).
+            ("inbox", vec![]),
             ("metrics", vec!["listen = \"127.0.0.1:0\"".into()]),
             ("log", vec!["level = \"info,outbox_relay=debug\"".into()]),
         ];
@@ -243,6 +289,9 @@ impl Fixture {
         }
         let mut text = String::new();
         for (name, lines) in sections {
+            if name == "inbox" && lines.is_empty() {
+                continue;
+            }
             text.push_str(&format!("[{name}]\n"));
             for l in lines {
                 text.push_str(&l);
@@ -400,6 +449,11 @@ impl Fixture {
         let _ = db
             .batch_execute(&format!("drop table if exists {}", self.retry_table))
             .await;
+        if let Some(schema) = self.schema.take() {
+            let _ = db
+                .batch_execute(&format!("drop schema if exists {schema} cascade"))
+                .await;
+        }
         if let Ok(conn) = Connection::connect(AMQP_URL, ConnectionProperties::default()).await {
             if let Ok(ch) = conn.create_channel().await {
                 let _ = ch
@@ -430,6 +484,7 @@ impl Drop for Fixture {
             self.table.clone(),
         );
         let retry_table = self.retry_table.clone();
+        let schema = self.schema.clone();
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -444,6 +499,11 @@ impl Drop for Fixture {
                     let _ = db
                         .batch_execute(&format!("drop table if exists {retry_table}"))
                         .await;
+                    if let Some(schema) = schema {
+                        let _ = db
+                            .batch_execute(&format!("drop schema if exists {schema} cascade"))
+                            .await;
+                    }
                 }
             });
         })
