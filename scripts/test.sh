@@ -14,6 +14,11 @@ cargo test --lib --bins
 cargo test --test security --no-run
 flock -o -x "${OUTBOX_RELAY_SECURITY_LOCK:-/tmp/outbox-relay-security.lock}" \
   cargo test --test security -- --test-threads=1
+# Every way a slot is lost (dropped, invalidated, a fail-over to a promoted
+# standby), on scratch Postgres clusters (ports 55451-55454), under the same lock.
+cargo test --test slots --no-run
+flock -o -x "${OUTBOX_RELAY_SECURITY_LOCK:-/tmp/outbox-relay-security.lock}" \
+  cargo test --test slots -- --test-threads=1
 # Integration tests share the local services; the fault tests restart them. The lock
 # keeps several checkouts on one machine from disturbing each other: tests of two
 # checkouts use the same object names, so each binary holds it alone; CI holds it

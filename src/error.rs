@@ -1,6 +1,7 @@
 //! Library errors. Each message says what went wrong and what to do about it.
 
 use crate::config::ConfigError;
+use crate::metrics::SlotLoss;
 use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
@@ -67,16 +68,20 @@ pub enum Error {
     #[error("replication slot {slot} does not exist: run `outbox-relay init` or set [postgres] create_missing = true")]
     SlotMissing { slot: String },
 
-    #[error("replication slot {slot} is gone, but a relay held it before (last seen {seen_at}, at {seen_lsn}): rows committed since then were never read, and a new slot would skip them silently; {pending}. To recover: run `outbox-relay replay --pending --config FILE` (it creates a new slot, then re-publishes the rows still pending, oldest first; consumers deduplicate by message_id), then start the relay")]
+    #[error("{}", slot_lost(*.how, .slot, .detail, .seen_at, .seen_lsn, .pending))]
     SlotLost {
+        how: SlotLoss,
         slot: String,
+        /// What tells how it was lost (the server's reason, the timelines).
+        detail: String,
         seen_at: String,
         seen_lsn: String,
+        /// What the outbox still holds: rows still 'pending' and the oldest's age.
         pending: String,
     },
 
-    #[error("replication slot {slot} disappeared while the relay was streaming (dropped, or Postgres failed over to a server without it): the relay stops rather than read past what it lost; see `outbox-relay status` and recover with `outbox-relay replay --pending --config FILE`")]
-    SlotVanished { slot: String },
+    #[error("a `replay --pending` of replication slot {slot} started at {since} and has not finished (or was interrupted): run `outbox-relay replay --pending --config FILE` again to the end; then `run` streams (a waiting relay starts by itself)")]
+    SlotReplaying { slot: String, since: String },
 
     #[error("replication slot {slot} uses plugin '{plugin}' in database '{database}', the relay needs a pgoutput slot in '{expected_database}': drop it (SELECT pg_drop_replication_slot('{slot}')) or choose another [postgres] slot")]
     SlotMismatch {
@@ -173,6 +178,31 @@ pub enum Error {
     Processor(String),
 }
 
+/// The one line that says how a slot was lost, what may be missing and how to recover.
+fn slot_lost(
+    how: SlotLoss,
+    slot: &str,
+    detail: &str,
+    seen_at: &str,
+    seen_lsn: &str,
+    pending: &str,
+) -> String {
+    const RECOVER: &str = "To recover: run `outbox-relay replay --pending --config FILE`";
+    const THEN: &str = "then re-publishes the rows still pending, oldest first (consumers deduplicate by message_id); then `run` streams (a waiting relay starts by itself)";
+    match how {
+        SlotLoss::Dropped => format!(
+            "replication slot {slot} was dropped{}, but a relay held it before (last seen {seen_at}, at {seen_lsn}): rows committed since then were never read, and a new slot would skip them silently; {pending}. {RECOVER} (it creates a new slot, {THEN})",
+            if detail.is_empty() { String::new() } else { format!(" {detail}") }
+        ),
+        SlotLoss::Invalidated => format!(
+            "replication slot {slot} was invalidated by the server ({detail}): it can no longer be read, so rows committed since the relay last held it ({seen_at}, at {seen_lsn}) were never read; {pending}. {RECOVER} (it drops the invalidated slot, creates a new one, {THEN}); to keep it from recurring, raise max_slot_wal_keep_size or keep the relay from falling that far behind"
+        ),
+        SlotLoss::Failover => format!(
+            "Postgres failed over to a server without replication slot {slot} ({detail}): rows committed since the relay last held it ({seen_at}, at {seen_lsn}) were never read; {pending}. {RECOVER} against the new primary (it creates a new slot, {THEN}); PostgreSQL 17 keeps a slot across fail-overs when it is created with failover = true and the standby is in synchronized_standby_slots"
+        ),
+    }
+}
+
 /// The server's message (with detail and hint) rather than tokio-postgres's generic text.
 fn pg_message(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
@@ -232,6 +262,20 @@ impl Error {
             }
             _ => SqlTrouble::Other,
         })
+    }
+
+    /// How the slot was lost, when this is the refusal of a lost slot.
+    pub fn slot_loss(&self) -> Option<SlotLoss> {
+        match self {
+            Error::SlotLost { how, .. } => Some(*how),
+            _ => None,
+        }
+    }
+
+    /// The relay cannot stream until an operator recovers the slot (`replay
+    /// --pending`): it waits, and starts once that is done.
+    pub fn waits_for_recovery(&self) -> bool {
+        matches!(self, Error::SlotLost { .. } | Error::SlotReplaying { .. })
     }
 
     /// Errors worth retrying when they happen mid-run (a connection went away).

@@ -142,8 +142,8 @@ fn main() -> ExitCode {
     match runtime.block_on(dispatch(cli.command, config)) {
         Ok(code) => code,
         Err(e) => {
+            // Once: tracing writes to stderr (as JSON with --log-format json).
             tracing::error!("{e:#}");
-            eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }

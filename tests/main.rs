@@ -16,4 +16,5 @@ mod processor;
 mod recovery;
 mod refusal;
 mod retry;
+mod routing;
 mod store;

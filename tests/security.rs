@@ -11,34 +11,13 @@ use outbox_relay::source::{self, SourceSettings};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
+use support::scratch::{self, sh_pg, ScratchPg};
 use support::{http_get, Relay};
 
 /// Passwords that must never show in anything the relay writes.
 const PG_MARKER: &str = "SecMarkerPg-93b1e7";
 const MQ_MARKER: &str = "SecMarkerMq-93b1e7";
 const T: Duration = Duration::from_secs(60);
-
-fn sh(cmd: &str) -> String {
-    let out = Command::new("bash").args(["-c", cmd]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Runs `cmd` as the postgres user.
-fn sh_pg(cmd: &str) -> String {
-    sh(&format!(
-        "runuser -u postgres -- bash -c {}",
-        shell_quote(cmd)
-    ))
-}
-
-fn shell_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "'\\''"))
-}
 
 /// CA, server and client certificates in PEM files under `dir`.
 struct Certs {
@@ -95,128 +74,54 @@ impl Certs {
 
 /// A throwaway Postgres cluster: `ssl = on`, `wal_level = logical`, SCRAM over
 /// TLS and clear-text passwords without it (to prove the relay refuses those).
-struct ScratchPg {
-    dir: PathBuf,
-    bin: String,
-    port: u16,
+fn tls_pg(port: u16, certs: &Certs) -> ScratchPg {
+    let files: Vec<(String, &str)> = [
+        "ca.pem",
+        "server.pem",
+        "server.key",
+        "server-other.pem",
+        "server-other.key",
+    ]
+    .into_iter()
+    .map(|f| (certs.path(f), f))
+    .collect();
+    let pg = ScratchPg::start(scratch::Setup {
+        name: "sec-pg",
+        port,
+        conf: "ssl = on\nssl_cert_file = 'server.pem'\nssl_key_file = 'server.key'\nssl_ca_file = 'ca.pem'",
+        hba: "local all all trust\n\
+              hostssl all all 127.0.0.1/32 scram-sha-256\n\
+              hostssl all all ::1/128 scram-sha-256\n\
+              hostnossl all all 127.0.0.1/32 password\n\
+              hostnossl all all ::1/128 password\n",
+        auth_host: "scram-sha-256",
+        files: &files,
+    });
+    pg.psql(&format!("alter user postgres password '{PG_MARKER}'"));
+    pg
 }
 
-impl ScratchPg {
-    fn start(port: u16, certs: &Certs) -> ScratchPg {
-        let bin = std::fs::read_dir("/usr/lib/postgresql")
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .max()
-            .unwrap()
-            .join("bin")
-            .display()
-            .to_string();
-        let dir = std::env::temp_dir().join(format!("outbox-relay-sec-pg-{port}"));
-        let pg = ScratchPg { dir, bin, port };
-        pg.stop();
-        let _ = std::fs::remove_dir_all(&pg.dir);
-        std::fs::create_dir_all(&pg.dir).unwrap();
-        sh(&format!("chown postgres {}", pg.dir.display()));
-        let d = pg.dir.display().to_string();
-        sh_pg(&format!(
-            "{}/initdb -D {d}/data -U postgres --auth-local=trust --auth-host=scram-sha-256 >/dev/null",
-            pg.bin
-        ));
-        for f in [
-            "ca.pem",
-            "server.pem",
-            "server.key",
-            "server-other.pem",
-            "server-other.key",
-        ] {
-            sh(&format!(
-                "install -o postgres -m 600 {} {d}/data/{f}",
-                certs.path(f)
-            ));
+/// Sets `ssl` and the server certificate, then reloads.
+fn reconfigure(pg: &ScratchPg, ssl: bool, cert: &str) {
+    pg.psql(&format!(
+        "alter system set ssl = {}",
+        if ssl { "on" } else { "off" }
+    ));
+    pg.psql(&format!("alter system set ssl_cert_file = '{cert}.pem'"));
+    pg.psql(&format!("alter system set ssl_key_file = '{cert}.key'"));
+    pg.psql("select pg_reload_conf()");
+    // The postmaster applies the reload asynchronously: wait for the new setting.
+    let want = if ssl { "on" } else { "off" };
+    for _ in 0..100 {
+        if pg.psql("show ssl").trim() == want
+            && pg.psql("show ssl_cert_file").trim() == format!("{cert}.pem")
+        {
+            std::thread::sleep(Duration::from_millis(200));
+            return;
         }
-        std::fs::write(
-            pg.dir.join("data/pg_hba.conf"),
-            "local all all trust\n\
-             hostssl all all 127.0.0.1/32 scram-sha-256\n\
-             hostssl all all ::1/128 scram-sha-256\n\
-             hostnossl all all 127.0.0.1/32 password\n\
-             hostnossl all all ::1/128 password\n",
-        )
-        .unwrap();
-        let conf = format!(
-            "port = {port}\nlisten_addresses = 'localhost'\nunix_socket_directories = '{d}'\n\
-             wal_level = logical\nmax_wal_senders = 5\nmax_replication_slots = 5\n\
-             ssl = on\nssl_cert_file = 'server.pem'\nssl_key_file = 'server.key'\nssl_ca_file = 'ca.pem'\n"
-        );
-        let mut text = std::fs::read_to_string(pg.dir.join("data/postgresql.conf")).unwrap();
-        text.push_str(&conf);
-        std::fs::write(pg.dir.join("data/postgresql.conf"), text).unwrap();
-        sh(&format!("chown -R postgres {d}"));
-        sh_pg(&format!(
-            "{}/pg_ctl -D {d}/data -l {d}/log -w start >/dev/null",
-            pg.bin
-        ));
-        pg.psql(&format!("alter user postgres password '{PG_MARKER}'"));
-        pg
+        std::thread::sleep(Duration::from_millis(50));
     }
-
-    /// Runs SQL over the Unix socket (trust), returns its unaligned output.
-    fn psql(&self, sql: &str) -> String {
-        sh_pg(&format!(
-            "{}/psql -h {} -p {} -U postgres -d postgres -Atc {}",
-            self.bin,
-            self.dir.display(),
-            self.port,
-            shell_quote(sql)
-        ))
-    }
-
-    /// Sets `ssl` and the server certificate, then reloads.
-    fn reconfigure(&self, ssl: bool, cert: &str) {
-        self.psql(&format!(
-            "alter system set ssl = {}",
-            if ssl { "on" } else { "off" }
-        ));
-        self.psql(&format!("alter system set ssl_cert_file = '{cert}.pem'"));
-        self.psql(&format!("alter system set ssl_key_file = '{cert}.key'"));
-        self.psql("select pg_reload_conf()");
-        // The postmaster applies the reload asynchronously: wait for the new setting.
-        let want = if ssl { "on" } else { "off" };
-        for _ in 0..100 {
-            if self.psql("show ssl").trim() == want
-                && self.psql("show ssl_cert_file").trim() == format!("{cert}.pem")
-            {
-                std::thread::sleep(Duration::from_millis(200));
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("postgres did not reload its ssl settings");
-    }
-
-    fn stop(&self) {
-        let _ = Command::new("runuser")
-            .args([
-                "-u",
-                "postgres",
-                "--",
-                "bash",
-                "-c",
-                &format!(
-                    "{}/pg_ctl -D {}/data stop -m immediate",
-                    self.bin,
-                    self.dir.display()
-                ),
-            ])
-            .output();
-    }
-}
-
-impl Drop for ScratchPg {
-    fn drop(&mut self) {
-        self.stop();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+    panic!("postgres did not reload its ssl settings");
 }
 
 /// A throwaway RabbitMQ node with only a TLS listener, its own node name,
@@ -424,7 +329,7 @@ fn assert_one_line_naming(result: &Result<impl std::fmt::Debug, String>, key: &s
 async fn postgres_tls_rules_hold_for_sql_and_replication_alike() {
     let dir = std::env::temp_dir().join("outbox-relay-sec-certs-1");
     let certs = Certs::make(&dir);
-    let pg = ScratchPg::start(55441, &certs);
+    let pg = tls_pg(55441, &certs);
     pg.psql("create table sec_t (id int)");
     pg.psql("create publication sec_pub for table sec_t");
     pg.psql("select pg_create_logical_replication_slot('sec_slot', 'pgoutput')");
@@ -452,7 +357,7 @@ async fn postgres_tls_rules_hold_for_sql_and_replication_alike() {
     assert_one_line_naming(&repl, "sslrootcert=", "wrong CA, replication");
 
     // A certificate for another host name: verify-full refuses, verify-ca accepts.
-    pg.reconfigure(true, "server-other");
+    reconfigure(&pg, true, "server-other");
     let t = target(
         &pg_url(
             &pg,
@@ -480,7 +385,7 @@ async fn postgres_tls_rules_hold_for_sql_and_replication_alike() {
     assert_eq!(repl, Ok(()), "verify-ca replication");
 
     // A server without TLS: require fails on both kinds.
-    pg.reconfigure(false, "server");
+    reconfigure(&pg, false, "server");
     let t = target(&pg_url(&pg, "127.0.0.1", "sslmode=require"), false).unwrap();
     let (sql, repl) = both_kinds(&t, "sec_slot").await;
     assert_one_line_naming(&sql, "sslmode=require", "no TLS on the server, sql");
@@ -545,7 +450,7 @@ async fn rows_flow_over_tls_on_both_sides_and_no_output_holds_a_password() {
     let _ = std::fs::remove_dir_all(&dir);
     let certs = Certs::make(&dir.join("certs"));
     let rabbit = ScratchRabbit::start(56711, &certs, false);
-    let pg = ScratchPg::start(55442, &certs);
+    let pg = tls_pg(55442, &certs);
     let broker = wait_rabbit(&rabbit, &certs).await;
 
     // The consumer's queue, bound before the relay publishes.
@@ -857,7 +762,7 @@ async fn the_metrics_endpoint_withstands_abuse_and_the_relay_keeps_publishing() 
     let _ = std::fs::remove_dir_all(&dir);
     let certs = Certs::make(&dir.join("certs"));
     let rabbit = ScratchRabbit::start(56716, &certs, true);
-    let pg = ScratchPg::start(55443, &certs);
+    let pg = tls_pg(55443, &certs);
     let broker = wait_rabbit(&rabbit, &certs).await;
     let ch = broker.create_channel().await.unwrap();
     support::declare_bound_queue(&ch, "sec_events", "sec_q", false).await;
@@ -1047,7 +952,7 @@ async fn tls_cost() {
     let _ = std::fs::remove_dir_all(&dir);
     let certs = Certs::make(&dir.join("certs"));
     let rabbit = ScratchRabbit::start_with(56721, &certs, false, true);
-    let pg = ScratchPg::start(55444, &certs);
+    let pg = tls_pg(55444, &certs);
     let broker = wait_rabbit(&rabbit, &certs).await;
     let ch = broker.create_channel().await.unwrap();
     support::declare_bound_queue(&ch, "sec_events", "sec_q", false).await;

@@ -293,30 +293,25 @@ async fn publication_check(sql: &tokio_postgres::Client, config: &Config) -> Che
 async fn slot_check(sql: &tokio_postgres::Client, config: &Config) -> Check {
     let pg = &config.postgres;
     let slot = &pg.slot;
-    let state = match catalog::slot_state(sql, slot).await {
-        Ok(s) => s,
+    let records = SlotRecords::next_to(&pg.retry_table);
+    let s = match slots::usable_slot(sql, &records, slot, &pg.target.dbname, &pg.table).await {
         Err(e) => return fail("slot", e.to_string()),
-    };
-    let Some(s) = state else {
-        let records = SlotRecords::next_to(&pg.retry_table);
-        return match slots::missing_slot(sql, &records, slot, &pg.table).await {
-            Ok(Some(lost)) => fail("slot", lost.to_string()),
-            Ok(None) if pg.create_missing => pass(
+        Ok(None) if pg.create_missing => {
+            return pass(
                 "slot",
                 format!(
                     "{slot} missing; `run` creates it on its first start (create_missing = true)"
                 ),
-            ),
-            Ok(None) => fail(
+            )
+        }
+        Ok(None) => {
+            return fail(
                 "slot",
                 Error::SlotMissing { slot: slot.clone() }.to_string(),
-            ),
-            Err(e) => fail("slot", e.to_string()),
-        };
+            )
+        }
+        Ok(Some(s)) => s,
     };
-    if let Err(e) = catalog::check_slot(&s, slot, &pg.target.dbname) {
-        return fail("slot", e.to_string());
-    }
     let at = s
         .confirmed_flush
         .map(|l| l.to_string())
@@ -325,11 +320,17 @@ async fn slot_check(sql: &tokio_postgres::Client, config: &Config) -> Check {
         .lag_bytes
         .map(|b| format!(", {b} bytes behind"))
         .unwrap_or_default();
+    // `unreserved`: past max_wal_size; the server invalidates it once it falls
+    // max_slot_wal_keep_size behind.
+    let wal = match s.wal_status.as_deref() {
+        Some("unreserved") => "; wal_status unreserved: the server invalidates it if it falls further behind (max_slot_wal_keep_size)".to_string(),
+        _ => String::new(),
+    };
     match s.active_pid {
         Some(pid) => pass(
             "slot",
-            format!("{slot} at {at}{lag}; active, held by pid {pid}"),
+            format!("{slot} at {at}{lag}; active, held by pid {pid}{wal}"),
         ),
-        None => pass("slot", format!("{slot} at {at}{lag}; inactive")),
+        None => pass("slot", format!("{slot} at {at}{lag}; inactive{wal}")),
     }
 }

@@ -6,7 +6,7 @@ use super::retry_table;
 use crate::config::{Config, Mapping};
 use crate::error::Error;
 use crate::pg::catalog;
-use crate::pg::ddl::Applied;
+use crate::pg::ddl::{self, Applied};
 use crate::pg::slots::{self, SlotRecords};
 use crate::pg::TableName;
 
@@ -20,7 +20,7 @@ pub async fn init(config: &Config) -> Result<Vec<String>, Error> {
         // Created when missing; on an existing table (Event-Forge's models make it
         // under their own index names) only the indexes nothing covers yet.
         Mapping::EventForge => {
-            let applied = catalog::create_outbox_table(&sql, table).await?;
+            let applied = ddl::apply(&sql, &catalog::outbox_ddl(table), table).await?;
             catalog::require_table(&sql, table, &pg.columns).await?;
             lines.push(applied_line("table", table, &applied));
         }

@@ -15,6 +15,7 @@ use crate::failure::Failure;
 use crate::pg::slots::SlotRecords;
 use crate::pg::{catalog, get, query_err};
 use crate::retry::outbox::{MirrorUpdate, OutboxTable};
+use crate::retry::queries::RetryTable;
 use crate::retry::ParkItem;
 use crate::sink::{self, SinkSettings};
 use lapin::options::BasicPublishOptions;
@@ -28,6 +29,8 @@ const PAGE: i64 = 500;
 /// What `replay` did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ReplayReport {
+    /// The invalidated slot dropped first, if there was one.
+    pub dropped_invalidated_slot: bool,
     /// The LSN of the slot created for the recovery, when there was none.
     pub slot_created_at: Option<String>,
     /// Rows the broker acked.
@@ -38,6 +41,9 @@ pub struct ReplayReport {
 
 impl std::fmt::Display for ReplayReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.dropped_invalidated_slot {
+            writeln!(f, "dropped the invalidated slot")?;
+        }
         if let Some(lsn) = &self.slot_created_at {
             writeln!(f, "created a new slot at {lsn}")?;
         }
@@ -50,7 +56,9 @@ impl std::fmt::Display for ReplayReport {
 }
 
 /// Re-publishes the rows still pending (created at or after `since`, a timestamp
-/// Postgres understands, when given).
+/// Postgres understands, when given). From its start until it ends, the slot
+/// record says a replay is running: a relay waits for it, so nothing newer of an
+/// aggregate overtakes its replayed rows.
 pub async fn replay_pending(config: &Config, since: Option<&str>) -> Result<ReplayReport, Error> {
     let pg = &config.postgres;
     if pg.on_success == OnSuccess::Keep {
@@ -71,29 +79,11 @@ pub async fn replay_pending(config: &Config, since: Option<&str>) -> Result<Repl
             .await
             .map_err(|e| Error::Replay(format!("--since {since:?} is not a timestamp Postgres understands ({e}); use e.g. \"2026-11-28 10:00:00+00\"")))?;
     }
-    let mut report = ReplayReport::default();
     let retry = retry_table(config);
     retry.create_if_missing(&sql).await?;
     let records = SlotRecords::next_to(&pg.retry_table);
     records.create_if_missing(&sql).await?;
-    match catalog::slot_state(&sql, &pg.slot).await? {
-        Some(state) => {
-            if let Some(pid) = state.active_pid {
-                return Err(Error::Replay(format!(
-                    "slot {} is held by pid {pid}: stop the relay (and any standby) first, then replay",
-                    pg.slot
-                )));
-            }
-            catalog::check_slot(&state, &pg.slot, &pg.target.dbname)?;
-        }
-        None => {
-            catalog::require_logical(&sql).await?;
-            let lsn = catalog::create_slot(&sql, &pg.slot).await?;
-            records.replace(&sql, &pg.slot, &pg.table, lsn).await?;
-            tracing::info!(slot = %pg.slot, %lsn, "replay: created a new slot");
-            report.slot_created_at = Some(lsn.to_string());
-        }
-    }
+    let mut report = prepare_slot(&sql, config, &records).await?;
     // Everything created from now on reaches the slot; replay what came before.
     const CONTEXT: &str = "reading the server's time";
     let until: String = get(
@@ -105,7 +95,6 @@ pub async fn replay_pending(config: &Config, since: Option<&str>) -> Result<Repl
     )?;
     let outbox = OutboxTable::learn(&sql, pg.table.clone(), &pg.columns).await?;
     let broker = sink::connect(&SinkSettings::from_config(&config.amqp)).await?;
-    let exchange = config.amqp.exchange.as_str();
     loop {
         let Some(page) = outbox
             .pending_page(&sql, retry.name(), retry.slot(), &until, since, PAGE)
@@ -116,122 +105,174 @@ pub async fn replay_pending(config: &Config, since: Option<&str>) -> Result<Repl
         if page.is_empty() {
             break;
         }
-        let aggregates: Vec<(String, String)> = page
-            .iter()
-            .map(|r| match r {
-                Ok(e) => (e.aggregate_type.clone(), e.aggregate_id.clone()),
-                Err(m) => (
-                    m.aggregate_type.clone().unwrap_or_default(),
-                    m.aggregate_id.clone().unwrap_or_default(),
-                ),
-            })
-            .collect();
-        let held: HashSet<AggregateKey> = retry
-            .held_among(&sql, &aggregates)
-            .await?
-            .iter()
-            .map(|(t, i)| AggregateKey::of(t, i))
-            .collect();
-        // One row per aggregate per round, so a refused row cannot be overtaken by
-        // its successor; the successors come back in the next round.
-        let mut taken: HashSet<AggregateKey> = HashSet::new();
-        let mut to_park: Vec<ParkItem> = Vec::new();
-        let mut confirms = Vec::new();
-        for row in page {
-            let row = match row {
-                Ok(e) => Row::Event(Arc::new(e)),
-                Err(m) => Row::Malformed(*m),
-            };
-            let key = row.key();
-            if held.contains(&key) || matches!(row, Row::Malformed(_)) {
-                to_park.push(ParkItem::from_row(0, &row, 0, config.retry.max_retries));
-                continue;
-            }
-            if !taken.insert(key) {
-                continue;
-            }
-            let Row::Event(event) = row else { continue };
-            match publishable(config, &broker, &event) {
-                Ok(message) => {
-                    let confirm = broker
-                        .channel
-                        .basic_publish(
-                            exchange.into(),
-                            message.routing_key.clone(),
-                            BasicPublishOptions {
-                                mandatory: true,
-                                immediate: false,
-                            },
-                            &message.body,
-                            message.properties.clone(),
-                        )
-                        .await
-                        .map_err(|source| Error::Amqp {
-                            context: "publishing a replayed row".into(),
-                            source,
-                        })?;
-                    confirms.push((event, confirm));
-                }
-                Err(failure) => {
-                    let mut item =
-                        ParkItem::from_row(0, &Row::Event(event), 0, config.retry.max_retries);
-                    item.failure = Some(failure.to_string());
-                    to_park.push(item);
-                }
-            }
-        }
-        let mut acked = Vec::new();
-        for (event, confirm) in confirms {
-            let confirmation = confirm.await.map_err(|source| Error::Amqp {
-                context: "waiting for the broker to confirm a replayed row".into(),
-                source,
-            })?;
-            let refused = match confirmation {
-                Confirmation::Ack(None) => None,
-                Confirmation::Ack(Some(r)) | Confirmation::Nack(Some(r)) => {
-                    Some(Failure::Returned {
-                        reply_code: r.reply_code,
-                        reply_text: r.reply_text.to_string(),
-                    })
-                }
-                Confirmation::Nack(None) => Some(Failure::Nack),
-                Confirmation::NotRequested => Some(Failure::NotConfirmed),
-            };
-            match refused {
-                None => acked.push(event.id.clone()),
-                Some(failure) => {
-                    let mut item =
-                        ParkItem::from_row(0, &Row::Event(event), 0, config.retry.max_retries);
-                    item.failure = Some(failure.to_string());
-                    to_park.push(item);
-                }
-            }
-        }
-        report.published += acked.len() as u64;
-        outbox.on_success(&sql, pg.on_success, &acked).await?;
-        report.parked += to_park.len() as u64;
-        if !to_park.is_empty() {
-            retry.insert_many(&sql, &to_park).await?;
-            let mirrors: Vec<MirrorUpdate> = to_park
-                .iter()
-                .filter_map(|item| {
-                    item.failure.as_ref().map(|reason| MirrorUpdate {
-                        id: item.id.clone(),
-                        status: "failed",
-                        reason: reason.clone(),
-                        delay: None,
-                    })
-                })
-                .collect();
-            outbox.mirror(&sql, &mirrors).await?;
-        }
+        let (published, parked) = replay_page(config, &sql, &broker, &retry, &outbox, page).await?;
+        report.published += published;
+        report.parked += parked;
     }
     let _ = tokio::time::timeout(
         std::time::Duration::from_secs(2),
         broker.connection.close(200, "outbox-relay replay".into()),
     )
     .await;
+    records.finish_replay(&sql, &pg.slot).await?;
     Ok(report)
+}
+
+/// Makes the slot usable again and marks the replay as started: refuses while a
+/// process holds the slot; drops an invalidated slot; creates a missing one.
+async fn prepare_slot(
+    sql: &tokio_postgres::Client,
+    config: &Config,
+    records: &SlotRecords,
+) -> Result<ReplayReport, Error> {
+    let pg = &config.postgres;
+    let state = catalog::slot_state(sql, &pg.slot).await?;
+    if let Some(pid) = state.as_ref().and_then(|s| s.active_pid) {
+        return Err(Error::Replay(format!(
+            "slot {} is held by pid {pid}: stop the relay (and any standby) first, then replay",
+            pg.slot
+        )));
+    }
+    records.start_replay(sql, &pg.slot, &pg.table).await?;
+    let mut report = ReplayReport::default();
+    match state {
+        Some(s) if s.is_invalidated() => {
+            catalog::drop_slot(sql, &pg.slot).await?;
+            tracing::info!(slot = %pg.slot, "replay: dropped the invalidated slot");
+            report.dropped_invalidated_slot = true;
+        }
+        Some(s) => {
+            catalog::check_slot(&s, &pg.slot, &pg.target.dbname)?;
+            return Ok(report);
+        }
+        None => {}
+    }
+    catalog::require_logical(sql).await?;
+    let lsn = catalog::create_slot(sql, &pg.slot).await?;
+    let server = catalog::server_identity(sql).await.ok();
+    records
+        .replace(sql, &pg.slot, &pg.table, lsn, server.as_ref())
+        .await?;
+    tracing::info!(slot = %pg.slot, %lsn, "replay: created a new slot");
+    report.slot_created_at = Some(lsn.to_string());
+    Ok(report)
+}
+
+/// Re-publishes one page of pending rows: one row per aggregate (a refused row
+/// cannot be overtaken by its successor; they come in the next round), with
+/// confirms; parks what cannot go and marks what went. Returns (published, parked).
+async fn replay_page(
+    config: &Config,
+    sql: &tokio_postgres::Client,
+    broker: &sink::Broker,
+    retry: &RetryTable,
+    outbox: &OutboxTable,
+    page: Vec<crate::event::RowRead>,
+) -> Result<(u64, u64), Error> {
+    let aggregates: Vec<(String, String)> = page
+        .iter()
+        .map(|r| match r {
+            Ok(e) => (e.aggregate_type.clone(), e.aggregate_id.clone()),
+            Err(m) => (
+                m.aggregate_type.clone().unwrap_or_default(),
+                m.aggregate_id.clone().unwrap_or_default(),
+            ),
+        })
+        .collect();
+    let held: HashSet<AggregateKey> = retry
+        .held_among(sql, &aggregates)
+        .await?
+        .iter()
+        .map(|(t, i)| AggregateKey::of(t, i))
+        .collect();
+    let mut taken: HashSet<AggregateKey> = HashSet::new();
+    let mut to_park: Vec<ParkItem> = Vec::new();
+    let mut confirms = Vec::new();
+    let max_retries = config.retry.max_retries;
+    for row in page {
+        let row = match row {
+            Ok(e) => Row::Event(Arc::new(e)),
+            Err(m) => Row::Malformed(*m),
+        };
+        let key = row.key();
+        if held.contains(&key) || matches!(row, Row::Malformed(_)) {
+            to_park.push(ParkItem::from_row(0, &row, 0, max_retries));
+            continue;
+        }
+        if !taken.insert(key) {
+            continue;
+        }
+        let Row::Event(event) = row else { continue };
+        match publishable(config, broker, &event) {
+            Ok(message) => {
+                let confirm = broker
+                    .channel
+                    .basic_publish(
+                        config.amqp.exchange.as_str().into(),
+                        message.routing_key.clone(),
+                        BasicPublishOptions {
+                            mandatory: true,
+                            immediate: false,
+                        },
+                        &message.body,
+                        message.properties.clone(),
+                    )
+                    .await
+                    .map_err(|source| Error::Amqp {
+                        context: "publishing a replayed row".into(),
+                        source,
+                    })?;
+                confirms.push((event, confirm));
+            }
+            Err(failure) => to_park.push(failed_item(&event, failure, max_retries)),
+        }
+    }
+    let mut acked = Vec::new();
+    for (event, confirm) in confirms {
+        let confirmation = confirm.await.map_err(|source| Error::Amqp {
+            context: "waiting for the broker to confirm a replayed row".into(),
+            source,
+        })?;
+        let refused = match confirmation {
+            Confirmation::Ack(None) => None,
+            Confirmation::Ack(Some(r)) | Confirmation::Nack(Some(r)) => Some(Failure::Returned {
+                reply_code: r.reply_code,
+                reply_text: r.reply_text.to_string(),
+            }),
+            Confirmation::Nack(None) => Some(Failure::Nack),
+            Confirmation::NotRequested => Some(Failure::NotConfirmed),
+        };
+        match refused {
+            None => acked.push(event.id.clone()),
+            Some(failure) => to_park.push(failed_item(&event, failure, max_retries)),
+        }
+    }
+    outbox
+        .on_success(sql, config.postgres.on_success, &acked)
+        .await?;
+    if !to_park.is_empty() {
+        retry.insert_many(sql, &to_park).await?;
+        let mirrors: Vec<MirrorUpdate> = to_park
+            .iter()
+            .filter_map(|item| {
+                item.failure.as_ref().map(|reason| MirrorUpdate {
+                    id: item.id.clone(),
+                    status: "failed",
+                    reason: reason.clone(),
+                    delay: None,
+                })
+            })
+            .collect();
+        outbox.mirror(sql, &mirrors).await?;
+    }
+    Ok((acked.len() as u64, to_park.len() as u64))
+}
+
+/// A row the broker refused (or that cannot be sent), to park with its reason.
+fn failed_item(event: &Arc<OutboxEvent>, failure: Failure, max_retries: i32) -> ParkItem {
+    let mut item = ParkItem::from_row(0, &Row::Event(event.clone()), 0, max_retries);
+    item.failure = Some(failure.to_string());
+    item
 }
 
 /// The message of a replayed row, or why it cannot be published.

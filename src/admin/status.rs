@@ -3,8 +3,9 @@
 use super::retry_table;
 use crate::config::Config;
 use crate::error::Error;
+use crate::metrics::SlotLoss;
 use crate::pg::catalog;
-use crate::pg::slots::SlotRecords;
+use crate::pg::slots::{self, SlotRecords};
 
 /// The replication slot as `status` shows it.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -15,6 +16,13 @@ pub struct SlotStatus {
     pub holder_pid: Option<i32>,
     pub confirmed_lsn: Option<String>,
     pub lag_bytes: Option<i64>,
+    /// `reserved`, `extended`, `unreserved` or `lost`.
+    pub wal_status: Option<String>,
+    /// How the slot was lost, when it was: `dropped`, `invalidated`, `failover`.
+    pub lost: Option<SlotLoss>,
+    /// Why a relay cannot stream from it now (a lost slot, an unfinished replay),
+    /// with what may be missing and the command that recovers it.
+    pub problem: Option<String>,
 }
 
 /// What `outbox-relay status` reports.
@@ -47,19 +55,18 @@ pub struct InboxBacklog {
 impl std::fmt::Display for Status {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let s = &self.slot;
-        if !s.exists {
-            match &self.slot_last_seen {
-                Some(seen) => writeln!(
-                    f,
-                    "slot            {}: LOST — a relay held it until {seen}; rows committed since were not read: recover with `outbox-relay replay --pending`",
-                    s.name
-                )?,
-                None => writeln!(
-                    f,
-                    "slot            {}: missing (`outbox-relay init` creates it)",
-                    s.name
-                )?,
-            }
+        if let Some(problem) = &s.problem {
+            let how = s
+                .lost
+                .map(|h| format!(" ({})", h.label()))
+                .unwrap_or_default();
+            writeln!(f, "slot            {}: LOST{how} — {problem}", s.name)?;
+        } else if !s.exists {
+            writeln!(
+                f,
+                "slot            {}: missing (`outbox-relay init` creates it)",
+                s.name
+            )?;
         } else {
             let holder = match (s.active, s.holder_pid) {
                 (true, Some(pid)) => format!("active, held by pid {pid}"),
@@ -73,10 +80,14 @@ impl std::fmt::Display for Status {
             )?;
             writeln!(
                 f,
-                "lag             {} bytes",
+                "lag             {} bytes{}",
                 s.lag_bytes
                     .map(|b| b.to_string())
-                    .unwrap_or_else(|| "-".into())
+                    .unwrap_or_else(|| "-".into()),
+                s.wal_status
+                    .as_deref()
+                    .map(|w| format!(" (wal_status {w})"))
+                    .unwrap_or_default()
             )?;
         }
         writeln!(f, "retries pending {}", self.retries_pending)?;
@@ -116,17 +127,29 @@ impl std::fmt::Display for Status {
 pub async fn status(config: &Config) -> Result<Status, Error> {
     let retry = retry_table(config);
     let sql = config.postgres.target.connect().await?;
-    let slot = catalog::slot_state(&sql, &config.postgres.slot).await?;
+    let pg = &config.postgres;
+    let records = SlotRecords::next_to(&pg.retry_table);
+    let state = catalog::slot_state(&sql, &pg.slot).await?;
+    let problem =
+        match slots::usable_slot(&sql, &records, &pg.slot, &pg.target.dbname, &pg.table).await {
+            Ok(_) => None,
+            Err(e) if e.waits_for_recovery() => Some(e),
+            Err(e) if e.sql_trouble().is_some() => return Err(e),
+            Err(e) => Some(e),
+        };
     let slot = SlotStatus {
-        name: config.postgres.slot.clone(),
-        exists: slot.is_some(),
-        active: slot.as_ref().is_some_and(|s| s.active_pid.is_some()),
-        holder_pid: slot.as_ref().and_then(|s| s.active_pid),
-        confirmed_lsn: slot
+        name: pg.slot.clone(),
+        exists: state.is_some(),
+        active: state.as_ref().is_some_and(|s| s.active_pid.is_some()),
+        holder_pid: state.as_ref().and_then(|s| s.active_pid),
+        confirmed_lsn: state
             .as_ref()
             .and_then(|s| s.confirmed_flush)
             .map(|l| l.to_string()),
-        lag_bytes: slot.as_ref().and_then(|s| s.lag_bytes),
+        lag_bytes: state.as_ref().and_then(|s| s.lag_bytes),
+        wal_status: state.as_ref().and_then(|s| s.wal_status.clone()),
+        lost: problem.as_ref().and_then(Error::slot_loss),
+        problem: problem.map(|e| e.to_string()),
     };
     let summary = if retry.exists(&sql).await? {
         Some(retry.summary(&sql).await?)
@@ -134,7 +157,6 @@ pub async fn status(config: &Config) -> Result<Status, Error> {
         None
     };
     let pending = catalog::pending_rows(&sql, &config.postgres.table).await?;
-    let records = SlotRecords::next_to(&config.postgres.retry_table);
     let last_seen = match catalog::table_columns(&sql, records.name()).await? {
         Some(_) => records
             .get(&sql, &config.postgres.slot)

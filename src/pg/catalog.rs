@@ -236,27 +236,91 @@ pub struct SlotState {
     pub confirmed_flush: Option<Lsn>,
     /// Bytes of WAL between the slot's confirmed position and the server's current position.
     pub lag_bytes: Option<i64>,
+    /// `wal_status`: `reserved`, `extended`, `unreserved`, or `lost` (invalidated).
+    pub wal_status: Option<String>,
+    /// Why the server invalidated the slot, when it did: `invalidation_reason`
+    /// (PostgreSQL 17), a conflict on a standby (`conflicting`, 16), or WAL
+    /// removed (`wal_status = 'lost'`).
+    pub invalidated: Option<String>,
+}
+
+impl SlotState {
+    /// The slot can no longer be read from.
+    pub fn is_invalidated(&self) -> bool {
+        self.invalidated.is_some()
+    }
 }
 
 pub async fn slot_state(client: &Client, slot: &str) -> Result<Option<SlotState>, Error> {
+    // The columns that tell an invalidated slot differ by version: read them
+    // through to_jsonb, which has whichever the server has.
     let row = client
         .query_opt(
             "select plugin::text, database::text, active_pid, confirmed_flush_lsn::text, \
-             pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint \
-             from pg_replication_slots where slot_name = $1",
+             pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint, \
+             to_jsonb(s) ->> 'wal_status', to_jsonb(s) ->> 'invalidation_reason', \
+             (to_jsonb(s) ->> 'conflicting')::bool \
+             from pg_replication_slots s where slot_name = $1",
             &[&slot],
         )
         .await
         .map_err(query_err("looking up the replication slot"))?;
     let Some(r) = row else { return Ok(None) };
     const CONTEXT: &str = "looking up the replication slot";
+    let wal_status: Option<String> = get(&r, 5, CONTEXT)?;
+    let reason: Option<String> = get(&r, 6, CONTEXT)?;
+    let conflicting: Option<bool> = get(&r, 7, CONTEXT)?;
+    let invalidated = match (reason, conflicting, wal_status.as_deref()) {
+        (Some(reason), _, _) => Some(reason),
+        (None, Some(true), _) => Some("rows_removed: a conflict with recovery on a standby".into()),
+        (None, _, Some("lost")) => Some(
+            "wal_removed: it fell more than max_slot_wal_keep_size behind and the WAL it needed was removed"
+                .into(),
+        ),
+        _ => None,
+    };
     Ok(Some(SlotState {
         plugin: get(&r, 0, CONTEXT)?,
         database: get(&r, 1, CONTEXT)?,
         active_pid: get(&r, 2, CONTEXT)?,
         confirmed_flush: get::<Option<String>>(&r, 3, CONTEXT)?.and_then(|s| Lsn::parse(&s).ok()),
         lag_bytes: get(&r, 4, CONTEXT)?,
+        wal_status,
+        invalidated,
     }))
+}
+
+/// Which server this is: its system identifier (the same on a physical standby)
+/// and the timeline it writes (a promoted standby starts a new one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerIdentity {
+    pub system_id: String,
+    pub timeline: i64,
+}
+
+pub async fn server_identity(client: &Client) -> Result<ServerIdentity, Error> {
+    const CONTEXT: &str = "reading the server's identity (pg_control_system, timeline)";
+    let row = client
+        .query_one(
+            "select system_identifier::text, pg_walfile_name(pg_current_wal_lsn()) from pg_control_system()",
+            &[],
+        )
+        .await
+        .map_err(query_err(CONTEXT))?;
+    let walfile: String = get(&row, 1, CONTEXT)?;
+    Ok(ServerIdentity {
+        system_id: get(&row, 0, CONTEXT)?,
+        timeline: i64::from_str_radix(walfile.get(..8).unwrap_or("1"), 16).unwrap_or(1),
+    })
+}
+
+/// Drops a slot nobody holds (`replay` does it to an invalidated one).
+pub async fn drop_slot(client: &Client, slot: &str) -> Result<(), Error> {
+    client
+        .execute("select pg_drop_replication_slot($1)", &[&slot])
+        .await
+        .map_err(query_err("dropping the invalidated replication slot"))?;
+    Ok(())
 }
 
 /// Creates a pgoutput slot; returns the LSN it starts at.
@@ -284,15 +348,6 @@ pub fn check_slot(state: &SlotState, slot: &str, dbname: &str) -> Result<(), Err
             expected_database: dbname.to_string(),
         }),
     }
-}
-
-/// Creates the Event-Forge outbox table when missing, and each of its indexes
-/// that no index of the table covers yet.
-pub async fn create_outbox_table(
-    client: &Client,
-    table: &TableName,
-) -> Result<super::ddl::Applied, Error> {
-    super::ddl::apply(client, &outbox_ddl(table), table).await
 }
 
 /// The DDL of `sql/outbox_messages.sql` for another table name.

@@ -146,6 +146,8 @@ pub async fn apply<C: GenericClient>(
     };
     for statement in statements(ddl) {
         match IndexSpec::parse(&statement) {
+            // (The table statement only when the table is missing: no notice.)
+            None if existed => {}
             None => client
                 .batch_execute(&statement)
                 .await

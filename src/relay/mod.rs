@@ -20,6 +20,7 @@
 mod fastmap;
 mod parked;
 mod retries;
+mod routing;
 mod startup;
 mod window;
 mod wiring;
@@ -100,6 +101,8 @@ struct Relay {
     refused: RefusedIds,
     /// `/readyz` says the relay is probing for a message the broker refused.
     probing_reported: bool,
+    /// `/readyz` says publishing is paused for a routing fault.
+    routing_reported: bool,
     /// Ids acked since the last hand-over to the store's batched on_success update.
     succeeded: Vec<String>,
     /// When the oldest of them was acked: handed over `HAND_OVER_AFTER` later at the latest.
@@ -291,6 +294,7 @@ impl Relay {
                 self.publish_ready().await;
             }
             self.flush_publishes();
+            self.report_routing();
             if self.probing_reported && self.window.suspects() == 0 {
                 tracing::info!("every message the broker might have refused has an answer: publishing normally again");
                 self.health.set_problem(Problem::BrokerUnavailable, None);
@@ -306,6 +310,31 @@ impl Relay {
         self.hand_over_succeeded(1);
         self.finish().await;
         Ok(())
+    }
+
+    /// Says in `/readyz`, the log and `outbox_relay_paused` when publishing
+    /// pauses for a routing fault, and when it resumes.
+    fn report_routing(&mut self) {
+        let paused = self.window.routing_paused();
+        if paused == self.routing_reported {
+            return;
+        }
+        self.routing_reported = paused;
+        metrics::metrics().set_paused(metrics::Pause::Routing, paused);
+        match self.window.routing_fault() {
+            Some(fault) if paused => {
+                let why = format!(
+                    "{fault}: exchange {:?} routes nothing (check its bindings and queues). Publishing is paused: nothing is counted against the messages (no retry spent, nothing dead-lettered); a held message is published again as a probe, every {:?} at most, and everything resumes once one is acked",
+                    self.config.amqp.exchange, self.config.amqp.reconnect_backoff_max
+                );
+                tracing::warn!("{why}");
+                self.health.set_problem(Problem::Routing, Some(why));
+            }
+            _ => {
+                tracing::info!("the broker routes again: publishing what was held");
+                self.health.set_problem(Problem::Routing, None);
+            }
+        }
     }
 
     /// Hands what the window decided to publish to the sink task.
@@ -570,6 +599,7 @@ impl Relay {
     }
 
     async fn on_acked(&mut self, seq: u64) {
+        self.window.routed(seq);
         let Some(Resolved { entry, park }) = self.window.resolve(seq) else {
             return;
         };
@@ -612,6 +642,11 @@ impl Relay {
 
     /// A publish failed (nack, return, timeout, refusal).
     async fn on_failed(&mut self, seq: u64, failure: Failure) {
+        if self.window.unrouted(seq, &failure) {
+            // Part of a systemic fault: held in the window, not charged.
+            metrics::metrics().failure(failure.label());
+            return;
+        }
         let Some((origin, id)) = self
             .window
             .entry(seq)
@@ -680,6 +715,7 @@ impl Relay {
             self.on_failed(seq, Failure::Timeout { after }).await;
         }
         self.window.fire_backoffs(now);
+        self.window.fire_routing_probe(now);
         if loads {
             self.load_due(now).await;
         }
@@ -792,7 +828,7 @@ impl Relay {
             tokio::select! {
                 biased;
                 _ = shutdown.as_mut() => return Ok(false),
-                res = startup::open_stream(&self.source_settings, self.applied) => match res {
+                res = startup::open_stream(&self.source_settings, &self.config, self.applied) => match res {
                     Ok((client, start)) => {
                         tracing::info!(start_lsn = %start, "replication stream resumed");
                         metrics::metrics().reconnect("postgres");

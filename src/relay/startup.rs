@@ -4,7 +4,7 @@
 
 use crate::config::Config;
 use crate::error::Error;
-use crate::metrics::Health;
+use crate::metrics::{self, Health, Problem, SlotLoss};
 use crate::pg::slots::{self, SlotRecords};
 use crate::pg::{catalog, connect::application_name, PgTarget};
 use crate::source::{self, SourceSettings};
@@ -50,6 +50,64 @@ pub async fn preflight(config: &Config) -> Result<(), Error> {
     Ok(())
 }
 
+/// While the slot is lost (or a replay of it has not finished): says so — the
+/// refusal in the log, `/readyz` and `outbox_relay_slot_lost{how}` — and checks
+/// again every few seconds; returns once the slot can be streamed from (after
+/// `replay --pending`), `false` when shutdown came first. Postgres being away
+/// meanwhile is waited out too.
+pub async fn wait_for_slot(
+    config: &Config,
+    health: &Health,
+    mut why: Error,
+    shutdown: &mut Pin<&mut impl Future<Output = ()>>,
+) -> Result<bool, Error> {
+    const CHECK_EVERY: Duration = Duration::from_secs(5);
+    const REPEAT_LOG: Duration = Duration::from_secs(600);
+    let mut logged: Option<(String, Instant)> = None;
+    let result = loop {
+        let text = why.to_string();
+        if logged
+            .as_ref()
+            .is_none_or(|(t, at)| *t != text || at.elapsed() >= REPEAT_LOG)
+        {
+            tracing::error!("{text}; waiting (checking every {CHECK_EVERY:?})");
+            logged = Some((text.clone(), Instant::now()));
+        }
+        health.set_problem(Problem::SlotLost, Some(text));
+        for how in SlotLoss::ALL {
+            let on = why.slot_loss() == Some(how);
+            metrics::metrics()
+                .slot_lost
+                .with_label_values(&[how.label()])
+                .set(i64::from(on));
+        }
+        tokio::select! {
+            biased;
+            _ = shutdown.as_mut() => break Ok(false),
+            _ = tokio::time::sleep(CHECK_EVERY) => {}
+        }
+        match preflight(config).await {
+            Ok(()) => {
+                tracing::info!(slot = %config.postgres.slot, "the slot can be streamed from again: starting");
+                break Ok(true);
+            }
+            Err(e) if e.waits_for_recovery() => why = e,
+            Err(e) if e.is_transient() => {
+                tracing::warn!(error = %e, "checking the slot failed; trying again");
+            }
+            Err(e) => break Err(e),
+        }
+    };
+    health.set_problem(Problem::SlotLost, None);
+    for how in SlotLoss::ALL {
+        metrics::metrics()
+            .slot_lost
+            .with_label_values(&[how.label()])
+            .set(0);
+    }
+    result
+}
+
 /// Records where a cleanly stopping relay left its slot (best effort: the record
 /// is what tells a later start that the slot existed).
 pub async fn record_stop(config: &Config, applied: Lsn) {
@@ -57,7 +115,10 @@ pub async fn record_stop(config: &Config, applied: Lsn) {
     let records = SlotRecords::next_to(&pg.retry_table);
     let recorded = async {
         let sql = pg.target.connect().await?;
-        records.seen(&sql, &pg.slot, &pg.table, Some(applied)).await
+        let server = catalog::server_identity(&sql).await.ok();
+        records
+            .seen(&sql, &pg.slot, &pg.table, Some(applied), server.as_ref())
+            .await
     };
     match tokio::time::timeout(Duration::from_secs(5), recorded).await {
         Ok(Ok(())) => {}
@@ -70,20 +131,35 @@ pub async fn record_stop(config: &Config, applied: Lsn) {
 
 /// Opens the replication stream from the slot's confirmed position, or from
 /// `at_least` when that is newer (the relay's own applied LSN after a reconnect).
+/// A slot lost meanwhile (dropped, invalidated, a fail-over) is the refusal that
+/// says how, never a stream from somewhere else.
 pub async fn open_stream(
     settings: &SourceSettings,
+    config: &Config,
     at_least: Lsn,
 ) -> Result<(ReplicationClient, Lsn), Error> {
+    let pg = &config.postgres;
     let sql = settings.target.connect().await?;
-    let state = catalog::slot_state(&sql, &settings.slot)
+    let records = SlotRecords::next_to(&pg.retry_table);
+    let state = slots::usable_slot(&sql, &records, &settings.slot, &pg.target.dbname, &pg.table)
         .await?
-        .ok_or_else(|| Error::SlotVanished {
+        .ok_or_else(|| Error::SlotMissing {
             slot: settings.slot.clone(),
         })?;
-    drop(sql);
     let start = state.confirmed_flush.unwrap_or(at_least).max(at_least);
-    let client = source::start(settings, start).await?;
-    Ok((client, start))
+    match source::start(settings, start).await {
+        Ok(client) => Ok((client, start)),
+        // Lost between the look and the start (say, invalidated at a checkpoint
+        // in between): the refusal that says how, not the server's raw error.
+        Err(e) => {
+            match slots::usable_slot(&sql, &records, &settings.slot, &pg.target.dbname, &pg.table)
+                .await
+            {
+                Err(lost) if lost.waits_for_recovery() => Err(lost),
+                _ => Err(e),
+            }
+        }
+    }
 }
 
 /// Starts replication on the slot. While another process holds it: as a standby,
@@ -103,7 +179,7 @@ pub async fn take_slot(
         let result = tokio::select! {
             biased;
             _ = shutdown.as_mut() => return Ok(None),
-            r = open_stream(settings, Lsn::from_u64(0)) => r,
+            r = open_stream(settings, config, Lsn::from_u64(0)) => r,
         };
         match result {
             Ok(taken) => {

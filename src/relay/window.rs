@@ -29,6 +29,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 mod peer;
+mod routing;
 
 /// A message's number in the window (admission order).
 pub type Seq = u64;
@@ -183,6 +184,13 @@ pub struct Window {
     suspects: usize,
     /// The suspect published alone, awaiting its answer.
     probing: Option<Seq>,
+    /// Whether the broker routes anything ([`super::routing`]).
+    routing: super::routing::RoutingWatch,
+    /// Publishing paused for a systemic fault: the held messages wait, probed one
+    /// at a time.
+    routing_pause: Option<routing::RoutingPause>,
+    /// Longest wait between two probes of a routing pause.
+    probe_max: Duration,
 }
 
 impl Window {
@@ -208,7 +216,17 @@ impl Window {
             blocked: false,
             suspects: 0,
             probing: None,
+            routing: Default::default(),
+            routing_pause: None,
+            probe_max: Duration::from_secs(30),
         }
+    }
+
+    /// The longest wait between two probes while publishing is paused for a
+    /// routing fault (`amqp.reconnect_backoff_max`).
+    pub fn with_probe_max(mut self, probe_max: Duration) -> Self {
+        self.probe_max = probe_max;
+        self
     }
 
     pub fn len(&self) -> usize {
@@ -245,6 +263,7 @@ impl Window {
         self.generation.is_some()
             && !self.blocked
             && self.suspects == 0
+            && self.routing_pause.is_none()
             && self.entries.len() < self.max_messages
             && (self.bytes < self.max_bytes || self.entries.is_empty())
     }
@@ -253,7 +272,10 @@ impl Window {
     pub fn next_timer(&self) -> Option<Instant> {
         let backoff = self.backoffs.peek().map(|Reverse((at, _))| *at);
         let deadline = self.deadlines.front().map(|(at, _, _)| *at);
-        [backoff, deadline].into_iter().flatten().min()
+        [backoff, deadline, self.routing_timer()]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     pub fn entry(&self, seq: Seq) -> Option<&Entry> {
@@ -368,7 +390,7 @@ impl Window {
     /// Publishes a message that holds its turn (now, or when the broker is back and
     /// no suspects are being probed).
     fn send(&mut self, seq: Seq) {
-        if self.suspects > 0 {
+        if self.suspects > 0 || self.routing_pause.is_some() {
             if let Some(e) = self.entries.get_mut(&seq) {
                 e.state = State::Unsent;
             }
@@ -408,6 +430,9 @@ impl Window {
 
     /// Publishes every message holding its turn that waited, in admission order.
     fn publish_unsent(&mut self) -> usize {
+        if self.routing_pause.is_some() {
+            return 0; // the probe goes first
+        }
         let mut unsent: Vec<Seq> = self
             .entries
             .iter()

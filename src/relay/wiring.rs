@@ -4,13 +4,39 @@
 use super::*;
 
 /// Runs the relay until `shutdown` resolves (then drains and exits cleanly) or
-/// an error that the relay cannot recover from.
+/// an error that the relay cannot recover from. While its slot is lost (at
+/// start-up, or found lost on a reconnect) it streams nothing and waits, saying
+/// why, until `replay --pending` has recovered it; then it starts afresh.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
     tokio::pin!(shutdown);
     // /healthz answers from the start; /readyz says why it is not ready yet.
     let health = Arc::new(Health::default());
     let _metrics_server = startup::spawn_metrics(&config, &health).await?;
-    startup::preflight(&config).await?;
+    loop {
+        let result = match startup::preflight(&config).await {
+            Ok(()) => stream(config.clone(), &health, &mut shutdown).await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Err(e) if e.waits_for_recovery() => {
+                health.set_streaming(false);
+                health.set_broker(false);
+                if !startup::wait_for_slot(&config, &health, e, &mut shutdown).await? {
+                    tracing::info!("stopped while waiting for the slot to be recovered");
+                    return Ok(());
+                }
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Streams from the slot (preflight passed) until shutdown, or an error.
+async fn stream(
+    config: Config,
+    health: &Arc<Health>,
+    shutdown: &mut Pin<&mut impl Future<Output = ()>>,
+) -> Result<(), Error> {
     let pg = &config.postgres;
     let session_options = session_timeouts(pg.statement_timeout, pg.lock_timeout);
     let (chores_tx, chores_rx) = mpsc::channel(256);
@@ -56,7 +82,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         buffer_events: 256,
     };
     let Some((client, start_lsn)) =
-        startup::take_slot(&source_settings, &config, &health, &mut shutdown).await?
+        startup::take_slot(&source_settings, &config, health, shutdown).await?
     else {
         tracing::info!("stopped while waiting for the slot");
         return Ok(());
@@ -103,7 +129,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             config.amqp.max_in_flight,
             config.amqp.max_in_flight_bytes,
             config.retry.publish_timeout,
-        ),
+        )
+        .with_probe_max(config.amqp.reconnect_backoff_max),
         tracker: Tracker::new(),
         decoder: Decoder::new(pg.table.clone(), pg.columns.clone()),
         source_settings,
@@ -127,6 +154,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         frame_max,
         refused: RefusedIds::default(),
         probing_reported: false,
+        routing_reported: false,
         succeeded: Vec::new(),
         succeeded_since: None,
         collect_succeeded: pg.on_success != OnSuccess::Keep,
@@ -136,7 +164,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     // The retry state is read now that the slot is held (a standby reads it when
     // it takes over, not when it started), before any WAL is published.
     let _ = relay.store.send(StoreCommand::Reload).await;
-    let result = relay.main_loop(ev_rx, store_ev_rx, shutdown).await;
+    let result = relay.main_loop(ev_rx, store_ev_rx, shutdown.as_mut()).await;
     if result.is_ok() {
         startup::record_stop(&relay.config, relay.applied).await;
     }

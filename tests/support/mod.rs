@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod inbox;
+pub mod scratch;
 
 use futures_util::StreamExt;
 use lapin::options::{
@@ -641,7 +642,7 @@ pub struct Consumer {
 }
 
 impl Consumer {
-    fn start(queue: String) -> Consumer {
+    pub fn start(queue: String) -> Consumer {
         let received = Arc::new(Mutex::new(Vec::new()));
         let sink = received.clone();
         let task = tokio::spawn(async move {

@@ -4,12 +4,13 @@ use bytes::Bytes;
 use proptest::prelude::*;
 use std::collections::HashMap;
 
+/// Aggregate `agg`'s `n`-th event; its routing key is `A.e{agg % 4}` (four keys).
 fn event(agg: u8, n: u32) -> Row {
     Row::Event(Arc::new(OutboxEvent {
         id: format!("{agg}-{n}"),
         aggregate_type: "A".into(),
         aggregate_id: agg.to_string(),
-        event_type: "e".into(),
+        event_type: format!("e{}", agg % 4),
         payload: Bytes::from_static(b"{}"),
         metadata: None,
         created_at: None,
@@ -198,6 +199,96 @@ fn dropping_stream_messages_keeps_parks_and_retries() {
     w.check_invariants();
 }
 
+fn returned() -> Failure {
+    Failure::Returned {
+        reply_code: 312,
+        reply_text: "NO_ROUTE".into(),
+    }
+}
+
+#[test]
+fn a_systemic_routing_fault_holds_messages_uncharged_until_a_probe_is_acked() {
+    use crate::relay::routing::MIN_FAILURES;
+    let mut w = window(Ordering::Strict, 64);
+    for agg in 0..12u8 {
+        let r = event(agg, 0);
+        w.admit(r.clone(), Some(message(&r, 10)), stream(0), None);
+    }
+    let a = event(0, 1);
+    assert_eq!(
+        w.admit(a.clone(), Some(message(&a, 10)), stream(0), None),
+        Admitted::Queued
+    );
+    assert_eq!(w.take_publishes().count(), 12);
+    // The first failures are the messages' own: parked as usual.
+    for seq in 1..MIN_FAILURES as Seq {
+        assert!(!w.unrouted(seq, &returned()));
+        w.fail_stream(seq, returned());
+    }
+    // The next one makes it systemic: held, not charged.
+    let decisive = MIN_FAILURES as Seq;
+    assert!(w.unrouted(decisive, &returned()));
+    assert!(w.routing_paused() && !w.has_room());
+    assert!(!w.is_published(decisive, 1));
+    assert!(w.routing_fault().unwrap().keys.len() >= 3);
+    for seq in decisive + 1..12 {
+        assert!(w.unrouted(seq, &returned()), "held while it lasts");
+    }
+    assert_eq!(w.take_publishes().count(), 0, "nothing goes out but probes");
+    w.check_invariants();
+    // Seq 0 is still on the wire: no probe before it is answered.
+    let later = Instant::now() + Duration::from_secs(3600);
+    w.fire_routing_probe(later);
+    assert_eq!(w.take_publishes().count(), 0);
+    assert!(w.unrouted(0, &returned()));
+    assert!(w.next_timer().is_some(), "a probe is scheduled");
+    w.fire_routing_probe(later);
+    let probes: Vec<Publish> = w.take_publishes().collect();
+    assert_eq!(probes.len(), 1, "one probe at a time");
+    let first_key = probes[0].message.routing_key.clone();
+    w.fire_routing_probe(later);
+    assert_eq!(w.take_publishes().count(), 0, "the probe is on the wire");
+    // It fails again: the next probe tries another routing key.
+    assert!(w.unrouted(probes[0].seq, &returned()));
+    w.fire_routing_probe(later + Duration::from_secs(3600));
+    let second: Vec<Publish> = w.take_publishes().collect();
+    assert_eq!(second.len(), 1);
+    assert_ne!(second[0].message.routing_key, first_key);
+    // Acked: the broker routes again, everything held goes out in order.
+    assert!(w.routed(second[0].seq));
+    w.resolve(second[0].seq);
+    assert!(!w.routing_paused() && w.has_room());
+    let resumed: Vec<Seq> = w.take_publishes().map(|p| p.seq).collect();
+    let mut expected: Vec<Seq> = (0..12)
+        .filter(|s| *s == 0 || *s >= decisive)
+        .filter(|s| *s != second[0].seq)
+        .collect();
+    expected.sort_unstable();
+    assert_eq!(resumed, expected);
+    w.check_invariants();
+}
+
+#[test]
+fn with_nothing_held_a_routing_pause_ends_by_itself() {
+    use crate::relay::routing::MIN_FAILURES;
+    let mut w = window(Ordering::Relaxed, 64);
+    for agg in 0..MIN_FAILURES as u8 {
+        let r = event(agg, 0);
+        w.admit(r.clone(), Some(message(&r, 10)), stream(0), None);
+    }
+    w.take_publishes().count();
+    for seq in 0..MIN_FAILURES as Seq - 1 {
+        assert!(!w.unrouted(seq, &returned()));
+        w.fail_stream(seq, returned());
+    }
+    assert!(w.unrouted(MIN_FAILURES as Seq - 1, &returned()));
+    // The replication stream reconnects: the held stream message is dropped (the
+    // server sends it again).
+    w.drop_stream_messages();
+    w.fire_routing_probe(Instant::now() + Duration::from_secs(3600));
+    assert!(!w.routing_paused() && w.has_room());
+}
+
 /// One step of a random interleaving.
 #[derive(Debug, Clone)]
 enum Op {
@@ -223,6 +314,10 @@ enum Op {
     Unblock,
     /// The oldest pending park commits.
     ParkCommitted,
+    /// Every outstanding publish is returned as unroutable (a topology fault).
+    ReturnAll,
+    /// A routing probe is due.
+    Probe,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -236,6 +331,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Block),
         1 => Just(Op::Unblock),
         2 => Just(Op::ParkCommitted),
+        1 => Just(Op::ReturnAll),
+        1 => Just(Op::Probe),
     ]
 }
 
@@ -255,6 +352,8 @@ struct Harness {
     counters: HashMap<u8, u32>,
     admitted: usize,
     resolved: usize,
+    /// The time probes are fired at.
+    clock: Instant,
 }
 
 fn agg_and_n(row: &Row) -> (u8, u32) {
@@ -277,6 +376,7 @@ impl Harness {
             counters: HashMap::new(),
             admitted: 0,
             resolved: 0,
+            clock: Instant::now(),
         }
     }
 
@@ -294,6 +394,15 @@ impl Harness {
             }
             self.wire.push((seq, g));
         }
+    }
+
+    /// A publish failed: held when the fault is systemic, else parked.
+    fn fail(&mut self, seq: Seq, failure: Failure) {
+        if self.w.unrouted(seq, &failure) {
+            return; // held: the wire gives it back when it is published again
+        }
+        let seqs = self.w.fail_stream(seq, failure);
+        self.park(seqs);
     }
 
     fn park(&mut self, seqs: Vec<Seq>) {
@@ -340,24 +449,35 @@ impl Harness {
                     return; // stale
                 }
                 if ack {
+                    self.w.routed(seq);
                     let r = self.w.resolve(seq).unwrap();
                     self.resolved += 1;
                     self.park(r.park);
                 } else {
-                    let seqs = self.w.fail_stream(seq, Failure::Nack);
-                    self.park(seqs);
+                    self.fail(seq, Failure::Nack);
                 }
+            }
+            Op::ReturnAll => {
+                for (seq, g) in std::mem::take(&mut self.wire) {
+                    if self.w.is_published(seq, g) {
+                        self.fail(seq, returned());
+                    }
+                }
+            }
+            Op::Probe => {
+                // A clock of its own that only moves forward, an hour a probe.
+                self.clock += Duration::from_secs(3600);
+                self.w.fire_routing_probe(self.clock);
             }
             Op::Timeout => {
                 let late = Instant::now() + Duration::from_secs(3600);
                 for seq in self.w.expired(late) {
-                    let seqs = self.w.fail_stream(
+                    self.fail(
                         seq,
                         Failure::Timeout {
                             after: Duration::from_secs(30),
                         },
                     );
-                    self.park(seqs);
                 }
             }
             Op::Reconnect => {
@@ -427,6 +547,8 @@ impl Harness {
             }
             if self.w.blocked {
                 self.apply(Op::Unblock);
+            } else if self.w.routing_paused() && self.wire.is_empty() {
+                self.apply(Op::Probe);
             } else if !self.wire.is_empty() {
                 self.apply(Op::Answer { i: 0, ack: true });
             } else if !self.parking.is_empty() {

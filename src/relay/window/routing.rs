@@ -1,0 +1,159 @@
+//! The window's answer to a systemic routing fault (see `relay::routing`): when
+//! every publish fails the same way across many routing keys, the failed
+//! messages are held in the window (back to unsent, keeping their aggregate's
+//! turn) instead of being parked and charged, nothing new is admitted, and one
+//! held message at a time is published again as a probe — a different routing
+//! key each time, with a growing wait — until one is acked; then everything
+//! held goes out again in admission order.
+
+use super::{Origin, Seq, State, Window};
+use crate::failure::Failure;
+use crate::relay::routing::RoutingFault;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// The first wait before a probe; it doubles up to the window's `probe_max`.
+pub const PROBE_FIRST: Duration = Duration::from_millis(500);
+
+/// A routing pause in progress.
+#[derive(Debug)]
+pub(super) struct RoutingPause {
+    /// When the next probe may go out (once nothing is on the wire).
+    next_probe: Instant,
+    /// The wait after the next failed probe.
+    wait: Duration,
+    /// The routing key of the last probe (the next one tries another).
+    last_key: Option<String>,
+}
+
+impl Window {
+    /// The systemic fault publishing is paused for, if it is.
+    pub fn routing_fault(&self) -> Option<&RoutingFault> {
+        self.routing_pause.as_ref().and(self.routing.fault())
+    }
+
+    /// Whether publishing is paused for a routing fault.
+    pub fn routing_paused(&self) -> bool {
+        self.routing_pause.is_some()
+    }
+
+    /// Only what goes to the configured exchange tells about its routing: stream
+    /// messages and retries, not dead-letter copies.
+    fn tells_routing(&self, seq: Seq) -> bool {
+        self.entries
+            .get(&seq)
+            .is_some_and(|e| matches!(e.origin, Origin::Stream { .. } | Origin::Retry { .. }))
+    }
+
+    /// `seq` was acked (call before resolving it). True when that ended a
+    /// routing pause: everything held goes out again.
+    pub fn routed(&mut self, seq: Seq) -> bool {
+        if !self.tells_routing(seq) {
+            return false;
+        }
+        let ended = self.routing.acked();
+        if self.routing_pause.take().is_some() {
+            self.publish_waiting();
+        }
+        ended
+    }
+
+    /// `seq` failed with `failure`. True when the failure is part of a systemic
+    /// fault: `seq` is held (not charged; published again after the pause), and
+    /// publishing pauses if it was not paused yet.
+    pub fn unrouted(&mut self, seq: Seq, failure: &Failure) -> bool {
+        if !self.tells_routing(seq) {
+            return false;
+        }
+        let key = self
+            .entries
+            .get(&seq)
+            .and_then(|e| e.message.as_ref())
+            .map(|m| m.routing_key.to_string())
+            .unwrap_or_default();
+        if !self
+            .routing
+            .failed(failure.label(), &key, &failure.to_string())
+        {
+            return false;
+        }
+        let now = Instant::now();
+        let pause = self.routing_pause.get_or_insert(RoutingPause {
+            next_probe: now,
+            wait: PROBE_FIRST,
+            last_key: None,
+        });
+        pause.next_probe = now + pause.wait;
+        let was_suspect = self.clear_suspect(seq);
+        if let Some(e) = self.entries.get_mut(&seq) {
+            e.state = State::Unsent;
+        }
+        self.wire_changed(was_suspect);
+        true
+    }
+
+    /// When the next probe is due: while paused with nothing on the wire.
+    pub(super) fn routing_timer(&self) -> Option<Instant> {
+        let pause = self.routing_pause.as_ref()?;
+        (!self.on_wire()).then_some(pause.next_probe)
+    }
+
+    fn on_wire(&self) -> bool {
+        self.entries
+            .values()
+            .any(|e| matches!(e.state, State::Published { .. }))
+    }
+
+    /// Publishes one held message as a probe when it is due (the oldest with
+    /// another routing key than the last probe, else the oldest). With nothing
+    /// held any more there is nothing to probe with: the pause ends (a new
+    /// failure starts the count again).
+    pub fn fire_routing_probe(&mut self, now: Instant) {
+        let Some(pause) = &self.routing_pause else {
+            return;
+        };
+        if pause.next_probe > now || self.on_wire() || self.generation.is_none() {
+            return;
+        }
+        let held = |e: &super::Entry| e.state == State::Unsent && e.has_turn && e.message.is_some();
+        let key_of = |e: &super::Entry| e.message.as_ref().map(|m| m.routing_key.to_string());
+        let mut candidates: Vec<(Seq, Option<String>)> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| held(e))
+            .map(|(seq, e)| (*seq, key_of(e)))
+            .collect();
+        candidates.sort_unstable_by_key(|(seq, _)| *seq);
+        let pick = candidates
+            .iter()
+            .find(|(_, key)| *key != pause.last_key)
+            .or(candidates.first())
+            .cloned();
+        match pick {
+            Some((seq, key)) => {
+                let max = self.probe_max;
+                if let Some(pause) = &mut self.routing_pause {
+                    pause.last_key = key;
+                    pause.next_probe = now + pause.wait;
+                    pause.wait = (pause.wait * 2).min(max);
+                }
+                self.publish(seq);
+            }
+            None => {
+                self.routing_pause = None;
+                self.routing.reset();
+                self.publish_waiting();
+            }
+        }
+    }
+
+    /// Publishes what waited: the next suspect when a refusal is being probed,
+    /// else every held message in admission order.
+    pub(super) fn publish_waiting(&mut self) {
+        if self.suspects > 0 {
+            self.continue_probing();
+        } else {
+            self.publish_unsent();
+        }
+    }
+}
