@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
 cargo test --lib --bins
+# The rustdoc examples (no_run: compiled, not run).
+cargo test --doc
 # TLS and secrets: scratch Postgres and RabbitMQ instances on ports of their own
 # (55441-55443, 56711-56718), so the shared services are not touched; a lock of its
 # own keeps two checkouts from starting them on the same ports at once; one test at

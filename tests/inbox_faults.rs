@@ -22,6 +22,67 @@ fn flood(prefix: &str, n: usize) -> Vec<Msg> {
         .collect()
 }
 
+/// (ready, unacked) messages of `queue`, as the broker counts them.
+fn queue_depths(queue: &str) -> (u64, u64) {
+    let out = Command::new("rabbitmqctl")
+        .args([
+            "-q",
+            "list_queues",
+            "name",
+            "messages_ready",
+            "messages_unacknowledged",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.first() == Some(&queue)).then(|| (f[1].parse().unwrap(), f[2].parse().unwrap()))
+        })
+        .unwrap_or((0, 0))
+}
+
+/// The receiver's core promise: nothing is acked before its row committed. With
+/// the inbox table locked no insert can commit, so the broker must hold every
+/// delivery unacked for as long as that lasts; kill -9 then, and the next
+/// receiver records each message once, nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inb_no_delivery_is_acked_before_its_row_commits() {
+    let f = InboxFixture::new("f_no_early_ack").await;
+    let mut r = f.start(&[]).await;
+    let mut locker = support::pg().await;
+    let lock = locker.transaction().await.unwrap();
+    lock.batch_execute(&format!("lock table {} in exclusive mode", f.table))
+        .await
+        .unwrap();
+    f.publish(&flood("inb-no-early-ack", 200)).await;
+    wait_for(T, "every delivery at the receiver, unacked", || async {
+        queue_depths(&f.queue) == (0, 200)
+    })
+    .await;
+    support::holds_for(
+        Duration::from_secs(3),
+        "nothing acked while nothing can commit",
+        || async { queue_depths(&f.queue) == (0, 200) },
+    )
+    .await;
+    r.kill9();
+    lock.rollback().await.unwrap();
+    wait_for(T, "the deliveries back in the queue", || async {
+        queue_depths(&f.queue) == (200, 0)
+    })
+    .await;
+    assert_eq!(f.count().await, 0);
+    let mut r = f.start(&[]).await;
+    f.wait_count(200, T).await;
+    assert_eq!(f.distinct().await, 200);
+    assert!(r.terminate(T).await.success(), "{}", r.log_text());
+    assert_eq!(queue_depths(&f.queue), (0, 0));
+    f.cleanup().await;
+}
+
 /// kill -9 after the rows committed and before the acks reached the broker: the
 /// broker redelivers everything, the receiver acks it as counted duplicates, and
 /// nothing is stored twice.

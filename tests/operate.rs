@@ -365,10 +365,13 @@ async fn a_standby_reads_the_retry_state_when_it_takes_over() {
     standby
         .wait_log(&format!("held by another process (pid {holder})"), T)
         .await;
-    // Then the active relay parks a refused message of aggregate x ...
+    // Then the active relay parks a refused message of aggregate x, and the slot
+    // moves past it: the standby can learn of it only from the retry state ...
     f.insert_batch(&[("sb-0".into(), "x".into(), "late".into())])
         .await;
+    let end = f.current_lsn().await;
     f.wait_head_failed_with("unroutable").await;
+    f.wait_slot_past(end, "slot past the parked message").await;
     active.kill9();
     standby.wait_log("taking over", T).await;
     standby.wait_log("retry state read", T).await;
@@ -396,5 +399,78 @@ async fn a_standby_reads_the_retry_state_when_it_takes_over() {
         "sb-1 must follow every delivery of sb-0: {order:?}"
     );
     assert!(standby.terminate(T).await.success());
+    f.cleanup().await;
+}
+
+/// A relay whose replication stream is lost and comes back reads the retry state
+/// again before it publishes: another process (a standby that took the slot
+/// meanwhile) may have parked messages it does not know of.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_reads_the_retry_state_again_when_its_stream_comes_back() {
+    let f = Fixture::new("op_reconnect_reread", false).await;
+    f.bind("Order.ok").await;
+    let proxy = crate::support::StallingProxy::start("127.0.0.1:5432").await;
+    // B connects directly; A through a proxy that can stall all of A's sessions.
+    let cfg_b = f.config(&[
+        ("postgres", "standby = true"),
+        ("retry", "max_retries = 1000"),
+    ]);
+    let cfg_b_path = f.dir.join("relay-b.toml");
+    std::fs::copy(&cfg_b, &cfg_b_path).unwrap();
+    let cfg_a = f.config(&[
+        ("postgres", "standby = true"),
+        ("postgres", "replication_timeout = \"2s\""),
+        (
+            "postgres",
+            &format!(
+                "url = \"postgresql://postgres@127.0.0.1:{}/test\"",
+                proxy.port
+            ),
+        ),
+        ("retry", "max_retries = 1000"),
+    ]);
+    let mut a = Relay::spawn(&cfg_a, &f.dir, &[]);
+    a.wait_streaming().await;
+    let holder = f.slot_active_pid().await.expect("slot held");
+    let mut b = Relay::spawn(&cfg_b_path, &f.dir, &[]);
+    b.wait_log(&format!("held by another process (pid {holder})"), T)
+        .await;
+    // A's Postgres goes silent, and its walsender away: B takes the slot.
+    proxy.stall(true);
+    f.db.execute("select pg_terminate_backend($1)", &[&holder])
+        .await
+        .unwrap();
+    b.wait_log("taking over", T).await;
+    b.wait_log("retry state read", T).await;
+    // B parks a refused message of aggregate y, and the slot moves past it.
+    f.insert_batch(&[("y-0".into(), "y".into(), "late".into())])
+        .await;
+    let end = f.current_lsn().await;
+    f.wait_head_failed_with("unroutable").await;
+    f.wait_slot_past(end, "slot past the message B parked")
+        .await;
+    b.kill9();
+    // A comes back and takes the slot again.
+    proxy.stall(false);
+    a.wait_log("replication stream resumed", T).await;
+    // y's next message must wait behind y-0, which only the retry state tells A of.
+    f.insert_batch(&[("y-1".into(), "y".into(), "ok".into())])
+        .await;
+    wait_for(T, "y-1 parked behind y-0", || async {
+        f.parked().await.iter().any(|p| p.0 == "y-1")
+    })
+    .await;
+    assert!(!f.consumer().ids().contains("y-1"), "y-1 overtook y-0");
+    f.bind("Order.late").await;
+    f.consumer()
+        .wait_ids(&["y-0".into(), "y-1".into()], T)
+        .await;
+    let order: Vec<String> = f.consumer().all().iter().map(|r| r.message_id()).collect();
+    let first_1 = order.iter().position(|id| id == "y-1").unwrap();
+    assert!(
+        order[..first_1].iter().any(|id| id == "y-0"),
+        "y-1 must follow y-0: {order:?}"
+    );
+    assert!(a.terminate(T).await.success(), "{}", a.log_text());
     f.cleanup().await;
 }

@@ -42,13 +42,23 @@ async fn a_dropped_column_while_a_message_is_parked_wedges_nothing() {
         f.row_state("after-drop-19").await.0 == "published"
     })
     .await;
-    f.bind("Order.late").await;
+    // An operator fixes the parked row (after the DROP COLUMN): the retry reads the
+    // row again with the table's current columns and sends it as fixed — the
+    // parked copy (unroutable) would stay stuck.
+    f.db.batch_execute(&format!(
+        "update {} set event_type = 'ok', payload = '{{\"fixed\": true}}' where id = 'drop-0'",
+        f.table
+    ))
+    .await
+    .unwrap();
     f.consumer()
         .wait_ids(&["drop-0".into(), "behind-drop".into()], T)
         .await;
-    let order: Vec<String> = f
-        .consumer()
-        .all()
+    let got = f.consumer().all();
+    let fixed = got.iter().find(|r| r.message_id() == "drop-0").unwrap();
+    assert_eq!(fixed.routing_key, "Order.ok");
+    assert_eq!(fixed.json()["payload"], serde_json::json!({"fixed": true}));
+    let order: Vec<String> = got
         .iter()
         .map(|r| r.message_id())
         .filter(|id| id == "drop-0" || id == "behind-drop")
