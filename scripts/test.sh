@@ -5,10 +5,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo fmt --all -- --check
-cargo clippy --all-targets -- -D warnings
-cargo test --lib --bins
-# The rustdoc examples (no_run: compiled, not run).
-cargo test --doc
+cargo clippy --workspace --all-targets -- -D warnings
+cargo test --workspace --lib --bins
+# The rustdoc examples (no_run: compiled, not run), of both crates.
+cargo test --workspace --doc
+# The client crate builds without the relay's heavy dependencies (no broker
+# client, HTTP server, TLS stack or allocator of its own).
+if cargo tree -p outbox-relay-client -e normal --prefix none | grep -E '^(lapin|hyper|rustls|aws-lc|mimalloc) '; then
+  echo "outbox-relay-client depends on a heavy crate (above)" >&2
+  exit 1
+fi
 # TLS and secrets: scratch Postgres and RabbitMQ instances on ports of their own
 # (55441-55443, 56711-56718), so the shared services are not touched; a lock of its
 # own keeps two checkouts from starting them on the same ports at once; one test at
@@ -35,6 +41,6 @@ cargo test --test faults --no-run
 flock -o -x "$LOCK" cargo test --test faults -- --test-threads=1
 # The inbox fault tests close every broker connection and kill receivers: the same.
 # The chain test kills a processor process: examples/inbox_worker.rs.
-cargo build --examples
+cargo build --workspace --examples
 cargo test --test inbox_faults --no-run
 flock -o -x "$LOCK" cargo test --test inbox_faults -- --test-threads=1

@@ -173,9 +173,6 @@ pub enum Error {
         "the inbox store task stopped: the receiver shuts down (see the log line before this one)"
     )]
     InboxStoreGone,
-
-    #[error("inbox processor: {0}")]
-    Processor(String),
 }
 
 /// The one line that says how a slot was lost, what may be missing and how to recover.
@@ -203,40 +200,8 @@ fn slot_lost(
     }
 }
 
-/// The server's message (with detail and hint) rather than tokio-postgres's generic text.
-fn pg_message(e: &tokio_postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => {
-            let mut s = format!("{} ({})", db.message(), db.code().code());
-            if let Some(h) = db.hint() {
-                s.push_str("; hint: ");
-                s.push_str(h);
-            }
-            s
-        }
-        None => e.to_string(),
-    }
-}
-
-/// What kind of trouble an SQL statement ran into, which decides what the relay
-/// does about it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SqlTrouble {
-    /// The connection is gone, or the server is shutting down or overloaded:
-    /// retry the same statement after a backoff.
-    Connection,
-    /// `lock_timeout` or `statement_timeout`: retry after a backoff (another
-    /// session holds a lock or the server is slow).
-    Timeout,
-    /// A column, table or type the statement names is gone or changed (someone
-    /// altered the table): learn the table's shape again, then retry once.
-    SchemaDrift,
-    /// This row's values are refused (a constraint, a trigger, a conversion):
-    /// retrying the same row will fail the same way.
-    Row,
-    /// Anything else the server refused.
-    Other,
-}
+use outbox_relay_client::server_message as pg_message;
+pub use outbox_relay_client::SqlTrouble;
 
 impl Error {
     /// How a statement's failure should be handled (`None`: not an SQL failure).
@@ -246,22 +211,7 @@ impl Error {
             Error::Column { .. } => return Some(SqlTrouble::SchemaDrift),
             _ => return None,
         };
-        let Some(db) = source.as_db_error() else {
-            return Some(SqlTrouble::Connection);
-        };
-        let code = db.code().code();
-        Some(match code {
-            "55P03" | "57014" => SqlTrouble::Timeout,
-            c if c.starts_with("08") || c.starts_with("57P") || c.starts_with("53") => {
-                SqlTrouble::Connection
-            }
-            "40001" | "40P01" => SqlTrouble::Timeout,
-            c if c.starts_with("42") => SqlTrouble::SchemaDrift,
-            c if c.starts_with("22") || c.starts_with("23") || c.starts_with("P0") => {
-                SqlTrouble::Row
-            }
-            _ => SqlTrouble::Other,
-        })
+        Some(SqlTrouble::of(source))
     }
 
     /// How the slot was lost, when this is the refusal of a lost slot.

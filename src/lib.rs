@@ -32,7 +32,6 @@ pub mod event;
 pub mod failure;
 pub mod inbox;
 pub mod metrics;
-pub mod outbox;
 pub mod pg;
 pub mod progress;
 pub mod redact;
@@ -41,6 +40,9 @@ pub mod retry;
 pub mod sink;
 pub mod source;
 pub mod time;
+
+/// `enqueue` and the Event-Forge outbox row it writes: the client crate's.
+pub use outbox_relay_client::outbox;
 
 pub use config::Config;
 pub use error::Error;

@@ -34,13 +34,10 @@ pub async fn sleep_until_opt(at: Option<Instant>) {
     }
 }
 
-/// Backoff for the `attempt`-th failure: min(base · 2^(attempt-1), max) ± 10 % jitter.
-pub fn backoff(base: Duration, max: Duration, attempt: u32) -> Duration {
-    use rand::Rng;
-    let exp = base.saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
-    let capped = exp.min(max);
-    capped.mul_f64(rand::rng().random_range(0.9..=1.1))
-}
+/// Backoff for the `attempt`-th failure: min(base · 2^(attempt-1), max) ± 10 %
+/// jitter (the one formula, in the client crate's `backoff`).
+pub use outbox_relay_client::backoff::jittered as backoff;
+pub use outbox_relay_client::backoff::Backoff;
 
 /// Postgres ISO text to Unix microseconds.
 pub fn pg_timestamp_to_unix_micros(s: &str) -> Option<i64> {

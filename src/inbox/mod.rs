@@ -16,21 +16,22 @@
 //! Both tasks reconnect with backoff; nothing is acked before its commit, so a
 //! crash anywhere means a redelivery, which the unique key turns into a duplicate.
 //!
-//! Then [`Processor`] (a library API for Rust services) runs handlers on the
+//! Then [`Processor`] (the client crate's, re-exported) runs handlers on the
 //! recorded rows, each in the transaction that marks its row processed.
 
 pub mod acks;
 pub mod broker;
-pub mod claim;
 pub mod mapping;
-pub mod processor;
 pub mod queries;
 pub mod store;
 pub mod table_fault;
 
 pub use mapping::{Invalid, Record};
-pub use processor::{
-    Handler, HandlerError, HandlerFuture, InboxMessage, Processor, ProcessorOptions,
+/// The Processor lives in the light client crate (tokio-postgres only); it is
+/// re-exported here for the relay's library users.
+pub use outbox_relay_client::{
+    claim, Connect, Handler, HandlerError, HandlerFuture, InboxMessage, Processor,
+    ProcessorObserver, ProcessorOptions,
 };
 
 use crate::config::Config;

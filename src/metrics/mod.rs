@@ -331,6 +331,21 @@ impl Metrics {
     }
 }
 
+/// Counts what a client-crate `Processor` does into
+/// `outbox_relay_inbox_processed_total` and `outbox_relay_inbox_failed_total`:
+/// `processor.observer(Arc::new(ProcessorMetrics))`.
+pub struct ProcessorMetrics;
+
+impl outbox_relay_client::ProcessorObserver for ProcessorMetrics {
+    fn processed(&self, n: u64) {
+        metrics().inbox_processed.inc_by(n);
+    }
+
+    fn failed(&self, n: u64) {
+        metrics().inbox_failed.inc_by(n);
+    }
+}
+
 /// The process-wide metrics, registered on first use.
 pub fn metrics() -> &'static Metrics {
     static METRICS: OnceLock<Metrics> = OnceLock::new();

@@ -175,3 +175,24 @@ pub fn session_timeouts(statement: std::time::Duration, lock: std::time::Duratio
         lock.as_millis().max(1)
     )
 }
+
+/// The relay's own sessions (TLS by `sslmode`, `sslrootcert` and the other libpq
+/// keys, no clear-text password) for the client crate's Processor:
+/// `Processor::with_connect(Arc::new(target), table)`.
+impl outbox_relay_client::Connect for PgTarget {
+    fn connect<'a>(
+        &'a self,
+        application_name: &'a str,
+    ) -> outbox_relay_client::connect::ConnectFuture<'a> {
+        Box::pin(async move {
+            let (client, connection) = self
+                .connect_raw(application_name, "")
+                .await
+                .map_err(|e| outbox_relay_client::Error::Connect(e.to_string()))?;
+            Ok(outbox_relay_client::Session {
+                client,
+                notifications: outbox_relay_client::connect::drive(connection),
+            })
+        })
+    }
+}

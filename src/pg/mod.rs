@@ -5,12 +5,13 @@
 pub mod catalog;
 pub mod connect;
 pub mod ddl;
-pub mod names;
 pub mod slots;
 pub mod target;
 pub mod tls;
 
 pub use names::{quote_ident, TableName};
+/// Table names and identifier quoting, shared with the client crate.
+pub use outbox_relay_client::table as names;
 pub use target::PgTarget;
 
 use crate::error::Error;

@@ -10,8 +10,8 @@
 //! cargo run --example inbox_worker -- URL INBOX_TABLE EFFECTS_TABLE NOTIFY_CHANNEL HOLD_FILE
 //! EFFECTS_TABLE needs the columns (order_id text, agg text, n int).
 
-use outbox_relay::inbox::{InboxMessage, Processor, ProcessorOptions};
-use outbox_relay::pg::TableName;
+use outbox_relay_client::table::TableName;
+use outbox_relay_client::{InboxMessage, Processor, ProcessorOptions};
 use std::path::PathBuf;
 use std::time::Duration;
 use tokio_postgres::Transaction;

@@ -15,11 +15,11 @@
 //! worker sleeps until a `NOTIFY` from the receiver, the next scheduled retry, or
 //! the next recovery sweep: no fixed-interval polling.
 
-use super::claim::{self, AfterFailure};
-use crate::error::{Error, SqlTrouble};
-use crate::metrics::metrics;
-use crate::pg::names::TableName;
-use crate::pg::{query_err, PgTarget};
+use crate::backoff::Backoff;
+use crate::claim::{self, AfterFailure};
+use crate::connect::{Connect, Session};
+use crate::error::{query_err, Error, SqlTrouble};
+use crate::table::TableName;
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
@@ -110,13 +110,22 @@ impl Default for ProcessorOptions {
     }
 }
 
+/// What a [`Processor`] did, for whoever counts it (the relay's metrics:
+/// `outbox_relay::metrics::ProcessorMetrics`).
+pub trait ProcessorObserver: Send + Sync {
+    /// `n` rows processed: their handlers' writes committed with the status.
+    fn processed(&self, n: u64);
+    /// `n` handler attempts failed (scheduled again, or permanently failed).
+    fn failed(&self, n: u64);
+}
+
 /// Runs handlers on inbox rows. See the module documentation.
 ///
 /// ```no_run
-/// use outbox_relay::inbox::{InboxMessage, Processor};
+/// use outbox_relay_client::{InboxMessage, Processor};
 /// use tokio_postgres::Transaction;
 ///
-/// # async fn example() -> Result<(), outbox_relay::Error> {
+/// # async fn example() -> Result<(), outbox_relay_client::Error> {
 /// let processor = Processor::new("postgresql://app@127.0.0.1:5432/app", "public.inbox_messages")?
 ///     .handler("order.placed", |tx: &Transaction<'_>, m: &InboxMessage| {
 ///         let order = m.payload["id"].as_str().unwrap_or_default().to_string();
@@ -133,25 +142,38 @@ impl Default for ProcessorOptions {
 /// ```
 #[derive(Clone)]
 pub struct Processor {
-    target: PgTarget,
+    connect: Arc<dyn Connect>,
     table: TableName,
     handlers: HashMap<String, Arc<dyn Handler>>,
     options: ProcessorOptions,
+    observer: Option<Arc<dyn ProcessorObserver>>,
 }
 
 impl Processor {
-    /// A processor for `table` (`schema.table`) in the database at `url`.
+    /// A processor for `table` (`schema.table`) in the database at `url`, over
+    /// plain connections (for TLS: [`Processor::with_connect`] and
+    /// [`Connect::tls`](crate::Connect)).
     pub fn new(url: &str, table: &str) -> Result<Processor, Error> {
-        let target =
-            PgTarget::parse(url).map_err(|m| Error::Processor(format!("the database URL {m}")))?;
-        let table = TableName::parse(table)
-            .map_err(|m| Error::Processor(format!("the inbox table: {m}")))?;
+        Self::with_connect(<dyn Connect>::plain(url)?, table)
+    }
+
+    /// A processor for `table` whose sessions `connect` opens.
+    pub fn with_connect(connect: Arc<dyn Connect>, table: &str) -> Result<Processor, Error> {
+        let table =
+            TableName::parse(table).map_err(|m| Error::Invalid(format!("the inbox table: {m}")))?;
         Ok(Processor {
-            target,
+            connect,
             table,
             handlers: HashMap::new(),
             options: ProcessorOptions::default(),
+            observer: None,
         })
+    }
+
+    /// Reports what it does to `observer` (counts of processed and failed rows).
+    pub fn observer(mut self, observer: Arc<dyn ProcessorObserver>) -> Self {
+        self.observer = Some(observer);
+        self
     }
 
     /// Registers the handler of `event_type` (replacing an earlier one): a
@@ -251,7 +273,9 @@ impl Processor {
             let tx = client.transaction().await.map_err(&err)?;
             let status = self.record_failure(&tx, &message, &error).await?;
             tx.commit().await.map_err(&err)?;
-            metrics().inbox_failed.inc();
+            if let Some(o) = &self.observer {
+                o.failed(1);
+            }
             tracing::warn!(id = %message.id, message_id = %message.message_id, event_type = %message.event_type, status, error = %error, "inbox handler's writes refused at commit");
         }
         Ok(claimed)
@@ -311,8 +335,10 @@ impl Processor {
                 ),
             });
         }
-        metrics().inbox_processed.inc_by(processed.len() as u64);
-        metrics().inbox_failed.inc_by(failures.len() as u64);
+        if let Some(o) = &self.observer {
+            o.processed(processed.len() as u64);
+            o.failed(failures.len() as u64);
+        }
         for ((message, error), status) in failures.iter().zip(outcomes) {
             tracing::warn!(id = %message.id, message_id = %message.message_id, event_type = %message.event_type, status, error = %error, "inbox handler failed");
         }
@@ -439,18 +465,13 @@ impl Processor {
     /// NOTIFY, the next retry or the next recovery sweep. Reconnects with backoff.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
         tokio::pin!(shutdown);
-        let mut failures = 0u32;
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
         loop {
             let result = self.serve(&mut shutdown).await;
             match result {
                 Ok(()) => return Ok(()),
                 Err(e) => {
-                    failures += 1;
-                    let wait = crate::time::backoff(
-                        Duration::from_millis(200),
-                        Duration::from_secs(30),
-                        failures,
-                    );
+                    let wait = backoff.fail();
                     tracing::warn!(error = %e, retry_in = ?wait, "inbox processor: reconnecting");
                     // Priority: shutdown, then the end of the backoff.
                     tokio::select! {
@@ -464,12 +485,26 @@ impl Processor {
     }
 
     async fn serve<S: Future<Output = ()>>(&self, shutdown: &mut Pin<&mut S>) -> Result<(), Error> {
-        let mut client = self.target.connect_as("outbox-relay processor").await?;
-        let (wake_tx, mut wake) = tokio::sync::mpsc::channel::<()>(1);
-        // Without a channel the sender stays here, so `wake` never ends.
-        let (_listener, _sender) = match &self.options.notify_channel {
-            Some(channel) => (Some(listen(&self.target, channel, wake_tx).await?), None),
-            None => (None, Some(wake_tx)),
+        let Session { mut client, .. } = self.connect.connect("outbox-relay processor").await?;
+        // Woken by the receiver's NOTIFY on a session of its own; without a
+        // channel, by timers only (the sender stays here, so `wake` never ends).
+        let (_listener, mut wake, _sender) = match &self.options.notify_channel {
+            Some(channel) => {
+                let listener = self
+                    .connect
+                    .connect("outbox-relay processor listen")
+                    .await?;
+                listener
+                    .client
+                    .batch_execute(&format!("listen {}", crate::table::quote_ident(channel)))
+                    .await
+                    .map_err(query_err("listening for new inbox rows"))?;
+                (Some(listener.client), listener.notifications, None)
+            }
+            None => {
+                let (sender, wake) = tokio::sync::mpsc::channel::<()>(1);
+                (None, wake, Some(sender))
+            }
         };
         let mut next_sweep = tokio::time::Instant::now();
         loop {
@@ -488,7 +523,7 @@ impl Processor {
                 biased;
                 _ = shutdown.as_mut() => return Ok(()),
                 w = wake.recv() => if w.is_none() {
-                    return Err(Error::Processor("the LISTEN connection was lost".into()));
+                    return Err(Error::Connect("the LISTEN session was lost".into()));
                 },
                 _ = tokio::time::sleep_until(wake_at) => {}
             }
@@ -522,45 +557,5 @@ fn message_of(row: &tokio_postgres::Row) -> InboxMessage {
         metadata: metadata.and_then(|m| serde_json::from_str(&m).ok()),
         retry_count: row.get(6),
         max_retries: row.get(7),
-    }
-}
-
-/// A connection that LISTENs on `channel` and wakes the worker on each NOTIFY;
-/// dropping the handle ends it.
-async fn listen(
-    target: &PgTarget,
-    channel: &str,
-    wake: tokio::sync::mpsc::Sender<()>,
-) -> Result<ListenHandle, Error> {
-    use futures_util::StreamExt;
-    let (client, mut connection) = target
-        .connect_raw("outbox-relay processor listen", "")
-        .await?;
-    let task = tokio::spawn(async move {
-        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
-        while let Some(Ok(m)) = messages.next().await {
-            if let tokio_postgres::AsyncMessage::Notification(_) = m {
-                let _ = wake.try_send(());
-            }
-        }
-    });
-    client
-        .batch_execute(&format!("listen {}", crate::pg::quote_ident(channel)))
-        .await
-        .map_err(query_err("listening for new inbox rows"))?;
-    Ok(ListenHandle {
-        _client: client,
-        task,
-    })
-}
-
-struct ListenHandle {
-    _client: Client,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for ListenHandle {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }

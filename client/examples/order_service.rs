@@ -10,8 +10,8 @@
 //! cargo run --example order_service -- [POSTGRES_URL] [ORDERS_TO_PLACE]
 //! defaults: postgresql://postgres@127.0.0.1:5432/test 10
 
-use outbox_relay::inbox::{InboxMessage, Processor};
-use outbox_relay::outbox::{enqueue, NewEvent};
+use outbox_relay_client::outbox::{enqueue, NewEvent};
+use outbox_relay_client::{InboxMessage, Processor};
 use tokio_postgres::{NoTls, Transaction};
 
 #[tokio::main]

@@ -2,9 +2,8 @@
 //! outbox row in the caller's transaction, so the event commits (or rolls back)
 //! with the business change; the relay delivers it after the commit.
 
-use crate::error::Error;
-use crate::pg::names::TableName;
-use crate::pg::query_err;
+use crate::error::{query_err, Error};
+use crate::table::TableName;
 use tokio_postgres::Transaction;
 
 /// An event to write to the outbox.
@@ -70,7 +69,7 @@ pub const WRITTEN: [&str; 11] = [
 /// Writes `event` to `public.outbox_messages` inside `tx`; returns its id.
 ///
 /// ```no_run
-/// use outbox_relay::outbox::{enqueue, NewEvent};
+/// use outbox_relay_client::outbox::{enqueue, NewEvent};
 ///
 /// # async fn example(client: &mut tokio_postgres::Client) -> Result<(), Box<dyn std::error::Error>> {
 /// let tx = client.transaction().await?;

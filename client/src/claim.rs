@@ -17,8 +17,8 @@ pub enum AfterFailure {
 /// Event-Forge's backoff: min(base · 2^retry_count, max), scaled by `jitter`
 /// (0.9 to 1.1 in use: ± 10 %).
 pub fn backoff(base: Duration, max: Duration, retry_count: i32, jitter: f64) -> Duration {
-    let exp = base.saturating_mul(1u32 << retry_count.clamp(0, 20));
-    exp.min(max).mul_f64(jitter.clamp(0.9, 1.1))
+    let attempt = u32::try_from(retry_count).unwrap_or(0).saturating_add(1);
+    crate::backoff::delay(base, max, attempt, jitter.clamp(0.9, 1.1))
 }
 
 /// What a failed attempt does to a row that had `retry_count` retries of its
