@@ -8,8 +8,8 @@ mod inbox;
 
 pub use inbox::{InboxConfig, OnInvalid, QueueType};
 
-use crate::pg::names::{check_identifier, TableName};
 use crate::pg::target::PgTarget;
+use outbox_relay_client::table::{check_identifier, TableName};
 use serde::{Deserialize, Deserializer};
 use std::fmt;
 use std::net::SocketAddr;

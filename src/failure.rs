@@ -64,17 +64,6 @@ impl Failure {
             Failure::Unsendable(_) | Failure::Malformed(_) => "malformed",
         }
     }
-
-    /// Every label (the metrics registry registers each up front).
-    #[cfg(test)]
-    pub const LABELS: [&'static str; 6] = [
-        "nack",
-        "returned",
-        "timeout",
-        "too_large",
-        "refused",
-        "malformed",
-    ];
 }
 
 impl fmt::Display for Failure {
@@ -144,11 +133,14 @@ mod tests {
             Failure::Malformed("payload is not valid JSON".into()),
         ];
         for f in &all {
-            assert!(Failure::LABELS.contains(&f.label()), "{f:?}");
+            assert!(
+                crate::metrics::PUBLISH_FAILURE_REASONS.contains(&f.label()),
+                "{f:?}"
+            );
             assert!(!f.to_string().is_empty());
         }
         let exported = crate::metrics::metrics().render();
-        for label in Failure::LABELS {
+        for label in crate::metrics::PUBLISH_FAILURE_REASONS {
             assert!(
                 exported.contains(&format!("reason=\"{label}\"")),
                 "{label} is not registered"

@@ -26,12 +26,14 @@
 //! into Event-Forge's `inbox_messages` table, each message recorded once.
 
 pub mod admin;
+pub mod amqp;
 pub mod config;
 pub mod error;
 pub mod event;
 pub mod failure;
 pub mod inbox;
 pub mod metrics;
+pub mod outbox_table;
 pub mod pg;
 pub mod progress;
 pub mod redact;
@@ -39,6 +41,7 @@ pub mod relay;
 pub mod retry;
 pub mod sink;
 pub mod source;
+pub mod task;
 pub mod time;
 
 /// `enqueue` and the Event-Forge outbox row it writes: the client crate's.

@@ -158,7 +158,7 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<ExitCode> 
                 .context("outbox-relay run")?;
         }
         Command::Inbox(_) => {
-            outbox_relay::inbox::receive(config, shutdown_signal())
+            outbox_relay::inbox::receiver::receive(config, shutdown_signal())
                 .await
                 .context("outbox-relay inbox")?;
         }

@@ -681,7 +681,7 @@ async fn rows_flow_over_tls_on_both_sides_and_no_output_holds_a_password() {
     std::fs::write(&bad, &wrong_mq).unwrap();
     let cfg_wrong =
         outbox_relay::Config::from_toml_with_env(&wrong_mq, "test", Vec::new()).unwrap();
-    let e = match outbox_relay::sink::open(&outbox_relay::sink::SinkSettings::from_config(
+    let e = match outbox_relay::amqp::open(&outbox_relay::amqp::AmqpSettings::from_config(
         &cfg_wrong.amqp,
     ))
     .await
@@ -698,7 +698,7 @@ async fn rows_flow_over_tls_on_both_sides_and_no_output_holds_a_password() {
         &format!("amqps://sec_user@127.0.0.1:{}", rabbit.port),
     );
     let cfg_ip = outbox_relay::Config::from_toml_with_env(&by_ip, "test", Vec::new()).unwrap();
-    let e = match outbox_relay::sink::open(&outbox_relay::sink::SinkSettings::from_config(
+    let e = match outbox_relay::amqp::open(&outbox_relay::amqp::AmqpSettings::from_config(
         &cfg_ip.amqp,
     ))
     .await

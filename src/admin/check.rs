@@ -1,11 +1,11 @@
 //! `outbox-relay check`: one line per preflight check, each failure with its fix.
 
 use super::privileges;
+use crate::amqp::{self, AmqpSettings};
 use crate::config::Config;
 use crate::error::Error;
 use crate::pg::catalog::{self, PublicationState};
 use crate::pg::slots::{self, SlotRecords};
-use crate::sink::{self, SinkSettings};
 
 /// Every check's result, in order.
 #[derive(Debug, Clone)]
@@ -106,9 +106,9 @@ pub async fn check(config: &Config) -> Checks {
     }
     // The exchanges are declared only where the relay would declare them
     // (`declare_exchange`), else checked to exist.
-    let settings = SinkSettings::from_config(&config.amqp);
-    let exchanges = sink::exchanges(&settings);
-    match sink::open(&settings).await {
+    let settings = AmqpSettings::from_config(&config.amqp);
+    let exchanges = amqp::exchanges(&settings);
+    match amqp::open(&settings).await {
         Err(e) => {
             out.push(fail("broker reachable", e.to_string()));
             for (key, _) in &exchanges {
@@ -127,7 +127,7 @@ pub async fn check(config: &Config) -> Checks {
                     "exists"
                 };
                 out.push(
-                    match sink::ensure_exchange(
+                    match amqp::ensure_exchange(
                         &connection,
                         key,
                         exchange,

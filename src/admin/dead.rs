@@ -4,8 +4,8 @@
 use super::retry_table;
 use crate::config::Config;
 use crate::error::{Error, SqlTrouble};
+use crate::outbox_table::OutboxTable;
 use crate::pg::{query_err, quote_ident};
-use crate::retry::outbox::OutboxTable;
 use crate::retry::queries::DeadMessage;
 use crate::retry::queries::{RequeueKey, RequeuePage, RetryTable};
 

@@ -3,10 +3,10 @@
 
 use crate::config::{Config, OnSuccess};
 use crate::error::Error;
+use crate::outbox_table::RETRY_COLUMNS;
 use crate::pg::catalog;
 use crate::pg::slots::SlotRecords;
 use crate::pg::{get, query_err, TableName};
-use crate::retry::outbox::RETRY_COLUMNS;
 use tokio_postgres::Client;
 
 /// One privilege the relay needs, and why.

@@ -8,16 +8,17 @@
 //! yet marked when the slot was lost goes out twice.
 
 use super::retry_table;
+use crate::amqp::{self, AmqpSettings};
 use crate::config::{Config, OnSuccess};
 use crate::error::Error;
 use crate::event::{AggregateKey, OutboxEvent, Row};
 use crate::failure::Failure;
+use crate::outbox_table::{MirrorUpdate, OutboxTable};
 use crate::pg::slots::SlotRecords;
 use crate::pg::{catalog, get, query_err};
-use crate::retry::outbox::{MirrorUpdate, OutboxTable};
 use crate::retry::queries::RetryTable;
 use crate::retry::ParkItem;
-use crate::sink::{self, SinkSettings};
+use crate::sink;
 use lapin::options::BasicPublishOptions;
 use lapin::Confirmation;
 use std::collections::HashSet;
@@ -94,7 +95,7 @@ pub async fn replay_pending(config: &Config, since: Option<&str>) -> Result<Repl
         CONTEXT,
     )?;
     let outbox = OutboxTable::learn(&sql, pg.table.clone(), &pg.columns).await?;
-    let broker = sink::connect(&SinkSettings::from_config(&config.amqp)).await?;
+    let broker = amqp::connect(&AmqpSettings::from_config(&config.amqp)).await?;
     loop {
         let Some(page) = outbox
             .pending_page(&sql, retry.name(), retry.slot(), &until, since, PAGE)
@@ -164,7 +165,7 @@ async fn prepare_slot(
 async fn replay_page(
     config: &Config,
     sql: &tokio_postgres::Client,
-    broker: &sink::Broker,
+    broker: &amqp::Broker,
     retry: &RetryTable,
     outbox: &OutboxTable,
     page: Vec<crate::event::RowRead>,
@@ -278,7 +279,7 @@ fn failed_item(event: &Arc<OutboxEvent>, failure: Failure, max_retries: i32) -> 
 /// The message of a replayed row, or why it cannot be published.
 fn publishable(
     config: &Config,
-    broker: &sink::Broker,
+    broker: &amqp::Broker,
     event: &OutboxEvent,
 ) -> Result<sink::OutboundMessage, Failure> {
     let message = sink::format::encode(event, 0).map_err(|e| Failure::Unsendable(e.0))?;

@@ -2,7 +2,7 @@
 //! section is optional; without it the inbox mode refuses to start.
 
 use super::ConfigError;
-use crate::pg::names::{check_identifier, TableName};
+use outbox_relay_client::table::{check_identifier, TableName};
 use serde::Deserialize;
 
 /// The queue type declared with `declare = true`.

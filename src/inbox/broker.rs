@@ -8,7 +8,7 @@
 
 use super::acks::AckTracker;
 use super::mapping::{self, Invalid};
-use super::store::{Committed, Pending};
+use super::{Committed, Pending, Raw};
 use crate::config::{AmqpConfig, InboxConfig, OnInvalid};
 use crate::error::Error;
 use crate::metrics::{metrics, Health, Problem};
@@ -19,7 +19,7 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::Confirmation;
-use lapin::{BasicProperties, Channel, Connection};
+use lapin::{Channel, Connection};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
@@ -33,14 +33,6 @@ const OP_TIMEOUT: Duration = Duration::from_secs(30);
 pub const REASON_HEADER: &str = "x-inbox-invalid-reason";
 /// The header with the one-line detail.
 pub const DETAIL_HEADER: &str = "x-inbox-invalid-detail";
-
-/// A delivery as it came, kept to dead-letter it.
-#[derive(Debug, Clone)]
-pub struct Raw {
-    pub body: Vec<u8>,
-    pub properties: BasicProperties,
-    pub routing_key: String,
-}
 
 /// Settings of the broker task.
 pub struct BrokerSettings {
@@ -86,8 +78,8 @@ impl Session {
     async fn open(s: &BrokerSettings) -> Result<Session, Error> {
         // The relay's own connect: the [amqp] TLS settings (CA, client
         // certificate) and the errors that name the key to fix.
-        let connection = crate::sink::open_as(
-            &crate::sink::SinkSettings::from_config(&s.amqp),
+        let connection = crate::amqp::open_as(
+            &crate::amqp::AmqpSettings::from_config(&s.amqp),
             "outbox-relay inbox",
         )
         .await?;
@@ -134,17 +126,11 @@ impl Session {
 /// channel of its own: a refused declare closes its channel.
 async fn topology(connection: &Connection, inbox: &InboxConfig) -> Result<(), Error> {
     if let Some(dlx) = &inbox.dead_letter_exchange {
-        crate::sink::connect::ensure_exchange(
-            connection,
-            "inbox.dead_letter_exchange",
-            dlx,
-            inbox.declare,
-        )
-        .await?;
+        crate::amqp::ensure_exchange(connection, "inbox.dead_letter_exchange", dlx, inbox.declare)
+            .await?;
     }
     if let Some(exchange) = &inbox.bind_exchange {
-        crate::sink::connect::ensure_exchange(connection, "inbox.bind_exchange", exchange, true)
-            .await?;
+        crate::amqp::ensure_exchange(connection, "inbox.bind_exchange", exchange, true).await?;
     }
     let channel = timed("opening a channel", connection.create_channel()).await?;
     let mut args = FieldTable::default();

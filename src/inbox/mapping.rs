@@ -41,15 +41,6 @@ pub enum Invalid {
 }
 
 impl Invalid {
-    /// Every reason label, for registering the metric.
-    pub const REASONS: [&'static str; 5] = [
-        "too_large",
-        "not_json",
-        "missing_id",
-        "bad_field",
-        "refused_by_table",
-    ];
-
     pub fn reason(&self) -> &'static str {
         match self {
             Invalid::TooLarge { .. } => "too_large",
@@ -162,6 +153,19 @@ mod tests {
         let mut t = FieldTable::default();
         t.insert(key.into(), AMQPValue::LongString(LongString::from(value)));
         BasicProperties::default().with_headers(t)
+    }
+
+    #[test]
+    fn every_reason_is_a_registered_metric_label() {
+        let all = [
+            Invalid::TooLarge { bytes: 2, max: 1 },
+            Invalid::NotJson("x".into()),
+            Invalid::MissingId,
+            Invalid::BadField("message_id"),
+            Invalid::RefusedByTable("x".into()),
+        ];
+        let labels: Vec<&str> = all.iter().map(Invalid::reason).collect();
+        assert_eq!(labels, crate::metrics::INBOX_INVALID_REASONS.to_vec());
     }
 
     #[test]

@@ -15,34 +15,17 @@
 use super::mapping::{Invalid, Record};
 use super::queries;
 use super::table_fault::{Judge, Refusal, Verdict};
+use super::{Committed, Pending};
 use crate::config::InboxConfig;
 use crate::error::{Error, SqlTrouble};
 use crate::metrics::{metrics, Health, Pause, Problem};
+use crate::pg::trouble::{decide, Decision, Narrowing};
 use crate::pg::PgTarget;
+use crate::time::Backoff;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio_postgres::Client;
-
-/// A delivery mapped to its row, on its way to the store.
-pub struct Pending {
-    /// The broker connection it came on (tags are per channel).
-    pub epoch: u64,
-    pub tag: u64,
-    pub record: Record,
-    pub arrived: Instant,
-    /// Kept to dead-letter it should the table refuse the row.
-    pub delivery: super::broker::Raw,
-}
-
-/// What the store did with one batch, after its commit.
-pub struct Committed {
-    /// Recorded, new or duplicate: (epoch, tag) to be acked.
-    pub settled: Vec<(u64, u64)>,
-    /// Refused by the table for their own sake: (epoch, tag, why, delivery) to be
-    /// dead-lettered.
-    pub refused: Vec<(u64, u64, Invalid, super::broker::Raw)>,
-}
 
 /// Settings of the store task.
 pub struct StoreSettings {
@@ -63,8 +46,8 @@ struct Store {
     settings: StoreSettings,
     insert: String,
     client: Option<(Client, tokio_postgres::Statement)>,
-    /// Consecutive failures of the connection or a statement.
-    failures: u32,
+    /// The wait after consecutive failures of the connection or a statement.
+    backoff: Backoff,
     health: Arc<Health>,
     judge: Judge<Pending>,
     /// The wait before the next try of the held rows.
@@ -82,11 +65,12 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
     health: Arc<Health>,
 ) {
+    let backoff_max = settings.backoff_max;
     let mut store = Store {
         insert: queries::insert_sql(&settings.inbox.table),
         settings,
         client: None,
-        failures: 0,
+        backoff: Backoff::new(Duration::from_millis(100), backoff_max),
         health,
         judge: Judge::default(),
         pause: PAUSE_FIRST,
@@ -238,8 +222,10 @@ impl Store {
         metrics().set_paused(Pause::InboxTable, self.judge.holding());
     }
 
-    /// Records `batch` until Postgres answers: the whole batch in one
-    /// transaction; when the table refuses it for a row's sake, row by row.
+    /// Records `batch` until Postgres answers, the one way every SQL task
+    /// survives a sick session (`pg::trouble`): the whole batch in one
+    /// transaction; when the table refuses it for a row's sake, halves of it
+    /// until the rows refused alone are found (their refusals go to the judge).
     /// Connection trouble keeps the batch and retries it with backoff. `None`:
     /// shutdown came first.
     async fn record(
@@ -247,39 +233,47 @@ impl Store {
         batch: &[Pending],
         shutdown: &mut watch::Receiver<bool>,
     ) -> Option<Outcome> {
-        if batch.is_empty() {
-            return Some(Vec::new());
-        }
-        loop {
+        let mut outcome: Vec<Option<Result<bool, Refusal>>> = vec![None; batch.len()];
+        let mut narrowing = Narrowing::new((0..batch.len()).collect::<Vec<usize>>());
+        let mut attempt = 0;
+        while let Some(part) = narrowing.next_part() {
+            let rows: Vec<&Pending> = part.iter().map(|i| &batch[*i]).collect();
             let result = match self.connected().await {
-                Ok(()) => self.record_once(batch).await,
+                Ok(()) => self.transaction(&rows).await,
                 Err(e) => Err(e),
             };
             let e = match result {
-                Ok(outcome) => {
-                    if self.failures > 0 {
+                Ok(recorded) => {
+                    if self.backoff.failures() > 0 {
                         self.health.set_problem(Problem::Store, None);
                     }
-                    self.failures = 0;
-                    return Some(outcome);
+                    self.backoff.reset();
+                    for (i, r) in part.iter().zip(recorded) {
+                        outcome[*i] = Some(Ok(r));
+                    }
+                    continue;
                 }
                 Err(e) => e,
             };
-            self.failures += 1;
-            let trouble = e.sql_trouble();
+            attempt += 1;
+            // The inbox table has no shape to learn: a statement it refuses for a
+            // changed column is judged like any refusal.
+            if decide(e.sql_trouble(), true, attempt) == Decision::Narrow {
+                if let Some(i) = narrowing.refused(part) {
+                    outcome[i] = Some(Err(refusal(&e)));
+                }
+                continue;
+            }
+            narrowing.again(part);
             let lost = self.client.as_ref().is_none_or(|(c, _)| c.is_closed())
-                || matches!(trouble, None | Some(SqlTrouble::Connection));
+                || matches!(e.sql_trouble(), None | Some(SqlTrouble::Connection));
             if lost {
                 self.client = None;
                 self.health.set_streaming(false);
             }
             self.health
                 .set_problem(Problem::Store, Some(format!("inbox store: {e}")));
-            let wait = crate::time::backoff(
-                Duration::from_millis(100),
-                self.settings.backoff_max,
-                self.failures,
-            );
+            let wait = self.backoff.fail();
             tracing::warn!(error = %e, retry_in = ?wait, "inbox store: recording a batch failed; retrying it");
             // Priority: shutdown first (give up the batch: it is not acked, the
             // broker redelivers it), then the end of the backoff.
@@ -289,25 +283,12 @@ impl Store {
                 _ = tokio::time::sleep(wait) => {}
             }
         }
-    }
-
-    /// One try: the batch in one transaction, or row by row when a row is refused.
-    async fn record_once(&mut self, batch: &[Pending]) -> Result<Outcome, Error> {
-        match self.transaction(batch).await {
-            Err(e) if e.sql_trouble() == Some(SqlTrouble::Row) && batch.len() == 1 => {
-                return refusal_of(e)
-            }
-            Err(e) if e.sql_trouble() == Some(SqlTrouble::Row) => {}
-            other => return other,
-        }
-        let mut out = Vec::with_capacity(batch.len());
-        for p in batch {
-            match self.transaction(std::slice::from_ref(p)).await {
-                Ok(mut o) => out.push(o.pop().unwrap_or(Ok(false))),
-                Err(e) => out.extend(refusal_of(e)?),
-            }
-        }
-        Ok(out)
+        Some(
+            outcome
+                .into_iter()
+                .map(|o| o.expect("every delivery recorded or refused"))
+                .collect(),
+        )
     }
 
     /// A connection with the insert prepared.
@@ -324,7 +305,7 @@ impl Store {
             .prepare(&self.insert)
             .await
             .map_err(crate::pg::query_err("preparing the inbox insert"))?;
-        if self.failures > 0 {
+        if self.backoff.failures() > 0 {
             metrics().reconnect("postgres");
             tracing::info!("inbox store connected to Postgres again");
         }
@@ -333,8 +314,9 @@ impl Store {
         Ok(())
     }
 
-    /// Records the whole batch in one transaction, with its NOTIFY.
-    async fn transaction(&mut self, batch: &[Pending]) -> Result<Outcome, Error> {
+    /// Records these deliveries in one transaction, with its NOTIFY: per
+    /// delivery, whether it made a new row (else a duplicate).
+    async fn transaction(&mut self, batch: &[&Pending]) -> Result<Vec<bool>, Error> {
         let Some((client, statement)) = self.client.as_mut() else {
             return Err(Error::InboxBroker("no Postgres connection".into()));
         };
@@ -357,25 +339,23 @@ impl Store {
             new.iter().map(|(_, m)| m.as_str()).collect();
         Ok(batch
             .iter()
-            .map(|p| Ok(fresh.remove(p.record.message_id.as_str())))
+            .map(|p| fresh.remove(p.record.message_id.as_str()))
             .collect())
     }
 }
 
-/// A one-row statement's failure as that row's refusal, when the table refused
-/// it; any other failure stays an error (the batch is retried).
-fn refusal_of(e: Error) -> Result<Outcome, Error> {
-    if e.sql_trouble() != Some(SqlTrouble::Row) {
-        return Err(e);
-    }
-    let refusal = match &e {
+/// A row's refusal, from the error of the statement that recorded it alone.
+fn refusal(e: &Error) -> Refusal {
+    let of = match e {
         Error::Postgres { source, .. } => Refusal::of(source),
         _ => None,
     };
-    match refusal {
-        Some(r) => Ok(vec![Err(r)]),
-        None => Err(e),
-    }
+    of.unwrap_or_else(|| Refusal {
+        code: String::new(),
+        column: None,
+        constraint: None,
+        message: e.to_string(),
+    })
 }
 
 /// The result of a one-row outcome.

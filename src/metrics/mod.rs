@@ -12,6 +12,27 @@ use prometheus::{
 };
 use std::sync::OnceLock;
 
+/// The `reason` labels of `outbox_relay_publish_failures_total`: one per
+/// `failure::Failure` kind (its test checks they match).
+pub const PUBLISH_FAILURE_REASONS: [&str; 6] = [
+    "nack",
+    "returned",
+    "timeout",
+    "too_large",
+    "refused",
+    "malformed",
+];
+
+/// The `reason` labels of `outbox_relay_inbox_invalid_total`: one per
+/// `inbox::Invalid` kind (its test checks they match).
+pub const INBOX_INVALID_REASONS: [&str; 5] = [
+    "too_large",
+    "not_json",
+    "missing_id",
+    "bad_field",
+    "refused_by_table",
+];
+
 /// Every metric the relay exports.
 pub struct Metrics {
     pub registry: Registry,
@@ -167,14 +188,7 @@ impl Metrics {
             &["peer"],
         )
         .expect("valid metric");
-        for reason in [
-            "nack",
-            "returned",
-            "timeout",
-            "too_large",
-            "refused",
-            "malformed",
-        ] {
+        for reason in PUBLISH_FAILURE_REASONS {
             failures.with_label_values(&[reason]);
         }
         let housekeeping_failures = IntCounterVec::new(
@@ -206,7 +220,7 @@ impl Metrics {
             &["reason"],
         )
         .expect("valid metric");
-        for reason in crate::inbox::Invalid::REASONS {
+        for reason in INBOX_INVALID_REASONS {
             inbox_invalid.with_label_values(&[reason]);
         }
         let inbox_receive_latency = Histogram::with_opts(

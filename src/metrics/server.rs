@@ -219,3 +219,37 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>
         ),
     }
 }
+
+/// Starts the `/metrics`, `/healthz`, `/readyz` endpoint when configured.
+pub async fn spawn(
+    config: &crate::config::Config,
+    health: &Arc<Health>,
+) -> Result<Option<crate::task::AbortOnDrop>, crate::error::Error> {
+    let Some(addr) = config.metrics.listen else {
+        return Ok(None);
+    };
+    let listener = bind(addr).await?;
+    let local = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    tracing::info!(listen = %local, "metrics listening on {local}: /metrics /healthz /readyz");
+    let token = config
+        .metrics
+        .token
+        .as_ref()
+        .map(|t| t.expose().to_string());
+    if token.is_none() && !addr.ip().is_loopback() {
+        tracing::warn!(
+            listen = %local,
+            "the metrics endpoint is reachable beyond this host without a token: set metrics.token_file, or bind it to 127.0.0.1"
+        );
+    }
+    let lag = LagSource::new(config.postgres.target.clone(), config.postgres.slot.clone());
+    Ok(Some(crate::task::AbortOnDrop(tokio::spawn(serve(
+        listener,
+        health.clone(),
+        lag,
+        token,
+    )))))
+}

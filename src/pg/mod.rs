@@ -8,6 +8,7 @@ pub mod ddl;
 pub mod slots;
 pub mod target;
 pub mod tls;
+pub mod trouble;
 
 pub use names::{quote_ident, TableName};
 /// Table names and identifier quoting, shared with the client crate.

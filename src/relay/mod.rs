@@ -25,23 +25,23 @@ mod startup;
 mod window;
 mod wiring;
 
-pub(crate) use startup::spawn_metrics;
 pub use wiring::run;
 
 pub use startup::heartbeat_application_name;
 
+use crate::amqp::AmqpSettings;
 use crate::config::{Config, OnSuccess};
 use crate::error::Error;
 use crate::event::{OutboxEvent, Row};
 use crate::failure::Failure;
 use crate::metrics::{self, Health, Problem};
+use crate::outbox_table::housekeeping::{
+    housekeeping_application_name, Chore, Housekeeping, HousekeepingSettings,
+};
 use crate::pg::connect::session_timeouts;
 use crate::progress::{Tracker, TxnId};
-use crate::retry::housekeeping::{Chore, Housekeeping, HousekeepingSettings};
-use crate::retry::{
-    housekeeping_application_name, Load, Park, Store, StoreCommand, StoreEvent, StoreSettings,
-};
-use crate::sink::{self, SinkCommand, SinkEvent, SinkSettings};
+use crate::retry::{Load, Park, Store, StoreCommand, StoreEvent, StoreSettings};
+use crate::sink::{self, SinkCommand, SinkEvent};
 use crate::source::{decode::DecodeError, Decoded, Decoder, SourceSettings};
 use crate::time::{now_micros, sleep_until_opt, PG_EPOCH_OFFSET_MICROS};
 use futures_util::FutureExt;

@@ -8,20 +8,12 @@ use crate::metrics::{self, Health, Problem, SlotLoss};
 use crate::pg::slots::{self, SlotRecords};
 use crate::pg::{catalog, connect::application_name, PgTarget};
 use crate::source::{self, SourceSettings};
+use crate::task::AbortOnDrop;
 use pgwire_replication::{Lsn, ReplicationClient};
 use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 use tokio::time::Instant;
-
-/// Aborts a background task when dropped.
-pub struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
 
 /// Checks Postgres once before anything starts: `wal_level`, the table and its
 /// columns, the replication privilege; creates a missing publication and slot
@@ -281,38 +273,4 @@ impl Heartbeat {
     pub fn probe(&self) {
         self.probe.notify_one();
     }
-}
-
-/// Starts the `/metrics`, `/healthz`, `/readyz` endpoint when configured.
-pub async fn spawn_metrics(
-    config: &Config,
-    health: &std::sync::Arc<Health>,
-) -> Result<Option<AbortOnDrop>, Error> {
-    let Some(addr) = config.metrics.listen else {
-        return Ok(None);
-    };
-    let listener = crate::metrics::server::bind(addr).await?;
-    let local = listener
-        .local_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
-    tracing::info!(listen = %local, "metrics listening on {local}: /metrics /healthz /readyz");
-    let token = config
-        .metrics
-        .token
-        .as_ref()
-        .map(|t| t.expose().to_string());
-    if token.is_none() && !addr.ip().is_loopback() {
-        tracing::warn!(
-            listen = %local,
-            "the metrics endpoint is reachable beyond this host without a token: set metrics.token_file, or bind it to 127.0.0.1"
-        );
-    }
-    let lag = crate::metrics::server::LagSource::new(
-        config.postgres.target.clone(),
-        config.postgres.slot.clone(),
-    );
-    Ok(Some(AbortOnDrop(tokio::spawn(
-        crate::metrics::server::serve(listener, health.clone(), lag, token),
-    ))))
 }

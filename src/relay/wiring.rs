@@ -11,7 +11,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     tokio::pin!(shutdown);
     // /healthz answers from the start; /readyz says why it is not ready yet.
     let health = Arc::new(Health::default());
-    let _metrics_server = startup::spawn_metrics(&config, &health).await?;
+    let _metrics_server = crate::metrics::server::spawn(&config, &health).await?;
     loop {
         let result = match startup::preflight(&config).await {
             Ok(()) => stream(config.clone(), &health, &mut shutdown).await,
@@ -69,8 +69,8 @@ async fn stream(
         store.retry_table().clone(),
     )
     .await?;
-    let sink_settings = SinkSettings::from_config(&config.amqp);
-    let broker = sink::connect(&sink_settings).await?;
+    let sink_settings = AmqpSettings::from_config(&config.amqp);
+    let broker = crate::amqp::connect(&sink_settings).await?;
     let frame_max = broker.frame_max();
     let source_settings = SourceSettings {
         target: pg.target.clone(),

@@ -1,18 +1,16 @@
 //! Durable retry state. One long-lived task ([`Store`]) owns an SQL connection and
 //! is the only writer of the relay-owned retry table (`sql/outbox_relay_parked.sql`):
 //! failed, delayed and parked-behind messages in commit order, per aggregate.
-//! Every statement on that table is in [`queries`]; every statement on the
-//! outbox rows themselves in [`outbox`]; the status mirror, `on_success`,
-//! retention and the dead-row purge run in the [`housekeeping`] task, on its own
-//! session, so parks never queue behind them.
+//! Every statement on that table is in [`queries`]. What the outbox rows
+//! themselves show of it (the status mirror, `on_success`) is handed to the
+//! housekeeping task of [`crate::outbox_table`], on its own session, so parks
+//! never queue behind it.
 //!
 //! The relay (main loop) decides; the store writes and answers over bounded
 //! channels, one per priority: parks, then retry outcomes, then loads. It runs
 //! no query unless told to: an idle relay with nothing failed queries nothing.
 //! `dead requeue` wakes it with NOTIFY.
 
-pub mod housekeeping;
-pub mod outbox;
 pub mod queries;
 mod store;
 
@@ -32,11 +30,6 @@ pub fn requeue_channel(slot: &str) -> String {
 /// `application_name` of the store's session, so operators can tell it apart.
 pub fn store_application_name(slot: &str) -> String {
     application_name("retry-store", slot)
-}
-
-/// `application_name` of the housekeeping session.
-pub fn housekeeping_application_name(slot: &str) -> String {
-    application_name("housekeeping", slot)
 }
 
 /// A message to park: its own failure, a delay, or waiting behind its aggregate.

@@ -301,31 +301,6 @@ impl RetryTable {
             .map_err(query_err("deleting dead rows past retry.dead_retention"))
     }
 
-    /// Counts a failed attempt and schedules the next one; the new due time, or
-    /// `None` when the row is gone (removed by an operator).
-    pub async fn record_failure(
-        &self,
-        client: &impl GenericClient,
-        seq: i64,
-        attempts: i32,
-        reason: &str,
-        delay: Duration,
-    ) -> Result<Option<i64>, Error> {
-        const CONTEXT: &str = "recording a failed retry";
-        let row = client
-            .query_opt(
-                &format!(
-                    "update {} set attempts = $2, error_message = $3, scheduled_at = now() + $4::bigint * interval '1 microsecond', \
-                     updated_at = now() where seq = $1 returning (extract(epoch from scheduled_at) * 1000000)::bigint",
-                    self.table.quoted()
-                ),
-                &[&seq, &attempts, &reason, &(delay.as_micros() as i64)],
-            )
-            .await
-            .map_err(query_err(CONTEXT))?;
-        row.map(|r| get(&r, 0, CONTEXT)).transpose()
-    }
-
     /// Counts a failed attempt of each `(seq, attempts, reason, delay)` and schedules
     /// its next one, all in one statement; how many rows were still there.
     pub async fn record_failures(

@@ -9,16 +9,17 @@
 //! row's sake is narrowed down to that row, which is parked without the parts
 //! that cannot be stored; the others go through.
 
-use super::housekeeping::Chore;
-use super::outbox::{MirrorUpdate, OutboxTable};
 use super::queries::{ParkedRow, RetryTable};
 use super::{
     requeue_channel, store_application_name, Head, Load, Loaded, PageEnd, Park, ParkItem,
     StoreCommand, StoreEvent, StoreSettings,
 };
-use crate::error::{Error, SqlTrouble};
+use crate::error::Error;
 use crate::event::{MalformedRow, OutboxEvent, RowRead};
 use crate::metrics::{metrics, Health, Problem};
+use crate::outbox_table::housekeeping::Chore;
+use crate::outbox_table::{MirrorUpdate, OutboxTable};
+use crate::pg::trouble::{decide, Decision, Narrowing, GIVE_UP_AFTER};
 use crate::pg::{query_err, quote_ident, PgTarget};
 use crate::time::now_micros;
 use bytes::Bytes;
@@ -41,8 +42,6 @@ const HEADS_PAGE: i64 = 1000;
 pub const REQUEUE_RELOAD_INTERVAL: Duration = Duration::from_secs(1);
 /// Failures of one statement before `/readyz` reports the store as failing.
 const REPORT_AFTER: u32 = 3;
-/// Failures of a statement that is not about the connection before it is given up.
-const GIVE_UP_AFTER: u32 = 5;
 
 /// The store: its connection, what it knows of the tables, where its chores go.
 pub struct Store {
@@ -263,7 +262,11 @@ impl Store {
         self.held.push_back(chore);
     }
 
-    /// Decides about a failed statement (the `attempt`-th failure of `what`).
+    /// Decides about a failed statement (the `attempt`-th failure of `what`) the
+    /// one way every SQL task does (`pg::trouble`): the connection's trouble
+    /// waits and tries again (the slot waits, and `/readyz` says so after a few
+    /// failures), a changed table is learned again, a row's trouble gives up (the
+    /// caller narrows the batch down to it).
     async fn trouble(&mut self, what: &str, e: &Error, attempt: u32) -> Next {
         if attempt >= REPORT_AFTER {
             self.health.set_problem(
@@ -271,30 +274,24 @@ impl Store {
                 Some(format!("the retry store keeps failing while {what}: {e}")),
             );
         }
-        let trouble = e.sql_trouble();
-        if trouble == Some(SqlTrouble::SchemaDrift) && attempt == 1 {
-            // Someone altered a table: read the outbox table's columns again, retry.
-            let _ = self.outbox.relearn(&self.client).await;
-            return Next::Again;
-        }
-        let backoff = Duration::from_millis(100)
-            .saturating_mul(1 << attempt.min(10))
-            .min(self.settings.reconnect_backoff_max);
-        match trouble {
-            Some(SqlTrouble::Connection) | Some(SqlTrouble::Timeout) | None => {
-                tracing::warn!(error = %e, retry_in = ?backoff, "retry store: {what} failed; trying again (the slot waits)");
-                tokio::time::sleep(backoff).await;
+        match decide(e.sql_trouble(), attempt > 1, attempt) {
+            Decision::Relearn => {
+                // Someone altered a table: read the outbox table's columns again, retry.
+                let _ = self.outbox.relearn(&self.client).await;
+                Next::Again
+            }
+            Decision::RetryLater => {
+                let wait = crate::time::backoff(
+                    Duration::from_millis(100),
+                    self.settings.reconnect_backoff_max,
+                    attempt,
+                );
+                tracing::warn!(error = %e, retry_in = ?wait, "retry store: {what} failed; trying again (the slot waits)");
+                tokio::time::sleep(wait).await;
                 self.reconnect().await;
                 Next::Again
             }
-            // The same rows fail the same way: narrow it down (or give up) at once.
-            Some(SqlTrouble::Row) | Some(SqlTrouble::SchemaDrift) => Next::GiveUp,
-            Some(SqlTrouble::Other) if attempt >= GIVE_UP_AFTER => Next::GiveUp,
-            Some(SqlTrouble::Other) => {
-                tracing::warn!(error = %e, retry_in = ?backoff, "retry store: {what} failed; trying again");
-                tokio::time::sleep(backoff).await;
-                Next::Again
-            }
+            Decision::Narrow => Next::GiveUp,
         }
     }
 
@@ -330,13 +327,13 @@ impl Store {
     /// table that refuses everything holds the relay (loudly) until it is fixed.
     async fn park(&mut self, items: Vec<ParkItem>) -> (Vec<u64>, Vec<Head>) {
         let mut out = (Vec::new(), Vec::new());
-        let mut queue: VecDeque<Vec<ParkItem>> = VecDeque::from([items]);
-        while let Some(batch) = queue.pop_front() {
+        let mut narrowing = Narrowing::new(items);
+        while let Some(part) = narrowing.next_part() {
             let mut attempt = 0;
             loop {
-                match self.retry.insert_many(&self.client, &batch).await {
+                match self.retry.insert_many(&self.client, &part).await {
                     Ok(rows) => {
-                        self.parked(&batch, &rows, &mut out);
+                        self.parked(&part, &rows, &mut out);
                         break;
                     }
                     Err(e) => {
@@ -344,20 +341,14 @@ impl Store {
                         if let Next::Again = self.trouble("parking messages", &e, attempt).await {
                             continue;
                         }
-                        if batch.len() > 1 {
-                            // Narrow it down: each half on its own.
-                            let mut batch = batch;
-                            let second = batch.split_off(batch.len() / 2);
-                            queue.push_front(second);
-                            queue.push_front(batch);
-                        } else {
-                            let degraded = degrade(&batch[0], &e);
-                            tracing::warn!(id = %batch[0].id, error = %e, "a message cannot be parked as read; parking it without its payload (the outbox row is read again before each retry)");
-                            queue.push_front(vec![degraded]);
+                        if let Some(item) = narrowing.refused(part) {
+                            let degraded = degrade(&item, &e);
+                            tracing::warn!(id = %item.id, error = %e, "a message cannot be parked as read; parking it without its payload (the outbox row is read again before each retry)");
                             // A retry table that refuses even that is broken: back off.
-                            if batch[0].payload.is_none() && batch[0].metadata.is_none() {
+                            if item.payload.is_none() && item.metadata.is_none() {
                                 tokio::time::sleep(self.settings.reconnect_backoff_max).await;
                             }
+                            narrowing.again(vec![degraded]);
                         }
                         break;
                     }
@@ -512,56 +503,45 @@ impl Store {
         ));
     }
 
-    /// Records failed retries in one statement; when that fails for good, one by
-    /// one, so a row that cannot be updated only fails itself.
+    /// Records failed retries in one statement; a batch that fails for a row's
+    /// sake is narrowed down to it (which is then retried sooner than its
+    /// backoff says).
     async fn failed(&mut self, failed: Vec<FailedRetry>) {
         if failed.is_empty() {
             return;
         }
-        let together = failed.len() > 1
-            && {
-                let items: Vec<(i64, i32, &str, Duration)> = failed
-                    .iter()
-                    .map(|f| (f.parked_seq, f.attempts, f.reason.as_str(), f.delay))
-                    .collect();
-                match self.retry.record_failures(&self.client, &items).await {
-                    Ok(_) => true,
-                    Err(e) => {
-                        tracing::warn!(count = failed.len(), error = %e, "recording failed retries together failed: recording them one by one");
-                        false
-                    }
-                }
-            };
-        for f in failed {
-            if !together {
-                self.record_failure(&f).await;
-            }
+        for f in &failed {
             self.chore(Chore::Mirror(MirrorUpdate {
-                id: f.id,
+                id: f.id.clone(),
                 status: "failed",
-                reason: f.reason,
+                reason: f.reason.clone(),
                 delay: Some(f.delay),
             }));
         }
-    }
-
-    async fn record_failure(&mut self, f: &FailedRetry) {
-        let mut attempt = 0;
-        loop {
-            match self
-                .retry
-                .record_failure(&self.client, f.parked_seq, f.attempts, &f.reason, f.delay)
-                .await
-            {
-                Ok(_) => break,
-                Err(e) => {
-                    attempt += 1;
-                    if let Next::GiveUp =
-                        self.trouble("recording a failed retry", &e, attempt).await
-                    {
-                        tracing::error!(id = %f.id, error = %e, "cannot record a failed retry; it is retried sooner than its backoff says");
-                        break;
+        let mut narrowing = Narrowing::new(failed);
+        while let Some(part) = narrowing.next_part() {
+            let items: Vec<(i64, i32, &str, Duration)> = part
+                .iter()
+                .map(|f| (f.parked_seq, f.attempts, f.reason.as_str(), f.delay))
+                .collect();
+            let mut attempt = 0;
+            let refused = loop {
+                match self.retry.record_failures(&self.client, &items).await {
+                    Ok(_) => break None,
+                    Err(e) => {
+                        attempt += 1;
+                        if let Next::GiveUp =
+                            self.trouble("recording failed retries", &e, attempt).await
+                        {
+                            break Some(e);
+                        }
                     }
+                }
+            };
+            drop(items);
+            if let Some(e) = refused {
+                if let Some(f) = narrowing.refused(part) {
+                    tracing::error!(id = %f.id, error = %e, "cannot record a failed retry; it is retried sooner than its backoff says");
                 }
             }
         }

@@ -11,14 +11,12 @@
 //! suspects of making the broker close channels. A channel-level refusal there
 //! closes only that channel and is that one message's alone.
 
-pub mod connect;
 pub mod format;
 mod returns;
 
-pub use connect::{connect, ensure_exchange, exchanges, open, open_as, Broker};
 pub use format::OutboundMessage;
 
-use crate::config::AmqpUrl;
+use crate::amqp::{connect, AmqpSettings, Broker};
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
 use lapin::options::BasicPublishOptions;
@@ -103,33 +101,6 @@ pub enum SinkEvent {
     },
 }
 
-/// Connection settings of the sink.
-#[derive(Clone, Debug)]
-pub struct SinkSettings {
-    pub url: AmqpUrl,
-    pub exchange: String,
-    pub dead_letter_exchange: Option<String>,
-    pub declare_exchange: bool,
-    pub reconnect_backoff_max: Duration,
-    pub connect_timeout: Duration,
-    pub tls: crate::config::AmqpTls,
-}
-
-impl SinkSettings {
-    /// The `[amqp]` section's connection settings.
-    pub fn from_config(amqp: &crate::config::AmqpConfig) -> SinkSettings {
-        SinkSettings {
-            url: amqp.url.clone(),
-            exchange: amqp.exchange.clone(),
-            dead_letter_exchange: amqp.dead_letter_exchange.clone(),
-            declare_exchange: amqp.declare_exchange,
-            reconnect_backoff_max: amqp.reconnect_backoff_max,
-            connect_timeout: amqp.connect_timeout,
-            tls: amqp.tls.clone(),
-        }
-    }
-}
-
 /// The first wait before reconnecting.
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
 
@@ -198,7 +169,7 @@ impl Ended {
 /// Runs the sink until the command channel closes. `first` is the connection
 /// made at start-up (so that start-up failures are reported, not retried).
 pub async fn run(
-    settings: SinkSettings,
+    settings: AmqpSettings,
     first: Broker,
     mut commands: mpsc::Receiver<SinkCommand>,
     events: mpsc::Sender<SinkEvent>,

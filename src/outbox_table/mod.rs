@@ -1,7 +1,11 @@
-//! Every statement the relay runs on the outbox table itself: re-reading a row
-//! before a retry (following the table's current columns), the rows still
-//! pending (`replay`), the Event-Forge status mirror (`status`, `retry_count`,
-//! `error_message`, `scheduled_at`, `updated_at`), `on_success` and retention.
+//! The outbox table itself (the application's, not the relay's): every
+//! statement the relay runs on it — re-reading a row before a retry (following
+//! the table's current columns), the rows still pending (`replay`), the
+//! Event-Forge status mirror (`status`, `retry_count`, `error_message`,
+//! `scheduled_at`, `updated_at`), `on_success` and retention — and the
+//! [`housekeeping`] task that applies the batched ones on a session of its own.
+
+pub mod housekeeping;
 
 use crate::config::{ColumnMapping, OnSuccess};
 use crate::error::{Error, SqlTrouble};

@@ -5,17 +5,28 @@
 //! `retry.dead_retention`. A statement that fails because of one row is narrowed
 //! down to that row, which is logged and counted; the others go through.
 
-use super::outbox::{MirrorUpdate, OutboxTable};
-use super::queries::RetryTable;
+use super::{MirrorUpdate, OutboxTable};
 use crate::config::OnSuccess;
-use crate::error::{Error, SqlTrouble};
+use crate::error::Error;
 use crate::metrics::metrics;
+use crate::pg::trouble::{decide, Decision, Narrowing};
 use crate::pg::PgTarget;
+use crate::retry::queries::RetryTable;
 use crate::time::{instant_of, sleep_until_opt};
+use futures_util::future::BoxFuture;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_postgres::Client;
+
+/// `application_name` of the housekeeping session.
+pub fn housekeeping_application_name(slot: &str) -> String {
+    crate::pg::connect::application_name("housekeeping", slot)
+}
+
+/// One batched statement on outbox rows.
+type Statement<T> =
+    for<'a> fn(&'a OutboxTable, &'a Client, OnSuccess, &'a [T]) -> BoxFuture<'a, Result<(), Error>>;
 
 /// Work for the housekeeping task.
 #[derive(Debug)]
@@ -142,9 +153,8 @@ impl Housekeeping {
         self.flush_at = None;
         let mirrors = std::mem::take(&mut self.mirrors);
         for chunk in mirrors.chunks(BATCH) {
-            if let Some(kept) = self.apply_mirrors(chunk, false).await {
-                self.mirrors.extend(kept);
-            }
+            let kept = self.apply_mirrors(chunk).await;
+            self.mirrors.extend(kept);
         }
         if !self.mirrors.is_empty() {
             // A success must not overtake a failure of the same row.
@@ -153,9 +163,8 @@ impl Housekeeping {
         }
         let ids = std::mem::take(&mut self.succeeded);
         for chunk in ids.chunks(BATCH) {
-            if let Some(kept) = self.apply_on_success(chunk, false).await {
-                self.succeeded.extend(kept);
-            }
+            let kept = self.apply_on_success(chunk).await;
+            self.succeeded.extend(kept);
         }
         if !self.succeeded.is_empty() {
             self.flush_at = Some(Instant::now() + Duration::from_secs(1));
@@ -166,89 +175,72 @@ impl Housekeeping {
         }
     }
 
-    /// `None`: applied (or the rows that cannot be were dropped, logged); `Some`:
-    /// to be tried again (the connection or a lock was the trouble).
-    async fn apply_mirrors(
+    /// Shows retry state in the rows; what fails for the connection's sake is
+    /// handed back to be tried again.
+    async fn apply_mirrors(&mut self, batch: &[MirrorUpdate]) -> Vec<MirrorUpdate> {
+        self.apply(
+            batch,
+            "mirror",
+            |m| m.id.as_str(),
+            |outbox, client, _, part| Box::pin(outbox.mirror(client, part)),
+        )
+        .await
+    }
+
+    /// Applies `on_success`; what fails for the connection's sake is handed back.
+    async fn apply_on_success(&mut self, batch: &[String]) -> Vec<String> {
+        self.apply(
+            batch,
+            "on_success",
+            |id| id.as_str(),
+            |outbox, client, on_success, part| {
+                Box::pin(outbox.on_success(client, on_success, part))
+            },
+        )
+        .await
+    }
+
+    /// Runs `statement` on `batch` the one way every SQL task survives a sick
+    /// session (`pg::trouble`): a row the statement refuses is narrowed down to,
+    /// logged, counted under `job` and dropped (the others go through); a table
+    /// that changed is learned again; the connection's trouble hands the rest
+    /// back for a later try.
+    async fn apply<T: Clone>(
         &mut self,
-        batch: &[MirrorUpdate],
-        relearned: bool,
-    ) -> Option<Vec<MirrorUpdate>> {
-        match self.outbox.mirror(&self.client, batch).await {
-            Ok(()) => None,
-            Err(e) => match self.trouble(&e, relearned).await {
-                Retry::Later => Some(batch.to_vec()),
-                Retry::Now => Box::pin(self.apply_mirrors(batch, true)).await,
-                Retry::Narrow if batch.len() > 1 => {
-                    let (a, b) = batch.split_at(batch.len() / 2);
-                    let mut kept = Box::pin(self.apply_mirrors(a, true))
-                        .await
-                        .unwrap_or_default();
-                    kept.extend(
-                        Box::pin(self.apply_mirrors(b, true))
-                            .await
-                            .unwrap_or_default(),
-                    );
-                    (!kept.is_empty()).then_some(kept)
+        batch: &[T],
+        job: &'static str,
+        id_of: fn(&T) -> &str,
+        statement: Statement<T>,
+    ) -> Vec<T> {
+        let mut narrowing = Narrowing::new(batch.to_vec());
+        let (mut relearned, mut attempt) = (false, 0);
+        while let Some(part) = narrowing.next_part() {
+            let on_success = self.settings.on_success;
+            let Err(e) = statement(&self.outbox, &self.client, on_success, &part).await else {
+                continue;
+            };
+            attempt += 1;
+            match decide(e.sql_trouble(), relearned, attempt) {
+                Decision::RetryLater => {
+                    tracing::warn!(error = %e, "housekeeping statement failed; trying again in a second");
+                    self.reconnect().await;
+                    narrowing.again(part);
+                    return narrowing.rest();
                 }
-                Retry::Narrow => {
-                    metrics().housekeeping_failure("mirror");
-                    tracing::warn!(id = %batch[0].id, error = %e, "cannot show the retry state in this outbox row; it keeps its status");
-                    None
+                Decision::Relearn => {
+                    let _ = self.outbox.relearn(&self.client).await;
+                    relearned = true;
+                    narrowing.again(part);
                 }
-            },
-        }
-    }
-
-    async fn apply_on_success(&mut self, batch: &[String], relearned: bool) -> Option<Vec<String>> {
-        let on_success = self.settings.on_success;
-        match self
-            .outbox
-            .on_success(&self.client, on_success, batch)
-            .await
-        {
-            Ok(()) => None,
-            Err(e) => match self.trouble(&e, relearned).await {
-                Retry::Later => Some(batch.to_vec()),
-                Retry::Now => Box::pin(self.apply_on_success(batch, true)).await,
-                Retry::Narrow if batch.len() > 1 => {
-                    let (a, b) = batch.split_at(batch.len() / 2);
-                    let mut kept = Box::pin(self.apply_on_success(a, true))
-                        .await
-                        .unwrap_or_default();
-                    kept.extend(
-                        Box::pin(self.apply_on_success(b, true))
-                            .await
-                            .unwrap_or_default(),
-                    );
-                    (!kept.is_empty()).then_some(kept)
-                }
-                Retry::Narrow => {
-                    metrics().housekeeping_failure("on_success");
-                    tracing::warn!(id = %batch[0], error = %e, "on_success failed for this row (it was delivered); it keeps its status");
-                    None
-                }
-            },
-        }
-    }
-
-    /// What a failed statement calls for (`relearned`: the table's shape was just
-    /// read again, so schema drift now means a row-level problem).
-    async fn trouble(&mut self, e: &Error, relearned: bool) -> Retry {
-        match e.sql_trouble() {
-            Some(SqlTrouble::Connection) | Some(SqlTrouble::Timeout) | None => {
-                tracing::warn!(error = %e, "housekeeping statement failed; trying again in a second");
-                self.reconnect().await;
-                Retry::Later
-            }
-            Some(SqlTrouble::SchemaDrift) if !relearned => {
-                match self.outbox.relearn(&self.client).await {
-                    Ok(()) => Retry::Now,
-                    Err(_) => Retry::Narrow,
+                Decision::Narrow => {
+                    if let Some(row) = narrowing.refused(part) {
+                        metrics().housekeeping_failure(job);
+                        tracing::warn!(id = %id_of(&row), job, error = %e, "this outbox row refused the update (its message was handled); it keeps its status");
+                    }
                 }
             }
-            Some(SqlTrouble::SchemaDrift) => Retry::Narrow,
-            Some(SqlTrouble::Row) | Some(SqlTrouble::Other) => Retry::Narrow,
         }
+        Vec::new()
     }
 
     async fn reconnect(&mut self) {
@@ -350,14 +342,4 @@ impl Housekeeping {
             );
         }
     }
-}
-
-/// What to do after a housekeeping statement failed.
-enum Retry {
-    /// The connection or a lock: keep the work, try again later.
-    Later,
-    /// The table's shape was learned again: try again now.
-    Now,
-    /// One of the rows is refused: split the batch until it is found.
-    Narrow,
 }

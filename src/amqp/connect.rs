@@ -1,7 +1,8 @@
-//! Connecting to the broker: the connection, a confirm-mode channel, and the
-//! exchanges the relay publishes to (declared, or checked to exist).
+//! Connecting to the broker: the connection (URL, TLS, timeout, errors that
+//! name the key to fix), a confirm-mode channel, and the exchanges the relay
+//! publishes to (declared, or checked to exist).
 
-use super::SinkSettings;
+use super::AmqpSettings;
 use crate::error::Error;
 use lapin::options::{ConfirmSelectOptions, ExchangeDeclareOptions};
 use lapin::types::FieldTable;
@@ -45,7 +46,7 @@ impl Broker {
 /// they exist, and enables confirms, within `connect_timeout`: a broker that
 /// accepts the connection but never answers (say, while it boots) must not hold
 /// the sink forever.
-pub async fn connect(settings: &SinkSettings) -> Result<Broker, Error> {
+pub async fn connect(settings: &AmqpSettings) -> Result<Broker, Error> {
     tokio::time::timeout(settings.connect_timeout, connect_now(settings))
         .await
         .unwrap_or_else(|_| {
@@ -57,14 +58,14 @@ pub async fn connect(settings: &SinkSettings) -> Result<Broker, Error> {
 }
 
 /// Opens a connection to the broker, nothing more, within `connect_timeout`.
-pub async fn open(settings: &SinkSettings) -> Result<Connection, Error> {
+pub async fn open(settings: &AmqpSettings) -> Result<Connection, Error> {
     open_as(settings, "outbox-relay").await
 }
 
 /// [`open`], with `name` (and the version) as the connection's name in the
 /// broker's management UI: the same URL, TLS settings, timeout and error
 /// explanations for every connection the binary makes.
-pub async fn open_as(settings: &SinkSettings, name: &str) -> Result<Connection, Error> {
+pub async fn open_as(settings: &AmqpSettings, name: &str) -> Result<Connection, Error> {
     tokio::time::timeout(settings.connect_timeout, open_now(settings, name))
         .await
         .unwrap_or_else(|_| {
@@ -75,7 +76,7 @@ pub async fn open_as(settings: &SinkSettings, name: &str) -> Result<Connection, 
         })
 }
 
-async fn open_now(settings: &SinkSettings, name: &str) -> Result<Connection, Error> {
+async fn open_now(settings: &AmqpSettings, name: &str) -> Result<Connection, Error> {
     let props = ConnectionProperties::default()
         .with_connection_name(format!("{name} {}", env!("CARGO_PKG_VERSION")).into());
     // rustls needs a process-wide crypto provider when more than one is built in.
@@ -96,7 +97,7 @@ async fn open_now(settings: &SinkSettings, name: &str) -> Result<Connection, Err
 
 /// A failed connection; one that failed in the TLS handshake names the key to
 /// look at.
-fn connect_error(settings: &SinkSettings, source: lapin::Error) -> Error {
+fn connect_error(settings: &AmqpSettings, source: lapin::Error) -> Error {
     let mut text = source.to_string();
     let mut cause: Option<&dyn std::error::Error> = std::error::Error::source(&source);
     while let Some(c) = cause {
@@ -139,7 +140,7 @@ fn connect_error(settings: &SinkSettings, source: lapin::Error) -> Error {
 }
 
 /// The exchanges the relay publishes to, with the keys that name them.
-pub fn exchanges(settings: &SinkSettings) -> Vec<(&'static str, &str)> {
+pub fn exchanges(settings: &AmqpSettings) -> Vec<(&'static str, &str)> {
     let mut exchanges = vec![("amqp.exchange", settings.exchange.as_str())];
     if let Some(dlx) = &settings.dead_letter_exchange {
         exchanges.push(("amqp.dead_letter_exchange", dlx.as_str()));
@@ -147,7 +148,7 @@ pub fn exchanges(settings: &SinkSettings) -> Vec<(&'static str, &str)> {
     exchanges
 }
 
-async fn connect_now(settings: &SinkSettings) -> Result<Broker, Error> {
+async fn connect_now(settings: &AmqpSettings) -> Result<Broker, Error> {
     let connection = open_now(settings, "outbox-relay").await?;
     for (key, exchange) in exchanges(settings) {
         ensure_exchange(&connection, key, exchange, settings.declare_exchange).await?;
