@@ -146,8 +146,8 @@ pub enum Error {
     #[error("cannot requeue: {0}")]
     Requeue(String),
 
-    #[error("shutdown did not finish in time: {0}")]
-    Shutdown(String),
+    #[error("the relay's {0} task ended unexpectedly (see the log line before this one); restart the relay")]
+    TaskEnded(&'static str),
 
     #[error("the configuration has no [inbox] section: add one naming at least the queue (see config.example.toml) to run `outbox-relay inbox`")]
     InboxNotConfigured,

@@ -228,26 +228,12 @@ async fn replay_page(
             Err(failure) => to_park.push(failed_item(&event, failure, max_retries)),
         }
     }
-    let mut acked = Vec::new();
-    for (event, confirm) in confirms {
-        let confirmation = confirm.await.map_err(|source| Error::Amqp {
-            context: "waiting for the broker to confirm a replayed row".into(),
-            source,
-        })?;
-        let refused = match confirmation {
-            Confirmation::Ack(None) => None,
-            Confirmation::Ack(Some(r)) | Confirmation::Nack(Some(r)) => Some(Failure::Returned {
-                reply_code: r.reply_code,
-                reply_text: r.reply_text.to_string(),
-            }),
-            Confirmation::Nack(None) => Some(Failure::Nack),
-            Confirmation::NotRequested => Some(Failure::NotConfirmed),
-        };
-        match refused {
-            None => acked.push(event.id.clone()),
-            Some(failure) => to_park.push(failed_item(&event, failure, max_retries)),
-        }
-    }
+    let (acked, refused) = answers(confirms).await?;
+    to_park.extend(
+        refused
+            .into_iter()
+            .map(|(event, failure)| failed_item(&event, failure, max_retries)),
+    );
     outbox
         .on_success(sql, config.postgres.on_success, &acked)
         .await?;
@@ -267,6 +253,35 @@ async fn replay_page(
         outbox.mirror(sql, &mirrors).await?;
     }
     Ok((acked.len() as u64, to_park.len() as u64))
+}
+
+/// The broker's answers to the page's publishes: the ids it acked, and the
+/// events it refused (returned, nacked) with why.
+async fn answers(
+    confirms: Vec<(Arc<OutboxEvent>, lapin::PublisherConfirm)>,
+) -> Result<(Vec<String>, Vec<(Arc<OutboxEvent>, Failure)>), Error> {
+    let mut acked = Vec::new();
+    let mut refused = Vec::new();
+    for (event, confirm) in confirms {
+        let confirmation = confirm.await.map_err(|source| Error::Amqp {
+            context: "waiting for the broker to confirm a replayed row".into(),
+            source,
+        })?;
+        let failure = match confirmation {
+            Confirmation::Ack(None) => None,
+            Confirmation::Ack(Some(r)) | Confirmation::Nack(Some(r)) => Some(Failure::Returned {
+                reply_code: r.reply_code,
+                reply_text: r.reply_text.to_string(),
+            }),
+            Confirmation::Nack(None) => Some(Failure::Nack),
+            Confirmation::NotRequested => Some(Failure::NotConfirmed),
+        };
+        match failure {
+            None => acked.push(event.id.clone()),
+            Some(failure) => refused.push((event, failure)),
+        }
+    }
+    Ok((acked, refused))
 }
 
 /// A row the broker refused (or that cannot be sent), to park with its reason.

@@ -205,7 +205,7 @@ impl Config {
     /// Checks values that parse but cannot work, and returns the typed configuration.
     pub fn validate(self) -> Result<super::Config, ConfigError> {
         let Config {
-            postgres: pg,
+            postgres,
             amqp,
             relay,
             retry,
@@ -213,7 +213,21 @@ impl Config {
             metrics,
             log,
         } = self;
-        let inbox = inbox.map(|i| i.validate()).transpose()?;
+        Ok(super::Config {
+            postgres: postgres.validate()?,
+            amqp: amqp.validate()?,
+            relay: relay.validate()?,
+            retry: retry.validate()?,
+            inbox: inbox.map(|i| i.validate()).transpose()?,
+            metrics: metrics.validate()?,
+            log,
+        })
+    }
+}
+
+impl Postgres {
+    fn validate(self) -> Result<PostgresConfig, ConfigError> {
+        let pg = self;
         let mut target = PgTarget::parse(&pg.url).map_err(|m| invalid("postgres.url", m))?;
         if !pg.password_file.is_empty() {
             if target.has_password() {
@@ -252,6 +266,32 @@ impl Config {
             Mapping::Debezium => OnSuccess::Keep,
         });
 
+        Ok(PostgresConfig {
+            target,
+            table,
+            slot: pg.slot,
+            publication: pg.publication,
+            create_missing: pg.create_missing,
+            status_interval,
+            reconnect_backoff_max: pg.reconnect_backoff_max,
+            slot_wait: pg.slot_wait,
+            mapping: pg.mapping,
+            columns: ColumnMapping::of(pg.mapping),
+            on_success,
+            retention: pg.retention,
+            retry_table,
+            heartbeat_interval: pg.heartbeat_interval,
+            standby: pg.standby,
+            statement_timeout,
+            lock_timeout,
+            replication_timeout: pg.replication_timeout,
+        })
+    }
+}
+
+impl Amqp {
+    fn validate(self) -> Result<AmqpConfig, ConfigError> {
+        let amqp = self;
         if !(amqp.url.starts_with("amqp://") || amqp.url.starts_with("amqps://")) {
             return Err(invalid(
                 "amqp.url",
@@ -319,16 +359,36 @@ impl Config {
             return Err(invalid("amqp.max_message_bytes", "must be at least 1"));
         }
 
-        let listen = match metrics.listen.as_str() {
-            "" => None,
-            s => Some(s.parse::<SocketAddr>().map_err(|e| {
-                invalid(
-                    "metrics.listen",
-                    format!("{e}; use host:port like \"127.0.0.1:9187\", or \"\" to turn it off"),
-                )
-            })?),
-        };
+        Ok(AmqpConfig {
+            url: AmqpUrl(amqp_url),
+            exchange: amqp.exchange,
+            declare_exchange: amqp.declare_exchange,
+            max_in_flight: amqp.max_in_flight,
+            max_in_flight_bytes: amqp.max_in_flight_bytes,
+            max_message_bytes: amqp.max_message_bytes,
+            dead_letter_exchange: (!amqp.dead_letter_exchange.is_empty())
+                .then_some(amqp.dead_letter_exchange),
+            reconnect_backoff_max: amqp.reconnect_backoff_max,
+            connect_timeout,
+            tls,
+        })
+    }
+}
 
+impl Relay {
+    fn validate(self) -> Result<RelayConfig, ConfigError> {
+        let relay = self;
+        Ok(RelayConfig {
+            ordering: relay.ordering,
+            shutdown_timeout: relay.shutdown_timeout,
+            stall_timeout: positive("relay.stall_timeout", relay.stall_timeout, "2m")?,
+        })
+    }
+}
+
+impl Retry {
+    fn validate(self) -> Result<RetryConfig, ConfigError> {
+        let retry = self;
         if retry.max_retries < 0 {
             return Err(invalid("retry.max_retries", "must be 0 or more"));
         }
@@ -341,65 +401,39 @@ impl Config {
             ));
         }
 
-        Ok(super::Config {
-            postgres: PostgresConfig {
-                target,
-                table,
-                slot: pg.slot,
-                publication: pg.publication,
-                create_missing: pg.create_missing,
-                status_interval,
-                reconnect_backoff_max: pg.reconnect_backoff_max,
-                slot_wait: pg.slot_wait,
-                mapping: pg.mapping,
-                columns: ColumnMapping::of(pg.mapping),
-                on_success,
-                retention: pg.retention,
-                retry_table,
-                heartbeat_interval: pg.heartbeat_interval,
-                standby: pg.standby,
-                statement_timeout,
-                lock_timeout,
-                replication_timeout: pg.replication_timeout,
+        Ok(RetryConfig {
+            backoff_base,
+            backoff_max: retry.backoff_max,
+            max_retries: retry.max_retries,
+            publish_timeout,
+            on_dead: retry.on_dead,
+            dead_retention: (!retry.dead_retention.is_zero()).then_some(retry.dead_retention),
+        })
+    }
+}
+
+impl Metrics {
+    fn validate(self) -> Result<MetricsConfig, ConfigError> {
+        let metrics = self;
+        let listen = match metrics.listen.as_str() {
+            "" => None,
+            s => Some(s.parse::<SocketAddr>().map_err(|e| {
+                invalid(
+                    "metrics.listen",
+                    format!("{e}; use host:port like \"127.0.0.1:9187\", or \"\" to turn it off"),
+                )
+            })?),
+        };
+
+        Ok(MetricsConfig {
+            listen,
+            token: match metrics.token_file.as_str() {
+                "" => None,
+                path => Some(crate::redact::Secret::new(read_password(
+                    "metrics.token_file",
+                    path,
+                )?)),
             },
-            amqp: AmqpConfig {
-                url: AmqpUrl(amqp_url),
-                exchange: amqp.exchange,
-                declare_exchange: amqp.declare_exchange,
-                max_in_flight: amqp.max_in_flight,
-                max_in_flight_bytes: amqp.max_in_flight_bytes,
-                max_message_bytes: amqp.max_message_bytes,
-                dead_letter_exchange: (!amqp.dead_letter_exchange.is_empty())
-                    .then_some(amqp.dead_letter_exchange),
-                reconnect_backoff_max: amqp.reconnect_backoff_max,
-                connect_timeout,
-                tls,
-            },
-            relay: RelayConfig {
-                ordering: relay.ordering,
-                shutdown_timeout: relay.shutdown_timeout,
-                stall_timeout: positive("relay.stall_timeout", relay.stall_timeout, "2m")?,
-            },
-            retry: RetryConfig {
-                backoff_base,
-                backoff_max: retry.backoff_max,
-                max_retries: retry.max_retries,
-                publish_timeout,
-                on_dead: retry.on_dead,
-                dead_retention: (!retry.dead_retention.is_zero()).then_some(retry.dead_retention),
-            },
-            inbox,
-            metrics: MetricsConfig {
-                listen,
-                token: match metrics.token_file.as_str() {
-                    "" => None,
-                    path => Some(crate::redact::Secret::new(read_password(
-                        "metrics.token_file",
-                        path,
-                    )?)),
-                },
-            },
-            log,
         })
     }
 }

@@ -51,7 +51,7 @@ struct Store {
     health: Arc<Health>,
     judge: Judge<Pending>,
     /// The wait before the next try of the held rows.
-    pause: Duration,
+    pause: Backoff,
     /// The kind of verdict last reported (logged when it changes).
     reported: Option<std::mem::Discriminant<Verdict>>,
 }
@@ -73,19 +73,19 @@ pub async fn run(
         backoff: Backoff::new(Duration::from_millis(100), backoff_max),
         health,
         judge: Judge::default(),
-        pause: PAUSE_FIRST,
+        pause: Backoff::new(PAUSE_FIRST, backoff_max),
         reported: None,
     };
     loop {
         let answer = if store.judge.holding() {
             // Paused. Priority: shutdown (the held deliveries stay unacked: the
             // broker redelivers them), then the end of the wait.
+            let wait = store.pause.fail();
             tokio::select! {
                 biased;
                 _ = shutdown.wait_for(|s| *s) => return,
-                _ = tokio::time::sleep(store.pause) => {}
+                _ = tokio::time::sleep(wait) => {}
             }
-            store.pause = (store.pause * 2).min(store.settings.backoff_max);
             store.retry_held(&mut input, &mut shutdown).await
         } else {
             let Some(first) = input.recv().await else {
@@ -191,7 +191,7 @@ impl Store {
             ));
         }
         if accepted > 0 {
-            self.pause = PAUSE_FIRST;
+            self.pause.reset();
         }
         committed
     }

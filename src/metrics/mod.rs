@@ -125,193 +125,100 @@ impl SlotLoss {
 
 impl Metrics {
     fn new() -> Metrics {
-        let registry = Registry::new();
-        let published = IntCounter::new(
-            "outbox_relay_messages_published_total",
-            "Messages acknowledged by the broker (first attempts and retries)",
-        )
-        .expect("valid metric");
-        let failures = IntCounterVec::new(
-            Opts::new(
+        let r = Registrar(Registry::new());
+        let latency = |max: Option<f64>| LATENCY_BUCKETS.iter().copied().chain(max).collect();
+        Metrics {
+            published: r.counter(
+                "outbox_relay_messages_published_total",
+                "Messages acknowledged by the broker (first attempts and retries)",
+            ),
+            failures: r.counters(
                 "outbox_relay_publish_failures_total",
                 "Failed publishes, by reason",
+                "reason",
+                &PUBLISH_FAILURE_REASONS,
             ),
-            &["reason"],
-        )
-        .expect("valid metric");
-        let retries_pending = IntGauge::new(
-            "outbox_relay_retries_pending",
-            "Messages in retry state (parked, not dead)",
-        )
-        .expect("valid metric");
-        let dead_letters = IntCounter::new(
-            "outbox_relay_dead_letters_total",
-            "Messages that ran out of retries (dead-lettered when configured)",
-        )
-        .expect("valid metric");
-        let inflight = IntGauge::new(
-            "outbox_relay_inflight_messages",
-            "Messages in the in-flight window (unconfirmed, queued behind their aggregate, or being parked)",
-        )
-        .expect("valid metric");
-        let inflight_bytes = IntGauge::new(
-            "outbox_relay_inflight_bytes",
-            "Bytes the in-flight window holds (message bodies plus a fixed overhead each), bounded by amqp.max_in_flight_bytes",
-        )
-        .expect("valid metric");
-        let confirmed_lsn = Gauge::new(
-            "outbox_relay_confirmed_lsn",
-            "LSN the relay marked applied and reports to the server (as a number)",
-        )
-        .expect("valid metric");
-        let slot_lag_bytes = IntGauge::new(
-            "outbox_relay_slot_lag_bytes",
-            "pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn) of the slot, read at scrape time",
-        )
-        .expect("valid metric");
-        let delivery_latency = Histogram::with_opts(
-            HistogramOpts::new(
+            retries_pending: r.gauge(
+                "outbox_relay_retries_pending",
+                "Messages in retry state (parked, not dead)",
+            ),
+            dead_letters: r.counter(
+                "outbox_relay_dead_letters_total",
+                "Messages that ran out of retries (dead-lettered when configured)",
+            ),
+            inflight: r.gauge(
+                "outbox_relay_inflight_messages",
+                "Messages in the in-flight window (unconfirmed, queued behind their aggregate, or being parked)",
+            ),
+            inflight_bytes: r.gauge(
+                "outbox_relay_inflight_bytes",
+                "Bytes the in-flight window holds (message bodies plus a fixed overhead each), bounded by amqp.max_in_flight_bytes",
+            ),
+            confirmed_lsn: r.register(Gauge::new(
+                "outbox_relay_confirmed_lsn",
+                "LSN the relay marked applied and reports to the server (as a number)",
+            )),
+            slot_lag_bytes: r.gauge(
+                "outbox_relay_slot_lag_bytes",
+                "pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn) of the slot, read at scrape time",
+            ),
+            delivery_latency: r.histogram(
                 "outbox_relay_delivery_latency_seconds",
                 "Time from the transaction's commit to the broker's ack",
-            )
-            .buckets(vec![
-                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-                60.0,
-            ]),
-        )
-        .expect("valid metric");
-        let reconnects = IntCounterVec::new(
-            Opts::new(
+                latency(Some(60.0)),
+            ),
+            reconnects: r.counters(
                 "outbox_relay_reconnects_total",
                 "Reconnections after a lost connection, by peer",
+                "peer",
+                &["postgres", "amqp"],
             ),
-            &["peer"],
-        )
-        .expect("valid metric");
-        for reason in PUBLISH_FAILURE_REASONS {
-            failures.with_label_values(&[reason]);
-        }
-        let housekeeping_failures = IntCounterVec::new(
-            Opts::new(
+            housekeeping_failures: r.counters(
                 "outbox_relay_housekeeping_failures_total",
                 "Outbox rows whose on_success or status update was given up (the row refused it), and failed retention or dead-row purge sweeps, by job",
+                "job",
+                &["on_success", "mirror", "retention", "dead_purge"],
             ),
-            &["job"],
-        )
-        .expect("valid metric");
-        for job in ["on_success", "mirror", "retention", "dead_purge"] {
-            housekeeping_failures.with_label_values(&[job]);
-        }
-        let inbox_received = IntCounter::new(
-            "outbox_relay_inbox_received_total",
-            "Inbox deliveries recorded as new rows of the inbox table",
-        )
-        .expect("valid metric");
-        let inbox_duplicates = IntCounter::new(
-            "outbox_relay_inbox_duplicates_total",
-            "Inbox deliveries whose (message_id, source) was already recorded: acked, not stored again",
-        )
-        .expect("valid metric");
-        let inbox_invalid = IntCounterVec::new(
-            Opts::new(
+            inbox_received: r.counter(
+                "outbox_relay_inbox_received_total",
+                "Inbox deliveries recorded as new rows of the inbox table",
+            ),
+            inbox_duplicates: r.counter(
+                "outbox_relay_inbox_duplicates_total",
+                "Inbox deliveries whose (message_id, source) was already recorded: acked, not stored again",
+            ),
+            inbox_invalid: r.counters(
                 "outbox_relay_inbox_invalid_total",
                 "Inbox deliveries that cannot be recorded, dead-lettered or rejected, by reason",
+                "reason",
+                &INBOX_INVALID_REASONS,
             ),
-            &["reason"],
-        )
-        .expect("valid metric");
-        for reason in INBOX_INVALID_REASONS {
-            inbox_invalid.with_label_values(&[reason]);
-        }
-        let inbox_receive_latency = Histogram::with_opts(
-            HistogramOpts::new(
+            inbox_receive_latency: r.histogram(
                 "outbox_relay_inbox_receive_latency_seconds",
                 "Time from a delivery's arrival at the inbox receiver to the commit that recorded it",
-            )
-            .buckets(vec![
-                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-            ]),
-        )
-        .expect("valid metric");
-        let inbox_processed = IntCounter::new(
-            "outbox_relay_inbox_processed_total",
-            "Inbox rows processed by a Processor handler (its writes committed with the status)",
-        )
-        .expect("valid metric");
-        let inbox_failed = IntCounter::new(
-            "outbox_relay_inbox_failed_total",
-            "Inbox handler attempts that failed (scheduled again, or permanently failed)",
-        )
-        .expect("valid metric");
-        for peer in ["postgres", "amqp"] {
-            reconnects.with_label_values(&[peer]);
-        }
-        let paused = IntGaugeVec::new(
-            Opts::new(
+                latency(None),
+            ),
+            inbox_processed: r.counter(
+                "outbox_relay_inbox_processed_total",
+                "Inbox rows processed by a Processor handler (its writes committed with the status)",
+            ),
+            inbox_failed: r.counter(
+                "outbox_relay_inbox_failed_total",
+                "Inbox handler attempts that failed (scheduled again, or permanently failed)",
+            ),
+            paused: r.gauges(
                 "outbox_relay_paused",
                 "1 while publishing (routing) or receiving (inbox_table) is paused for a fault that is not a message's: nothing is counted against the messages",
+                "cause",
+                &Pause::ALL.map(Pause::label),
             ),
-            &["cause"],
-        )
-        .expect("valid metric");
-        for cause in Pause::ALL {
-            paused.with_label_values(&[cause.label()]);
-        }
-        let slot_lost = IntGaugeVec::new(
-            Opts::new(
+            slot_lost: r.gauges(
                 "outbox_relay_slot_lost",
                 "1 while the replication slot is lost (dropped, invalidated, failover): recover with outbox-relay replay --pending",
+                "how",
+                &SlotLoss::ALL.map(SlotLoss::label),
             ),
-            &["how"],
-        )
-        .expect("valid metric");
-        for how in SlotLoss::ALL {
-            slot_lost.with_label_values(&[how.label()]);
-        }
-        for c in [
-            Box::new(published.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(failures.clone()),
-            Box::new(retries_pending.clone()),
-            Box::new(dead_letters.clone()),
-            Box::new(inflight.clone()),
-            Box::new(inflight_bytes.clone()),
-            Box::new(confirmed_lsn.clone()),
-            Box::new(slot_lag_bytes.clone()),
-            Box::new(delivery_latency.clone()),
-            Box::new(reconnects.clone()),
-            Box::new(housekeeping_failures.clone()),
-            Box::new(inbox_received.clone()),
-            Box::new(inbox_duplicates.clone()),
-            Box::new(inbox_invalid.clone()),
-            Box::new(inbox_receive_latency.clone()),
-            Box::new(inbox_processed.clone()),
-            Box::new(inbox_failed.clone()),
-            Box::new(paused.clone()),
-            Box::new(slot_lost.clone()),
-        ] {
-            registry.register(c).expect("each metric registered once");
-        }
-        Metrics {
-            registry,
-            published,
-            failures,
-            retries_pending,
-            dead_letters,
-            inflight,
-            inflight_bytes,
-            confirmed_lsn,
-            slot_lag_bytes,
-            delivery_latency,
-            reconnects,
-            housekeeping_failures,
-            inbox_received,
-            inbox_duplicates,
-            inbox_invalid,
-            inbox_receive_latency,
-            inbox_processed,
-            inbox_failed,
-            paused,
-            slot_lost,
+            registry: r.0,
         }
     }
 
@@ -357,6 +264,58 @@ impl outbox_relay_client::ProcessorObserver for ProcessorMetrics {
 
     fn failed(&self, n: u64) {
         metrics().inbox_failed.inc_by(n);
+    }
+}
+
+/// Histogram buckets of the latencies, in seconds.
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// Makes each metric and registers it once; a label's values are created up
+/// front, so every series exists (at 0) from the start.
+struct Registrar(Registry);
+
+impl Registrar {
+    fn register<M: prometheus::core::Collector + Clone + 'static>(
+        &self,
+        metric: prometheus::Result<M>,
+    ) -> M {
+        let metric = metric.expect("valid metric");
+        self.0
+            .register(Box::new(metric.clone()))
+            .expect("each metric registered once");
+        metric
+    }
+
+    fn counter(&self, name: &str, help: &str) -> IntCounter {
+        self.register(IntCounter::new(name, help))
+    }
+
+    fn gauge(&self, name: &str, help: &str) -> IntGauge {
+        self.register(IntGauge::new(name, help))
+    }
+
+    fn counters(&self, name: &str, help: &str, label: &str, values: &[&str]) -> IntCounterVec {
+        let vec = self.register(IntCounterVec::new(Opts::new(name, help), &[label]));
+        for v in values {
+            vec.with_label_values(&[v]);
+        }
+        vec
+    }
+
+    fn gauges(&self, name: &str, help: &str, label: &str, values: &[&str]) -> IntGaugeVec {
+        let vec = self.register(IntGaugeVec::new(Opts::new(name, help), &[label]));
+        for v in values {
+            vec.with_label_values(&[v]);
+        }
+        vec
+    }
+
+    fn histogram(&self, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
+        self.register(Histogram::with_opts(
+            HistogramOpts::new(name, help).buckets(buckets),
+        ))
     }
 }
 

@@ -11,6 +11,7 @@
 
 use super::{metrics, Health};
 use crate::pg::PgTarget;
+use crate::time::Backoff;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -126,21 +127,21 @@ pub async fn serve(
         auth: token.map(|t| format!("Bearer {t}")),
     });
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let mut backoff = Duration::from_millis(10);
+    let mut backoff = Backoff::new(Duration::from_millis(10), Duration::from_secs(1));
     loop {
         let Ok(permit) = permits.clone().acquire_owned().await else {
             return;
         };
         let stream = match listener.accept().await {
             Ok((stream, _)) => {
-                backoff = Duration::from_millis(10);
+                backoff.reset();
                 stream
             }
             Err(e) => {
                 // Out of file descriptors, say: wait, do not spin.
-                tracing::warn!(error = %e, "metrics: accept failed; retrying in {backoff:?}");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
+                let wait = backoff.fail();
+                tracing::warn!(error = %e, "metrics: accept failed; retrying in {wait:?}");
+                tokio::time::sleep(wait).await;
                 continue;
             }
         };

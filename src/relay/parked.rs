@@ -14,7 +14,7 @@
 
 use super::fastmap::FastMap;
 use crate::event::AggregateKey;
-use crate::retry::{Head, Loaded, PageEnd};
+use crate::retry::{Head, Load, Loaded, PageEnd};
 use crate::time::instant_of;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
@@ -24,17 +24,6 @@ use tokio::time::Instant;
 pub const MAX_LOADING: usize = 64;
 /// Most rows one load asks for.
 pub const PAGE_ROWS: usize = 64;
-
-/// A load to ask the store for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LoadRequest {
-    pub key: AggregateKey,
-    pub aggregate_type: String,
-    pub aggregate_id: String,
-    pub after_seq: Option<i64>,
-    pub max_rows: usize,
-    pub max_bytes: usize,
-}
 
 /// What the relay knows of each aggregate with retry state.
 pub struct Parked {
@@ -173,12 +162,12 @@ impl Parked {
             && self.buffered + (self.loading + 1) * self.per_load() <= self.budget
     }
 
-    fn request(&mut self, key: AggregateKey, after: Option<i64>) -> Option<LoadRequest> {
+    fn request(&mut self, key: AggregateKey, after: Option<i64>) -> Option<Load> {
         let max_bytes = self.per_load();
         let a = self.aggregates.get_mut(&key)?;
         a.state = State::Loading { after };
         self.loading += 1;
-        Some(LoadRequest {
+        Some(Load {
             key,
             aggregate_type: a.aggregate_type.clone(),
             aggregate_id: a.aggregate_id.clone(),
@@ -189,7 +178,7 @@ impl Parked {
     }
 
     /// Loads for the aggregates whose time has come, as far as loads can start.
-    pub fn due(&mut self, now: Instant) -> Vec<LoadRequest> {
+    pub fn due(&mut self, now: Instant) -> Vec<Load> {
         let mut out = Vec::new();
         while let Some(Reverse((at, key))) = self.due.peek().copied() {
             if at > now || !self.can_load() {
@@ -209,12 +198,7 @@ impl Parked {
 
     /// A page of the aggregate's queue arrived. Returns a load to ask for when the
     /// page says more is to be had at once.
-    pub fn loaded(
-        &mut self,
-        key: AggregateKey,
-        rows: Vec<Loaded>,
-        end: PageEnd,
-    ) -> Option<LoadRequest> {
+    pub fn loaded(&mut self, key: AggregateKey, rows: Vec<Loaded>, end: PageEnd) -> Option<Load> {
         self.loading = self.loading.saturating_sub(1);
         let a = self.aggregates.get_mut(&key)?;
         let State::Loading { after } = a.state else {
@@ -243,7 +227,7 @@ impl Parked {
         after: Option<i64>,
         end: PageEnd,
         from_page: bool,
-    ) -> Option<LoadRequest> {
+    ) -> Option<Load> {
         let a = self.aggregates.get_mut(&key)?;
         match end {
             PageEnd::More => self.request(key, after),
@@ -291,7 +275,7 @@ impl Parked {
 
     /// The message in flight is done (acked, or dead and skipped): the next one is
     /// ready, or a load is to be asked for.
-    pub fn delivered(&mut self, key: AggregateKey) -> Option<LoadRequest> {
+    pub fn delivered(&mut self, key: AggregateKey) -> Option<Load> {
         let a = self.aggregates.get_mut(&key)?;
         let State::Active(page) = &mut a.state else {
             return None;
@@ -495,7 +479,7 @@ mod tests {
         rows: BTreeMap<u8, Vec<i64>>,
         /// Parks on their way: (agg, seq it will get).
         parking: VecDeque<(u8, i64)>,
-        loads: VecDeque<LoadRequest>,
+        loads: VecDeque<Load>,
         in_flight: HashMap<u8, i64>,
         delivered: BTreeMap<u8, Vec<i64>>,
         now: Instant,

@@ -3,9 +3,8 @@
 //! dead-lettering messages out of retries. The commands go to the store task;
 //! its answers come back as `StoreEvent`s.
 
-use super::parked::LoadRequest;
+use super::main_loop::Relay;
 use super::window::{Origin, Resolved, Seq};
-use super::Relay;
 use crate::config::OnDead;
 use crate::event::{AggregateKey, Row};
 use crate::failure::Failure;
@@ -31,7 +30,7 @@ impl Relay {
         let _ = self.parks.send(Park(items)).await;
     }
 
-    fn park_item(&self, seq: Seq) -> Option<ParkItem> {
+    pub(super) fn park_item(&self, seq: Seq) -> Option<ParkItem> {
         let entry = self.window.entry(seq)?;
         let commit_time = match entry.origin() {
             Origin::Stream { commit_time, .. } => *commit_time,
@@ -57,20 +56,10 @@ impl Relay {
         Some(item)
     }
 
-    async fn send_load(&mut self, req: Option<LoadRequest>) {
+    pub(super) async fn send_load(&mut self, req: Option<Load>) {
         if let Some(req) = req {
             tracing::debug!(key = req.key.0, after = ?req.after_seq, "load");
-            let _ = self
-                .loads
-                .send(Load {
-                    key: req.key,
-                    aggregate_type: req.aggregate_type,
-                    aggregate_id: req.aggregate_id,
-                    after_seq: req.after_seq,
-                    max_rows: req.max_rows,
-                    max_bytes: req.max_bytes,
-                })
-                .await;
+            let _ = self.loads.send(req).await;
         }
     }
 
@@ -180,7 +169,7 @@ impl Relay {
 
     /// A message out of retries: its dead-letter copy goes out (when one is
     /// configured), else it is recorded dead at once.
-    async fn dead(
+    pub(super) async fn dead(
         &mut self,
         key: AggregateKey,
         row: Row,
@@ -262,7 +251,7 @@ impl Relay {
     }
 
     /// Re-publishes a loaded message, or counts a failure when it still cannot be sent.
-    async fn publish_loaded(&mut self, key: AggregateKey, loaded: Loaded) {
+    pub(super) async fn publish_loaded(&mut self, key: AggregateKey, loaded: Loaded) {
         let Loaded {
             parked_seq,
             event,

@@ -9,6 +9,7 @@ use crate::pg::slots::{self, SlotRecords};
 use crate::pg::{catalog, connect::application_name, PgTarget};
 use crate::source::{self, SourceSettings};
 use crate::task::AbortOnDrop;
+use crate::time::Backoff;
 use pgwire_replication::{Lsn, ReplicationClient};
 use std::future::Future;
 use std::pin::Pin;
@@ -165,7 +166,16 @@ pub async fn take_slot(
 ) -> Result<Option<(ReplicationClient, Lsn)>, Error> {
     let standby = config.postgres.standby;
     let deadline = Instant::now() + config.postgres.slot_wait;
-    let mut backoff = Duration::from_millis(250);
+    // A standby asks again with a growing wait (up to 2 s: its take-over time);
+    // a relay that is not one, every 250 ms until `slot_wait`.
+    let mut backoff = Backoff::exact(
+        Duration::from_millis(250),
+        if standby {
+            Duration::from_secs(2)
+        } else {
+            Duration::from_millis(250)
+        },
+    );
     let mut logged_pid = None;
     loop {
         let result = tokio::select! {
@@ -197,10 +207,7 @@ pub async fn take_slot(
                 tokio::select! {
                     biased;
                     _ = shutdown.as_mut() => return Ok(None),
-                    _ = tokio::time::sleep(backoff) => {}
-                }
-                if standby {
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    _ = tokio::time::sleep(backoff.fail()) => {}
                 }
             }
             Err(e) => return Err(e),

@@ -1,7 +1,25 @@
 //! `run`: connects the relay's tasks (store, housekeeping, sink, source) with
 //! their bounded channels, takes the slot, and hands everything to the loop.
 
-use super::*;
+use super::main_loop::{Channels, Relay, Stream};
+use super::parked::MAX_LOADING;
+use super::startup;
+use crate::amqp::AmqpSettings;
+use crate::config::Config;
+use crate::error::Error;
+use crate::metrics::{self, Health};
+use crate::outbox_table::housekeeping::{
+    housekeeping_application_name, Chore, Housekeeping, HousekeepingSettings,
+};
+use crate::pg::connect::session_timeouts;
+use crate::retry::{Store, StoreCommand, StoreSettings};
+use crate::sink;
+use crate::source::SourceSettings;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
 
 /// Runs the relay until `shutdown` resolves (then drains and exits cleanly) or
 /// an error that the relay cannot recover from. While its slot is lost (at
@@ -38,37 +56,8 @@ async fn stream(
     shutdown: &mut Pin<&mut impl Future<Output = ()>>,
 ) -> Result<(), Error> {
     let pg = &config.postgres;
-    let session_options = session_timeouts(pg.statement_timeout, pg.lock_timeout);
     let (chores_tx, chores_rx) = mpsc::channel(256);
-    let store = Store::open(
-        StoreSettings {
-            target: pg.target.clone(),
-            slot: pg.slot.clone(),
-            table: pg.table.clone(),
-            retry_table: pg.retry_table.clone(),
-            mapping: pg.columns.clone(),
-            on_dead: config.retry.on_dead,
-            reconnect_backoff_max: pg.reconnect_backoff_max,
-            session_options: session_options.clone(),
-        },
-        health.clone(),
-        chores_tx.clone(),
-    )
-    .await?;
-    let housekeeping = Housekeeping::open(
-        HousekeepingSettings {
-            target: pg.target.clone(),
-            application_name: housekeeping_application_name(&pg.slot),
-            session_options,
-            on_success: pg.on_success,
-            retention: pg.retention,
-            dead_retention: config.retry.dead_retention,
-            reconnect_backoff_max: pg.reconnect_backoff_max,
-        },
-        store.outbox().clone(),
-        store.retry_table().clone(),
-    )
-    .await?;
+    let (store, housekeeping) = open_sessions(&config, health, chores_tx.clone()).await?;
     let sink_settings = AmqpSettings::from_config(&config.amqp);
     let broker = crate::amqp::connect(&sink_settings).await?;
     let frame_max = broker.frame_max();
@@ -123,44 +112,24 @@ async fn stream(
     let store_task = tokio::spawn(store.run(parks_rx, store_rx, loads_rx, store_ev_tx));
     let housekeeping_task = tokio::spawn(housekeeping.run(chores_rx));
 
-    let mut relay = Relay {
-        window: Window::new(
-            config.relay.ordering,
-            config.amqp.max_in_flight,
-            config.amqp.max_in_flight_bytes,
-            config.retry.publish_timeout,
-        )
-        .with_probe_max(config.amqp.reconnect_backoff_max),
-        tracker: Tracker::new(),
-        decoder: Decoder::new(pg.table.clone(), pg.columns.clone()),
-        source_settings,
-        client,
-        applied: start_lsn,
-        commit_time: 0,
-        sink: cmd_tx,
-        store: store_tx,
-        loads: loads_tx,
-        parks: parks_tx,
-        parked: Parked::new(config.amqp.max_in_flight_bytes / 2),
-        heads_pending: true,
-        chores: chores_tx,
-        heartbeat,
-        liveness: Liveness::new(),
-        dead_letter_exchange: config
-            .amqp
-            .dead_letter_exchange
-            .as_deref()
-            .map(ShortString::from),
-        frame_max,
-        refused: RefusedIds::default(),
-        probing_reported: false,
-        routing_reported: false,
-        succeeded: Vec::new(),
-        succeeded_since: None,
-        collect_succeeded: pg.on_success != OnSuccess::Keep,
-        health: health.clone(),
+    let mut relay = Relay::new(
         config,
-    };
+        health.clone(),
+        Stream {
+            client,
+            settings: source_settings,
+            start_lsn,
+            heartbeat,
+        },
+        Channels {
+            sink: cmd_tx,
+            store: store_tx,
+            loads: loads_tx,
+            parks: parks_tx,
+            chores: chores_tx,
+        },
+        frame_max,
+    );
     // The retry state is read now that the slot is held (a standby reads it when
     // it takes over, not when it started), before any WAL is published.
     let _ = relay.store.send(StoreCommand::Reload).await;
@@ -175,4 +144,45 @@ async fn stream(
     let _ = tokio::time::timeout(Duration::from_secs(10), store_task).await;
     let _ = tokio::time::timeout(Duration::from_secs(10), housekeeping_task).await;
     result
+}
+
+/// The retry store's and the housekeeping task's sessions, opened (and the
+/// tables they need checked) before the slot is taken.
+async fn open_sessions(
+    config: &Config,
+    health: &Arc<Health>,
+    chores: mpsc::Sender<Chore>,
+) -> Result<(Store, Housekeeping), Error> {
+    let pg = &config.postgres;
+    let session_options = session_timeouts(pg.statement_timeout, pg.lock_timeout);
+    let store = Store::open(
+        StoreSettings {
+            target: pg.target.clone(),
+            slot: pg.slot.clone(),
+            table: pg.table.clone(),
+            retry_table: pg.retry_table.clone(),
+            mapping: pg.columns.clone(),
+            on_dead: config.retry.on_dead,
+            reconnect_backoff_max: pg.reconnect_backoff_max,
+            session_options: session_options.clone(),
+        },
+        health.clone(),
+        chores,
+    )
+    .await?;
+    let housekeeping = Housekeeping::open(
+        HousekeepingSettings {
+            target: pg.target.clone(),
+            application_name: housekeeping_application_name(&pg.slot),
+            session_options,
+            on_success: pg.on_success,
+            retention: pg.retention,
+            dead_retention: config.retry.dead_retention,
+            reconnect_backoff_max: pg.reconnect_backoff_max,
+        },
+        store.outbox().clone(),
+        store.retry_table().clone(),
+    )
+    .await?;
+    Ok((store, housekeeping))
 }

@@ -149,7 +149,7 @@ pub struct Park(pub Vec<ParkItem>);
 
 /// A retry load, on the lowest-priority channel: the next rows of an aggregate's
 /// queue after `after_seq`, at most `max_rows` and about `max_bytes`.
-#[derive(Debug)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Load {
     pub key: AggregateKey,
     pub aggregate_type: String,

@@ -17,6 +17,7 @@ mod returns;
 pub use format::OutboundMessage;
 
 use crate::amqp::{connect, AmqpSettings, Broker};
+use crate::time::Backoff;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
 use lapin::options::BasicPublishOptions;
@@ -177,18 +178,18 @@ pub async fn run(
     let exchange: ShortString = settings.exchange.as_str().into();
     let mut broker = Some(first);
     let mut generation = 0u64;
-    let mut backoff = BACKOFF_BASE;
+    let mut backoff = Backoff::new(BACKOFF_BASE, settings.reconnect_backoff_max);
     loop {
         let current = match broker.take() {
             Some(b) => b,
             None => match connect(&settings).await {
                 Ok(b) => b,
                 Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?backoff, "broker unavailable, retrying");
-                    if !wait(backoff, &mut commands).await {
+                    let wait_for = backoff.fail();
+                    tracing::warn!(error = %e, retry_in = ?wait_for, "broker unavailable, retrying");
+                    if !wait(wait_for, &mut commands).await {
                         return;
                     }
-                    backoff = (backoff * 2).min(settings.reconnect_backoff_max);
                     continue;
                 }
             },
@@ -230,12 +231,11 @@ pub async fn run(
         }
         close(&current.connection, 320, "outbox-relay reconnecting").await;
         if up_since.elapsed() >= HEALTHY_AFTER {
-            backoff = BACKOFF_BASE;
+            backoff.reset();
         }
-        if !wait(backoff, &mut commands).await {
+        if !wait(backoff.fail(), &mut commands).await {
             return;
         }
-        backoff = (backoff * 2).min(settings.reconnect_backoff_max);
     }
 }
 
@@ -267,7 +267,6 @@ async fn serve(
     commands: &mut mpsc::Receiver<SinkCommand>,
     events: &mpsc::Sender<SinkEvent>,
 ) -> Option<Ended> {
-    let frame_max = broker.frame_max();
     let mut confirms: FuturesUnordered<ConfirmFuture<'_>> = FuturesUnordered::new();
     let mut isolated = IsolatedLane::default();
     let mut conn_events = Box::pin(broker.connection.events_listener());
@@ -340,33 +339,10 @@ async fn serve(
             cmd = commands.recv() => {
                 // A closed command channel: the relay is shutting down.
                 let first = cmd?;
-                // Publish everything queued now in one go: the io loop then wakes once
-                // for many frames instead of once per message.
-                let mut next = Some(first);
-                let mut done = Vec::new();
-                let mut refused = Vec::new();
-                let mut published = 0;
-                while let Some(SinkCommand::Publish { seq, generation: g, message, isolated: alone }) = next.take() {
-                    if g == generation {
-                        if message.header_len > frame_max {
-                            refused.push((seq, Outcome::HeadersTooLarge { bytes: message.header_len, frame_max }));
-                        } else if alone || message.exchange.is_some() {
-                            isolated.queue.push_back((seq, message));
-                        } else {
-                            let mut publish = publish(&broker.channel, exchange.clone(), seq, message);
-                            // The first poll queues the frames and takes the delivery tag, so
-                            // publishes leave in command order while their confirms are awaited together.
-                            match futures_util::poll!(publish.as_mut()) {
-                                std::task::Poll::Pending => confirms.push(publish),
-                                std::task::Poll::Ready(result) => done.push(result),
-                            }
-                        }
-                        published += 1;
-                    }
-                    if published < PUBLISH_BATCH {
-                        next = commands.try_recv().ok();
-                    }
-                }
+                let (done, mut refused) = publish_queued(
+                    first, commands, broker, exchange, generation, &mut confirms, &mut isolated,
+                )
+                .await;
                 if !done.is_empty() {
                     match returns.classify(done) {
                         Ok(outcomes) => refused.extend(outcomes),
@@ -382,6 +358,61 @@ async fn serve(
             return Some(ended);
         }
     }
+}
+
+/// Publishes `first` and everything else queued now (up to `PUBLISH_BATCH`) in
+/// one go: the io loop then wakes once for many frames instead of once per
+/// message. Commands of an older connection are dropped. Returns the answers
+/// that came at once, and the refusals made before publishing (headers larger
+/// than `frame_max`).
+async fn publish_queued<'a>(
+    first: SinkCommand,
+    commands: &mut mpsc::Receiver<SinkCommand>,
+    broker: &'a Broker,
+    exchange: &ShortString,
+    generation: u64,
+    confirms: &mut FuturesUnordered<ConfirmFuture<'a>>,
+    isolated: &mut IsolatedLane,
+) -> (Vec<Answer>, Vec<(u64, Outcome)>) {
+    let frame_max = broker.frame_max();
+    let mut next = Some(first);
+    let mut done = Vec::new();
+    let mut refused = Vec::new();
+    let mut published = 0;
+    while let Some(SinkCommand::Publish {
+        seq,
+        generation: g,
+        message,
+        isolated: alone,
+    }) = next.take()
+    {
+        if g == generation {
+            if message.header_len > frame_max {
+                refused.push((
+                    seq,
+                    Outcome::HeadersTooLarge {
+                        bytes: message.header_len,
+                        frame_max,
+                    },
+                ));
+            } else if alone || message.exchange.is_some() {
+                isolated.queue.push_back((seq, message));
+            } else {
+                let mut publish = publish(&broker.channel, exchange.clone(), seq, message);
+                // The first poll queues the frames and takes the delivery tag, so
+                // publishes leave in command order while their confirms are awaited together.
+                match futures_util::poll!(publish.as_mut()) {
+                    std::task::Poll::Pending => confirms.push(publish),
+                    std::task::Poll::Ready(result) => done.push(result),
+                }
+            }
+            published += 1;
+        }
+        if published < PUBLISH_BATCH {
+            next = commands.try_recv().ok();
+        }
+    }
+    (done, refused)
 }
 
 /// Publishes `message` on `channel` and waits for its confirm.

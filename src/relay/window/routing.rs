@@ -9,6 +9,7 @@
 use super::{Origin, Seq, State, Window};
 use crate::failure::Failure;
 use crate::relay::routing::RoutingFault;
+use crate::time::Backoff;
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -20,8 +21,8 @@ pub const PROBE_FIRST: Duration = Duration::from_millis(500);
 pub(super) struct RoutingPause {
     /// When the next probe may go out (once nothing is on the wire).
     next_probe: Instant,
-    /// The wait after the next failed probe.
-    wait: Duration,
+    /// The wait after each failed probe (doubling up to the window's `probe_max`).
+    wait: Backoff,
     /// The routing key of the last probe (the next one tries another).
     last_key: Option<String>,
 }
@@ -78,12 +79,13 @@ impl Window {
             return false;
         }
         let now = Instant::now();
-        let pause = self.routing_pause.get_or_insert(RoutingPause {
+        let probe_max = self.probe_max;
+        let pause = self.routing_pause.get_or_insert_with(|| RoutingPause {
             next_probe: now,
-            wait: PROBE_FIRST,
+            wait: Backoff::exact(PROBE_FIRST, probe_max),
             last_key: None,
         });
-        pause.next_probe = now + pause.wait;
+        pause.next_probe = now + pause.wait.current();
         let was_suspect = self.clear_suspect(seq);
         if let Some(e) = self.entries.get_mut(&seq) {
             e.state = State::Unsent;
@@ -131,11 +133,9 @@ impl Window {
             .cloned();
         match pick {
             Some((seq, key)) => {
-                let max = self.probe_max;
                 if let Some(pause) = &mut self.routing_pause {
                     pause.last_key = key;
-                    pause.next_probe = now + pause.wait;
-                    pause.wait = (pause.wait * 2).min(max);
+                    pause.next_probe = now + pause.wait.fail();
                 }
                 self.publish(seq);
             }
