@@ -1,6 +1,7 @@
 //! outbox-relay: transactional outbox rows from a PostgreSQL logical
 //! replication slot to RabbitMQ, with publisher confirms and the slot's LSN
-//! advanced only behind broker acks.
+//! advanced only behind broker acks; and the way back, a queue recorded into an
+//! inbox table once.
 //!
 //! The path of one row through the files:
 //!
@@ -9,21 +10,31 @@
 //! 2. [`event`] — it becomes an [`event::OutboxEvent`] (or a malformed row, kept
 //!    with its reason) through the column mapping [`config`] validated;
 //! 3. [`sink::format`] — the Event-Forge body, properties and headers;
-//! 4. [`relay`] — the loop admits it into the in-flight window
-//!    (`relay/window.rs`), which keeps per-aggregate order, and hands it to
-//! 5. [`sink`] — the task that owns the broker connection publishes it in
-//!    confirm mode and reports the broker's answer;
+//! 4. [`relay`] — the loop (`relay/main_loop.rs`, WAL in through
+//!    `relay/wal.rs`) admits it into the in-flight window (`relay/window.rs`),
+//!    which keeps per-aggregate order, and hands it to
+//! 5. [`sink`] — the task that owns the broker connection (opened by [`amqp`])
+//!    publishes it in confirm mode and reports the broker's answer
+//!    (`relay/answers.rs` takes it);
 //! 6. [`progress`] — the ack resolves it; once its transaction and all earlier
 //!    ones are resolved, the commit's end LSN is reported and the slot moves.
 //!
-//! When the broker refuses it, [`relay`] parks it (and its aggregate's later
-//! messages) through the [`retry`] store task in Postgres; `relay/parked.rs`
-//! schedules its retries. [`admin`] holds the operator commands; [`pg`] the
-//! Postgres names, targets, connections and catalog queries; [`metrics`] the
-//! Prometheus metrics and health endpoint; [`time`] and [`redact`] small leaves.
+//! When the broker refuses it, `relay/retries.rs` parks it (and its aggregate's
+//! later messages) through the [`retry`] store task in Postgres;
+//! `relay/parked.rs` schedules its retries; [`outbox_table`] shows the state in
+//! the row and applies `on_success`. When every publish fails the same way,
+//! `relay/routing.rs` holds them instead (a fault that is not the messages').
+//!
+//! [`admin`] holds the operator commands; [`pg`] the Postgres targets, TLS,
+//! sessions, catalog queries, slots and what a failed statement means
+//! (`pg/trouble.rs`); [`metrics`] the Prometheus metrics, health and endpoint;
+//! [`time`], [`redact`] and [`task`] small leaves.
 //!
 //! The inbox half ([`inbox`], `outbox-relay inbox`) goes the other way: a queue
-//! into Event-Forge's `inbox_messages` table, each message recorded once.
+//! into Event-Forge's `inbox_messages` table, each message recorded once. The
+//! light client crate `outbox-relay-client` (re-exported as [`outbox`] and in
+//! [`inbox`]) holds what a Rust service needs without the relay: `enqueue` and
+//! the inbox `Processor`.
 
 pub mod admin;
 pub mod amqp;

@@ -42,6 +42,19 @@ pub fn amqp_host(url: &str) -> String {
         .unwrap_or_default()
 }
 
+/// An error and every cause under it, `: `-joined (a TLS failure's reason is
+/// often three sources down).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}
+
 /// Text on one line (error texts may carry newlines).
 pub fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")

@@ -263,6 +263,43 @@ fn peak_rss(pid: u32) -> u64 {
     kb * 1024
 }
 
+/// Writes a backlog of `n` rows (`{prefix}-{g}`, payload `payload`) over 1 000
+/// aggregates before the relay starts, then runs it until the slot passes the
+/// backlog and every row arrived; returns the relay and the peak of `gauge`
+/// sampled meanwhile.
+async fn drain_backlog(
+    f: &Fixture,
+    cfg: &std::path::Path,
+    prefix: &str,
+    n: usize,
+    payload: &str,
+    gauge: &str,
+) -> (crate::support::Relay, f64) {
+    f.db.batch_execute(&format!(
+        "insert into {} (id, aggregate_type, aggregate_id, event_type, payload) \
+         select '{prefix}-' || g, 'Order', 'agg-' || (g % 1000), 'e', {payload} \
+         from generate_series(0, {}) g",
+        f.table,
+        n - 1
+    ))
+    .await
+    .unwrap();
+    let end = f.current_lsn().await;
+    let mut relay = crate::support::Relay::spawn(cfg, &f.dir, &[]);
+    let addr = relay.metrics_addr().await;
+    let mut peak = 0.0f64;
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    while f.confirmed_lsn().await < end {
+        assert!(std::time::Instant::now() < deadline, "backlog not drained");
+        let m = crate::support::http_get(&addr, "/metrics").await.1;
+        peak = peak.max(crate::support::metric_value(&m, gauge).unwrap_or(0.0));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let expected: Vec<String> = (0..n).map(|g| format!("{prefix}-{g}")).collect();
+    f.consumer().wait_ids(&expected, T).await;
+    (relay, peak)
+}
+
 /// The window's message bound: a backlog of small rows fills the window up to
 /// `max_in_flight` messages (the byte limit is far away) and never beyond.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -273,28 +310,8 @@ async fn a_backlog_of_small_rows_is_held_to_max_in_flight_messages() {
         crate::support::Relay::command(&["init", "--config", cfg.to_str().unwrap()], &f.dir, &[]);
     assert!(init.wait_exit(T).await.success(), "{}", init.log_text());
     let n = 20_000;
-    f.db.batch_execute(&format!(
-        "insert into {} (id, aggregate_type, aggregate_id, event_type, payload) \
-         select 'cnt-' || g, 'Order', 'agg-' || (g % 1000), 'e', '{{}}' from generate_series(0, {}) g",
-        f.table,
-        n - 1
-    ))
-    .await
-    .unwrap();
-    let end = f.current_lsn().await;
-    let mut relay = crate::support::Relay::spawn(&cfg, &f.dir, &[]);
-    let addr = relay.metrics_addr().await;
-    let mut peak = 0.0f64;
-    let deadline = std::time::Instant::now() + Duration::from_secs(180);
-    while f.confirmed_lsn().await < end {
-        assert!(std::time::Instant::now() < deadline, "backlog not drained");
-        let m = crate::support::http_get(&addr, "/metrics").await.1;
-        peak = peak
-            .max(crate::support::metric_value(&m, "outbox_relay_inflight_messages").unwrap_or(0.0));
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let expected: Vec<String> = (0..n).map(|g| format!("cnt-{g}")).collect();
-    f.consumer().wait_ids(&expected, T).await;
+    let (mut relay, peak) =
+        drain_backlog(&f, &cfg, "cnt", n, "'{}'", "outbox_relay_inflight_messages").await;
     assert!(peak <= 64.0, "{peak} messages in flight");
     assert!(
         peak >= 32.0,
@@ -319,29 +336,15 @@ async fn a_big_backlog_drains_within_the_window_and_in_bounded_memory() {
         crate::support::Relay::command(&["init", "--config", cfg.to_str().unwrap()], &f.dir, &[]);
     assert!(init.wait_exit(T).await.success(), "{}", init.log_text());
     let n = 30_000;
-    f.db.batch_execute(&format!(
-        "insert into {} (id, aggregate_type, aggregate_id, event_type, payload) \
-         select 'mem-' || g, 'Order', 'agg-' || (g % 1000), 'e', json_build_object('pad', repeat('x', 2000)) \
-         from generate_series(0, {}) g",
-        f.table,
-        n - 1
-    ))
-    .await
-    .unwrap();
-    let end = f.current_lsn().await;
-    let mut relay = crate::support::Relay::spawn(&cfg, &f.dir, &[]);
-    let addr = relay.metrics_addr().await;
-    let mut peak_bytes = 0.0f64;
-    let deadline = std::time::Instant::now() + Duration::from_secs(180);
-    while f.confirmed_lsn().await < end {
-        assert!(std::time::Instant::now() < deadline, "backlog not drained");
-        let m = crate::support::http_get(&addr, "/metrics").await.1;
-        peak_bytes = peak_bytes
-            .max(crate::support::metric_value(&m, "outbox_relay_inflight_bytes").unwrap_or(0.0));
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let expected: Vec<String> = (0..n).map(|g| format!("mem-{g}")).collect();
-    f.consumer().wait_ids(&expected, T).await;
+    let (mut relay, peak_bytes) = drain_backlog(
+        &f,
+        &cfg,
+        "mem",
+        n,
+        "json_build_object('pad', repeat('x', 2000))",
+        "outbox_relay_inflight_bytes",
+    )
+    .await;
     let rss = peak_rss(relay.pid());
     println!(
         "backlog {n} x 2 KB: in-flight peak {peak_bytes} bytes; relay peak RSS {} MB",

@@ -14,15 +14,6 @@ use tokio_postgres::Transaction;
 
 const T: Duration = Duration::from_secs(60);
 
-/// Runs `outbox-relay <args> --config <cfg>` to completion: (exit code, output).
-async fn cmd(dir: &std::path::Path, cfg: &std::path::Path, args: &[&str]) -> (i32, String) {
-    let mut all = args.to_vec();
-    all.extend(["--config", cfg.to_str().unwrap()]);
-    let mut r = Relay::command(&all, dir, &[]);
-    let status = r.wait_exit(T).await;
-    (status.code().unwrap_or(-1), r.log_text())
-}
-
 /// The README's `psql` insert, as printed there (the quick start's one line).
 fn readme_insert() -> String {
     let readme = include_str!("../README.md");
@@ -53,7 +44,7 @@ async fn event_forge_made_tables_work_end_to_end() {
 
     // init adds nothing that duplicates Event-Forge's own indexes (same columns,
     // other names), and adds the claim index its inbox table lacks.
-    let (code, out) = cmd(&f.dir, &cfg, &["init"]).await;
+    let (code, out) = Relay::run_to_end(&["init"], &cfg, &f.dir).await;
     assert_eq!(code, 0, "{out}");
     assert_eq!(index_names(&f.db, &f.table).await, outbox_before, "{out}");
     let mut inbox_after = inbox_before.clone();
@@ -66,7 +57,7 @@ async fn event_forge_made_tables_work_end_to_end() {
         ) && out.contains("idx_inbox_status (covered by idx_inbox_status)"),
         "{out}"
     );
-    let (code, again) = cmd(&f.dir, &cfg, &["init"]).await;
+    let (code, again) = Relay::run_to_end(&["init"], &cfg, &f.dir).await;
     assert_eq!(code, 0, "{again}");
     assert_eq!(
         index_names(&f.db, &inbox_table).await,
@@ -74,7 +65,7 @@ async fn event_forge_made_tables_work_end_to_end() {
         "init twice adds nothing"
     );
 
-    let (code, out) = cmd(&f.dir, &cfg, &["check"]).await;
+    let (code, out) = Relay::run_to_end(&["check"], &cfg, &f.dir).await;
     assert_eq!(code, 0, "{out}");
     assert!(
         out.lines().any(|l| l.starts_with("ok")
@@ -232,7 +223,7 @@ async fn event_forge_made_tables_work_end_to_end() {
             == ids.len() as i64
     })
     .await;
-    let (code, out) = cmd(&f.dir, &cfg, &["status", "--json"]).await;
+    let (code, out) = Relay::run_to_end(&["status", "--json"], &cfg, &f.dir).await;
     assert_eq!(code, 0, "{out}");
     let status: serde_json::Value = serde_json::from_str(&out[out.find('{').unwrap()..]).unwrap();
     assert_eq!(status["outbox_pending"], 0, "{status}");
@@ -285,7 +276,7 @@ async fn a_table_that_refuses_every_row_pauses_the_receiver_and_charges_no_messa
     .await
     .unwrap();
     let cfg = f.config(&[]);
-    let (code, out) = cmd(&f.dir, &cfg, &["check"]).await;
+    let (code, out) = Relay::run_to_end(&["check"], &cfg, &f.dir).await;
     assert_eq!(code, 1, "{out}");
     assert!(
         out.lines().any(|l| l.starts_with("FAIL")

@@ -222,23 +222,16 @@ async fn a_blocked_broker_suspends_deadlines_and_counts_nothing() {
         "nothing counted, nothing parked",
         || async {
             let m = support::http_get(&addr, "/metrics").await.1;
-            let failures: f64 = [
-                "nack",
-                "returned",
-                "timeout",
-                "too_large",
-                "refused",
-                "malformed",
-            ]
-            .iter()
-            .map(|r| {
-                support::metric_value(
-                    &m,
-                    &format!("outbox_relay_publish_failures_total{{reason=\"{r}\"}}"),
-                )
-                .unwrap_or(0.0)
-            })
-            .sum();
+            let failures: f64 = outbox_relay::metrics::PUBLISH_FAILURE_REASONS
+                .iter()
+                .map(|r| {
+                    support::metric_value(
+                        &m,
+                        &format!("outbox_relay_publish_failures_total{{reason=\"{r}\"}}"),
+                    )
+                    .unwrap_or(0.0)
+                })
+                .sum();
             failures == 0.0 && f.parked().await.is_empty()
         },
     )

@@ -8,15 +8,6 @@ use std::time::Duration;
 
 const T: Duration = Duration::from_secs(60);
 
-/// Runs `outbox-relay <args> --config <cfg>` to completion: (exit code, output).
-async fn cmd(f: &Fixture, cfg: &std::path::Path, args: &[&str]) -> (i32, String) {
-    let mut all = args.to_vec();
-    all.extend(["--config", cfg.to_str().unwrap()]);
-    let mut r = Relay::command(&all, &f.dir, &[]);
-    let status = r.wait_exit(T).await;
-    (status.code().unwrap_or(-1), r.log_text())
-}
-
 /// The Event-Forge table, partitioned by a hash of its id into two partitions.
 async fn partitioned(f: &Fixture) {
     let ddl = outbox_relay::pg::catalog::outbox_ddl(
@@ -76,14 +67,14 @@ async fn a_publication_that_names_the_partitions_is_refused_with_a_hint_that_wor
     .await
     .unwrap();
     let cfg = f.config(&[]);
-    let (code, out) = cmd(&f, &cfg, &["run"]).await;
+    let (code, out) = Relay::run_to_end(&["run"], &cfg, &f.dir).await;
     assert_ne!(code, 0, "{out}");
     let hint = format!(
         "ALTER PUBLICATION {} SET (publish = 'insert', publish_via_partition_root = true)",
         f.publication
     );
     assert!(out.contains(&hint), "{out}");
-    let (code, out) = cmd(&f, &cfg, &["check"]).await;
+    let (code, out) = Relay::run_to_end(&["check"], &cfg, &f.dir).await;
     assert_eq!(code, 1);
     assert!(
         out.lines()

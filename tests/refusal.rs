@@ -262,78 +262,12 @@ async fn a_slot_held_by_another_process_names_its_pid() {
     f.cleanup().await;
 }
 
-/// A throwaway Postgres cluster with wal_level=replica on its own port, so the
-/// shared server is never restarted for this test.
-struct ScratchCluster {
-    dir: std::path::PathBuf,
-    bin: String,
-}
-
-impl ScratchCluster {
-    fn start(port: u16) -> ScratchCluster {
-        let bin = std::fs::read_dir("/usr/lib/postgresql")
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .max()
-            .unwrap()
-            .join("bin")
-            .display()
-            .to_string();
-        let dir = std::env::temp_dir().join(format!("outbox-relay-scratch-pg-{port}"));
-        let sh = |cmd: String| {
-            let out = std::process::Command::new("runuser")
-                .args(["-u", "postgres", "--", "bash", "-c", &cmd])
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{cmd}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        stop_cluster(&bin, &dir);
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        std::process::Command::new("chown")
-            .args(["postgres", dir.to_str().unwrap()])
-            .status()
-            .unwrap();
-        sh(format!(
-            "{bin}/initdb -D {}/data -U postgres --auth=trust >/dev/null",
-            dir.display()
-        ));
-        sh(format!(
-            "{bin}/pg_ctl -D {d}/data -l {d}/log -w -o '-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={d} -c wal_level=replica' start >/dev/null",
-            d = dir.display()
-        ));
-        ScratchCluster { dir, bin }
-    }
-}
-
-impl Drop for ScratchCluster {
-    fn drop(&mut self) {
-        stop_cluster(&self.bin, &self.dir);
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// Stops a scratch cluster at once (nothing in it is worth a clean shutdown).
-fn stop_cluster(bin: &str, dir: &std::path::Path) {
-    let _ = std::process::Command::new("runuser")
-        .args([
-            "-u",
-            "postgres",
-            "--",
-            "bash",
-            "-c",
-            &format!("{bin}/pg_ctl -D {}/data stop -m immediate", dir.display()),
-        ])
-        .output();
-}
-
 #[tokio::test]
 async fn wal_level_not_logical_is_refused_with_the_fix() {
-    let _cluster = ScratchCluster::start(54391);
+    // A scratch cluster with wal_level = replica (the last setting wins), so the
+    // shared server is never restarted for this test.
+    let _cluster =
+        crate::support::scratch::ScratchPg::plain("refusal", 54391, "wal_level = replica");
     let text = "[postgres]\nurl = \"postgresql://postgres@127.0.0.1:54391/postgres\"\n[metrics]\nlisten = \"\"\n";
     let (code, out) = run_with("wal_level", "run", text, &[]).await;
     assert_ne!(code, 0);

@@ -7,16 +7,6 @@ use std::time::{Duration, SystemTime};
 
 const T: Duration = Duration::from_secs(60);
 
-/// Runs `outbox-relay <args>` against the fixture's config and returns (exit code, output).
-async fn relay_cmd(f: &Fixture, args: &[&str]) -> (i32, String) {
-    let cfg = f.config(&[]);
-    let mut all = args.to_vec();
-    all.extend(["--config", cfg.to_str().unwrap()]);
-    let mut r = Relay::command(&all, &f.dir, &[]);
-    let status = r.wait_exit(T).await;
-    (status.code().unwrap_or(-1), r.log_text())
-}
-
 fn rabbitmqctl(args: &[&str]) {
     let out = Command::new("rabbitmqctl").args(args).output().unwrap();
     assert!(
@@ -240,7 +230,7 @@ async fn dead_letters_reach_the_dead_letter_exchange_and_requeue_revives_them() 
         f.row_state("doomed").await.0 == "permanently_failed"
     })
     .await;
-    let (code, out) = relay_cmd(&f, &["dead", "list", "--json"]).await;
+    let (code, out) = Relay::run_to_end(&["dead", "list", "--json"], &f.config(&[]), &f.dir).await;
     assert_eq!(code, 0, "{out}");
     let json_start = out.find('[').unwrap();
     let list: serde_json::Value = serde_json::from_str(&out[json_start..]).unwrap();
@@ -252,11 +242,17 @@ async fn dead_letters_reach_the_dead_letter_exchange_and_requeue_revives_them() 
         .contains("unroutable"));
     // Requeue after fixing the cause: delivered with a fresh budget.
     f.bind("Order.lost").await;
-    let (code, out) = relay_cmd(&f, &["dead", "requeue", "--id", "doomed"]).await;
+    let (code, out) = Relay::run_to_end(
+        &["dead", "requeue", "--id", "doomed"],
+        &f.config(&[]),
+        &f.dir,
+    )
+    .await;
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("requeued 1 message"), "{out}");
     f.consumer().wait_ids(&["doomed".into()], T).await;
-    let (code, out) = relay_cmd(&f, &["dead", "requeue", "--id", "nope"]).await;
+    let (code, out) =
+        Relay::run_to_end(&["dead", "requeue", "--id", "nope"], &f.config(&[]), &f.dir).await;
     assert_ne!(code, 0);
     assert!(out.contains("not dead in slot s_retry_dead: nope"), "{out}");
     f.wait_retry_drained().await;
@@ -293,7 +289,8 @@ async fn requeue_all_pages_through_every_dead_message() {
     })
     .await;
     f.bind("Order.lost").await;
-    let (code, out) = relay_cmd(&f, &["dead", "requeue", "--all"]).await;
+    let (code, out) =
+        Relay::run_to_end(&["dead", "requeue", "--all"], &f.config(&[]), &f.dir).await;
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("requeued 2500 message(s)"), "{out}");
     f.consumer().wait_ids(&ids, T).await;
@@ -367,7 +364,8 @@ async fn on_dead_block_holds_the_aggregate_until_requeued() {
     )
     .await;
     f.bind("Order.lost").await;
-    let (code, out) = relay_cmd(&f, &["dead", "requeue", "--all"]).await;
+    let (code, out) =
+        Relay::run_to_end(&["dead", "requeue", "--all"], &f.config(&[]), &f.dir).await;
     assert_eq!(code, 0, "{out}");
     f.consumer()
         .wait_ids(&["blocker".into(), "held".into()], T)

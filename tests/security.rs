@@ -9,9 +9,8 @@ mod support;
 use outbox_relay::pg::PgTarget;
 use outbox_relay::source::{self, SourceSettings};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
-use support::scratch::{self, sh_pg, ScratchPg};
+use support::scratch::{self, sh_pg, ScratchPg, ScratchRabbit};
 use support::{http_get, Relay};
 
 /// Passwords that must never show in anything the relay writes.
@@ -124,116 +123,50 @@ fn reconfigure(pg: &ScratchPg, ssl: bool, cert: &str) {
     panic!("postgres did not reload its ssl settings");
 }
 
-/// A throwaway RabbitMQ node with only a TLS listener, its own node name,
-/// ports, config file and directories; the management plugin is off.
-struct ScratchRabbit {
-    dir: PathBuf,
-    child: std::process::Child,
-    pgid: i32,
-    port: u16,
+/// A throwaway RabbitMQ node with only a TLS listener (the management plugin
+/// off). `external`: also log in by client certificate (EXTERNAL, by common
+/// name). `plain_too`: also a plain listener on `port + 3` (for the TLS cost
+/// measurement).
+fn tls_rabbit(port: u16, certs: &Certs, external: bool) -> ScratchRabbit {
+    tls_rabbit_with(port, certs, external, false)
 }
 
-impl ScratchRabbit {
-    /// `external`: also log in by client certificate (EXTERNAL, by common name).
-    /// `plain_too`: also a plain listener on `port + 3` (for the TLS cost measurement).
-    fn start(port: u16, certs: &Certs, external: bool) -> ScratchRabbit {
-        Self::start_with(port, certs, external, false)
-    }
-
-    fn start_with(port: u16, certs: &Certs, external: bool, plain_too: bool) -> ScratchRabbit {
-        let dir = std::env::temp_dir().join(format!("outbox-relay-sec-rabbit-{port}"));
-        kill_group_in(&dir);
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(
-            dir.join("rabbitmq.conf"),
-            format!(
-                "{tcp}\n\
-                 listeners.ssl.default = {port}\n\
-                 ssl_options.cacertfile = {ca}\n\
-                 ssl_options.certfile = {cert}\n\
-                 ssl_options.keyfile = {key}\n\
-                 ssl_options.verify = verify_peer\n\
-                 ssl_options.fail_if_no_peer_cert = false\n\
-                 loopback_users = none\n\
-                 default_user = sec_user\n\
-                 default_pass = {MQ_MARKER}\n{extra}",
-                tcp = if plain_too {
-                    format!("listeners.tcp.default = 127.0.0.1:{}", port + 3)
-                } else {
-                    "listeners.tcp = none".to_string()
-                },
-                extra = if external {
-                    "auth_mechanisms.1 = PLAIN\nauth_mechanisms.2 = EXTERNAL\nssl_cert_login_from = common_name\n"
-                } else {
-                    ""
-                },
-                ca = certs.path("ca.pem"),
-                cert = certs.path("server.pem"),
-                key = certs.path("server.key"),
-            ),
-        )
-        .unwrap();
-        let plugins = if external {
-            "[rabbitmq_auth_mechanism_ssl].\n"
+fn tls_rabbit_with(port: u16, certs: &Certs, external: bool, plain_too: bool) -> ScratchRabbit {
+    let conf = format!(
+        "{tcp}\n\
+         listeners.ssl.default = {port}\n\
+         ssl_options.cacertfile = {ca}\n\
+         ssl_options.certfile = {cert}\n\
+         ssl_options.keyfile = {key}\n\
+         ssl_options.verify = verify_peer\n\
+         ssl_options.fail_if_no_peer_cert = false\n\
+         loopback_users = none\n\
+         default_user = sec_user\n\
+         default_pass = {MQ_MARKER}\n{extra}",
+        tcp = if plain_too {
+            format!("listeners.tcp.default = 127.0.0.1:{}", port + 3)
         } else {
-            "[].\n"
-        };
-        std::fs::write(dir.join("enabled_plugins"), plugins).unwrap();
-        let log = std::fs::File::create(dir.join("out.log")).unwrap();
-        let d = dir.display().to_string();
-        let mut cmd = Command::new("/usr/lib/rabbitmq/bin/rabbitmq-server");
-        cmd.env("RABBITMQ_NODENAME", format!("sec_rabbit_{port}@localhost"))
-            .env("RABBITMQ_NODE_PORT", (port + 1).to_string())
-            .env("RABBITMQ_DIST_PORT", (port + 2).to_string())
-            .env("RABBITMQ_CONFIG_FILE", format!("{d}/rabbitmq"))
-            .env("RABBITMQ_MNESIA_BASE", format!("{d}/mnesia"))
-            .env("RABBITMQ_LOG_BASE", format!("{d}/log"))
-            .env(
-                "RABBITMQ_ENABLED_PLUGINS_FILE",
-                format!("{d}/enabled_plugins"),
-            )
-            .env("RABBITMQ_PID_FILE", format!("{d}/rabbit.pid"))
-            .env("RABBITMQ_LOGS", "-")
-            .stdin(std::process::Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
-        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-        let child = cmd.spawn().expect("start a scratch rabbitmq node");
-        let pgid = child.id() as i32;
-        std::fs::write(dir.join("launcher.pgid"), pgid.to_string()).unwrap();
-        ScratchRabbit {
-            dir,
-            child,
-            pgid,
-            port,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("amqps://sec_user:{MQ_MARKER}@localhost:{}/%2f", self.port)
-    }
+            "listeners.tcp = none".to_string()
+        },
+        extra = if external {
+            "auth_mechanisms.1 = PLAIN\nauth_mechanisms.2 = EXTERNAL\nssl_cert_login_from = common_name\n"
+        } else {
+            ""
+        },
+        ca = certs.path("ca.pem"),
+        cert = certs.path("server.pem"),
+        key = certs.path("server.key"),
+    );
+    let plugins = if external {
+        "[rabbitmq_auth_mechanism_ssl].\n"
+    } else {
+        "[].\n"
+    };
+    ScratchRabbit::start(&format!("sec_rabbit_{port}"), port, &conf, plugins)
 }
 
-/// Kills a node a crashed earlier run left behind.
-fn kill_group_in(dir: &Path) {
-    if let Ok(pgid) = std::fs::read_to_string(dir.join("launcher.pgid")) {
-        if let Ok(pgid) = pgid.trim().parse::<i32>() {
-            let _ = Command::new("kill")
-                .args(["-9", "--", &format!("-{pgid}")])
-                .output();
-        }
-    }
-}
-
-impl Drop for ScratchRabbit {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-9", "--", &format!("-{}", self.pgid)])
-            .output();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+fn rabbit_url(rabbit: &ScratchRabbit) -> String {
+    format!("amqps://sec_user:{MQ_MARKER}@localhost:{}/%2f", rabbit.port)
 }
 
 fn ca_tls(certs: &Certs) -> lapin::tcp::OwnedTLSConfig {
@@ -246,7 +179,7 @@ fn ca_tls(certs: &Certs) -> lapin::tcp::OwnedTLSConfig {
 async fn amqps(rabbit: &ScratchRabbit, certs: &Certs) -> Result<lapin::Connection, lapin::Error> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     lapin::Connection::connect_with_config(
-        &rabbit.url(),
+        &rabbit_url(rabbit),
         lapin::ConnectionProperties::default(),
         ca_tls(certs),
         lapin::runtime::default_runtime().unwrap(),
@@ -449,7 +382,7 @@ async fn rows_flow_over_tls_on_both_sides_and_no_output_holds_a_password() {
     let dir = std::env::temp_dir().join("outbox-relay-sec-e2e");
     let _ = std::fs::remove_dir_all(&dir);
     let certs = Certs::make(&dir.join("certs"));
-    let rabbit = ScratchRabbit::start(56711, &certs, false);
+    let rabbit = tls_rabbit(56711, &certs, false);
     let pg = tls_pg(55442, &certs);
     let broker = wait_rabbit(&rabbit, &certs).await;
 
@@ -761,7 +694,7 @@ async fn the_metrics_endpoint_withstands_abuse_and_the_relay_keeps_publishing() 
     let dir = std::env::temp_dir().join("outbox-relay-sec-abuse");
     let _ = std::fs::remove_dir_all(&dir);
     let certs = Certs::make(&dir.join("certs"));
-    let rabbit = ScratchRabbit::start(56716, &certs, true);
+    let rabbit = tls_rabbit(56716, &certs, true);
     let pg = tls_pg(55443, &certs);
     let broker = wait_rabbit(&rabbit, &certs).await;
     let ch = broker.create_channel().await.unwrap();
@@ -951,7 +884,7 @@ async fn tls_cost() {
     let dir = std::env::temp_dir().join("outbox-relay-sec-cost");
     let _ = std::fs::remove_dir_all(&dir);
     let certs = Certs::make(&dir.join("certs"));
-    let rabbit = ScratchRabbit::start_with(56721, &certs, false, true);
+    let rabbit = tls_rabbit_with(56721, &certs, false, true);
     let pg = tls_pg(55444, &certs);
     let broker = wait_rabbit(&rabbit, &certs).await;
     let ch = broker.create_channel().await.unwrap();

@@ -90,14 +90,27 @@ impl Lab {
         ids
     }
 
-    async fn published(&self, db: &Client, id: &str) -> bool {
-        db.query_one(
-            "select status = 'published' from ef.outbox_messages where id = $1",
-            &[&id],
-        )
-        .await
-        .unwrap()
-        .get(0)
+    /// A relay streams 20 rows (`{prefix}-0` ..) until they are marked
+    /// published, then stops cleanly; returns their ids.
+    async fn run_a_while(&self, cfg: &std::path::Path, prefix: &str) -> Vec<String> {
+        let mut relay = Relay::spawn(cfg, &self.dir, &[]);
+        relay.wait_streaming().await;
+        let ids = self.insert(&self.db, prefix, 20).await;
+        self.consumer.wait_ids(&ids, T).await;
+        wait_for(T, "delivered rows marked published", || async {
+            self.db
+                .query_one(
+                    "select count(*) from ef.outbox_messages where status = 'published'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+                == 20
+        })
+        .await;
+        assert!(relay.terminate(T).await.success(), "{}", relay.log_text());
+        ids
     }
 
     /// Every id arrived exactly once.
@@ -139,15 +152,6 @@ async fn connect(url: &str) -> Client {
         let _ = conn.await;
     });
     db
-}
-
-/// Runs `outbox-relay <args> --config <cfg>` to completion: (exit code, output).
-async fn cmd(dir: &std::path::Path, cfg: &std::path::Path, args: &[&str]) -> (i32, String) {
-    let mut all = args.to_vec();
-    all.extend(["--config", cfg.to_str().unwrap()]);
-    let mut r = Relay::command(&all, dir, &[]);
-    let status = r.wait_exit(T).await;
-    (status.code().unwrap_or(-1), r.log_text())
 }
 
 /// What a relay, `check` and `status` say about a lost slot: `how` is the
@@ -202,14 +206,14 @@ async fn assert_refused(
         metric(&addr, &format!("outbox_relay_slot_lost{{how=\"{how}\"}}")).await,
         1.0
     );
-    let (code, out) = cmd(&lab.dir, cfg, &["check"]).await;
+    let (code, out) = Relay::run_to_end(&["check"], cfg, &lab.dir).await;
     assert_eq!(code, 1, "{out}");
     assert!(
         out.lines()
             .any(|l| l.starts_with("FAIL") && l.contains("slot") && l.contains(words[0])),
         "{out}"
     );
-    let (code, out) = cmd(&lab.dir, cfg, &["status", "--json"]).await;
+    let (code, out) = Relay::run_to_end(&["status", "--json"], cfg, &lab.dir).await;
     assert_eq!(code, 0, "{out}");
     let status: serde_json::Value = serde_json::from_str(&out[out.find('{').unwrap()..]).unwrap();
     assert_eq!(status["slot"]["lost"], how, "{status}");
@@ -228,7 +232,7 @@ async fn recover(
     gap: &[String],
     words: &[&str],
 ) {
-    let (code, out) = cmd(&lab.dir, cfg, &["replay", "--pending"]).await;
+    let (code, out) = Relay::run_to_end(&["replay", "--pending"], cfg, &lab.dir).await;
     assert_eq!(code, 0, "{out}");
     for w in words.iter().chain(&[
         "created a new slot",
@@ -303,7 +307,63 @@ async fn a_slot_dropped_while_the_relay_streams_is_refused_and_replay_recovers()
         .unwrap()
         .get(0);
     assert_eq!(slots, 0);
-    recover(&lab, &mut relay, &cfg, &gap, &[]).await;
+    // A replay in progress (held up here: the rows it marks published are locked)
+    // marks itself in the slot record; while it runs the relay keeps waiting,
+    // though the new slot exists, so nothing newer of an aggregate overtakes its
+    // replayed rows.
+    let mut locker = connect(&lab.pg.url()).await;
+    let lock = locker.transaction().await.unwrap();
+    lock.batch_execute("lock table ef.outbox_messages in share mode")
+        .await
+        .unwrap();
+    let mut replay = Relay::command(
+        &["replay", "--pending", "--config", cfg.to_str().unwrap()],
+        &lab.dir,
+        &[],
+    );
+    // (Its first round, one row per aggregate, is published; marking it waits.)
+    wait_for(T, "the replay's first round published", || async {
+        lab.consumer
+            .ids()
+            .iter()
+            .any(|id| id.starts_with("drop-gap"))
+    })
+    .await;
+    let addr = relay.metrics_addr().await;
+    wait_for(T, "the relay says a replay is running", || async {
+        http_get(&addr, "/readyz")
+            .await
+            .1
+            .contains("has not finished")
+    })
+    .await;
+    support::holds_for(
+        Duration::from_secs(6),
+        "the relay waits for the replay",
+        || async {
+            !relay
+                .log_text()
+                .contains("the slot can be streamed from again")
+        },
+    )
+    .await;
+    lock.rollback().await.unwrap();
+    let status = replay.wait_exit(T).await;
+    assert!(status.success(), "{}", replay.log_text());
+    assert!(
+        replay.log_text().contains("re-published 30 pending row(s)"),
+        "{}",
+        replay.log_text()
+    );
+    relay
+        .wait_log("the slot can be streamed from again", T)
+        .await;
+    relay.wait_streaming().await;
+    let addr = relay.metrics_addr().await;
+    wait_for(T, "ready again", || async {
+        http_get(&addr, "/readyz").await.0 == 200
+    })
+    .await;
     let after = lab.insert(&lab.db, "drop-after", 10).await;
     lab.consumer.wait_ids(&after, T).await;
     assert!(relay.terminate(T).await.success(), "{}", relay.log_text());
@@ -320,15 +380,7 @@ async fn a_slot_invalidated_by_max_slot_wal_keep_size_is_refused_and_replay_recr
     );
     let lab = Lab::new("slot_invalid", pg).await;
     let cfg = lab.config(&lab.pg.url());
-    let mut relay = Relay::spawn(&cfg, &lab.dir, &[]);
-    relay.wait_streaming().await;
-    let before = lab.insert(&lab.db, "inv-before", 20).await;
-    lab.consumer.wait_ids(&before, T).await;
-    wait_for(T, "delivered rows marked published", || async {
-        lab.published(&lab.db, "inv-before-19").await
-    })
-    .await;
-    assert!(relay.terminate(T).await.success(), "{}", relay.log_text());
+    let before = lab.run_a_while(&cfg, "inv-before").await;
     // While the relay is down the application writes on, and the server moves
     // more than max_slot_wal_keep_size past the slot: at the checkpoint it
     // invalidates it.
@@ -387,15 +439,7 @@ async fn a_fail_over_to_a_standby_without_the_slot_is_refused_and_replay_recover
     let lab = Lab::new("slot_failover", primary).await;
     let standby = ScratchPg::standby_of(&lab.pg, "slots-standby", 55454);
     let cfg = lab.config(&lab.pg.url());
-    let mut relay = Relay::spawn(&cfg, &lab.dir, &[]);
-    relay.wait_streaming().await;
-    let before = lab.insert(&lab.db, "fo-before", 20).await;
-    lab.consumer.wait_ids(&before, T).await;
-    wait_for(T, "delivered rows marked published", || async {
-        lab.published(&lab.db, "fo-before-19").await
-    })
-    .await;
-    assert!(relay.terminate(T).await.success(), "{}", relay.log_text());
+    let before = lab.run_a_while(&cfg, "fo-before").await;
     let gap = lab.insert(&lab.db, "fo-gap", 30).await;
     // The standby has everything, the slot record included; the primary dies and
     // the standby is promoted (a new timeline, no slot: PostgreSQL 15 keeps slots

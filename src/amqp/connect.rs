@@ -98,13 +98,7 @@ async fn open_now(settings: &AmqpSettings, name: &str) -> Result<Connection, Err
 /// A failed connection; one that failed in the TLS handshake names the key to
 /// look at.
 fn connect_error(settings: &AmqpSettings, source: lapin::Error) -> Error {
-    let mut text = source.to_string();
-    let mut cause: Option<&dyn std::error::Error> = std::error::Error::source(&source);
-    while let Some(c) = cause {
-        text.push_str(": ");
-        text.push_str(&c.to_string());
-        cause = c.source();
-    }
+    let text = crate::redact::error_chain(&source);
     let lower = text.to_ascii_lowercase();
     let url = settings.url.redacted();
     let tls = |key: &str, message: String| Error::AmqpTls {

@@ -276,35 +276,23 @@ impl Housekeeping {
 
     /// Deletes published rows older than the retention, 1 000 at a time.
     async fn sweep_retention(&mut self) {
-        let mut total = 0u64;
-        loop {
-            match self
-                .outbox
-                .delete_published_before(&self.client, self.settings.retention)
-                .await
-            {
-                Ok(n) => {
-                    total += n;
-                    if n < 1000 {
-                        break;
-                    }
-                    tokio::task::yield_now().await;
+        let retention = self.settings.retention;
+        let swept = self
+            .sweep("retention", retention, |h, older_than| {
+                Box::pin(h.outbox.delete_published_before(&h.client, older_than))
+            })
+            .await;
+        match swept {
+            None => self.retention_at = Some(Instant::now() + Duration::from_secs(60)),
+            Some(total) => {
+                if total > 0 {
+                    tracing::info!(deleted = total, "retention: deleted published rows");
                 }
-                Err(e) => {
-                    metrics().housekeeping_failure("retention");
-                    tracing::warn!(error = %e, "retention sweep failed; trying again in a minute");
-                    self.reconnect().await;
+                if let Err(e) = self.schedule_retention().await {
+                    tracing::warn!(error = %e, "cannot schedule the next retention sweep; trying in a minute");
                     self.retention_at = Some(Instant::now() + Duration::from_secs(60));
-                    return;
                 }
             }
-        }
-        if total > 0 {
-            tracing::info!(deleted = total, "retention: deleted published rows");
-        }
-        if let Err(e) = self.schedule_retention().await {
-            tracing::warn!(error = %e, "cannot schedule the next retention sweep; trying in a minute");
-            self.retention_at = Some(Instant::now() + Duration::from_secs(60));
         }
     }
 
@@ -316,30 +304,47 @@ impl Housekeeping {
             return;
         };
         self.purge_at = Some(Instant::now() + older_than.min(Duration::from_secs(3600)));
+        let swept = self
+            .sweep("dead_purge", older_than, |h, older_than| {
+                Box::pin(h.retry.purge_dead(&h.client, older_than))
+            })
+            .await;
+        match swept {
+            None => self.purge_at = Some(Instant::now() + Duration::from_secs(60)),
+            Some(total) if total > 0 => tracing::info!(
+                deleted = total,
+                "dead rows past retry.dead_retention deleted"
+            ),
+            Some(_) => {}
+        }
+    }
+
+    /// Runs a delete of at most 1 000 rows older than `older_than` until one
+    /// deletes fewer; how many went in all, or `None` when a statement failed
+    /// (counted under `job`; the caller tries again in a minute).
+    async fn sweep(
+        &mut self,
+        job: &'static str,
+        older_than: Duration,
+        delete: for<'a> fn(&'a Housekeeping, Duration) -> BoxFuture<'a, Result<u64, Error>>,
+    ) -> Option<u64> {
         let mut total = 0u64;
         loop {
-            match self.retry.purge_dead(&self.client, older_than).await {
+            match delete(self, older_than).await {
                 Ok(n) => {
                     total += n;
                     if n < 1000 {
-                        break;
+                        return Some(total);
                     }
                     tokio::task::yield_now().await;
                 }
                 Err(e) => {
-                    metrics().housekeeping_failure("dead_purge");
-                    tracing::warn!(error = %e, "purging dead rows failed; trying again in a minute");
+                    metrics().housekeeping_failure(job);
+                    tracing::warn!(error = %e, job, "housekeeping sweep failed; trying again in a minute");
                     self.reconnect().await;
-                    self.purge_at = Some(Instant::now() + Duration::from_secs(60));
-                    return;
+                    return None;
                 }
             }
-        }
-        if total > 0 {
-            tracing::info!(
-                deleted = total,
-                "dead rows past retry.dead_retention deleted"
-            );
         }
     }
 }

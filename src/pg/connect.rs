@@ -71,13 +71,7 @@ impl PgTarget {
     /// The error for a failed connection: one naming the TLS key at fault when
     /// the TLS negotiation failed.
     fn connect_error(&self, source: tokio_postgres::Error) -> Error {
-        let mut text = source.to_string();
-        let mut cause: Option<&dyn std::error::Error> = std::error::Error::source(&source);
-        while let Some(c) = cause {
-            text.push_str(": ");
-            text.push_str(&c.to_string());
-            cause = c.source();
-        }
+        let text = crate::redact::error_chain(&source);
         if text.contains("TLS") || text.contains("certificate") {
             if let Some((key, message)) = self.tls.explain(&text, &self.host) {
                 return self.tls_error(key, message);

@@ -1,14 +1,14 @@
 //! The relay loop: WAL in, AMQP out, LSN forward only behind broker acks or
-//! durable retry state. The loop and its dispatch are in [`main_loop`] (with its
+//! durable retry state. The loop and its dispatch are in `main_loop` (with its
 //! methods in `wal.rs`, `answers.rs` and `liveness.rs`); the state it drives
 //! lives in its own rooms:
 //!
-//! - [`window`]: the in-flight window, per-aggregate turns, byte and message
+//! - `window`: the in-flight window, per-aggregate turns, byte and message
 //!   accounting, publish deadlines;
-//! - [`parked`]: which aggregates have retry state and which heads are due;
-//! - [`retries`]: parking messages and re-publishing retried heads;
-//! - [`startup`]: preflight, slot take-over and standby wait, heartbeat;
-//! - [`wiring`]: `run`, which starts the tasks and channels and hands them to the loop.
+//! - `parked`: which aggregates have retry state and which heads are due;
+//! - `retries`: parking messages and re-publishing retried heads;
+//! - `startup`: preflight, slot take-over and standby wait, heartbeat;
+//! - `wiring`: `run`, which starts the tasks and channels and hands them to the loop.
 //!
 //! One row's path: `source` hands an XLogData payload to the decoder, which
 //! makes an `OutboxEvent`; `sink::format` turns it into an AMQP message; the

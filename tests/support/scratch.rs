@@ -1,8 +1,8 @@
-//! Throwaway Postgres clusters on ports of their own, so a test can break what it
-//! likes (TLS settings, a slot invalidated by `max_slot_wal_keep_size`, a standby
-//! promoted) without touching the shared server. Each runs as the `postgres`
-//! user from the newest installed version and is stopped (immediately) and
-//! removed on drop, also when a test panics.
+//! Throwaway Postgres clusters and RabbitMQ nodes on ports of their own, so a
+//! test can break what it likes (TLS settings, a slot invalidated by
+//! `max_slot_wal_keep_size`, a standby promoted, a node killed) without touching
+//! the shared services. Each is stopped (immediately) and removed on drop, also
+//! when a test panics.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -223,6 +223,89 @@ impl ScratchPg {
 impl Drop for ScratchPg {
     fn drop(&mut self) {
         self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A throwaway RabbitMQ node: its own node name, ports (`port` for AMQP as the
+/// configuration says, `port + 1` the node port, `port + 2` distribution),
+/// configuration file, plugins and directories; the Erlang cookie is the
+/// machine's (`HOME=/var/lib/rabbitmq` shares `rabbitmqctl`'s). Killed (the
+/// whole process group) on drop.
+pub struct ScratchRabbit {
+    pub dir: PathBuf,
+    pub node: String,
+    pub port: u16,
+    child: std::process::Child,
+    pgid: i32,
+}
+
+impl ScratchRabbit {
+    /// Starts node `name@localhost` with `conf` as its rabbitmq.conf and
+    /// `plugins` as its enabled_plugins file (`"[].\n"` for none).
+    pub fn start(name: &str, port: u16, conf: &str, plugins: &str) -> ScratchRabbit {
+        let dir = std::env::temp_dir().join(format!("outbox-relay-rabbit-{name}-{port}"));
+        kill_group_in(&dir);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("rabbitmq.conf"), conf).unwrap();
+        std::fs::write(dir.join("enabled_plugins"), plugins).unwrap();
+        let log = std::fs::File::create(dir.join("out.log")).unwrap();
+        let d = dir.display().to_string();
+        let node = format!("{name}@localhost");
+        let mut cmd = Command::new("/usr/lib/rabbitmq/bin/rabbitmq-server");
+        cmd.env("RABBITMQ_NODENAME", &node)
+            .env("RABBITMQ_NODE_PORT", (port + 1).to_string())
+            .env("RABBITMQ_DIST_PORT", (port + 2).to_string())
+            .env("RABBITMQ_CONFIG_FILE", format!("{d}/rabbitmq"))
+            .env("RABBITMQ_MNESIA_BASE", format!("{d}/mnesia"))
+            .env("RABBITMQ_LOG_BASE", format!("{d}/log"))
+            .env(
+                "RABBITMQ_ENABLED_PLUGINS_FILE",
+                format!("{d}/enabled_plugins"),
+            )
+            .env("RABBITMQ_PID_FILE", format!("{d}/rabbit.pid"))
+            .env("RABBITMQ_LOGS", "-")
+            .env("HOME", "/var/lib/rabbitmq")
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        let child = cmd.spawn().expect("start a scratch rabbitmq node");
+        let pgid = child.id() as i32;
+        std::fs::write(dir.join("launcher.pgid"), pgid.to_string()).unwrap();
+        ScratchRabbit {
+            dir,
+            node,
+            port,
+            child,
+            pgid,
+        }
+    }
+
+    /// kill -9 of the whole node (the Erlang VM and its helpers).
+    pub fn kill9(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-9", "--", &format!("-{}", self.pgid)])
+            .output();
+        let _ = self.child.wait();
+    }
+}
+
+/// Kills a node a crashed earlier run left behind.
+fn kill_group_in(dir: &std::path::Path) {
+    if let Ok(pgid) = std::fs::read_to_string(dir.join("launcher.pgid")) {
+        if let Ok(pgid) = pgid.trim().parse::<i32>() {
+            let _ = Command::new("kill")
+                .args(["-9", "--", &format!("-{pgid}")])
+                .output();
+        }
+    }
+}
+
+impl Drop for ScratchRabbit {
+    fn drop(&mut self) {
+        self.kill9();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
