@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 /// mimalloc instead of glibc's allocator: the hot path allocates many small,
-/// short-lived buffers on one thread and frees them on another (see README, Performance).
+/// short-lived buffers on one thread and frees them on another (see docs/performance.md and docs/architecture.md).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

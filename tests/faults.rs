@@ -1,5 +1,5 @@
 //! Fault tests that restart or disturb shared services (RabbitMQ, Postgres).
-//! They run serially (`--test-threads=1`, see README) in their own binary.
+//! They run serially (`--test-threads=1`, see scripts/test.sh) in their own binary.
 
 mod support;
 

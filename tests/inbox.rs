@@ -333,7 +333,7 @@ async fn inb_init_creates_the_table_and_status_shows_the_backlog() {
 async fn inb_event_forge_inbox_service_processes_what_the_receiver_recorded() {
     let python = std::env::var("OUTBOX_RELAY_EVENT_FORGE_PYTHON").expect(
         "set OUTBOX_RELAY_EVENT_FORGE_PYTHON to a python with event-forge, sqlalchemy[asyncio] and asyncpg \
-         (python3 -m venv v && v/bin/pip install event-forge 'sqlalchemy[asyncio]' asyncpg)",
+         (python3 -m venv v && v/bin/pip install event-forge 'sqlalchemy[asyncio]' asyncpg psycopg2-binary)",
     );
     let f = InboxFixture::new("interop").await;
     let schema = "inb_interop";
@@ -426,7 +426,7 @@ async fn event_forge_tables(python: &str, f: &InboxFixture, schema: &str) {
 async fn inb_what_event_forge_publishes_is_recorded_once() {
     let python = std::env::var("OUTBOX_RELAY_EVENT_FORGE_PYTHON").expect(
         "set OUTBOX_RELAY_EVENT_FORGE_PYTHON to a python with event-forge and aio-pika \
-         (python3 -m venv v && v/bin/pip install event-forge aio-pika)",
+         (python3 -m venv v && v/bin/pip install event-forge 'sqlalchemy[asyncio]' aio-pika psycopg2-binary)",
     );
     let mut f = InboxFixture::new("interop_pub").await;
     let schema = "inb_interop_pub";

@@ -262,7 +262,7 @@ async fn dead_letters_reach_the_dead_letter_exchange_and_requeue_revives_them() 
     f.cleanup().await;
 }
 
-/// `dead requeue --all` pages by seq: more than two pages of dead messages all
+/// `dead requeue --all` pages by aggregate, then seq: more than two pages of dead messages all
 /// come back, once each, in order per aggregate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requeue_all_pages_through_every_dead_message() {

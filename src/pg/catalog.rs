@@ -9,7 +9,7 @@ use crate::error::Error;
 use pgwire_replication::Lsn;
 use tokio_postgres::Client;
 
-/// DDL of the Event-Forge outbox table, shared by `init`, the README and the tests.
+/// DDL of the Event-Forge outbox table (`sql/outbox_messages.sql`), shared by `init` and the tests.
 pub const OUTBOX_DDL: &str = include_str!("../../sql/outbox_messages.sql");
 
 pub async fn wal_level(client: &Client) -> Result<String, Error> {

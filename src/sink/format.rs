@@ -1,5 +1,5 @@
 //! The Event-Forge wire format: body, properties, headers and routing key of
-//! one outbox row (see `reference/event-forge.md`).
+//! one outbox row (docs/event-forge.md, "Wire format").
 
 use crate::event::{AggregateKey, OutboxEvent, Row};
 use crate::time::{pg_timestamp_to_iso, unix_micros_to_iso, PG_EPOCH_OFFSET_MICROS};
