@@ -26,6 +26,7 @@ run_client() {
     --no-shuffle --timeout 60 -o target/mutants/client || true
 }
 ONLY=${1:-}
+mkdir -p target/mutants
 run window relay::window src/relay/window.rs src/relay/window/peer.rs src/relay/window/routing.rs
 run routing relay::routing src/relay/routing.rs
 run parked relay::parked src/relay/parked.rs
