@@ -16,7 +16,7 @@ run() {
   for f in "$@"; do files+=(-f "$f"); done
   echo "== $group: $*"
   cargo mutants "${files[@]}" --no-shuffle --timeout 120 --build-timeout 900 \
-    --cargo-test-arg=--lib --cargo-test-arg="$filter" \
+    -C --lib --cargo-test-arg="$filter" \
     -o "target/mutants/$group" || true
 }
 run_client() {

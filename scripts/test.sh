@@ -27,6 +27,12 @@ flock -o -x "${OUTBOX_RELAY_SECURITY_LOCK:-/tmp/outbox-relay-security.lock}" \
 cargo test --test slots --no-run
 flock -o -x "${OUTBOX_RELAY_SECURITY_LOCK:-/tmp/outbox-relay-security.lock}" \
   cargo test --test slots -- --test-threads=1
+# A three-node RabbitMQ cluster of scratch nodes (ports 56810-56832): nodes
+# killed under the relay and the receiver, then the whole cluster; one cluster
+# for the binary, under the same lock.
+cargo test --test cluster --no-run
+flock -o -x "${OUTBOX_RELAY_SECURITY_LOCK:-/tmp/outbox-relay-security.lock}" \
+  cargo test --test cluster -- --test-threads=1
 # Integration tests share the local services; the fault tests restart them. The lock
 # keeps several checkouts on one machine from disturbing each other: tests of two
 # checkouts use the same object names, so each binary holds it alone; CI holds it

@@ -4,7 +4,7 @@
 -- since the relay last held it were never read, and the relay refuses to start
 -- (see `outbox-relay replay --pending`). `outbox-relay init` and `run` create it
 -- next to the retry table; safe to run twice. A table of an earlier version gets
--- the last three columns from `init` (ALTER TABLE ... ADD COLUMN IF NOT EXISTS).
+-- the last five columns from `init` (ALTER TABLE ... ADD COLUMN IF NOT EXISTS).
 CREATE TABLE IF NOT EXISTS public.outbox_relay_slots (
     slot        text        PRIMARY KEY,            -- the logical replication slot
     outbox      text        NOT NULL,               -- the outbox table it carries (schema.table)
@@ -14,5 +14,7 @@ CREATE TABLE IF NOT EXISTS public.outbox_relay_slots (
     seen_lsn    pg_lsn,                             -- the slot's confirmed position then
     system_id   text,                               -- the server then (pg_control_system): another one after a fail-over
     timeline    bigint,                             -- its timeline then: a promoted standby writes a new one
-    replaying_since timestamptz                     -- a `replay --pending` started then and has not finished
+    replaying_since timestamptz,                    -- a `replay --pending` started then and has not finished
+    broker_node text,                               -- the RabbitMQ node (host:port) the relay last connected to
+    broker_since timestamptz                        -- when
 );

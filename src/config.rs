@@ -103,8 +103,10 @@ pub struct PostgresConfig {
 /// `[amqp]`, validated.
 #[derive(Debug, Clone)]
 pub struct AmqpConfig {
-    /// AMQP 0-9-1 URL (the password never shows in `Debug`).
-    pub url: AmqpUrl,
+    /// AMQP 0-9-1 URLs, one per node of the broker (passwords never show in
+    /// `Debug`): the first that answers is used; when its connection is lost, the
+    /// next.
+    pub nodes: Vec<AmqpUrl>,
     /// Topic exchange the messages go to.
     pub exchange: String,
     /// Declare the exchange (topic, durable) at start-up.
@@ -151,6 +153,22 @@ impl AmqpUrl {
     /// The URL without its password, for logs and errors.
     pub fn redacted(&self) -> String {
         crate::redact::amqp_url(&self.0)
+    }
+
+    /// `host:port`: the node's name in logs, metric labels and `/readyz`.
+    pub fn node(&self) -> String {
+        crate::redact::amqp_node(&self.0)
+    }
+}
+
+impl AmqpConfig {
+    /// The nodes' URLs without passwords, comma-separated, for logs.
+    pub fn redacted(&self) -> String {
+        self.nodes
+            .iter()
+            .map(AmqpUrl::redacted)
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 }
 

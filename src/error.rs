@@ -118,6 +118,9 @@ pub enum Error {
     #[error("RabbitMQ at {url} accepted the connection but did not get it ready within {timeout:?} (amqp.connect_timeout): check that the broker has finished starting and is not overloaded, or raise the timeout")]
     AmqpConnectTimeout { url: String, timeout: Duration },
 
+    #[error("no RabbitMQ node answered ({failures}): check [amqp] url and that the broker's nodes are running")]
+    AmqpNodes { failures: String, transient: bool },
+
     #[error("{key} = {exchange:?} cannot be used: {source}; {hint}")]
     ExchangeUnusable {
         key: &'static str,
@@ -235,6 +238,7 @@ impl Error {
             | Error::AmqpConnect { .. }
             | Error::AmqpConnectTimeout { .. }
             | Error::SlotBusy { .. } => true,
+            Error::AmqpNodes { transient, .. } => *transient,
             Error::Postgres { source, .. } => source.as_db_error().is_none() || source.is_closed(),
             Error::Replication { source, .. } => source.is_transient() || source.is_server(),
             _ => false,

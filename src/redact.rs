@@ -34,6 +34,19 @@ impl std::fmt::Debug for Secret {
     }
 }
 
+/// `host:port` of an AMQP URL (the scheme's default port when it names none).
+pub fn amqp_node(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(u) => {
+            let port = u
+                .port()
+                .unwrap_or(if u.scheme() == "amqps" { 5671 } else { 5672 });
+            format!("{}:{port}", u.host_str().unwrap_or_default())
+        }
+        Err(_) => "<unparsable amqp url>".to_string(),
+    }
+}
+
 /// The host of an AMQP URL, for messages.
 pub fn amqp_host(url: &str) -> String {
     url::Url::parse(url)

@@ -153,7 +153,7 @@ async fn kill_9_during_parking_and_during_recovery_loses_nothing() {
     f.wait_retry_drained().await;
     // First deliveries in commit order per aggregate (a kill -9 may repeat what
     // was delivered but not yet recorded; consumers deduplicate by message_id).
-    crate::ordering::assert_in_order(&f.consumer().all());
+    crate::support::assert_in_order(&f.consumer().all());
     assert!(relay.terminate(T).await.success());
     f.cleanup().await;
 }

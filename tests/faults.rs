@@ -5,7 +5,7 @@ mod support;
 
 use std::process::Command;
 use std::time::Duration;
-use support::{ids, wait_for, Fixture};
+use support::{assert_recovered, ids, wait_for, write_in_background, Fixture};
 
 const T: Duration = Duration::from_secs(60);
 
@@ -16,55 +16,6 @@ fn sh(cmd: &str) {
 
 fn pg_restart() {
     sh("pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql | sort -V | tail -n1) main restart");
-}
-
-/// Writes `ids` in transactions of 10 rows from a task of its own, retrying across outages.
-fn write_in_background(table: String, all: Vec<String>) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut db = support::pg_retry(T).await;
-        for chunk in all.chunks(10) {
-            let mut sql = format!("insert into {table} (id, aggregate_type, aggregate_id, event_type, payload) values ");
-            for (i, id) in chunk.iter().enumerate() {
-                if i > 0 {
-                    sql.push(',');
-                }
-                sql.push_str(&format!(
-                    "('{id}', 'Order', 'agg-{}', 'streamed', '{{}}')",
-                    i % 7
-                ));
-            }
-            sql.push_str(" on conflict (id) do nothing");
-            loop {
-                match db.batch_execute(&sql).await {
-                    Ok(()) => break,
-                    Err(_) => db = support::pg_retry(T).await,
-                }
-            }
-        }
-    })
-}
-
-/// After a broker fault: every id arrived, the slot moved past the last commit and
-/// the window holds nothing (unconfirmed messages were not written off as acked).
-async fn assert_recovered(f: &Fixture, relay: &mut support::Relay, all: &[String]) {
-    f.consumer().wait_ids(all, Duration::from_secs(180)).await;
-    // A fresh session: the fixture's own may have died with a Postgres restart.
-    let db = support::pg_retry(T).await;
-    let lsn = |sql: &'static str| {
-        let db = &db;
-        let slot = f.slot.clone();
-        async move {
-            let row = db.query_one(sql, &[&slot]).await.unwrap();
-            support::lsn_to_u64(&row.get::<_, String>(0))
-        }
-    };
-    let end = lsn("select pg_current_wal_lsn()::text where $1::text is not null").await;
-    wait_for(T, "slot past the last commit after the fault", || async {
-        lsn("select confirmed_flush_lsn::text from pg_replication_slots where slot_name = $1").await
-            >= end
-    })
-    .await;
-    support::wait_window_empty(&relay.metrics_addr().await).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,6 +10,7 @@ mod delivery;
 mod event_forge;
 mod inbox;
 mod isolation;
+mod nodes;
 mod operate;
 mod ordering;
 mod processor;

@@ -1,34 +1,12 @@
 //! Per-aggregate commit order, and the LSN gate: the slot never passes a
 //! commit whose messages the broker has not acked.
 
-use crate::support::{holds_for, wait_for, Fixture, Received};
-use std::collections::HashMap;
+use crate::support::{
+    assert_in_order, assert_in_order_with_redeliveries, holds_for, wait_for, Fixture, Received,
+};
 use std::time::Duration;
 
 const T: Duration = Duration::from_secs(60);
-
-/// Position of each message in its aggregate, from ids `{agg}-{i}`.
-fn seq_of(r: &Received) -> (String, usize) {
-    let id = r.message_id();
-    let (agg, i) = id.rsplit_once('-').unwrap();
-    (agg.to_string(), i.parse().unwrap())
-}
-
-/// Asserts each aggregate's first deliveries arrived in increasing order.
-pub fn assert_in_order(received: &[Received]) {
-    let mut last: HashMap<String, usize> = HashMap::new();
-    let mut seen = std::collections::HashSet::new();
-    for r in received {
-        if !seen.insert(r.message_id()) {
-            continue; // a redelivery of something already seen
-        }
-        let (agg, i) = seq_of(r);
-        if let Some(prev) = last.get(&agg) {
-            assert!(i > *prev, "aggregate {agg}: {i} arrived after {prev}");
-        }
-        last.insert(agg, i);
-    }
-}
 
 /// 20 aggregates x 100 events, interleaved, in transactions of 1 to 7 rows; every
 /// tenth event of each aggregate is refused at first (`Order.late` is bound only
@@ -217,28 +195,6 @@ async fn slot_lsn_waits_for_an_ack_or_durable_retry_state() {
     f.wait_retry_drained().await;
     assert!(relay.terminate(T).await.success());
     f.cleanup().await;
-}
-
-/// Asserts, per aggregate, that every delivery (first or repeated) of message `i`
-/// comes after the first delivery of every message before it.
-pub fn assert_in_order_with_redeliveries(received: &[Received]) {
-    let mut first_seen: HashMap<String, Vec<usize>> = HashMap::new();
-    for r in received {
-        let (agg, i) = seq_of(r);
-        let seen = first_seen.entry(agg.clone()).or_default();
-        if let Some(later) = seen.iter().find(|&&s| s > i) {
-            panic!("aggregate {agg}: {i} delivered after {later} had been");
-        }
-        for earlier in 0..i {
-            assert!(
-                seen.contains(&earlier),
-                "aggregate {agg}: {i} delivered before {earlier}"
-            );
-        }
-        if !seen.contains(&i) {
-            seen.push(i);
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

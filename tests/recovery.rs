@@ -123,7 +123,7 @@ async fn a_restart_reads_every_page_of_parked_aggregates() {
     let all: Vec<String> = rows.iter().map(|r| r.0.clone()).collect();
     f.consumer().wait_ids(&all, Duration::from_secs(120)).await;
     f.wait_retry_drained().await;
-    crate::ordering::assert_in_order(&f.consumer().all());
+    crate::support::assert_in_order(&f.consumer().all());
     assert!(relay.terminate(T).await.success());
     f.cleanup().await;
 }

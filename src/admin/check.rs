@@ -108,9 +108,9 @@ pub async fn check(config: &Config) -> Checks {
     // (`declare_exchange`), else checked to exist.
     let settings = AmqpSettings::from_config(&config.amqp);
     let exchanges = amqp::exchanges(&settings);
-    match amqp::open(&settings).await {
-        Err(e) => {
-            out.push(fail("broker reachable", e.to_string()));
+    match reach_nodes(&settings).await {
+        (None, report) => {
+            out.push(fail("broker reachable", report));
             for (key, _) in &exchanges {
                 out.push(fail(
                     exchange_check(key),
@@ -118,8 +118,8 @@ pub async fn check(config: &Config) -> Checks {
                 ));
             }
         }
-        Ok(connection) => {
-            out.push(pass("broker reachable", settings.url.redacted()));
+        (Some(connection), report) => {
+            out.push(pass("broker reachable", report));
             for (key, exchange) in exchanges {
                 let what = if settings.declare_exchange {
                     "declared (topic, durable)"
@@ -140,14 +140,46 @@ pub async fn check(config: &Config) -> Checks {
                     },
                 );
             }
-            let _ = tokio::time::timeout(
-                std::time::Duration::from_secs(2),
-                connection.close(200, "outbox-relay check".into()),
-            )
-            .await;
+            close_quickly(&connection).await;
         }
     }
     Checks(out)
+}
+
+/// Connects to each node of `amqp.url` in turn: a connection to the first that
+/// answers (to check the exchanges on), and a report naming each node's state —
+/// with a cluster, a node down is named even though the relay can run.
+async fn reach_nodes(settings: &AmqpSettings) -> (Option<lapin::Connection>, String) {
+    let mut first = None;
+    let mut report = Vec::new();
+    for url in &settings.nodes {
+        let one = AmqpSettings {
+            nodes: vec![url.clone()],
+            ..settings.clone()
+        };
+        match amqp::open(&one).await {
+            Ok(connection) => {
+                report.push(format!("{} reachable", url.redacted()));
+                match first {
+                    None => first = Some(connection),
+                    Some(_) => close_quickly(&connection).await,
+                }
+            }
+            // One node: its error alone (it names the key to fix).
+            Err(e) if settings.nodes.len() == 1 => return (None, e.to_string()),
+            Err(e) => report.push(format!("{} NOT reachable: {e}", url.node())),
+        }
+    }
+    (first, report.join("; "))
+}
+
+/// Closes a connection `check` opened, without waiting on a broker that went away.
+async fn close_quickly(connection: &lapin::Connection) {
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        connection.close(200, "outbox-relay check".into()),
+    )
+    .await;
 }
 
 /// The outbox table has the mapping's columns. For the Event-Forge layout, a NOT

@@ -40,6 +40,10 @@ pub struct Status {
     pub outbox_oldest_pending_age_seconds: Option<f64>,
     /// When a relay last started on the slot or stopped cleanly (the slot record).
     pub slot_last_seen: Option<String>,
+    /// The RabbitMQ node (`host:port`) the relay on the slot last connected to,
+    /// and since when (the slot record).
+    pub broker_node: Option<String>,
+    pub broker_since: Option<String>,
     /// Inbox rows by status, when `[inbox]` is configured and its table exists.
     pub inbox: Option<InboxBacklog>,
 }
@@ -106,6 +110,13 @@ impl std::fmt::Display for Status {
         if let (true, Some(seen)) = (s.exists, &self.slot_last_seen) {
             writeln!(f, "slot last seen  {seen}")?;
         }
+        if let Some(node) = &self.broker_node {
+            let since = self.broker_since.as_deref().unwrap_or("-");
+            writeln!(
+                f,
+                "broker node     {node} (the relay connected to it at {since})"
+            )?;
+        }
         if let Some(inbox) = &self.inbox {
             let counts: Vec<String> = inbox
                 .by_status
@@ -157,11 +168,8 @@ pub async fn status(config: &Config) -> Result<Status, Error> {
         None
     };
     let pending = catalog::pending_rows(&sql, &config.postgres.table).await?;
-    let last_seen = match catalog::table_columns(&sql, records.name()).await? {
-        Some(_) => records
-            .get(&sql, &config.postgres.slot)
-            .await?
-            .map(|r| r.seen_at),
+    let record = match catalog::table_columns(&sql, records.name()).await? {
+        Some(_) => records.get(&sql, &config.postgres.slot).await?,
         None => None,
     };
     let inbox = match &config.inbox {
@@ -179,7 +187,9 @@ pub async fn status(config: &Config) -> Result<Status, Error> {
         slot,
         outbox_pending: pending.as_ref().map(|p| p.count),
         outbox_oldest_pending_age_seconds: pending.and_then(|p| p.oldest_age_seconds),
-        slot_last_seen: last_seen,
+        broker_node: record.as_ref().and_then(|r| r.broker_node.clone()),
+        broker_since: record.as_ref().and_then(|r| r.broker_since.clone()),
+        slot_last_seen: record.map(|r| r.seen_at),
         retries_pending: summary.map_or(0, |s| s.parked),
         dead_letters: summary.map_or(0, |s| s.dead),
         oldest_pending_age_seconds: summary.and_then(|s| s.oldest_parked_seconds),

@@ -3,6 +3,7 @@
 //! publishes to (declared, or checked to exist).
 
 use super::AmqpSettings;
+use crate::config::AmqpUrl;
 use crate::error::Error;
 use lapin::options::{ConfirmSelectOptions, ExchangeDeclareOptions};
 use lapin::types::FieldTable;
@@ -12,6 +13,8 @@ use lapin::{Connection, ConnectionProperties, ExchangeKind};
 pub struct Broker {
     pub connection: Connection,
     pub channel: lapin::Channel,
+    /// Which of `AmqpSettings::nodes` it is connected to.
+    pub node: usize,
 }
 
 impl Broker {
@@ -42,65 +45,106 @@ impl Broker {
     }
 }
 
-/// Connects, declares the exchanges (topic, durable) when asked or checks that
-/// they exist, and enables confirms, within `connect_timeout`: a broker that
-/// accepts the connection but never answers (say, while it boots) must not hold
-/// the sink forever.
+/// Connects (to the first node that answers), declares the exchanges (topic,
+/// durable) when asked or checks that they exist, and enables confirms, within
+/// `connect_timeout` per node: a broker that accepts the connection but never
+/// answers (say, while it boots) must not hold the sink forever.
 pub async fn connect(settings: &AmqpSettings) -> Result<Broker, Error> {
-    tokio::time::timeout(settings.connect_timeout, connect_now(settings))
+    connect_from(settings, 0).await
+}
+
+/// [`connect`], trying the nodes in order from `first` (wrapping around).
+pub async fn connect_from(settings: &AmqpSettings, first: usize) -> Result<Broker, Error> {
+    first_answering(settings, first, |node| connect_now(settings, node))
         .await
-        .unwrap_or_else(|_| {
-            Err(Error::AmqpConnectTimeout {
-                url: settings.url.redacted(),
-                timeout: settings.connect_timeout,
-            })
-        })
+        .map(|(broker, _)| broker)
 }
 
 /// Opens a connection to the broker, nothing more, within `connect_timeout`.
 pub async fn open(settings: &AmqpSettings) -> Result<Connection, Error> {
-    open_as(settings, "outbox-relay").await
+    open_as(settings, "outbox-relay", 0).await.map(|(c, _)| c)
 }
 
-/// [`open`], with `name` (and the version) as the connection's name in the
-/// broker's management UI: the same URL, TLS settings, timeout and error
-/// explanations for every connection the binary makes.
-pub async fn open_as(settings: &AmqpSettings, name: &str) -> Result<Connection, Error> {
-    tokio::time::timeout(settings.connect_timeout, open_now(settings, name))
-        .await
-        .unwrap_or_else(|_| {
-            Err(Error::AmqpConnectTimeout {
-                url: settings.url.redacted(),
-                timeout: settings.connect_timeout,
-            })
-        })
+/// A connection to the first node that answers, trying them in order from
+/// `first`, with `name` (and the version) as the connection's name in the
+/// broker's management UI: the same URLs, TLS settings, timeout and error
+/// explanations for every connection the binary makes. Returns which node.
+pub async fn open_as(
+    settings: &AmqpSettings,
+    name: &str,
+    first: usize,
+) -> Result<(Connection, usize), Error> {
+    first_answering(settings, first, |node| open_now(settings, node, name)).await
 }
 
-async fn open_now(settings: &AmqpSettings, name: &str) -> Result<Connection, Error> {
+/// Tries `attempt` on each node in turn from `first` (wrapping around), each
+/// within `connect_timeout`; the first success and its node, or every node's
+/// failure.
+async fn first_answering<T, F, Fut>(
+    settings: &AmqpSettings,
+    first: usize,
+    attempt: F,
+) -> Result<(T, usize), Error>
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = Result<T, Error>>,
+{
+    let mut failures = Vec::new();
+    let n = settings.nodes.len();
+    for node in (0..n).map(|i| (first + i) % n) {
+        let url = &settings.nodes[node];
+        match tokio::time::timeout(settings.connect_timeout, attempt(node)).await {
+            Ok(Ok(value)) => return Ok((value, node)),
+            Ok(Err(e)) => failures.push((url, e)),
+            Err(_) => failures.push((
+                url,
+                Error::AmqpConnectTimeout {
+                    url: url.redacted(),
+                    timeout: settings.connect_timeout,
+                },
+            )),
+        }
+    }
+    Err(none_answered(failures))
+}
+
+/// No node answered: with one node its own error (naming the key to fix), with
+/// several each node's — worth retrying when any of them is.
+fn none_answered(mut failures: Vec<(&AmqpUrl, Error)>) -> Error {
+    if failures.len() == 1 {
+        return failures.pop().expect("one failure").1;
+    }
+    Error::AmqpNodes {
+        transient: failures.iter().any(|(_, e)| e.is_transient()),
+        failures: failures
+            .iter()
+            .map(|(url, e)| format!("{}: {e}", url.node()))
+            .collect::<Vec<_>>()
+            .join("; "),
+    }
+}
+
+async fn open_now(settings: &AmqpSettings, node: usize, name: &str) -> Result<Connection, Error> {
+    let url = &settings.nodes[node];
     let props = ConnectionProperties::default()
         .with_connection_name(format!("{name} {}", env!("CARGO_PKG_VERSION")).into());
     // rustls needs a process-wide crypto provider when more than one is built in.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = lapin::runtime::default_runtime().map_err(|source| Error::AmqpConnect {
-        url: settings.url.redacted(),
+        url: url.redacted(),
         source,
     })?;
-    Connection::connect_with_config(
-        settings.url.expose(),
-        props,
-        settings.tls.0.clone(),
-        runtime,
-    )
-    .await
-    .map_err(|source| connect_error(settings, source))
+    Connection::connect_with_config(url.expose(), props, settings.tls.0.clone(), runtime)
+        .await
+        .map_err(|source| connect_error(url, source))
 }
 
 /// A failed connection; one that failed in the TLS handshake names the key to
 /// look at.
-fn connect_error(settings: &AmqpSettings, source: lapin::Error) -> Error {
+fn connect_error(node: &AmqpUrl, source: lapin::Error) -> Error {
     let text = crate::redact::error_chain(&source);
     let lower = text.to_ascii_lowercase();
-    let url = settings.url.redacted();
+    let url = node.redacted();
     let tls = |key: &str, message: String| Error::AmqpTls {
         url: url.clone(),
         key: key.to_string(),
@@ -113,7 +157,7 @@ fn connect_error(settings: &AmqpSettings, source: lapin::Error) -> Error {
         return tls("tls_ca_file", "the broker's certificate is not signed by a trusted CA: set amqp.tls_ca_file to the CA (PEM) that signed it".into());
     }
     if lower.contains("notvalidforname") || lower.contains("not valid for name") {
-        return tls("url", format!("the broker's certificate is not valid for host {}: connect by a name the certificate holds", crate::redact::amqp_host(settings.url.expose())));
+        return tls("url", format!("the broker's certificate is not valid for host {}: connect by a name the certificate holds", crate::redact::amqp_host(node.expose())));
     }
     if lower.contains("certificaterequired")
         || lower.contains("certificate required")
@@ -126,7 +170,7 @@ fn connect_error(settings: &AmqpSettings, source: lapin::Error) -> Error {
         || lower.contains("corrupt message")
         || lower.contains("invalid peer certificate")
         || lower.contains("handshake"))
-        && settings.url.expose().starts_with("amqps://")
+        && node.expose().starts_with("amqps://")
     {
         return tls("url", format!("TLS negotiation failed ({}): check that the port speaks TLS (RabbitMQ's default is 5671) and the certificates", crate::redact::one_line(&text)));
     }
@@ -142,8 +186,8 @@ pub fn exchanges(settings: &AmqpSettings) -> Vec<(&'static str, &str)> {
     exchanges
 }
 
-async fn connect_now(settings: &AmqpSettings) -> Result<Broker, Error> {
-    let connection = open_now(settings, "outbox-relay").await?;
+async fn connect_now(settings: &AmqpSettings, node: usize) -> Result<Broker, Error> {
+    let connection = open_now(settings, node, "outbox-relay").await?;
     for (key, exchange) in exchanges(settings) {
         ensure_exchange(&connection, key, exchange, settings.declare_exchange).await?;
     }
@@ -156,6 +200,7 @@ async fn connect_now(settings: &AmqpSettings) -> Result<Broker, Error> {
                 source,
             })?,
         connection,
+        node,
     };
     broker
         .channel

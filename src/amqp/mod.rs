@@ -1,11 +1,13 @@
 //! RabbitMQ, connecting only: every connection the binary makes — the relay's
 //! sink, the inbox receiver, `check` and `replay` — goes through here, so each
-//! has the same URL, TLS settings, timeout and errors that name the key to fix.
+//! has the same URLs, TLS settings, timeout and errors that name the key to fix.
+//! With several nodes (`amqp.url` a list) it connects to the first that answers;
+//! a caller whose connection was lost starts again from the next one.
 //! What is published and consumed lives in `sink` and `inbox`.
 
 pub mod connect;
 
-pub use connect::{connect, ensure_exchange, exchanges, open, open_as, Broker};
+pub use connect::{connect, connect_from, ensure_exchange, exchanges, open, open_as, Broker};
 
 use crate::config::AmqpUrl;
 use std::time::Duration;
@@ -13,7 +15,8 @@ use std::time::Duration;
 /// How to reach the broker (`[amqp]`), and the exchanges the relay needs there.
 #[derive(Clone, Debug)]
 pub struct AmqpSettings {
-    pub url: AmqpUrl,
+    /// One URL per node of the broker, tried in order.
+    pub nodes: Vec<AmqpUrl>,
     pub exchange: String,
     pub dead_letter_exchange: Option<String>,
     pub declare_exchange: bool,
@@ -26,7 +29,7 @@ impl AmqpSettings {
     /// The `[amqp]` section's connection settings.
     pub fn from_config(amqp: &crate::config::AmqpConfig) -> AmqpSettings {
         AmqpSettings {
-            url: amqp.url.clone(),
+            nodes: amqp.nodes.clone(),
             exchange: amqp.exchange.clone(),
             dead_letter_exchange: amqp.dead_letter_exchange.clone(),
             declare_exchange: amqp.declare_exchange,

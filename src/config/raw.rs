@@ -76,7 +76,10 @@ impl Default for Postgres {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Amqp {
-    pub url: String,
+    /// One URL, or one per node of a cluster: a TOML array, or a comma-separated
+    /// string (as an environment variable gives it).
+    #[serde(deserialize_with = "de_urls")]
+    pub url: Vec<String>,
     pub exchange: String,
     pub declare_exchange: bool,
     pub max_in_flight: usize,
@@ -97,7 +100,7 @@ pub struct Amqp {
 impl Default for Amqp {
     fn default() -> Self {
         Self {
-            url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            url: vec!["amqp://guest:guest@127.0.0.1:5672/%2f".into()],
             exchange: "events".into(),
             declare_exchange: true,
             max_in_flight: 2048,
@@ -182,6 +185,25 @@ impl Default for Metrics {
 fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
     parse_duration(&s).map_err(serde::de::Error::custom)
+}
+
+/// A URL, a comma-separated string of them, or a list.
+fn de_urls<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Urls {
+        One(String),
+        Many(Vec<String>),
+    }
+    let urls = match Urls::deserialize(d)? {
+        Urls::One(s) => s.split(',').map(str::to_string).collect::<Vec<_>>(),
+        Urls::Many(v) => v,
+    };
+    Ok(urls
+        .into_iter()
+        .map(|u| u.trim().to_string())
+        .filter(|u| !u.is_empty())
+        .collect())
 }
 
 fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
@@ -292,55 +314,31 @@ impl Postgres {
 impl Amqp {
     fn validate(self) -> Result<AmqpConfig, ConfigError> {
         let amqp = self;
-        if !(amqp.url.starts_with("amqp://") || amqp.url.starts_with("amqps://")) {
+        if amqp.url.is_empty() {
             return Err(invalid(
                 "amqp.url",
-                "must start with amqp:// (e.g. \"amqp://guest:guest@127.0.0.1:5672/%2f\")",
+                "names no broker: give one URL, or one per node of a cluster (a list)",
             ));
         }
-        let uri = lapin::uri::AMQPUri::from_str(&amqp.url)
-            .map_err(|e| invalid("amqp.url", format!("cannot be parsed: {e}")))?;
-        let mut amqp_url = amqp.url.clone();
-        if !amqp.password_file.is_empty() {
-            if url::Url::parse(&amqp.url).is_ok_and(|u| u.password().is_some()) {
-                return Err(invalid(
-                    "amqp.password_file",
-                    "amqp.url holds a password too: keep only one of them",
-                ));
-            }
-            let password = read_password("amqp.password_file", &amqp.password_file)?;
-            amqp_url =
-                with_amqp_password(&amqp.url, &password).map_err(|m| invalid("amqp.url", m))?;
-        }
-        let tls_wanted = !(amqp.tls_ca_file.is_empty()
-            && amqp.tls_cert_file.is_empty()
-            && amqp.tls_key_file.is_empty());
-        let amqps = amqp.url.starts_with("amqps://");
-        if tls_wanted && !amqps {
-            return Err(invalid(
-                "amqp.url",
-                "amqp.tls_* files are set but the URL is amqp://: use amqps:// (e.g. amqps://host:5671/%2f)",
-            ));
-        }
-        let external = uri.query.auth_mechanism == Some(lapin::uri::SASLMechanism::External);
-        if external && amqp.tls_cert_file.is_empty() {
-            return Err(invalid(
-                "amqp.url",
-                "auth_mechanism=external needs a client certificate: set amqp.tls_cert_file and amqp.tls_key_file",
-            ));
-        }
-        if !amqps
-            && !external
-            && !amqp.allow_insecure_password
-            && !is_loopback(&uri.authority.host)
-            && (url::Url::parse(&amqp.url).is_ok_and(|u| u.password().is_some())
-                || !amqp.password_file.is_empty())
-        {
-            return Err(invalid(
-                "amqp.url",
-                format!("amqp:// to {} would send the password in clear text: use amqps:// (or set amqp.allow_insecure_password = true to accept the risk)", uri.authority.host),
-            ));
-        }
+        let password = match amqp.password_file.as_str() {
+            "" => None,
+            path => Some(read_password("amqp.password_file", path)?),
+        };
+        let several = amqp.url.len() > 1;
+        let nodes = amqp
+            .url
+            .iter()
+            .enumerate()
+            .map(|(i, url)| {
+                amqp.node(url, password.as_deref()).map_err(|e| match e {
+                    // With several nodes, say which one.
+                    ConfigError::Invalid { key, message } if several && key == "amqp.url" => {
+                        invalid(&format!("amqp.url[{i}]"), message)
+                    }
+                    other => other,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let tls = amqp_tls(&amqp.tls_ca_file, &amqp.tls_cert_file, &amqp.tls_key_file)?;
         let connect_timeout = positive("amqp.connect_timeout", amqp.connect_timeout, "10s")?;
         if amqp.exchange.is_empty() {
@@ -360,7 +358,7 @@ impl Amqp {
         }
 
         Ok(AmqpConfig {
-            url: AmqpUrl(amqp_url),
+            nodes,
             exchange: amqp.exchange,
             declare_exchange: amqp.declare_exchange,
             max_in_flight: amqp.max_in_flight,
@@ -372,6 +370,61 @@ impl Amqp {
             connect_timeout,
             tls,
         })
+    }
+
+    /// One node's URL, checked with the same rules as every other: scheme, TLS
+    /// files only with `amqps://`, EXTERNAL only with a client certificate, no
+    /// password in clear text beyond loopback; `password` (from
+    /// `amqp.password_file`) set into it.
+    fn node(&self, url: &str, password: Option<&str>) -> Result<AmqpUrl, ConfigError> {
+        if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
+            return Err(invalid(
+                "amqp.url",
+                "must start with amqp:// (e.g. \"amqp://guest:guest@127.0.0.1:5672/%2f\")",
+            ));
+        }
+        let uri = lapin::uri::AMQPUri::from_str(url)
+            .map_err(|e| invalid("amqp.url", format!("cannot be parsed: {e}")))?;
+        let has_password = url::Url::parse(url).is_ok_and(|u| u.password().is_some());
+        let mut node = url.to_string();
+        if let Some(password) = password {
+            if has_password {
+                return Err(invalid(
+                    "amqp.password_file",
+                    "amqp.url holds a password too: keep only one of them",
+                ));
+            }
+            node = with_amqp_password(url, password).map_err(|m| invalid("amqp.url", m))?;
+        }
+        let tls_wanted = !(self.tls_ca_file.is_empty()
+            && self.tls_cert_file.is_empty()
+            && self.tls_key_file.is_empty());
+        let amqps = url.starts_with("amqps://");
+        if tls_wanted && !amqps {
+            return Err(invalid(
+                "amqp.url",
+                "amqp.tls_* files are set but the URL is amqp://: use amqps:// (e.g. amqps://host:5671/%2f)",
+            ));
+        }
+        let external = uri.query.auth_mechanism == Some(lapin::uri::SASLMechanism::External);
+        if external && self.tls_cert_file.is_empty() {
+            return Err(invalid(
+                "amqp.url",
+                "auth_mechanism=external needs a client certificate: set amqp.tls_cert_file and amqp.tls_key_file",
+            ));
+        }
+        if !amqps
+            && !external
+            && !self.allow_insecure_password
+            && !is_loopback(&uri.authority.host)
+            && (has_password || password.is_some())
+        {
+            return Err(invalid(
+                "amqp.url",
+                format!("amqp:// to {} would send the password in clear text: use amqps:// (or set amqp.allow_insecure_password = true to accept the risk)", uri.authority.host),
+            ));
+        }
+        Ok(AmqpUrl(node))
     }
 }
 

@@ -148,7 +148,7 @@ fn passwords_come_from_files_and_never_go_out_in_clear() {
     )
     .unwrap();
     assert_eq!(c.postgres.target.password(), "hunter4");
-    assert!(c.amqp.url.expose().contains(":hunter5@"));
+    assert!(c.amqp.nodes[0].expose().contains(":hunter5@"));
     let s = format!("{c:?}");
     assert!(!s.contains("hunter4") && !s.contains("hunter5"), "{s}");
     // Both a URL password and a file: which one is meant?
@@ -214,4 +214,49 @@ fn a_syntax_error_never_prints_the_line_that_holds_the_password() {
         .unwrap_err()
         .to_string();
     assert!(!e.contains("hunter3"), "{e}");
+}
+
+#[test]
+fn a_cluster_is_a_list_of_urls_or_a_comma_separated_string() {
+    let list = load(
+        "[amqp]\nurl = [\"amqp://u:p@127.0.0.1:5672/%2f\", \"amqp://u:p@localhost:5673/%2f\"]\n",
+        &[],
+    )
+    .unwrap();
+    let nodes: Vec<String> = list.amqp.nodes.iter().map(|n| n.node()).collect();
+    assert_eq!(nodes, ["127.0.0.1:5672", "localhost:5673"]);
+    // As an environment variable gives it: one string, commas between the nodes.
+    let env = load(
+        "",
+        &[(
+            "OUTBOX_RELAY_AMQP_URL",
+            " amqp://127.0.0.1:5672/%2f , amqps://127.0.0.1/%2f,",
+        )],
+    )
+    .unwrap();
+    let nodes: Vec<String> = env.amqp.nodes.iter().map(|n| n.node()).collect();
+    assert_eq!(nodes, ["127.0.0.1:5672", "127.0.0.1:5671"]);
+    assert!(
+        !list.amqp.redacted().contains(":p@"),
+        "{}",
+        list.amqp.redacted()
+    );
+    // Each node is held to the same rules, and the error says which one.
+    let e = load(
+        "[amqp]\nurl = [\"amqp://127.0.0.1:5672/%2f\", \"amqp://u:hunter7@rabbit-2.example:5672/%2f\"]\n",
+        &[],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("amqp.url[1]") && e.contains("clear text"), "{e}");
+    assert!(!e.contains("hunter7"), "{e}");
+    let e = load("[amqp]\nurl = []\n", &[]).unwrap_err().to_string();
+    assert!(
+        e.contains("amqp.url") && e.contains("names no broker"),
+        "{e}"
+    );
+    let e = load("[amqp]\nurl = \" , \"\n", &[])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("names no broker"), "{e}");
 }

@@ -49,6 +49,8 @@ enum Ended {
 /// One connection with its channels and consumer.
 struct Session {
     connection: Connection,
+    /// Which node of `amqp.url` it is connected to.
+    node: usize,
     consume: Channel,
     publish: Channel,
     probe: Channel,
@@ -75,12 +77,14 @@ async fn timed<T>(
 }
 
 impl Session {
-    async fn open(s: &BrokerSettings) -> Result<Session, Error> {
+    /// A session on the first node that answers, trying from `first`.
+    async fn open(s: &BrokerSettings, first: usize) -> Result<Session, Error> {
         // The relay's own connect: the [amqp] TLS settings (CA, client
         // certificate) and the errors that name the key to fix.
-        let connection = crate::amqp::open_as(
+        let (connection, node) = crate::amqp::open_as(
             &crate::amqp::AmqpSettings::from_config(&s.amqp),
             "outbox-relay inbox",
+            first,
         )
         .await?;
         topology(&connection, &s.inbox).await?;
@@ -113,6 +117,7 @@ impl Session {
         .await?;
         Ok(Session {
             connection,
+            node,
             consume,
             publish,
             probe,
@@ -202,8 +207,10 @@ pub async fn run(
 ) -> Result<(), Error> {
     let mut epoch = 0u64;
     let mut failures = 0u32;
+    // After a lost session, start from the next node: with a cluster, one that is up.
+    let mut next_node = 0;
     loop {
-        let session = match Session::open(&settings).await {
+        let session = match Session::open(&settings, next_node).await {
             Ok(s) => s,
             Err(e) if epoch == 0 => return Err(e),
             Err(e) => {
@@ -234,9 +241,11 @@ pub async fn run(
         }
         epoch += 1;
         failures = 0;
-        health.set_broker(true);
+        let node = settings.amqp.nodes[session.node].node();
+        next_node = session.node + 1;
+        health.set_broker(Some(node.clone()));
         health.set_problem(Problem::BrokerUnavailable, None);
-        tracing::info!(queue = %settings.inbox.queue, epoch, "inbox consuming");
+        tracing::info!(queue = %settings.inbox.queue, epoch, %node, "inbox consuming");
         match consume(
             &settings,
             session,
@@ -249,11 +258,11 @@ pub async fn run(
         {
             Ok(Ended::Shutdown) => return Ok(()),
             Err(e) => {
-                health.set_broker(false);
+                health.set_broker(None);
                 if matches!(e, Error::InboxStoreGone) {
                     return Err(e);
                 }
-                tracing::warn!(error = %e, "inbox: broker session ended; reconnecting");
+                tracing::warn!(error = %e, %node, "inbox: broker session ended; reconnecting from the next node");
             }
         }
     }

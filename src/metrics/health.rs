@@ -30,7 +30,8 @@ pub enum Problem {
 #[derive(Debug, Default)]
 pub struct Health {
     streaming: AtomicBool,
-    broker: AtomicBool,
+    /// The broker node (`host:port`) connected to; `None` while not connected.
+    broker: Mutex<Option<String>>,
     /// Pid of the process holding the slot while this relay waits as a standby; 0 otherwise.
     standby_for: AtomicI32,
     problems: Mutex<BTreeMap<Problem, String>>,
@@ -41,8 +42,20 @@ impl Health {
         self.streaming.store(v, Ordering::Relaxed);
     }
 
-    pub fn set_broker(&self, v: bool) {
-        self.broker.store(v, Ordering::Relaxed);
+    /// Connected to `node` (`host:port`), or not connected (`None`); also sets
+    /// `outbox_relay_broker_node`.
+    pub fn set_broker(&self, node: Option<String>) {
+        let mut broker = self.broker.lock().unwrap_or_else(|p| p.into_inner());
+        super::metrics().set_broker_node(broker.as_deref(), node.as_deref());
+        *broker = node;
+    }
+
+    /// The broker node connected to, if any.
+    pub fn broker(&self) -> Option<String> {
+        self.broker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn set_standby(&self, holder_pid: Option<i32>) {
@@ -70,18 +83,16 @@ impl Health {
             .contains_key(&problem)
     }
 
-    /// `Ok` when replication streams, the broker is connected and nothing stops
-    /// progress; else why not.
-    pub fn ready(&self) -> Result<(), String> {
+    /// `Ok` (naming the broker node) when replication streams, the broker is
+    /// connected and nothing stops progress; else why not.
+    pub fn ready(&self) -> Result<String, String> {
         let standby = self.standby_for.load(Ordering::Relaxed);
         if standby != 0 {
             return Err(format!("standby: the slot is held by pid {standby}"));
         }
         let mut why = Vec::new();
-        match (
-            self.streaming.load(Ordering::Relaxed),
-            self.broker.load(Ordering::Relaxed),
-        ) {
+        let broker = self.broker();
+        match (self.streaming.load(Ordering::Relaxed), broker.is_some()) {
             (true, true) => {}
             (false, true) => {
                 why.push("replication is not streaming (connecting to Postgres)".to_string())
@@ -99,7 +110,7 @@ impl Health {
                 .cloned(),
         );
         if why.is_empty() {
-            Ok(())
+            Ok(format!("ready: broker node {}", broker.unwrap_or_default()))
         } else {
             Err(why.join("; "))
         }
@@ -116,8 +127,8 @@ mod tests {
         assert!(h.ready().unwrap_err().contains("not streaming"));
         h.set_streaming(true);
         assert!(h.ready().unwrap_err().contains("broker"));
-        h.set_broker(true);
-        assert!(h.ready().is_ok());
+        h.set_broker(Some("rabbit-2:5672".into()));
+        assert_eq!(h.ready().unwrap(), "ready: broker node rabbit-2:5672");
         h.set_problem(
             Problem::BrokerBlocked,
             Some("broker blocked publishing: memory alarm".into()),

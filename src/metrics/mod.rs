@@ -75,6 +75,9 @@ pub struct Metrics {
     pub paused: IntGaugeVec,
     /// 1 while the slot is lost, by how (see [`SlotLoss`]).
     pub slot_lost: IntGaugeVec,
+    /// 1 on the broker node (`host:port`) this process is connected to, 0 on
+    /// the others of `amqp.url`.
+    pub broker_node: IntGaugeVec,
 }
 
 /// Why the relay or the receiver pauses without charging any message: the label
@@ -218,7 +221,32 @@ impl Metrics {
                 "how",
                 &SlotLoss::ALL.map(SlotLoss::label),
             ),
+            broker_node: r.register(IntGaugeVec::new(
+                Opts::new(
+                    "outbox_relay_broker_node",
+                    "1 on the RabbitMQ node (host:port) this process is connected to, 0 on the other nodes of amqp.url",
+                ),
+                &["node"],
+            )),
             registry: r.0,
+        }
+    }
+
+    /// Shows each node of `amqp.url` (`host:port`) in `outbox_relay_broker_node`,
+    /// at 0 until connected to.
+    pub fn broker_nodes(&self, nodes: &[String]) {
+        for node in nodes {
+            self.broker_node.with_label_values(&[node]);
+        }
+    }
+
+    /// Moves `outbox_relay_broker_node` from the `old` node to the `new` one.
+    pub fn set_broker_node(&self, old: Option<&str>, new: Option<&str>) {
+        if let Some(old) = old {
+            self.broker_node.with_label_values(&[old]).set(0);
+        }
+        if let Some(new) = new {
+            self.broker_node.with_label_values(&[new]).set(1);
         }
     }
 
@@ -333,6 +361,7 @@ mod tests {
     fn metric_names_are_exported() {
         let m = metrics();
         m.published.inc();
+        m.broker_nodes(&["test-node:5672".to_string()]);
         let text = m.render();
         for name in [
             "outbox_relay_messages_published_total",
@@ -354,8 +383,22 @@ mod tests {
             "outbox_relay_inbox_failed_total",
             "outbox_relay_paused",
             "outbox_relay_slot_lost",
+            "outbox_relay_broker_node",
         ] {
             assert!(text.contains(name), "{name} missing");
         }
+    }
+
+    #[test]
+    fn the_broker_node_gauge_follows_the_connection() {
+        let m = metrics();
+        m.broker_nodes(&["gauge-a:5672".to_string(), "gauge-b:5672".to_string()]);
+        let at = |node: &str| m.broker_node.with_label_values(&[node]).get();
+        m.set_broker_node(None, Some("gauge-a:5672"));
+        assert_eq!((at("gauge-a:5672"), at("gauge-b:5672")), (1, 0));
+        m.set_broker_node(Some("gauge-a:5672"), Some("gauge-b:5672"));
+        assert_eq!((at("gauge-a:5672"), at("gauge-b:5672")), (0, 1));
+        m.set_broker_node(Some("gauge-b:5672"), None);
+        assert_eq!((at("gauge-a:5672"), at("gauge-b:5672")), (0, 0));
     }
 }

@@ -206,7 +206,7 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>
         }
         "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
         "/readyz" => match shared.health.ready() {
-            Ok(()) => reply(StatusCode::OK, "text/plain", "ready\n".into()),
+            Ok(ready) => reply(StatusCode::OK, "text/plain", format!("{ready}\n")),
             Err(why) => reply(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "text/plain",
@@ -229,6 +229,14 @@ pub async fn spawn(
     let Some(addr) = config.metrics.listen else {
         return Ok(None);
     };
+    super::metrics().broker_nodes(
+        &config
+            .amqp
+            .nodes
+            .iter()
+            .map(crate::config::AmqpUrl::node)
+            .collect::<Vec<_>>(),
+    );
     let listener = bind(addr).await?;
     let local = listener
         .local_addr()

@@ -24,10 +24,12 @@ pub const SLOTS_DDL: &str = include_str!("../../sql/outbox_relay_slots.sql");
 
 /// Columns added after the table's first version: added by `init` (or by a
 /// relay that may), read as missing where they are not.
-const ADDED_COLUMNS: [(&str, &str); 3] = [
+const ADDED_COLUMNS: [(&str, &str); 5] = [
     ("system_id", "text"),
     ("timeline", "bigint"),
     ("replaying_since", "timestamptz"),
+    ("broker_node", "text"),
+    ("broker_since", "timestamptz"),
 ];
 
 /// The record table, next to the retry table (same schema).
@@ -51,6 +53,11 @@ pub struct SlotRecord {
     /// A `replay --pending` started then and has not finished.
     #[serde(default)]
     pub replaying_since: Option<String>,
+    /// The RabbitMQ node (`host:port`) the relay on this slot last connected to.
+    #[serde(default)]
+    pub broker_node: Option<String>,
+    #[serde(default)]
+    pub broker_since: Option<String>,
 }
 
 impl SlotRecords {
@@ -106,7 +113,8 @@ impl SlotRecords {
                     "select (to_jsonb(r) || jsonb_build_object( \
                      'created_at', to_char(r.created_at at time zone 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), \
                      'seen_at', to_char(r.seen_at at time zone 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), \
-                     'replaying_since', to_char((to_jsonb(r) ->> 'replaying_since')::timestamptz at time zone 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')))::text \
+                     'replaying_since', to_char((to_jsonb(r) ->> 'replaying_since')::timestamptz at time zone 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), \
+                     'broker_since', to_char((to_jsonb(r) ->> 'broker_since')::timestamptz at time zone 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')))::text \
                      from {} r where r.slot = $1",
                     self.table.quoted()
                 ),
@@ -222,6 +230,27 @@ impl SlotRecords {
                     query_err("marking the replay as started in the slot record")(e)
                 }
             })?;
+        Ok(())
+    }
+
+    /// Records the broker node the relay on `slot` connected to (for `status`).
+    /// A table without the column (its owner has not run this version's `init`)
+    /// is not an error: the node is then only in the log, `/readyz` and metrics.
+    pub async fn broker_node(&self, client: &Client, slot: &str, node: &str) -> Result<(), Error> {
+        let columns = catalog::table_columns(client, &self.table).await?;
+        if !columns.is_some_and(|c| c.iter().any(|have| have == "broker_node")) {
+            return Ok(());
+        }
+        client
+            .execute(
+                &format!(
+                    "update {} set broker_node = $2, broker_since = now() where slot = $1",
+                    self.table.quoted()
+                ),
+                &[&slot, &node],
+            )
+            .await
+            .map_err(query_err("recording the broker node in the slot record"))?;
         Ok(())
     }
 
@@ -424,6 +453,8 @@ mod tests {
             system_id: system_id.map(String::from),
             timeline,
             replaying_since: None,
+            broker_node: None,
+            broker_since: None,
         }
     }
 

@@ -6,6 +6,7 @@ use super::window::{Origin, Resolved};
 use crate::event::Row;
 use crate::failure::Failure;
 use crate::metrics::{self, Problem};
+use crate::retry::StoreCommand;
 use crate::sink::SinkEvent;
 use crate::time::{now_micros, PG_EPOCH_OFFSET_MICROS};
 use tokio::time::Instant;
@@ -33,7 +34,7 @@ impl Relay {
                 refusal,
             } => {
                 tracing::warn!(generation, %reason, in_flight = self.window.len(), "broker down: stopped reading WAL until it is back");
-                self.health.set_broker(false);
+                self.health.set_broker(None);
                 self.health.set_problem(Problem::BrokerBlocked, None);
                 let culprit = self.window.on_down(generation, refusal.is_some());
                 match (culprit, refusal) {
@@ -66,8 +67,10 @@ impl Relay {
             SinkEvent::Up {
                 generation,
                 frame_max,
+                node,
             } => {
-                self.health.set_broker(true);
+                self.health.set_broker(Some(node.clone()));
+                let _ = self.store.send(StoreCommand::BrokerNode(node)).await;
                 self.frame_max = frame_max;
                 if generation > 1 {
                     metrics::metrics().reconnect("amqp");

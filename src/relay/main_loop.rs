@@ -340,9 +340,15 @@ impl Relay {
         metrics::metrics().set_paused(metrics::Pause::Routing, paused);
         match self.window.routing_fault() {
             Some(fault) if paused => {
+                let exchange = &self.config.amqp.exchange;
+                let hint = match fault.kind {
+                    "returned" => format!("exchange {exchange:?} routes nothing (check its bindings and queues)"),
+                    "nack" => "the broker refuses to store them (a quorum queue without a leader or majority, a full queue with overflow = reject-publish, or a channel that nacks everything: each probe goes out on a new connection, from the next node of amqp.url)".to_string(),
+                    _ => "the broker confirms nothing (overloaded, or a stuck connection: each probe goes out on a new connection, from the next node of amqp.url)".to_string(),
+                };
                 let why = format!(
-                    "{fault}: exchange {:?} routes nothing (check its bindings and queues). Publishing is paused: nothing is counted against the messages (no retry spent, nothing dead-lettered); a held message is published again as a probe, every {:?} at most, and everything resumes once one is acked",
-                    self.config.amqp.exchange, self.config.amqp.reconnect_backoff_max
+                    "{fault}: {hint}. Publishing is paused: nothing is counted against the messages (no retry spent, nothing dead-lettered); a held message is published again as a probe, every {:?} at most, and everything resumes once one is acked",
+                    self.config.amqp.reconnect_backoff_max
                 );
                 tracing::warn!("{why}");
                 self.health.set_problem(Problem::Routing, Some(why));
@@ -363,15 +369,14 @@ impl Relay {
                 message: p.message,
                 isolated: p.isolated,
             };
-            // The command channel holds twice the window: this never waits in practice,
-            // and the sink always drains it. A closed channel means the sink ended, which
-            // the main loop learns from the event channel.
-            if let Err(mpsc::error::TrySendError::Full(cmd)) = self.sink.try_send(cmd) {
-                let sink = self.sink.clone();
-                tokio::spawn(async move {
-                    let _ = sink.send(cmd).await;
-                });
-            }
+            to_sink(&self.sink, cmd);
+        }
+        if let Some(generation) = self.window.take_renewal() {
+            tracing::warn!(
+                generation,
+                "every publish is nacked or unanswered: replacing the broker connection (from the next node) before the next probe"
+            );
+            to_sink(&self.sink, SinkCommand::Renew { generation });
         }
     }
 
@@ -440,5 +445,17 @@ impl Relay {
         }
         let _ = tokio::time::timeout(Duration::from_secs(5), self.client.shutdown()).await;
         tracing::info!(applied = %self.applied, "stopped");
+    }
+}
+
+/// Hands `cmd` to the sink. The command channel holds twice the window: this
+/// never waits in practice, and the sink always drains it. A closed channel
+/// means the sink ended, which the main loop learns from the event channel.
+fn to_sink(sink: &mpsc::Sender<SinkCommand>, cmd: SinkCommand) {
+    if let Err(mpsc::error::TrySendError::Full(cmd)) = sink.try_send(cmd) {
+        let sink = sink.clone();
+        tokio::spawn(async move {
+            let _ = sink.send(cmd).await;
+        });
     }
 }

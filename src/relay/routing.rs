@@ -3,25 +3,27 @@
 //!
 //! A returned (unroutable), nacked or unconfirmed publish is normally that
 //! message's failure: it is parked, retried and, out of retries, dead-lettered.
-//! But when every publish fails the same way — [`MIN_FAILURES`] in a row across
-//! at least [`MIN_KEYS`] routing keys, with no ack in between — the fault is the
-//! topology's or the broker's (the queue was deleted, the bindings removed, a
-//! quorum queue lost its majority), not the messages'. Then publishing pauses:
-//! the failed messages are held in the window, no retry budget is spent, nothing
-//! is dead-lettered, `/readyz` says why, and one held message at a time is
+//! But when every publish fails the same way — [`MIN_FAILURES`] in a row with no
+//! ack in between — the fault is the topology's or the broker's (the queue was
+//! deleted, the bindings removed, a quorum queue lost its majority, a channel
+//! nacks everything), not the messages'. Then publishing pauses: the failed
+//! messages are held in the window, no retry budget is spent, nothing is
+//! dead-lettered, `/readyz` says why, and one held message at a time is
 //! published again as a probe (a different routing key each time) until one is
-//! acked.
+//! acked. A nack or a missing confirm says nothing about the message, only
+//! about the broker or the channel: such a pause also renews the connection
+//! before each probe ([`RoutingFault::on_connection`]).
 //!
 //! The first failures of a run are charged as usual (one attempt each, before
-//! the pattern is clear); and with fewer than [`MIN_KEYS`] routing keys in the
-//! traffic a missing binding cannot be told from a message nobody wants, so
-//! those failures stay the messages'.
+//! the pattern is clear). A return is about the routing key: with fewer than
+//! [`MIN_KEYS`] keys among the returns a missing binding cannot be told from a
+//! message nobody wants, so those failures stay the messages'.
 
 use std::fmt;
 
 /// Failures in a row, with no ack in between, before the fault is systemic.
 pub const MIN_FAILURES: usize = 8;
-/// Distinct routing keys among them.
+/// Distinct routing keys among them, when they are returns.
 pub const MIN_KEYS: usize = 3;
 /// Routing keys kept as examples for the report.
 const EXAMPLES: usize = 5;
@@ -64,7 +66,13 @@ impl RoutingFault {
     }
 
     fn systemic(&self) -> bool {
-        self.failures >= MIN_FAILURES && self.keys.len() >= MIN_KEYS
+        self.failures >= MIN_FAILURES && (self.on_connection() || self.keys.len() >= MIN_KEYS)
+    }
+
+    /// The fault may be the connection's (nacks, missing confirms), not the
+    /// topology's (returns): probe on a new connection.
+    pub fn on_connection(&self) -> bool {
+        self.kind != "returned"
     }
 }
 
@@ -75,12 +83,17 @@ impl fmt::Display for RoutingFault {
             "nack" => "nacked",
             _ => "left without a confirm",
         };
+        let keys = match self.keys.len() {
+            1 => format!("routing key {}", self.keys[0]),
+            n if n >= EXAMPLES.max(MIN_KEYS) => {
+                format!("routing keys {} and more", self.keys.join(", "))
+            }
+            _ => format!("routing keys {}", self.keys.join(", ")),
+        };
         write!(
             f,
-            "every publish is {what} ({}): {} in a row across routing keys {} and more, none acked since",
-            self.reason,
-            self.failures,
-            self.keys.join(", ")
+            "every publish is {what} ({}): {} in a row with {keys}, none acked since",
+            self.reason, self.failures
         )
     }
 }
@@ -177,6 +190,28 @@ mod tests {
     }
 
     #[test]
+    fn nacks_or_missing_confirms_on_one_key_are_systemic() {
+        for kind in ["nack", "timeout"] {
+            let mut w = RoutingWatch::default();
+            for _ in 0..MIN_FAILURES - 1 {
+                assert!(!w.failed(kind, "Order.streamed", "nacked by the broker"));
+            }
+            assert!(w.failed(kind, "Order.streamed", "nacked by the broker"));
+            let fault = w.fault().unwrap();
+            assert!(fault.on_connection(), "{kind}: probe on a new connection");
+        }
+        let mut w = RoutingWatch::default();
+        let keys = ["a", "b", "c"];
+        for i in 0..MIN_FAILURES {
+            w.failed("returned", keys[i % 3], "r");
+        }
+        assert!(
+            !w.fault().unwrap().on_connection(),
+            "returns are the topology's"
+        );
+    }
+
+    #[test]
     fn an_ack_in_between_or_another_kind_starts_over() {
         let mut w = RoutingWatch::default();
         let keys = ["a", "b", "c"];
@@ -193,8 +228,9 @@ mod tests {
 
     proptest! {
         /// Against a model: a fault starts only once MIN_FAILURES failures of one
-        /// kind, over MIN_KEYS keys, came with no ack (nor another counted kind)
-        /// in between; it holds every counted failure until an ack ends it.
+        /// kind (returns: over MIN_KEYS keys) came with no ack (nor another
+        /// counted kind) in between; it holds every counted failure until an ack
+        /// ends it.
         #[test]
         fn systemic_only_on_enough_evidence(
             events in proptest::collection::vec((0u8..6, 0u8..4), 1..200)
@@ -220,7 +256,7 @@ mod tests {
                     };
                     r.1 += 1;
                     r.2.insert(key);
-                    if r.1 >= MIN_FAILURES && r.2.len() >= MIN_KEYS {
+                    if r.1 >= MIN_FAILURES && (label != "returned" || r.2.len() >= MIN_KEYS) {
                         faulted = true;
                         run = None;
                     }

@@ -191,6 +191,11 @@ pub struct Window {
     routing_pause: Option<routing::RoutingPause>,
     /// Longest wait between two probes of a routing pause.
     probe_max: Duration,
+    /// The connection generation to renew (a pause for nacks or missing
+    /// confirms), not yet handed to the sink.
+    renewal: Option<u64>,
+    /// The last generation a renewal was asked for (asked once each).
+    renewed: Option<u64>,
 }
 
 impl Window {
@@ -219,6 +224,8 @@ impl Window {
             routing: Default::default(),
             routing_pause: None,
             probe_max: Duration::from_secs(30),
+            renewal: None,
+            renewed: None,
         }
     }
 

@@ -38,7 +38,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         match result {
             Err(e) if e.waits_for_recovery() => {
                 health.set_streaming(false);
-                health.set_broker(false);
+                health.set_broker(None);
                 if !startup::wait_for_slot(&config, &health, e, &mut shutdown).await? {
                     tracing::info!("stopped while waiting for the slot to be recovered");
                     return Ok(());
@@ -82,7 +82,7 @@ async fn stream(
         table = %pg.table,
         slot = %pg.slot,
         publication = %pg.publication,
-        amqp = %config.amqp.url.redacted(),
+        amqp = %config.amqp.redacted(),
         exchange = %config.amqp.exchange,
         start_lsn = %start_lsn,
         ordering = ?config.relay.ordering,

@@ -181,6 +181,9 @@ pub enum StoreCommand {
     },
     /// Read every aggregate's head (after taking the slot, reconnecting the stream).
     Reload,
+    /// The sink connected to this broker node (`host:port`): record it in the
+    /// slot record for `status`.
+    BrokerNode(String),
 }
 
 /// What the store tells the relay.

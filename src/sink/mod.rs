@@ -16,7 +16,7 @@ mod returns;
 
 pub use format::OutboundMessage;
 
-use crate::amqp::{connect, AmqpSettings, Broker};
+use crate::amqp::{connect_from, AmqpSettings, Broker};
 use crate::time::Backoff;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
@@ -44,6 +44,11 @@ pub enum SinkCommand {
         /// Publish on the isolated channel, alone.
         isolated: bool,
     },
+    /// Close the connection of `generation` and connect again (from the next
+    /// node): every publish on it is nacked or unanswered, which can be the
+    /// channel's state rather than the broker's (a channel opened while a quorum
+    /// queue's leader was down can nack forever).
+    Renew { generation: u64 },
 }
 
 /// The broker's verdict on one publish.
@@ -77,6 +82,8 @@ pub enum SinkEvent {
     Up {
         generation: u64,
         frame_max: usize,
+        /// The broker node (`host:port`) connected to.
+        node: String,
     },
     /// The connection of `generation` is gone; nothing published under it will be
     /// answered. `refusal`: the broker closed it with an error a publish can cause
@@ -168,7 +175,9 @@ impl Ended {
 }
 
 /// Runs the sink until the command channel closes. `first` is the connection
-/// made at start-up (so that start-up failures are reported, not retried).
+/// made at start-up (so that start-up failures are reported, not retried). A
+/// lost connection is made again starting from the next node of `amqp.url`, so
+/// that with a cluster the relay moves to a node that is up.
 pub async fn run(
     settings: AmqpSettings,
     first: Broker,
@@ -178,11 +187,12 @@ pub async fn run(
     let exchange: ShortString = settings.exchange.as_str().into();
     let mut broker = Some(first);
     let mut generation = 0u64;
+    let mut next_node = 0;
     let mut backoff = Backoff::new(BACKOFF_BASE, settings.reconnect_backoff_max);
     loop {
         let current = match broker.take() {
             Some(b) => b,
-            None => match connect(&settings).await {
+            None => match connect_from(&settings, next_node).await {
                 Ok(b) => b,
                 Err(e) => {
                     let wait_for = backoff.fail();
@@ -196,10 +206,13 @@ pub async fn run(
         };
         generation += 1;
         let frame_max = current.frame_max();
+        let node = settings.nodes[current.node].node();
+        next_node = current.node + 1;
         if events
             .send(SinkEvent::Up {
                 generation,
                 frame_max,
+                node: node.clone(),
             })
             .await
             .is_err()
@@ -209,6 +222,7 @@ pub async fn run(
         tracing::info!(
             generation,
             frame_max,
+            %node,
             "broker connected, publishing with confirms"
         );
         let up_since = Instant::now();
@@ -217,7 +231,7 @@ pub async fn run(
             close(&current.connection, 200, "outbox-relay shutting down").await;
             return;
         };
-        tracing::warn!(generation, reason = %ended.reason, "broker connection lost; the relay re-publishes unconfirmed messages after reconnecting");
+        tracing::warn!(generation, %node, reason = %ended.reason, "broker connection lost; the relay re-publishes unconfirmed messages after reconnecting");
         if events
             .send(SinkEvent::Down {
                 generation,
@@ -339,7 +353,7 @@ async fn serve(
             cmd = commands.recv() => {
                 // A closed command channel: the relay is shutting down.
                 let first = cmd?;
-                let (done, mut refused) = publish_queued(
+                let (done, mut refused, renew) = publish_queued(
                     first, commands, broker, exchange, generation, &mut confirms, &mut isolated,
                 )
                 .await;
@@ -352,6 +366,12 @@ async fn serve(
                 if !refused.is_empty() && !answer(refused).await {
                     return None;
                 }
+                if renew {
+                    return Some(Ended {
+                        reason: "every publish on this connection is nacked or unanswered: replacing it (from the next node)".into(),
+                        refusal: None,
+                    });
+                }
             }
         }
         if let Err(ended) = isolated.start_next(broker, exchange).await {
@@ -363,8 +383,9 @@ async fn serve(
 /// Publishes `first` and everything else queued now (up to `PUBLISH_BATCH`) in
 /// one go: the io loop then wakes once for many frames instead of once per
 /// message. Commands of an older connection are dropped. Returns the answers
-/// that came at once, and the refusals made before publishing (headers larger
-/// than `frame_max`).
+/// that came at once, the refusals made before publishing (headers larger
+/// than `frame_max`), and whether the relay asked for this connection to be
+/// renewed (what was queued after that request stays queued).
 async fn publish_queued<'a>(
     first: SinkCommand,
     commands: &mut mpsc::Receiver<SinkCommand>,
@@ -373,19 +394,28 @@ async fn publish_queued<'a>(
     generation: u64,
     confirms: &mut FuturesUnordered<ConfirmFuture<'a>>,
     isolated: &mut IsolatedLane,
-) -> (Vec<Answer>, Vec<(u64, Outcome)>) {
+) -> (Vec<Answer>, Vec<(u64, Outcome)>, bool) {
     let frame_max = broker.frame_max();
     let mut next = Some(first);
     let mut done = Vec::new();
     let mut refused = Vec::new();
     let mut published = 0;
-    while let Some(SinkCommand::Publish {
-        seq,
-        generation: g,
-        message,
-        isolated: alone,
-    }) = next.take()
-    {
+    while let Some(command) = next.take() {
+        let (seq, g, message, alone) = match command {
+            SinkCommand::Publish {
+                seq,
+                generation,
+                message,
+                isolated,
+            } => (seq, generation, message, isolated),
+            SinkCommand::Renew { generation: g } if g == generation => {
+                return (done, refused, true);
+            }
+            SinkCommand::Renew { .. } => {
+                next = commands.try_recv().ok();
+                continue;
+            }
+        };
         if g == generation {
             if message.header_len > frame_max {
                 refused.push((
@@ -412,7 +442,7 @@ async fn publish_queued<'a>(
             next = commands.try_recv().ok();
         }
     }
-    (done, refused)
+    (done, refused, false)
 }
 
 /// Publishes `message` on `channel` and waits for its confirm.

@@ -76,6 +76,9 @@ pub struct Received {
     pub routing_key: String,
     pub body: Vec<u8>,
     pub properties: BasicProperties,
+    /// The broker delivered it before, to a consumer that did not ack it (the
+    /// broker's redelivery, not a publish of the relay's).
+    pub redelivered: bool,
 }
 
 impl Received {
@@ -108,14 +111,21 @@ pub struct Consumer {
 
 impl Consumer {
     pub fn start(queue: String) -> Consumer {
+        Self::start_on(vec![AMQP_URL.to_string()], queue)
+    }
+
+    /// [`Consumer::start`] on a broker of several nodes: each reconnect goes to
+    /// the next URL.
+    pub fn start_on(urls: Vec<String>, queue: String) -> Consumer {
         let received = Arc::new(Mutex::new(Vec::new()));
         let sink = received.clone();
         let task = tokio::spawn(async move {
-            loop {
+            for attempt in 0.. {
+                let url = &urls[attempt % urls.len()];
                 // Every step is bounded: a broker that is restarting may accept a
                 // connection and never answer it.
                 let attempt = tokio::time::timeout(Duration::from_secs(5), async {
-                    let conn = Connection::connect(AMQP_URL, ConnectionProperties::default())
+                    let conn = Connection::connect(url, ConnectionProperties::default())
                         .await
                         .ok()?;
                     let ch = conn.create_channel().await.ok()?;
@@ -152,6 +162,7 @@ impl Consumer {
                                 routing_key: d.routing_key.to_string(),
                                 body: d.data.clone(),
                                 properties: d.properties.clone(),
+                                redelivered: d.redelivered,
                             });
                             let acked = tokio::time::timeout(
                                 Duration::from_secs(5),

@@ -62,20 +62,66 @@ impl Fixture {
     /// declares the exchange and (when `bind_queue`) a durable queue bound with `#`.
     pub async fn new(name: &str, bind_queue: bool) -> Fixture {
         let f = Self::bare(name).await;
-        f.db.batch_execute(&outbox_relay::pg::catalog::outbox_ddl(
-            &outbox_relay::pg::TableName::parse(&f.table).unwrap(),
-        ))
+        f.create_outbox_table().await;
+        f.with_consumer(bind_queue).await
+    }
+
+    /// Like `new`, but on a cluster of several nodes (`urls`): the exchange and a
+    /// quorum queue bound with `#` are declared there, and the consumer moves
+    /// to the next node when it loses its connection.
+    pub async fn quorum(name: &str, urls: Vec<String>) -> Fixture {
+        let mut f = Self::bare(name).await;
+        f.create_outbox_table().await;
+        let conn = Connection::connect(&urls[0], ConnectionProperties::default())
+            .await
+            .unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        declare_topic(&ch, &f.exchange).await;
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-queue-type".into(),
+            lapin::types::AMQPValue::LongString("quorum".into()),
+        );
+        ch.queue_declare(
+            f.queue.as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            args,
+        )
         .await
         .unwrap();
+        ch.queue_bind(
+            f.queue.as_str().into(),
+            f.exchange.as_str().into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+        let _ = conn.close(200, "bye".into()).await;
+        f.consumer = Some(Consumer::start_on(urls, f.queue.clone()));
+        f
+    }
+
+    async fn create_outbox_table(&self) {
+        self.db
+            .batch_execute(&outbox_relay::pg::catalog::outbox_ddl(
+                &outbox_relay::pg::TableName::parse(&self.table).unwrap(),
+            ))
+            .await
+            .unwrap();
         // Rows carry their own retry budget (Event-Forge default 3); tests that want a
         // message to die set max_retries on the row.
-        f.db.batch_execute(&format!(
-            "alter table {} alter column max_retries set default 100000",
-            f.table
-        ))
-        .await
-        .unwrap();
-        f.with_consumer(bind_queue).await
+        self.db
+            .batch_execute(&format!(
+                "alter table {} alter column max_retries set default 100000",
+                self.table
+            ))
+            .await
+            .unwrap();
     }
 
     /// Like `new` but creates no table (the test makes its own).

@@ -124,6 +124,12 @@ impl InboxFixture {
     /// A config file; `inbox` lines replace the defaults with the same key, and
     /// `amqp_url` another broker address (a proxy).
     pub fn config_with(&self, inbox: &[&str], amqp_url: &str) -> PathBuf {
+        self.config_on(inbox, &format!("url = \"{amqp_url}\""))
+    }
+
+    /// [`InboxFixture::config_with`], the `[amqp]` url line as given (a list of
+    /// a cluster's nodes).
+    pub fn config_on(&self, inbox: &[&str], amqp_url_line: &str) -> PathBuf {
         let mut lines = vec![
             format!("queue = \"{}\"", self.queue),
             format!("table = \"{}\"", self.table),
@@ -137,7 +143,7 @@ impl InboxFixture {
         }
         let text = format!(
             "[postgres]\nurl = \"{PG_URL}\"\nreconnect_backoff_max = \"2s\"\n\
-             [amqp]\nurl = \"{amqp_url}\"\nreconnect_backoff_max = \"2s\"\n\
+             [amqp]\n{amqp_url_line}\nreconnect_backoff_max = \"2s\"\n\
              [inbox]\n{}\n[metrics]\nlisten = \"127.0.0.1:0\"\n[log]\nlevel = \"info,outbox_relay=debug\"\n",
             lines.join("\n")
         );
@@ -167,7 +173,14 @@ impl InboxFixture {
 
     /// Publishes `msgs` to the inbox queue (default exchange), with confirms.
     pub async fn publish(&self, msgs: &[Msg]) {
-        let conn = amqp_connect().await;
+        self.publish_on(AMQP_URL, msgs).await
+    }
+
+    /// [`InboxFixture::publish`] through the broker node at `url`.
+    pub async fn publish_on(&self, url: &str, msgs: &[Msg]) {
+        let conn = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
+            .await
+            .unwrap();
         let ch = conn.create_channel().await.unwrap();
         ch.confirm_select(ConfirmSelectOptions::default())
             .await

@@ -3,15 +3,19 @@
 //! process spawned from the real binary ([`process`]), a consumer that survives
 //! broker connection loss ([`amqp`]), the metrics endpoint ([`http`]), proxies
 //! that stall or hold a peer ([`proxy`]), WAL positions ([`wal`]), scratch
-//! clusters and nodes of its own ([`scratch`]), and condition waits with
-//! timeouts (here).
+//! clusters and nodes of its own ([`scratch`], [`cluster`]), per-aggregate order
+//! ([`order`]), writing through outages and counting every id after one
+//! ([`outage`]), and condition waits with timeouts (here).
 // Each test binary uses a part of these helpers: what one does not use is not dead.
 #![allow(dead_code)]
 
 pub mod amqp;
+pub mod cluster;
 pub mod fixture;
 pub mod http;
 pub mod inbox;
+pub mod order;
+pub mod outage;
 pub mod process;
 pub mod proxy;
 pub mod scratch;
@@ -27,6 +31,9 @@ pub use fixture::{event_forge_schema, index_names, Fixture, EVENT_FORGE_DDL};
 #[allow(unused_imports)]
 pub use http::{http_get, metric_value, scrape_metric, wait_window_empty};
 #[allow(unused_imports)]
+pub use order::{assert_in_order, assert_in_order_with_redeliveries};
+#[allow(unused_imports)]
+pub use outage::{assert_recovered, write_in_background, write_rows_in_background};
 pub use process::Relay;
 #[allow(unused_imports)]
 pub use proxy::StallingProxy;

@@ -5,7 +5,8 @@ use std::time::Duration;
 
 /// A TCP proxy in front of a service that can stall: while stalled it forwards
 /// nothing in either direction (a peer that accepts bytes and never answers),
-/// without disturbing the shared service itself.
+/// and connections made meanwhile wait unconnected, without disturbing the
+/// shared service itself.
 pub struct StallingProxy {
     pub port: u16,
     stalled: Arc<std::sync::atomic::AtomicBool>,
@@ -26,6 +27,11 @@ impl StallingProxy {
                 };
                 let flag = flag.clone();
                 tokio::spawn(async move {
+                    // A connection made while stalled reaches nothing until the
+                    // stall ends: no upstream handshake timer runs meanwhile.
+                    while flag.load(Ordering::SeqCst) {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
                     let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
                         return;
                     };

@@ -250,11 +250,35 @@ impl ScratchRabbit {
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("rabbitmq.conf"), conf).unwrap();
         std::fs::write(dir.join("enabled_plugins"), plugins).unwrap();
-        let log = std::fs::File::create(dir.join("out.log")).unwrap();
-        let d = dir.display().to_string();
         let node = format!("{name}@localhost");
+        let (child, pgid) = Self::spawn(&dir, &node, port);
+        ScratchRabbit {
+            dir,
+            node,
+            port,
+            child,
+            pgid,
+        }
+    }
+
+    /// Starts the node again (after [`ScratchRabbit::kill9`]) on its own
+    /// directories: its data, and its cluster membership, are kept.
+    pub fn restart(&mut self) {
+        self.kill9();
+        let (child, pgid) = Self::spawn(&self.dir, &self.node, self.port);
+        self.child = child;
+        self.pgid = pgid;
+    }
+
+    fn spawn(dir: &std::path::Path, node: &str, port: u16) -> (std::process::Child, i32) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("out.log"))
+            .unwrap();
+        let d = dir.display().to_string();
         let mut cmd = Command::new("/usr/lib/rabbitmq/bin/rabbitmq-server");
-        cmd.env("RABBITMQ_NODENAME", &node)
+        cmd.env("RABBITMQ_NODENAME", node)
             .env("RABBITMQ_NODE_PORT", (port + 1).to_string())
             .env("RABBITMQ_DIST_PORT", (port + 2).to_string())
             .env("RABBITMQ_CONFIG_FILE", format!("{d}/rabbitmq"))
@@ -274,21 +298,57 @@ impl ScratchRabbit {
         let child = cmd.spawn().expect("start a scratch rabbitmq node");
         let pgid = child.id() as i32;
         std::fs::write(dir.join("launcher.pgid"), pgid.to_string()).unwrap();
-        ScratchRabbit {
-            dir,
-            node,
-            port,
-            child,
-            pgid,
+        (child, pgid)
+    }
+
+    /// When the node has exited (it could not start: say, a port in use), the
+    /// end of its log.
+    pub fn exited(&mut self) -> Option<String> {
+        self.child.try_wait().ok().flatten()?;
+        let log = std::fs::read_to_string(self.dir.join("out.log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(20).collect();
+        Some(tail.into_iter().rev().collect::<Vec<_>>().join("\n"))
+    }
+
+    /// `rabbitmqctl -n <this node> <args>`: its output, or why it failed.
+    pub fn ctl(&self, args: &[&str]) -> Result<String, String> {
+        let out = Command::new("rabbitmqctl")
+            .arg("-n")
+            .arg(&self.node)
+            .args(args)
+            .env("HOME", "/var/lib/rabbitmq")
+            .output()
+            .map_err(|e| format!("rabbitmqctl: {e}"))?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(format!(
+                "rabbitmqctl -n {} {}: {}{}",
+                self.node,
+                args.join(" "),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ))
         }
     }
 
-    /// kill -9 of the whole node (the Erlang VM and its helpers).
+    /// kill -9 of the whole node (the Erlang VM and its helpers); returns once
+    /// every process of it is gone (its ports free for the next node).
     pub fn kill9(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-9", "--", &format!("-{}", self.pgid)])
-            .output();
+        let group = format!("-{}", self.pgid);
+        let _ = Command::new("kill").args(["-9", "--", &group]).output();
         let _ = self.child.wait();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while std::time::Instant::now() < deadline {
+            let alive = Command::new("kill")
+                .args(["-0", "--", &group])
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if !alive {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }
 

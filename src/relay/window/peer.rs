@@ -121,6 +121,8 @@ impl Window {
             self.continue_probing();
             return usize::from(self.probing.is_some());
         }
+        // Paused for a routing fault: nothing goes out but a probe, at once.
+        self.probe_now();
         self.publish_unsent()
     }
 

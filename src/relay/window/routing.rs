@@ -4,7 +4,9 @@
 //! turn) instead of being parked and charged, nothing new is admitted, and one
 //! held message at a time is published again as a probe — a different routing
 //! key each time, with a growing wait — until one is acked; then everything
-//! held goes out again in admission order.
+//! held goes out again in admission order. When the fault may be the
+//! connection's (nacks, missing confirms), the sink is asked to replace the
+//! connection, and the probe goes out on the new one as soon as it is up.
 
 use super::{Origin, Seq, State, Window};
 use crate::failure::Failure;
@@ -88,10 +90,38 @@ impl Window {
         pause.next_probe = now + pause.wait.current();
         let was_suspect = self.clear_suspect(seq);
         if let Some(e) = self.entries.get_mut(&seq) {
+            let on = match e.state {
+                State::Published { generation } => Some(generation),
+                _ => None,
+            };
             e.state = State::Unsent;
+            self.ask_renewal(on);
         }
         self.wire_changed(was_suspect);
         true
+    }
+
+    /// A held failure that came on connection `on`: when the fault may be the
+    /// connection's (nacks, missing confirms) and `on` is the current one, ask
+    /// the sink once to replace it — the next probe goes out on a new one.
+    fn ask_renewal(&mut self, on: Option<u64>) {
+        let connection_fault = self.routing.fault().is_some_and(|f| f.on_connection());
+        if connection_fault && on.is_some() && on == self.generation && on != self.renewed {
+            self.renewal = on;
+            self.renewed = on;
+        }
+    }
+
+    /// The connection generation the sink should replace, once.
+    pub fn take_renewal(&mut self) -> Option<u64> {
+        self.renewal.take()
+    }
+
+    /// A new connection is worth a probe at once.
+    pub(super) fn probe_now(&mut self) {
+        if let Some(pause) = &mut self.routing_pause {
+            pause.next_probe = Instant::now();
+        }
     }
 
     /// When the next probe is due: while paused with nothing on the wire.

@@ -269,6 +269,67 @@ fn a_systemic_routing_fault_holds_messages_uncharged_until_a_probe_is_acked() {
 }
 
 #[test]
+fn nacks_on_one_key_pause_and_renew_the_connection_once_then_probe_on_the_new_one() {
+    use crate::relay::routing::MIN_FAILURES;
+    let mut w = window(Ordering::Strict, 64);
+    // One routing key for everything (aggregates 0, 4, 8, ... share `A.e0`).
+    for i in 0..12u8 {
+        let r = event(i * 4, 0);
+        w.admit(r.clone(), Some(message(&r, 10)), stream(0), None);
+    }
+    assert_eq!(w.take_publishes().count(), 12);
+    for seq in 0..MIN_FAILURES as Seq - 1 {
+        assert!(!w.unrouted(seq, &Failure::Nack));
+        w.fail_stream(seq, Failure::Nack);
+    }
+    assert_eq!(w.take_renewal(), None, "not systemic yet");
+    assert!(w.unrouted(MIN_FAILURES as Seq - 1, &Failure::Nack));
+    assert!(w.routing_paused());
+    assert_eq!(w.take_renewal(), Some(1), "the connection is renewed");
+    for seq in MIN_FAILURES as Seq..12 {
+        assert!(w.unrouted(seq, &Failure::Nack));
+    }
+    assert_eq!(w.take_renewal(), None, "once per connection");
+    // The new connection: nothing but one probe, at once.
+    w.on_down(1, false);
+    assert_eq!(w.on_up(2), 0);
+    w.fire_routing_probe(Instant::now());
+    let probes: Vec<Publish> = w.take_publishes().collect();
+    assert_eq!(probes.len(), 1, "one probe on the new connection");
+    assert_eq!(probes[0].generation, 2);
+    // Nacked there too: that connection is renewed in turn.
+    assert!(w.unrouted(probes[0].seq, &Failure::Nack));
+    assert_eq!(w.take_renewal(), Some(2));
+    w.on_down(2, false);
+    w.on_up(3);
+    w.fire_routing_probe(Instant::now());
+    let probe: Vec<Publish> = w.take_publishes().collect();
+    assert_eq!(probe.len(), 1);
+    assert!(w.routed(probe[0].seq), "acked: the pause ends");
+    w.resolve(probe[0].seq);
+    assert_eq!(w.take_publishes().count(), 12 - MIN_FAILURES);
+    assert_eq!(w.take_renewal(), None);
+    w.check_invariants();
+}
+
+#[test]
+fn returns_pause_without_renewing_the_connection() {
+    let mut w = window(Ordering::Relaxed, 64);
+    for agg in 0..12u8 {
+        let r = event(agg, 0);
+        w.admit(r.clone(), Some(message(&r, 10)), stream(0), None);
+    }
+    w.take_publishes().count();
+    for seq in 0..12 {
+        if !w.unrouted(seq, &returned()) {
+            w.fail_stream(seq, returned());
+        }
+    }
+    assert!(w.routing_paused());
+    assert_eq!(w.take_renewal(), None, "the topology's fault: no renewal");
+}
+
+#[test]
 fn with_nothing_held_a_routing_pause_ends_by_itself() {
     use crate::relay::routing::MIN_FAILURES;
     let mut w = window(Ordering::Relaxed, 64);

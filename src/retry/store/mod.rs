@@ -466,6 +466,17 @@ impl Store {
                         return false;
                     }
                 }
+                StoreCommand::BrokerNode(node) => {
+                    // For `status` only: one attempt, the node is in the log anyway.
+                    let records =
+                        crate::pg::slots::SlotRecords::next_to(&self.settings.retry_table);
+                    if let Err(e) = records
+                        .broker_node(&self.client, &self.settings.slot, &node)
+                        .await
+                    {
+                        tracing::warn!(error = %e, %node, "cannot record the broker node in the slot record (status will not show it)");
+                    }
+                }
             }
         }
         self.delivered(delivered).await;
