@@ -9,6 +9,13 @@ pub enum Error {
     #[error(transparent)]
     Config(#[from] ConfigError),
 
+    #[error("none of the Postgres hosts of {url} takes writes now ({failures}): a fail-over in progress, or check [postgres] url")]
+    PostgresNoPrimary {
+        url: String,
+        failures: String,
+        transient: bool,
+    },
+
     #[error("cannot connect to Postgres at {url}: {} (check [postgres] url and that the server is running)", pg_message(.source))]
     PostgresConnect {
         url: String,
@@ -238,7 +245,9 @@ impl Error {
             | Error::AmqpConnect { .. }
             | Error::AmqpConnectTimeout { .. }
             | Error::SlotBusy { .. } => true,
-            Error::AmqpNodes { transient, .. } => *transient,
+            Error::AmqpNodes { transient, .. } | Error::PostgresNoPrimary { transient, .. } => {
+                *transient
+            }
             Error::Postgres { source, .. } => source.as_db_error().is_none() || source.is_closed(),
             Error::Replication { source, .. } => source.is_transient() || source.is_server(),
             _ => false,

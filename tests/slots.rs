@@ -433,23 +433,54 @@ async fn a_slot_invalidated_by_max_slot_wal_keep_size_is_refused_and_replay_recr
     lab.cleanup().await;
 }
 
+/// libpq's multi-host form names both servers; the relay runs across the
+/// fail-over without a restart or a config change.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fail_over_to_a_standby_without_the_slot_is_refused_and_replay_recovers() {
     let primary = ScratchPg::plain("slots", 55453, "wal_keep_size = 64MB");
     let lab = Lab::new("slot_failover", primary).await;
     let standby = ScratchPg::standby_of(&lab.pg, "slots-standby", 55454);
-    let cfg = lab.config(&lab.pg.url());
-    let before = lab.run_a_while(&cfg, "fo-before").await;
-    let gap = lab.insert(&lab.db, "fo-gap", 30).await;
+    // The relay, `check`, `status` and `replay` use whichever host takes writes
+    // (read-write is the default with several hosts): the standby comes first.
+    let both = "postgresql://postgres@127.0.0.1:55454,127.0.0.1:55453/postgres";
+    let cfg = lab.config(both);
+    let (code, out) = Relay::run_to_end(&["check"], &cfg, &lab.dir).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("postgresql://postgres@127.0.0.1:55453/postgres (of postgresql://postgres@127.0.0.1:55454,127.0.0.1:55453/postgres: the host that takes writes now)"),
+        "{out}"
+    );
+    let mut relay = Relay::spawn(&cfg, &lab.dir, &[]);
+    relay.wait_streaming().await;
+    let (_, out) = Relay::run_to_end(&["check"], &cfg, &lab.dir).await;
+    assert!(
+        out.contains("PostgreSQL before 17 keeps slots on the primary only"),
+        "{out}"
+    );
+    let before = lab.insert(&lab.db, "fo-before", 20).await;
+    lab.consumer.wait_ids(&before, T).await;
+    wait_for(T, "delivered rows marked published", || async {
+        lab.db
+            .query_one(
+                "select count(*) from ef.outbox_messages where status = 'published'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+            == 20
+    })
+    .await;
     // The standby has everything, the slot record included; the primary dies and
     // the standby is promoted (a new timeline, no slot: PostgreSQL 15 keeps slots
-    // on the primary only).
+    // on the primary only). The application writes on, through the same URL.
     standby.caught_up_with(&lab.pg);
     lab.pg.stop();
     standby.promote();
-    let cfg = lab.config(&standby.url());
-    let db = connect(&standby.url()).await;
-    let mut relay = Relay::spawn(&cfg, &lab.dir, &[]);
+    let db = connect(&format!("{both}?target_session_attrs=read-write")).await;
+    let gap = lab.insert(&db, "fo-gap", 30).await;
+    // The same relay process finds the promoted host and refuses to read past
+    // the gap; `replay --pending` (same config) recovers; it streams on.
     assert_refused(
         &lab,
         &mut relay,
@@ -462,7 +493,12 @@ async fn a_fail_over_to_a_standby_without_the_slot_is_refused_and_replay_recover
     recover(&lab, &mut relay, &cfg, &gap, &[]).await;
     let after = lab.insert(&db, "fo-after", 10).await;
     lab.consumer.wait_ids(&after, T).await;
-    assert!(relay.terminate(T).await.success(), "{}", relay.log_text());
+    let log = relay.log_text();
+    assert!(
+        log.contains("replication connects to the primary host=127.0.0.1 port=55454"),
+        "{log}"
+    );
+    assert!(relay.terminate(T).await.success(), "{log}");
     lab.assert_each_once(&[before, gap, after].concat());
     drop(standby);
     lab.cleanup().await;

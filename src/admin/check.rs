@@ -66,8 +66,12 @@ fn fail(name: &'static str, detail: impl Into<String>) -> Check {
 /// Runs every preflight check; a check that depends on a failed one is reported as skipped.
 pub async fn check(config: &Config) -> Checks {
     let mut out = Vec::new();
-    let target = &config.postgres.target;
-    match target.connect().await {
+    let configured = &config.postgres.target;
+    let session = match configured.primary().await {
+        Ok(target) => target.connect().await.map(|sql| (target, sql)),
+        Err(e) => Err(e),
+    };
+    match session {
         Err(e) => {
             out.push(fail("postgres reachable", e.to_string()));
             for name in [
@@ -81,8 +85,18 @@ pub async fn check(config: &Config) -> Checks {
                 out.push(fail(name, "skipped: Postgres is not reachable"));
             }
         }
-        Ok(sql) => {
-            out.push(pass("postgres reachable", target.redacted()));
+        Ok((target, sql)) => {
+            out.push(pass(
+                "postgres reachable",
+                match configured.hosts().len() {
+                    1 => target.redacted(),
+                    _ => format!(
+                        "{} (of {}: the host that takes writes now)",
+                        target.redacted(),
+                        configured.redacted()
+                    ),
+                },
+            ));
             out.push(match catalog::require_logical(&sql).await {
                 Ok(()) => pass("wal_level", "logical"),
                 Err(e) => fail("wal_level", e.to_string()),
@@ -358,11 +372,21 @@ async fn slot_check(sql: &tokio_postgres::Client, config: &Config) -> Check {
         Some("unreserved") => "; wal_status unreserved: the server invalidates it if it falls further behind (max_slot_wal_keep_size)".to_string(),
         _ => String::new(),
     };
+    // With several hosts a fail-over is planned for: say whether the slot survives it.
+    let failover = match (pg.target.hosts().len() > 1, s.failover) {
+        (false, _) => "",
+        (true, Some(true)) => "; a fail-over slot: kept on the standbys in synchronized_standby_slots (with sync_replication_slots on them)",
+        (true, Some(false)) => "; not a fail-over slot (created before PostgreSQL 17, or by hand): a fail-over loses it; see docs/recovery.md",
+        (true, None) => "; PostgreSQL before 17 keeps slots on the primary only: a fail-over loses it (replay --pending recovers; see docs/recovery.md)",
+    };
     match s.active_pid {
         Some(pid) => pass(
             "slot",
-            format!("{slot} at {at}{lag}; active, held by pid {pid}{wal}"),
+            format!("{slot} at {at}{lag}; active, held by pid {pid}{wal}{failover}"),
         ),
-        None => pass("slot", format!("{slot} at {at}{lag}; inactive{wal}")),
+        None => pass(
+            "slot",
+            format!("{slot} at {at}{lag}; inactive{wal}{failover}"),
+        ),
     }
 }

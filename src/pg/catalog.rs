@@ -242,6 +242,9 @@ pub struct SlotState {
     /// (PostgreSQL 17), a conflict on a standby (`conflicting`, 16), or WAL
     /// removed (`wal_status = 'lost'`).
     pub invalidated: Option<String>,
+    /// A fail-over slot (PostgreSQL 17 `failover`: synchronized to the standbys
+    /// in `synchronized_standby_slots`); `None` before 17.
+    pub failover: Option<bool>,
 }
 
 impl SlotState {
@@ -259,7 +262,7 @@ pub async fn slot_state(client: &Client, slot: &str) -> Result<Option<SlotState>
             "select plugin::text, database::text, active_pid, confirmed_flush_lsn::text, \
              pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint, \
              to_jsonb(s) ->> 'wal_status', to_jsonb(s) ->> 'invalidation_reason', \
-             (to_jsonb(s) ->> 'conflicting')::bool \
+             (to_jsonb(s) ->> 'conflicting')::bool, (to_jsonb(s) ->> 'failover')::bool \
              from pg_replication_slots s where slot_name = $1",
             &[&slot],
         )
@@ -287,6 +290,7 @@ pub async fn slot_state(client: &Client, slot: &str) -> Result<Option<SlotState>
         lag_bytes: get(&r, 4, CONTEXT)?,
         wal_status,
         invalidated,
+        failover: get(&r, 8, CONTEXT)?,
     }))
 }
 
@@ -323,14 +327,29 @@ pub async fn drop_slot(client: &Client, slot: &str) -> Result<(), Error> {
     Ok(())
 }
 
-/// Creates a pgoutput slot; returns the LSN it starts at.
+/// The server's version as a number (`170002` for 17.2).
+pub async fn server_version_num(client: &Client) -> Result<i32, Error> {
+    const CONTEXT: &str = "reading the server's version";
+    let row = client
+        .query_one("select current_setting('server_version_num')::int", &[])
+        .await
+        .map_err(query_err(CONTEXT))?;
+    get(&row, 0, CONTEXT)
+}
+
+/// Creates a pgoutput slot; returns the LSN it starts at. On PostgreSQL 17 and
+/// later it is a fail-over slot (`failover = true`): with the standbys listed in
+/// `synchronized_standby_slots` (and `sync_replication_slots` on them) it
+/// survives a fail-over.
 pub async fn create_slot(client: &Client, slot: &str) -> Result<Lsn, Error> {
     const CONTEXT: &str = "creating the replication slot (needs REPLICATION and a free slot: raise max_replication_slots)";
+    let sql = if server_version_num(client).await? >= 170000 {
+        "select lsn::text from pg_create_logical_replication_slot($1, 'pgoutput', false, false, true)"
+    } else {
+        "select lsn::text from pg_create_logical_replication_slot($1, 'pgoutput')"
+    };
     let row = client
-        .query_one(
-            "select lsn::text from pg_create_logical_replication_slot($1, 'pgoutput')",
-            &[&slot],
-        )
+        .query_one(sql, &[&slot])
         .await
         .map_err(query_err(CONTEXT))?;
     let lsn: String = get(&row, 0, CONTEXT)?;

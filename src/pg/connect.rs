@@ -7,6 +7,7 @@ use super::tls::{RustlsStream, SslMode};
 use crate::error::Error;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_postgres::config::TargetSessionAttrs;
 use tokio_postgres::{Client, Socket};
 
 /// An SQL connection's driving future, plain or encrypted.
@@ -53,6 +54,16 @@ impl PgTarget {
                     url: self.redacted(),
                     source,
                 })?;
+        if self.is_pinned() {
+            config = one_host(&config, &self.host, self.port);
+        }
+        if self.wants_read_write() {
+            config.target_session_attrs(TargetSessionAttrs::ReadWrite);
+            if config.get_connect_timeout().is_none() {
+                // A host that does not answer must not hold the others up.
+                config.connect_timeout(MULTI_HOST_CONNECT_TIMEOUT);
+            }
+        }
         config.application_name(application_name);
         if !options.is_empty() {
             config.options(options);
@@ -66,6 +77,34 @@ impl PgTarget {
             .connect(self.tls.connector())
             .await
             .map_err(|source| self.connect_error(source))
+    }
+
+    /// The host that takes writes now, as a target pinned to it (for the
+    /// replication connection, which cannot try hosts itself): the target itself
+    /// when it names one host, else the first of its hosts that accepts a
+    /// read-write session — after a fail-over, the promoted standby.
+    pub async fn primary(&self) -> Result<PgTarget, Error> {
+        if self.hosts().len() < 2 || self.is_pinned() {
+            return Ok(self.clone());
+        }
+        let mut failures = Vec::new();
+        let mut transient = false;
+        for i in 0..self.hosts().len() {
+            let one = self.pinned_to(i);
+            match one.connect_raw("outbox-relay primary check", "").await {
+                // Dropping the session ends it.
+                Ok(_) => return Ok(one),
+                Err(e) => {
+                    transient |= e.is_transient();
+                    failures.push(format!("{}:{}: {e}", one.host, one.port));
+                }
+            }
+        }
+        Err(Error::PostgresNoPrimary {
+            url: self.redacted(),
+            failures: failures.join("; "),
+            transient,
+        })
     }
 
     /// The error for a failed connection: one naming the TLS key at fault when
@@ -106,8 +145,25 @@ impl PgTarget {
         {
             return Ok(());
         }
+        let hosts = match self.is_pinned() {
+            true => vec![(self.host.clone(), self.port)],
+            false => self.hosts().to_vec(),
+        };
+        for (host, port) in &hosts {
+            self.refuse_clear_password_at(host, *port, replication)
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn refuse_clear_password_at(
+        &self,
+        host: &str,
+        port: u16,
+        replication: bool,
+    ) -> Result<(), Error> {
         let probe = async {
-            let mut s = tokio::net::TcpStream::connect((self.host.as_str(), self.port)).await?;
+            let mut s = tokio::net::TcpStream::connect((host, port)).await?;
             if self.tls.effective == SslMode::Prefer {
                 s.write_all(&[0, 0, 0, 8, 4, 210, 22, 47]).await?;
                 if s.read_u8().await? == b'S' {
@@ -144,13 +200,58 @@ impl PgTarget {
         };
         match tokio::time::timeout(Duration::from_secs(10), probe).await {
             Ok(Ok(Some(method))) => Err(Error::InsecurePassword {
-                url: self.redacted(),
+                url: self.pinned_to_host(host, port).redacted(),
                 method,
             }),
             // Unreachable or slow: the real connection says why.
             _ => Ok(()),
         }
     }
+}
+
+/// Each host's connection attempt, with several hosts, when the URL sets no
+/// `connect_timeout`.
+pub const MULTI_HOST_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `config` with `host:port` as its only host (the driver cannot drop hosts
+/// from a parsed config, so every other setting is copied over).
+fn one_host(config: &tokio_postgres::Config, host: &str, port: u16) -> tokio_postgres::Config {
+    let mut one = tokio_postgres::Config::new();
+    one.host(host).port(port);
+    if let Some(user) = config.get_user() {
+        one.user(user);
+    }
+    if let Some(password) = config.get_password() {
+        one.password(password);
+    }
+    if let Some(dbname) = config.get_dbname() {
+        one.dbname(dbname);
+    }
+    if let Some(options) = config.get_options() {
+        one.options(options);
+    }
+    if let Some(name) = config.get_application_name() {
+        one.application_name(name);
+    }
+    if let Some(t) = config.get_connect_timeout() {
+        one.connect_timeout(*t);
+    }
+    if let Some(t) = config.get_tcp_user_timeout() {
+        one.tcp_user_timeout(*t);
+    }
+    one.keepalives(config.get_keepalives())
+        .keepalives_idle(config.get_keepalives_idle());
+    if let Some(i) = config.get_keepalives_interval() {
+        one.keepalives_interval(i);
+    }
+    if let Some(r) = config.get_keepalives_retries() {
+        one.keepalives_retries(r);
+    }
+    one.ssl_mode(config.get_ssl_mode())
+        .ssl_negotiation(config.get_ssl_negotiation())
+        .channel_binding(config.get_channel_binding())
+        .target_session_attrs(config.get_target_session_attrs());
+    one
 }
 
 /// `application_name` for a relay session of `role` on `slot` (at most 63 bytes).

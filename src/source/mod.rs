@@ -30,7 +30,12 @@ pub struct SourceSettings {
 /// relay's own applied LSN when that is newer). Returns once the server accepted
 /// `START_REPLICATION`, i.e. the slot is held by this session.
 pub async fn start(settings: &SourceSettings, start: Lsn) -> Result<ReplicationClient, Error> {
-    let t = &settings.target;
+    // With several hosts, the one that takes writes now (after a fail-over, the
+    // promoted standby: where the slot must be).
+    let t = &settings.target.primary().await?;
+    if t.hosts().len() > 1 {
+        tracing::info!(host = %t.host, port = t.port, "replication connects to the primary");
+    }
     let cfg = ReplicationConfig::new(
         t.host.clone(),
         t.user.clone(),
@@ -54,11 +59,11 @@ pub async fn start(settings: &SourceSettings, start: Lsn) -> Result<ReplicationC
     t.refuse_clear_password(true).await?;
     let mut client = ReplicationClient::connect(cfg)
         .await
-        .map_err(|e| map_start_error(settings, e))?;
+        .map_err(|e| map_start_error(settings, t, e))?;
     client
         .wait_started()
         .await
-        .map_err(|e| map_start_error(settings, e))?;
+        .map_err(|e| map_start_error(settings, t, e))?;
     Ok(client)
 }
 
@@ -82,9 +87,8 @@ async fn replication_tls(t: &PgTarget) -> Result<pgwire_replication::TlsConfig, 
     Ok(tls)
 }
 
-fn map_start_error(settings: &SourceSettings, e: PgWireError) -> Error {
+fn map_start_error(settings: &SourceSettings, t: &PgTarget, e: PgWireError) -> Error {
     if let PgWireError::Tls(text) = &e {
-        let t = &settings.target;
         if let Some((key, message)) = t.tls.explain(text, &t.host) {
             return t.tls_error(key, message);
         }
@@ -101,7 +105,7 @@ fn map_start_error(settings: &SourceSettings, e: PgWireError) -> Error {
         context: format!(
             "starting replication on slot {} at {}",
             settings.slot,
-            settings.target.redacted()
+            t.redacted()
         ),
         source: e,
     }
