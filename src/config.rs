@@ -98,6 +98,9 @@ pub struct PostgresConfig {
     /// Longest the replication connection may stay silent while the relay reads it;
     /// half of it, the relay asks the server for a sign of life.
     pub replication_timeout: Duration,
+    /// The outbox split over several relays (`slot` and `publication` above are
+    /// this process's shard's when it names one).
+    pub sharding: Sharding,
 }
 
 /// `[amqp]`, validated.
@@ -414,6 +417,9 @@ impl Config {
 /// The raw file as it deserializes, before validation: strings where the typed
 /// configuration has parsed values.
 mod raw;
+pub mod sharding;
+
+pub use sharding::Sharding;
 
 /// A password from a file (a Kubernetes secret, say): its content without the
 /// final line break.

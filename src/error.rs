@@ -9,6 +9,16 @@ pub enum Error {
     #[error(transparent)]
     Config(#[from] ConfigError),
 
+    #[error("{detail}")]
+    ShardLayout { detail: String },
+
+    #[error("postgres.shards = {count}: say which shard this {what} is for (postgres.shard = 0 to {last}, or --shard I)")]
+    ShardNotChosen {
+        count: u32,
+        last: u32,
+        what: &'static str,
+    },
+
     #[error("none of the Postgres hosts of {url} takes writes now ({failures}): a fail-over in progress, or check [postgres] url")]
     PostgresNoPrimary {
         url: String,

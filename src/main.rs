@@ -37,6 +37,10 @@ enum Command {
         /// Only the inbox table of [inbox] (for a service that only receives).
         #[arg(long)]
         inbox_only: bool,
+        /// Split the outbox into N shards: N publications (each with a row filter
+        /// on a hash of the aggregate id) and N slots; overrides postgres.shards.
+        #[arg(long, value_name = "N")]
+        shards: Option<u32>,
     },
     /// Receive: record the [inbox] queue into the inbox table, each message once,
     /// until SIGTERM or SIGINT.
@@ -105,20 +109,28 @@ struct ConfigArg {
     /// Configuration file (TOML); OUTBOX_RELAY_<SECTION>_<KEY> variables override it.
     #[arg(long, short, env = "OUTBOX_RELAY_CONFIG")]
     config: PathBuf,
+    /// With postgres.shards: the shard this command works on (overrides
+    /// postgres.shard); `check` and `status` show every shard without it.
+    #[arg(long, value_name = "I")]
+    shard: Option<u32>,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let path = match &cli.command {
-        Command::Run(a) | Command::Inbox(a) | Command::Check(a) => a.config.clone(),
+    let args = match &cli.command {
+        Command::Run(a) | Command::Inbox(a) | Command::Check(a) => a,
         Command::Dead {
             command: DeadCommand::List { config, .. } | DeadCommand::Requeue { config, .. },
         }
         | Command::Status { config, .. }
         | Command::Init { config, .. }
-        | Command::Replay { config, .. } => config.config.clone(),
+        | Command::Replay { config, .. } => config,
     };
-    let config = match Config::load(&path) {
+    let shards = match &cli.command {
+        Command::Init { shards, .. } => *shards,
+        _ => None,
+    };
+    let config = match load(args, shards) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e}");
@@ -147,6 +159,22 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The configuration file with its environment overrides, then `--shards` and
+/// `--shard`.
+fn load(
+    args: &ConfigArg,
+    shards: Option<u32>,
+) -> Result<Config, outbox_relay::config::ConfigError> {
+    let mut config = Config::load(&args.config)?;
+    if let Some(n) = shards {
+        config = config.with_shards(n)?;
+    }
+    if let Some(i) = args.shard {
+        config = config.for_shard(i)?;
+    }
+    Ok(config)
 }
 
 async fn dispatch(command: Command, config: Config) -> anyhow::Result<ExitCode> {
@@ -179,7 +207,7 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<ExitCode> 
             }
         }
         Command::Status { json, .. } => {
-            let status = admin::status(&config)
+            let status = admin::statuses(&config)
                 .await
                 .context("outbox-relay status")?;
             print_as(&status, json)?;

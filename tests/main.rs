@@ -18,4 +18,5 @@ mod recovery;
 mod refusal;
 mod retry;
 mod routing;
+mod shards;
 mod store;

@@ -5,6 +5,7 @@ use crate::amqp::{self, AmqpSettings};
 use crate::config::Config;
 use crate::error::Error;
 use crate::pg::catalog::{self, PublicationState};
+use crate::pg::shards;
 use crate::pg::slots::{self, SlotRecords};
 
 /// Every check's result, in order.
@@ -110,8 +111,19 @@ pub async fn check(config: &Config) -> Checks {
                 ),
                 Err(e) => fail("replication privilege", e.to_string()),
             });
-            out.push(publication_check(&sql, config).await);
-            out.push(slot_check(&sql, config).await);
+            for shard in config.selected_shards() {
+                let label = shard.postgres.sharding.label();
+                let mut checks = [
+                    publication_check(&sql, &shard).await,
+                    slot_check(&sql, &shard).await,
+                ];
+                if !label.is_empty() {
+                    for c in &mut checks {
+                        c.detail = format!("{label}: {}", c.detail);
+                    }
+                }
+                out.extend(checks);
+            }
             out.extend(privileges_check(&sql, config).await);
             if config.inbox.is_some() {
                 out.push(inbox_table_check(&sql, config).await);
@@ -309,6 +321,14 @@ fn exchange_check(key: &str) -> &'static str {
 
 async fn publication_check(sql: &tokio_postgres::Client, config: &Config) -> Check {
     let (publication, table) = (&config.postgres.publication, &config.postgres.table);
+    let sharding = &config.postgres.sharding;
+    let layout = match shards::layout(sql, sharding).await {
+        Ok(l) => l,
+        Err(e) => return fail("publication", e.to_string()),
+    };
+    if let Err(e) = shards::check_layout(&layout, sharding, table, &sharding.base_slot) {
+        return fail("publication", e.to_string());
+    }
     let state = match catalog::publication_state(sql, publication, table).await {
         Ok(s) => s,
         Err(e) => return fail("publication", e.to_string()),
@@ -340,7 +360,16 @@ async fn slot_check(sql: &tokio_postgres::Client, config: &Config) -> Check {
     let pg = &config.postgres;
     let slot = &pg.slot;
     let records = SlotRecords::next_to(&pg.retry_table);
-    let s = match slots::usable_slot(sql, &records, slot, &pg.target.dbname, &pg.table).await {
+    let filter = crate::pg::shards::filter(pg, None);
+    let usable = slots::usable_slot(
+        sql,
+        &records,
+        slot,
+        &pg.target.dbname,
+        &pg.table,
+        filter.as_deref(),
+    );
+    let s = match usable.await {
         Err(e) => return fail("slot", e.to_string()),
         Ok(None) if pg.create_missing => {
             return pass(

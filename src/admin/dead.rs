@@ -61,6 +61,7 @@ impl std::fmt::Display for DeadList {
 
 /// Dead messages of this relay's slot, oldest first: `limit` after `offset`.
 pub async fn dead_list(config: &Config, limit: i64, offset: i64) -> Result<DeadList, Error> {
+    crate::pg::shards::chosen(&config.postgres.sharding, "dead list")?;
     let retry = retry_table(config);
     let sql = config.postgres.target.connect().await?;
     let messages = if retry.exists(&sql).await? {
@@ -80,6 +81,7 @@ pub async fn dead_list(config: &Config, limit: i64, offset: i64) -> Result<DeadL
 /// running relay, a page at a time. Returns how many were requeued; unknown ids
 /// are an error naming them (nothing is requeued then).
 pub async fn dead_requeue(config: &Config, ids: Option<&[String]>) -> Result<u64, Error> {
+    crate::pg::shards::chosen(&config.postgres.sharding, "dead requeue")?;
     let pg = &config.postgres;
     let retry = retry_table(config);
     let mut sql = pg.target.connect().await?;

@@ -7,6 +7,7 @@ use crate::config::{Config, Mapping};
 use crate::error::Error;
 use crate::pg::catalog;
 use crate::pg::ddl::{self, Applied};
+use crate::pg::shards;
 use crate::pg::slots::{self, SlotRecords};
 use crate::pg::TableName;
 
@@ -30,16 +31,31 @@ pub async fn init(config: &Config) -> Result<Vec<String>, Error> {
             lines.push(format!("table {table}: exists"));
         }
     }
-    let created = catalog::ensure_publication(&sql, &pg.publication, table, true).await?;
-    lines.push(format!(
-        "publication {}: {}",
-        pg.publication,
-        if created {
-            "created (inserts only)"
-        } else {
-            "exists"
-        }
-    ));
+    for shard in config.each_shard() {
+        let index = shard.postgres.sharding.index.unwrap_or(0);
+        let publication = &shard.postgres.publication;
+        let created = shards::ensure_publication(
+            &sql,
+            &shard.postgres.sharding,
+            index,
+            table,
+            pg.columns.aggregate_id,
+            true,
+        )
+        .await?;
+        lines.push(format!(
+            "publication {publication}{}: {}",
+            shard_suffix(&shard),
+            match (created, pg.sharding.is_sharded()) {
+                (true, true) => format!(
+                    "created (inserts only; the rows whose {} hashes to shard {index})",
+                    pg.columns.aggregate_id
+                ),
+                (true, false) => "created (inserts only)".to_string(),
+                (false, _) => "exists".to_string(),
+            }
+        ));
+    }
     let retry = retry_table(config);
     let created = retry.create_if_missing(&sql).await?;
     lines.push(format!(
@@ -55,20 +71,41 @@ pub async fn init(config: &Config) -> Result<Vec<String>, Error> {
         if created { "created" } else { "exists" }
     ));
     catalog::require_logical(&sql).await?;
-    let existed = catalog::slot_state(&sql, &pg.slot).await?.is_some();
-    let slot = slots::ensure_slot(&sql, &records, &pg.slot, &pg.target.dbname, table, true).await?;
     if config.inbox.is_some() {
         lines.extend(init_inbox(config).await?);
     }
-    lines.push(format!(
-        "slot {}: {} at {}",
-        pg.slot,
-        if existed { "exists" } else { "created" },
-        slot.confirmed_flush
-            .map(|l| l.to_string())
-            .unwrap_or_else(|| "?".into())
-    ));
+    for shard in config.each_shard() {
+        let name = &shard.postgres.slot;
+        let existed = catalog::slot_state(&sql, name).await?.is_some();
+        let filter = shards::filter(&shard.postgres, None);
+        let slot = slots::ensure_slot(
+            &sql,
+            &records,
+            name,
+            &pg.target.dbname,
+            table,
+            filter.as_deref(),
+            true,
+        )
+        .await?;
+        lines.push(format!(
+            "slot {name}{}: {} at {}",
+            shard_suffix(&shard),
+            if existed { "exists" } else { "created" },
+            slot.confirmed_flush
+                .map(|l| l.to_string())
+                .unwrap_or_else(|| "?".into())
+        ));
+    }
     Ok(lines)
+}
+
+/// " (shard 1 of 3)" for a shard's configuration, else nothing.
+fn shard_suffix(shard: &Config) -> String {
+    match shard.postgres.sharding.label() {
+        label if label.is_empty() => String::new(),
+        label => format!(" ({label})"),
+    }
 }
 
 /// Creates the inbox table of `[inbox]` when missing (sql/inbox_messages.sql),

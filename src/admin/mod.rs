@@ -13,7 +13,7 @@ pub use check::{check, Check, Checks};
 pub use dead::{dead_list, dead_requeue, DeadList};
 pub use init::{init, init_inbox};
 pub use replay::{replay_pending, ReplayReport};
-pub use status::{status, InboxBacklog, SlotStatus, Status};
+pub use status::{status, statuses, InboxBacklog, SlotStatus, Status, Statuses};
 
 use crate::config::Config;
 use crate::retry::queries::RetryTable;

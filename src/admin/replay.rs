@@ -61,6 +61,7 @@ impl std::fmt::Display for ReplayReport {
 /// record says a replay is running: a relay waits for it, so nothing newer of an
 /// aggregate overtakes its replayed rows.
 pub async fn replay_pending(config: &Config, since: Option<&str>) -> Result<ReplayReport, Error> {
+    crate::pg::shards::chosen(&config.postgres.sharding, "replay")?;
     let pg = &config.postgres;
     if pg.on_success == OnSuccess::Keep {
         return Err(Error::Replay(format!(
@@ -69,7 +70,10 @@ pub async fn replay_pending(config: &Config, since: Option<&str>) -> Result<Repl
         )));
     }
     let sql = pg.target.connect().await?;
-    if catalog::pending_rows(&sql, &pg.table).await?.is_none() {
+    if catalog::pending_rows(&sql, &pg.table, None)
+        .await?
+        .is_none()
+    {
         return Err(Error::Replay(format!(
             "{} has no status or created_at column: the relay cannot tell which rows were not delivered (replay needs the Event-Forge layout)",
             pg.table
@@ -95,10 +99,17 @@ pub async fn replay_pending(config: &Config, since: Option<&str>) -> Result<Repl
         CONTEXT,
     )?;
     let outbox = OutboxTable::learn(&sql, pg.table.clone(), &pg.columns).await?;
+    // A shard's slot carries its shard's rows only: replay those, no other's.
+    let shard = crate::pg::shards::filter(pg, Some("o"));
+    let range = crate::outbox_table::PendingRange {
+        until: &until,
+        since,
+        shard: shard.as_deref(),
+    };
     let broker = amqp::connect(&AmqpSettings::from_config(&config.amqp)).await?;
     loop {
         let Some(page) = outbox
-            .pending_page(&sql, retry.name(), retry.slot(), &until, since, PAGE)
+            .pending_page(&sql, (retry.name(), retry.slot()), &range, PAGE)
             .await?
         else {
             break;

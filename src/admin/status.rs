@@ -28,6 +28,9 @@ pub struct SlotStatus {
 /// What `outbox-relay status` reports.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Status {
+    /// Which shard, when the outbox is sharded (the figures are that shard's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shard: Option<ShardOf>,
     pub slot: SlotStatus,
     /// Messages in retry state (failed, delayed or parked behind another).
     pub retries_pending: i64,
@@ -56,8 +59,44 @@ pub struct InboxBacklog {
     pub by_status: std::collections::BTreeMap<String, i64>,
 }
 
+/// Shard `index` of `count`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct ShardOf {
+    pub index: u32,
+    pub count: u32,
+}
+
+/// `status` of every shard (one when not sharded): printed one after another;
+/// as JSON the one status, or an array of them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Statuses(pub Vec<Status>);
+
+impl serde::Serialize for Statuses {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0.as_slice() {
+            [one] => one.serialize(s),
+            all => all.serialize(s),
+        }
+    }
+}
+
+impl std::fmt::Display for Statuses {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, status) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{status}")?;
+        }
+        Ok(())
+    }
+}
+
 impl std::fmt::Display for Status {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(ShardOf { index, count }) = self.shard {
+            writeln!(f, "shard           {index} of {count}")?;
+        }
         let s = &self.slot;
         if let Some(problem) = &s.problem {
             let how = s
@@ -134,6 +173,15 @@ impl std::fmt::Display for Status {
     }
 }
 
+/// The status of every shard (the one named, or the outbox when not sharded).
+pub async fn statuses(config: &Config) -> Result<Statuses, Error> {
+    let mut all = Vec::new();
+    for shard in config.selected_shards() {
+        all.push(status(&shard).await?);
+    }
+    Ok(Statuses(all))
+}
+
 /// Reads the slot and the retry table.
 pub async fn status(config: &Config) -> Result<Status, Error> {
     let retry = retry_table(config);
@@ -141,13 +189,21 @@ pub async fn status(config: &Config) -> Result<Status, Error> {
     let pg = &config.postgres;
     let records = SlotRecords::next_to(&pg.retry_table);
     let state = catalog::slot_state(&sql, &pg.slot).await?;
-    let problem =
-        match slots::usable_slot(&sql, &records, &pg.slot, &pg.target.dbname, &pg.table).await {
-            Ok(_) => None,
-            Err(e) if e.waits_for_recovery() => Some(e),
-            Err(e) if e.sql_trouble().is_some() => return Err(e),
-            Err(e) => Some(e),
-        };
+    let filter = crate::pg::shards::filter(pg, None);
+    let usable = slots::usable_slot(
+        &sql,
+        &records,
+        &pg.slot,
+        &pg.target.dbname,
+        &pg.table,
+        filter.as_deref(),
+    );
+    let problem = match usable.await {
+        Ok(_) => None,
+        Err(e) if e.waits_for_recovery() => Some(e),
+        Err(e) if e.sql_trouble().is_some() => return Err(e),
+        Err(e) => Some(e),
+    };
     let slot = SlotStatus {
         name: pg.slot.clone(),
         exists: state.is_some(),
@@ -167,7 +223,7 @@ pub async fn status(config: &Config) -> Result<Status, Error> {
     } else {
         None
     };
-    let pending = catalog::pending_rows(&sql, &config.postgres.table).await?;
+    let pending = catalog::pending_rows(&sql, &config.postgres.table, filter.as_deref()).await?;
     let record = match catalog::table_columns(&sql, records.name()).await? {
         Some(_) => records.get(&sql, &config.postgres.slot).await?,
         None => None,
@@ -182,7 +238,12 @@ pub async fn status(config: &Config) -> Result<Status, Error> {
         }),
         _ => None,
     };
+    let shard = pg.sharding.index.map(|index| ShardOf {
+        index,
+        count: pg.sharding.count,
+    });
     Ok(Status {
+        shard,
         inbox,
         slot,
         outbox_pending: pending.as_ref().map(|p| p.count),

@@ -45,6 +45,8 @@ pub struct Postgres {
     pub replication_timeout: Duration,
     pub password_file: String,
     pub allow_insecure_password: bool,
+    pub shards: u32,
+    pub shard: Option<u32>,
 }
 
 impl Default for Postgres {
@@ -69,6 +71,8 @@ impl Default for Postgres {
             replication_timeout: Duration::from_secs(60),
             password_file: String::new(),
             allow_insecure_password: false,
+            shards: 1,
+            shard: None,
         }
     }
 }
@@ -263,8 +267,26 @@ impl Postgres {
         }
         target.allow_insecure_password = pg.allow_insecure_password;
         let table = TableName::parse(&pg.table).map_err(|m| invalid("postgres.table", m))?;
-        check_identifier(&pg.slot).map_err(|m| invalid("postgres.slot", m))?;
-        check_identifier(&pg.publication).map_err(|m| invalid("postgres.publication", m))?;
+        super::sharding::check_count(pg.shards)?;
+        let mut sharding = super::Sharding::single(&pg.slot, &pg.publication);
+        sharding.count = pg.shards;
+        if let Some(i) = pg.shard {
+            if i >= pg.shards {
+                return Err(invalid(
+                    "postgres.shard",
+                    format!(
+                        "is {i}, but postgres.shards = {}: shards are numbered 0 to {}",
+                        pg.shards,
+                        pg.shards - 1
+                    ),
+                ));
+            }
+        }
+        // The longest names (the last shard's) must be valid ones too.
+        let last = pg.shards - 1;
+        check_identifier(&sharding.slot(last)).map_err(|m| invalid("postgres.slot", m))?;
+        check_identifier(&sharding.publication(last))
+            .map_err(|m| invalid("postgres.publication", m))?;
         let status_interval = positive("postgres.status_interval", pg.status_interval, "100ms")?;
         let retry_table =
             TableName::parse(&pg.retry_table).map_err(|m| invalid("postgres.retry_table", m))?;
@@ -288,11 +310,17 @@ impl Postgres {
             Mapping::Debezium => OnSuccess::Keep,
         });
 
+        sharding.index = pg.shard.filter(|_| sharding.is_sharded());
+        let (slot, publication) = match sharding.index {
+            Some(i) => (sharding.slot(i), sharding.publication(i)),
+            None => (pg.slot, pg.publication),
+        };
         Ok(PostgresConfig {
+            sharding,
             target,
             table,
-            slot: pg.slot,
-            publication: pg.publication,
+            slot,
+            publication,
             create_missing: pg.create_missing,
             status_interval,
             reconnect_backoff_max: pg.reconnect_backoff_max,

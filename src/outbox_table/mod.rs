@@ -64,6 +64,16 @@ pub struct OutboxTable {
     shape: Shape,
 }
 
+/// Which pending rows `replay --pending` takes: created at or before `until`
+/// (the server's time when it started), at or after `since`, and of the shard
+/// when `shard` names its condition.
+#[derive(Debug, Clone, Copy)]
+pub struct PendingRange<'a> {
+    pub until: &'a str,
+    pub since: Option<&'a str>,
+    pub shard: Option<&'a str>,
+}
+
 impl OutboxTable {
     /// Learns the table's shape; fails when the table or a required column is missing.
     pub async fn learn(
@@ -172,19 +182,21 @@ impl OutboxTable {
         })
     }
 
-    /// The oldest rows still `pending` (created at or before `until`, and at or
-    /// after `since`), in creation order, that have no retry state of `slot` in
-    /// `retry_table`: what `replay --pending` re-publishes. `None` for tables
-    /// without the Event-Forge columns.
+    /// The oldest rows still `pending` of `range`, in creation order, that have
+    /// no retry state of `slot` in `retry_table`: what `replay --pending`
+    /// re-publishes. `None` for tables without the Event-Forge columns.
     pub async fn pending_page(
         &self,
         client: &impl GenericClient,
-        retry_table: &TableName,
-        slot: &str,
-        until: &str,
-        since: Option<&str>,
+        (retry_table, slot): (&TableName, &str),
+        range: &PendingRange<'_>,
         limit: i64,
     ) -> Result<Option<Vec<RowRead>>, Error> {
+        let PendingRange {
+            until,
+            since,
+            shard,
+        } = *range;
         if !self.shape.mirror {
             return Ok(None);
         }
@@ -192,10 +204,11 @@ impl OutboxTable {
         let sql = format!(
             "{} o where o.status = 'pending' and o.created_at <= $1::text::timestamptz \
              and ($2::text is null or o.created_at >= $2::text::timestamptz) \
-             and not exists (select 1 from {} r where r.slot = $3 and r.id = o.{id}::text) \
+             and not exists (select 1 from {} r where r.slot = $3 and r.id = o.{id}::text){} \
              order by o.created_at, o.{id} limit $4",
             self.shape.select_sql,
             retry_table.quoted(),
+            shard.map(|f| format!(" and ({f})")).unwrap_or_default(),
         );
         let rows = client
             .query(&sql, &[&until, &since, &slot, &limit])

@@ -457,6 +457,7 @@ pub struct PendingRows {
 pub async fn pending_rows(
     client: &Client,
     table: &TableName,
+    filter: Option<&str>,
 ) -> Result<Option<PendingRows>, Error> {
     const CONTEXT: &str = "counting the outbox rows still pending";
     let Some(columns) = table_columns(client, table).await? else {
@@ -469,8 +470,9 @@ pub async fn pending_rows(
         .query_one(
             &format!(
                 "select count(*), to_char(min(created_at) at time zone 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), \
-                 extract(epoch from now() - min(created_at))::float8 from {} where status = 'pending'",
-                table.quoted()
+                 extract(epoch from now() - min(created_at))::float8 from {} where status = 'pending'{}",
+                table.quoted(),
+                filter.map(|f| format!(" and ({f})")).unwrap_or_default()
             ),
             &[],
         )

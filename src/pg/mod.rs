@@ -5,6 +5,7 @@
 pub mod catalog;
 pub mod connect;
 pub mod ddl;
+pub mod shards;
 pub mod slots;
 pub mod target;
 pub mod tls;

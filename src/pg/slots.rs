@@ -282,11 +282,12 @@ pub async fn ensure_slot(
     slot: &str,
     dbname: &str,
     outbox: &TableName,
+    filter: Option<&str>,
     create: bool,
 ) -> Result<SlotState, Error> {
     records.create_if_missing(client).await?;
     let server = catalog::server_identity(client).await.ok();
-    if let Some(state) = usable_slot(client, records, slot, dbname, outbox).await? {
+    if let Some(state) = usable_slot(client, records, slot, dbname, outbox, filter).await? {
         records
             .seen(client, slot, outbox, state.confirmed_flush, server.as_ref())
             .await?;
@@ -311,13 +312,15 @@ pub async fn ensure_slot(
 
 /// The slot when a relay may stream from it; `None` when it does not exist and
 /// no relay recorded it (a first start); the refusal when it is lost or a replay
-/// of it has not finished.
+/// of it has not finished. `filter`: the rows this slot carries (a shard's),
+/// when not the whole table.
 pub async fn usable_slot(
     client: &Client,
     records: &SlotRecords,
     slot: &str,
     dbname: &str,
     outbox: &TableName,
+    filter: Option<&str>,
 ) -> Result<Option<SlotState>, Error> {
     let record = if catalog::table_columns(client, records.name())
         .await?
@@ -334,7 +337,7 @@ pub async fn usable_slot(
                 return Err(lost(
                     client,
                     slot,
-                    outbox,
+                    (outbox, filter),
                     record.as_ref(),
                     SlotLoss::Invalidated,
                     reason.clone(),
@@ -355,7 +358,7 @@ pub async fn usable_slot(
                     Ok(now) => how_lost(&record, &now),
                     Err(_) => (SlotLoss::Dropped, String::new()),
                 };
-                Err(lost(client, slot, outbox, Some(&record), how, detail).await)
+                Err(lost(client, slot, (outbox, filter), Some(&record), how, detail).await)
             }
             None => Ok(None),
         },
@@ -394,12 +397,12 @@ pub fn how_lost(record: &SlotRecord, now: &ServerIdentity) -> (SlotLoss, String)
 async fn lost(
     client: &Client,
     slot: &str,
-    outbox: &TableName,
+    (outbox, filter): (&TableName, Option<&str>),
     record: Option<&SlotRecord>,
     how: SlotLoss,
     detail: String,
 ) -> Error {
-    let pending = match catalog::pending_rows(client, outbox).await {
+    let pending = match catalog::pending_rows(client, outbox, filter).await {
         Ok(Some(p)) if p.count == 0 => "no outbox row is still 'pending'".to_string(),
         Ok(Some(p)) => format!(
             "{} outbox row(s) are still 'pending', the oldest created {}{}",

@@ -27,8 +27,18 @@ pub async fn preflight(config: &Config) -> Result<(), Error> {
     if !catalog::can_replicate(&sql).await? {
         return Err(Error::NoReplicationPrivilege);
     }
-    if catalog::ensure_publication(&sql, &pg.publication, &pg.table, pg.create_missing).await? {
-        tracing::info!(publication = %pg.publication, table = %pg.table, "created publication (inserts only)");
+    let shard = crate::pg::shards::chosen(&pg.sharding, "relay")?;
+    let created = crate::pg::shards::ensure_publication(
+        &sql,
+        &pg.sharding,
+        shard,
+        &pg.table,
+        pg.columns.aggregate_id,
+        pg.create_missing,
+    )
+    .await?;
+    if created {
+        tracing::info!(publication = %pg.publication, table = %pg.table, shard = %pg.sharding.label(), "created publication (inserts only)");
     }
     let records = SlotRecords::next_to(&pg.retry_table);
     slots::ensure_slot(
@@ -37,6 +47,7 @@ pub async fn preflight(config: &Config) -> Result<(), Error> {
         &pg.slot,
         &pg.target.dbname,
         &pg.table,
+        crate::pg::shards::filter(pg, None).as_deref(),
         pg.create_missing,
     )
     .await?;
@@ -134,24 +145,29 @@ pub async fn open_stream(
     let pg = &config.postgres;
     let sql = settings.target.connect().await?;
     let records = SlotRecords::next_to(&pg.retry_table);
-    let state = slots::usable_slot(&sql, &records, &settings.slot, &pg.target.dbname, &pg.table)
-        .await?
-        .ok_or_else(|| Error::SlotMissing {
-            slot: settings.slot.clone(),
-        })?;
+    let filter = crate::pg::shards::filter(pg, None);
+    let usable = || {
+        slots::usable_slot(
+            &sql,
+            &records,
+            &settings.slot,
+            &pg.target.dbname,
+            &pg.table,
+            filter.as_deref(),
+        )
+    };
+    let state = usable().await?.ok_or_else(|| Error::SlotMissing {
+        slot: settings.slot.clone(),
+    })?;
     let start = state.confirmed_flush.unwrap_or(at_least).max(at_least);
     match source::start(settings, start).await {
         Ok(client) => Ok((client, start)),
         // Lost between the look and the start (say, invalidated at a checkpoint
         // in between): the refusal that says how, not the server's raw error.
-        Err(e) => {
-            match slots::usable_slot(&sql, &records, &settings.slot, &pg.target.dbname, &pg.table)
-                .await
-            {
-                Err(lost) if lost.waits_for_recovery() => Err(lost),
-                _ => Err(e),
-            }
-        }
+        Err(e) => match usable().await {
+            Err(lost) if lost.waits_for_recovery() => Err(lost),
+            _ => Err(e),
+        },
     }
 }
 

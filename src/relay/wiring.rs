@@ -82,6 +82,7 @@ async fn stream(
         table = %pg.table,
         slot = %pg.slot,
         publication = %pg.publication,
+        shard = %pg.sharding.label(),
         amqp = %config.amqp.redacted(),
         exchange = %config.amqp.exchange,
         start_lsn = %start_lsn,

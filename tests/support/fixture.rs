@@ -472,7 +472,8 @@ impl Drop for Fixture {
     }
 }
 
-async fn drop_pg_objects(db: &Client, slot: &str, publication: &str, table: &str) {
+/// Drops a slot (terminating its walsender), its publication, its record and the table.
+pub async fn drop_pg_objects(db: &Client, slot: &str, publication: &str, table: &str) {
     // A walsender may still hold the slot for a moment after its relay died.
     for _ in 0..100 {
         let _ = db
