@@ -14,6 +14,7 @@ mod nodes;
 mod operate;
 mod ordering;
 mod processor;
+mod receivers;
 mod recovery;
 mod refusal;
 mod retry;

@@ -49,6 +49,10 @@ pub struct InboxConfig {
     pub declare: bool,
     /// Queue type when declaring.
     pub queue_type: QueueType,
+    /// Declare the queue with single active consumer: of several receivers on
+    /// it, one at a time gets deliveries (the others take over when it goes),
+    /// so the table records them in queue order.
+    pub single_active_consumer: bool,
     /// With `declare`: bind the queue to this exchange (topic, durable; declared too).
     pub bind_exchange: Option<String>,
     /// ... with these routing keys.
@@ -84,6 +88,7 @@ pub struct RawInbox {
     pub table: String,
     pub declare: bool,
     pub queue_type: QueueType,
+    pub single_active_consumer: bool,
     pub bind_exchange: String,
     pub bind_keys: Vec<String>,
     pub dead_letter_exchange: String,
@@ -103,6 +108,7 @@ impl Default for RawInbox {
             table: "public.inbox_messages".into(),
             declare: true,
             queue_type: QueueType::Classic,
+            single_active_consumer: false,
             bind_exchange: String::new(),
             bind_keys: vec!["#".into()],
             dead_letter_exchange: String::new(),
@@ -159,6 +165,12 @@ impl RawInbox {
         if !self.notify_channel.is_empty() {
             check_identifier(&self.notify_channel).map_err(|m| invalid("notify_channel", m))?;
         }
+        if self.single_active_consumer && !self.declare {
+            return Err(invalid(
+                "single_active_consumer",
+                "needs declare = true (it is an argument of the queue's declaration); without it, declare the queue with x-single-active-consumer yourself",
+            ));
+        }
         if !self.bind_exchange.is_empty() && !self.declare {
             return Err(invalid(
                 "bind_exchange",
@@ -185,6 +197,7 @@ impl RawInbox {
             table,
             declare: self.declare,
             queue_type: self.queue_type,
+            single_active_consumer: self.single_active_consumer,
             bind_exchange: (!self.bind_exchange.is_empty()).then_some(self.bind_exchange),
             bind_keys: self.bind_keys,
             dead_letter_exchange,

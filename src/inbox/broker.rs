@@ -150,6 +150,9 @@ async fn topology(connection: &Connection, inbox: &InboxConfig) -> Result<(), Er
             "x-queue-type".into(),
             AMQPValue::LongString(LongString::from(inbox.queue_type.as_str())),
         );
+        if inbox.single_active_consumer {
+            args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+        }
     }
     let declared = tokio::time::timeout(
         OP_TIMEOUT,
@@ -169,7 +172,7 @@ async fn topology(connection: &Connection, inbox: &InboxConfig) -> Result<(), Er
         return Err(Error::InboxQueue {
             queue: inbox.queue.clone(),
             hint: if inbox.declare {
-                "it exists with other arguments (durability, x-queue-type, x-dead-letter-exchange): make inbox.queue_type and inbox.dead_letter_exchange match it, or delete the queue so it can be declared"
+                "it exists with other arguments (durability, x-queue-type, x-dead-letter-exchange, x-single-active-consumer): make inbox.queue_type, inbox.dead_letter_exchange and inbox.single_active_consumer match it, or delete the queue so it can be declared"
             } else {
                 "it does not exist and inbox.declare = false: create it, or set declare = true"
             },
