@@ -44,7 +44,8 @@ use tokio_postgres::{Client, NoTls};
 
 mod common;
 use common::{
-    broker_pid, env_usize, median, peak_rss_mb, queue_depth, relay_binary, settle_broker, CpuUse,
+    broker_pid, env_usize, lsn, median, payload, peak_rss_mb, queue_depth, relay_binary,
+    settle_broker, CpuUse,
 };
 
 const PG_URL: &str = "postgresql://postgres@127.0.0.1:5432/test";
@@ -53,21 +54,6 @@ const TABLE: &str = "public.bench_outbox";
 const SLOT: &str = "bench_drain";
 const EXCHANGE: &str = "bench_drain";
 const QUEUE: &str = "bench_drain";
-
-fn lsn(s: &str) -> u64 {
-    let (hi, lo) = s.split_once('/').unwrap();
-    (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap()
-}
-
-/// A ~400-byte JSON payload, like a typical domain event.
-fn payload(i: usize) -> String {
-    format!(
-        "{{\"orderId\":\"order-{i:08}\",\"customer\":{{\"id\":\"cust-{c:06}\",\"email\":\"customer{c}@example.com\",\"tier\":\"gold\"}},\"lines\":[{{\"sku\":\"SKU-{a:05}\",\"qty\":2,\"price\":19.99}},{{\"sku\":\"SKU-{b:05}\",\"qty\":1,\"price\":5.25}}],\"total\":45.23,\"currency\":\"EUR\",\"shipping\":{{\"method\":\"standard\",\"address\":\"Example Street 12, 10115 Berlin\"}},\"note\":\"benchmark row\"}}",
-        c = i % 100_000,
-        a = i % 50_000,
-        b = (i * 7) % 50_000
-    )
-}
 
 async fn pg() -> Client {
     let (db, conn) = tokio_postgres::connect(PG_URL, NoTls).await.unwrap();

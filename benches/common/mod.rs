@@ -1,5 +1,6 @@
-//! Helpers shared by the end-to-end benchmarks (`drain`, `inbox`): CPU seconds and
-//! peak RSS from /proc, the broker's pid and settling, medians.
+//! Helpers shared by the end-to-end benchmarks (`drain`, `inbox`, `scale`): CPU
+//! seconds and peak RSS from /proc, the broker's pid and settling, medians, LSNs,
+//! the payload of a typical event.
 #![allow(dead_code)]
 
 use std::process::Command;
@@ -173,4 +174,20 @@ pub async fn queue_depth(ch: &lapin::Channel, queue: &str) -> u32 {
 /// an A/B of two commits).
 pub fn relay_binary() -> String {
     std::env::var("BENCH_RELAY").unwrap_or_else(|_| env!("CARGO_BIN_EXE_outbox-relay").to_string())
+}
+
+/// An LSN (`16/B374D848`) as a number.
+pub fn lsn(s: &str) -> u64 {
+    let (hi, lo) = s.split_once('/').unwrap();
+    (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap()
+}
+
+/// A ~400-byte JSON payload, like a typical domain event.
+pub fn payload(i: usize) -> String {
+    format!(
+        "{{\"orderId\":\"order-{i:08}\",\"customer\":{{\"id\":\"cust-{c:06}\",\"email\":\"customer{c}@example.com\",\"tier\":\"gold\"}},\"lines\":[{{\"sku\":\"SKU-{a:05}\",\"qty\":2,\"price\":19.99}},{{\"sku\":\"SKU-{b:05}\",\"qty\":1,\"price\":5.25}}],\"total\":45.23,\"currency\":\"EUR\",\"shipping\":{{\"method\":\"standard\",\"address\":\"Example Street 12, 10115 Berlin\"}},\"note\":\"benchmark row\"}}",
+        c = i % 100_000,
+        a = i % 50_000,
+        b = (i * 7) % 50_000
+    )
 }
