@@ -885,6 +885,7 @@ async fn main() {
         created_at: Some("2026-11-27 06:00:00.123456+00".into()),
         scheduled_at: None,
         max_retries: None,
+        extra: Vec::new(),
     };
     let message = outbox_relay::sink::format::encode(&event, 0).unwrap();
     let body_len = message.body.len();

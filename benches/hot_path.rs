@@ -88,7 +88,7 @@ fn insert() -> Bytes {
 fn hot_path(c: &mut Criterion) {
     let mut decoder = Decoder::new(
         TableName::parse("public.outbox_messages").unwrap(),
-        ColumnMapping::EVENT_FORGE,
+        ColumnMapping::event_forge(),
     );
     decoder.decode(relation()).unwrap();
     let data = insert();

@@ -59,6 +59,7 @@ fn message() -> outbox_relay::sink::OutboundMessage {
         created_at: Some("2026-11-27 06:00:00.123456+00".into()),
         scheduled_at: None,
         max_retries: None,
+        extra: Vec::new(),
     };
     outbox_relay::sink::format::encode(&event, 0).unwrap()
 }

@@ -110,8 +110,11 @@ pub struct AmqpConfig {
     /// `Debug`): the first that answers is used; when its connection is lost, the
     /// next.
     pub nodes: Vec<AmqpUrl>,
-    /// Topic exchange the messages go to.
+    /// Topic exchange the messages go to, as configured (a name, or a template).
     pub exchange: String,
+    /// Where each message goes and what it carries: exchange, routing key,
+    /// headers, properties, body.
+    pub wire: wire::WireShape,
     /// Declare the exchange (topic, durable) at start-up.
     pub declare_exchange: bool,
     /// Most messages held in memory at once (backpressure on the WAL stream).
@@ -256,17 +259,6 @@ pub enum OnDead {
     Block,
 }
 
-/// Which columns hold the outbox fields.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Mapping {
-    /// Event-Forge `outbox_messages`: id, aggregate_type, aggregate_id, event_type,
-    /// payload, metadata, created_at, status, retry_count, max_retries, scheduled_at, ...
-    EventForge,
-    /// Debezium-style outbox: id, aggregatetype, aggregateid, type, payload.
-    Debezium,
-}
-
 /// What the relay does to an outbox row once its message is acked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -296,79 +288,6 @@ impl OnSuccess {
 pub enum LogFormat {
     Text,
     Json,
-}
-
-/// Column names of one table layout (Event-Forge by default).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ColumnMapping {
-    pub id: &'static str,
-    pub aggregate_type: &'static str,
-    pub aggregate_id: &'static str,
-    pub event_type: &'static str,
-    pub payload: &'static str,
-    pub metadata: Option<&'static str>,
-    pub created_at: Option<&'static str>,
-    pub scheduled_at: Option<&'static str>,
-    pub max_retries: Option<&'static str>,
-    /// The Event-Forge status column, when the layout has one.
-    pub status: Option<&'static str>,
-}
-
-impl ColumnMapping {
-    /// The Event-Forge `outbox_messages` layout.
-    pub const EVENT_FORGE: ColumnMapping = ColumnMapping {
-        id: "id",
-        aggregate_type: "aggregate_type",
-        aggregate_id: "aggregate_id",
-        event_type: "event_type",
-        payload: "payload",
-        metadata: Some("metadata"),
-        created_at: Some("created_at"),
-        scheduled_at: Some("scheduled_at"),
-        max_retries: Some("max_retries"),
-        status: Some("status"),
-    };
-
-    /// A Debezium-style outbox: id, aggregatetype, aggregateid, type, payload.
-    pub const DEBEZIUM: ColumnMapping = ColumnMapping {
-        id: "id",
-        aggregate_type: "aggregatetype",
-        aggregate_id: "aggregateid",
-        event_type: "type",
-        payload: "payload",
-        metadata: None,
-        created_at: None,
-        scheduled_at: None,
-        max_retries: None,
-        status: None,
-    };
-
-    pub fn of(mapping: Mapping) -> ColumnMapping {
-        match mapping {
-            Mapping::EventForge => Self::EVENT_FORGE,
-            Mapping::Debezium => Self::DEBEZIUM,
-        }
-    }
-
-    /// The columns every row must have.
-    pub fn required(&self) -> [&'static str; 5] {
-        [
-            self.id,
-            self.aggregate_type,
-            self.aggregate_id,
-            self.event_type,
-            self.payload,
-        ]
-    }
-
-    /// Required columns absent from `columns`.
-    pub fn missing_required(&self, columns: &[String]) -> Vec<String> {
-        self.required()
-            .iter()
-            .filter(|c| !columns.iter().any(|have| have == *c))
-            .map(|c| c.to_string())
-            .collect()
-    }
 }
 
 impl Config {
@@ -416,9 +335,12 @@ impl Config {
 
 /// The raw file as it deserializes, before validation: strings where the typed
 /// configuration has parsed values.
+pub mod mapping;
 mod raw;
 pub mod sharding;
+pub mod wire;
 
+pub use mapping::{ColumnMapping, Mapping};
 pub use sharding::Sharding;
 
 /// A password from a file (a Kubernetes secret, say): its content without the

@@ -64,8 +64,17 @@ pub enum Error {
     #[error("outbox table {table} does not exist: run `outbox-relay init --config FILE` or apply sql/outbox_messages.sql")]
     TableMissing { table: String },
 
-    #[error("outbox table {table} lacks required column(s) {}: add them (see sql/outbox_messages.sql)", .missing.join(", "))]
+    #[error("outbox table {table} lacks required column(s) {}: add them (see sql/outbox_messages.sql), or name the table's own columns in [mapping]; a column an [amqp] template names must exist too", .missing.join(", "))]
     ColumnsMissing { table: String, missing: Vec<String> },
+
+    #[error("column {column} of {table} holds {field} but is of type {found}: it must be {expected} (change the column's type, or map {field} to another column in [mapping])")]
+    ColumnType {
+        table: String,
+        column: String,
+        field: &'static str,
+        found: String,
+        expected: &'static str,
+    },
 
     #[error("role cannot replicate: run ALTER ROLE <role> WITH REPLICATION (or connect as a role that has it)")]
     NoReplicationPrivilege,

@@ -27,6 +27,22 @@ pub struct OutboxEvent {
     pub scheduled_at: Option<String>,
     /// The row's own retry budget, when the table has a `max_retries` column.
     pub max_retries: Option<i32>,
+    /// The values of the columns the wire templates name (`ColumnMapping::extra`,
+    /// in that order; `None` for NULL).
+    pub extra: Vec<Option<String>>,
+}
+
+impl crate::template::Values for OutboxEvent {
+    fn field(&self, slot: crate::template::Slot) -> Option<&str> {
+        use crate::template::Slot;
+        Some(match slot {
+            Slot::Id => &self.id,
+            Slot::AggregateType => &self.aggregate_type,
+            Slot::AggregateId => &self.aggregate_id,
+            Slot::EventType => &self.event_type,
+            Slot::Extra(i) => return self.extra.get(i).map(|v| v.as_deref().unwrap_or("")),
+        })
+    }
 }
 
 /// Identity of an aggregate for ordering: a hash of (aggregate_type, aggregate_id).
@@ -104,6 +120,8 @@ pub struct ResolvedMapping {
     created_at: Option<usize>,
     scheduled_at: Option<usize>,
     max_retries: Option<usize>,
+    /// Positions of `ColumnMapping::extra`.
+    extra: Vec<usize>,
 }
 
 /// A row read as an event, or what could be read of it (boxed: the rare path).
@@ -132,21 +150,26 @@ impl ResolvedMapping {
             return Err(missing);
         }
         let required = |name: &str| pos(name).ok_or_else(|| vec![name.to_string()]);
-        let payload = required(mapping.payload)?;
+        let payload = required(&mapping.payload)?;
         let opt = |c: Option<&str>| c.and_then(pos);
-        let metadata = opt(mapping.metadata);
+        let metadata = opt(mapping.metadata.as_deref());
         Ok(ResolvedMapping {
-            id: required(mapping.id)?,
-            aggregate_type: required(mapping.aggregate_type)?,
-            aggregate_id: required(mapping.aggregate_id)?,
-            event_type: required(mapping.event_type)?,
+            id: required(&mapping.id)?,
+            aggregate_type: required(&mapping.aggregate_type)?,
+            aggregate_id: required(&mapping.aggregate_id)?,
+            event_type: required(&mapping.event_type)?,
             payload,
             payload_is_json: is_json_type(columns[payload].type_id),
             metadata,
             metadata_is_json: metadata.is_some_and(|m| is_json_type(columns[m].type_id)),
-            created_at: opt(mapping.created_at),
-            scheduled_at: opt(mapping.scheduled_at),
-            max_retries: opt(mapping.max_retries),
+            created_at: opt(mapping.created_at.as_deref()),
+            scheduled_at: opt(mapping.scheduled_at.as_deref()),
+            max_retries: opt(mapping.max_retries.as_deref()),
+            extra: mapping
+                .extra
+                .iter()
+                .map(|c| required(c))
+                .collect::<Result<_, _>>()?,
         })
     }
 
@@ -227,6 +250,7 @@ impl ResolvedMapping {
                 created_at: opt_text(self.created_at),
                 scheduled_at: opt_text(self.scheduled_at),
                 max_retries,
+                extra: self.extra.iter().map(|&i| text(i)).collect(),
             })
         })();
         result.map_err(|reason| {
@@ -269,7 +293,7 @@ mod tests {
 
     #[test]
     fn columns_are_matched_by_name() {
-        let m = ResolvedMapping::resolve(&ColumnMapping::EVENT_FORGE, &relation()).unwrap();
+        let m = ResolvedMapping::resolve(&ColumnMapping::event_forge(), &relation()).unwrap();
         let tuple = TupleData::new(vec![
             t("x"),
             t("{\"a\":1}"),
@@ -292,9 +316,9 @@ mod tests {
     #[test]
     fn missing_columns_are_named() {
         let cols = vec![col("id", 25), col("payload", 114)];
-        let missing = ResolvedMapping::resolve(&ColumnMapping::EVENT_FORGE, &cols).unwrap_err();
+        let missing = ResolvedMapping::resolve(&ColumnMapping::event_forge(), &cols).unwrap_err();
         assert_eq!(
-            ColumnMapping::DEBEZIUM.missing_required(&["id".into(), "payload".into()]),
+            ColumnMapping::debezium().missing_required(&["id".into(), "payload".into()]),
             vec!["aggregatetype", "aggregateid", "type"]
         );
         assert_eq!(
@@ -312,7 +336,7 @@ mod tests {
             col("event_type", 25),
             col("payload", 25),
         ];
-        let m = ResolvedMapping::resolve(&ColumnMapping::EVENT_FORGE, &cols).unwrap();
+        let m = ResolvedMapping::resolve(&ColumnMapping::event_forge(), &cols).unwrap();
         let bad = TupleData::new(vec![t("i"), t("A"), t("1"), t("e"), t("{nope")]);
         let e = m.event(&bad).unwrap_err();
         assert_eq!(e.id, "i");

@@ -9,7 +9,9 @@
 //!    (`source/mod.rs`), and [`source::decode`] matches its columns by name;
 //! 2. [`event`] — it becomes an [`event::OutboxEvent`] (or a malformed row, kept
 //!    with its reason) through the column mapping [`config`] validated;
-//! 3. [`sink::format`] — the Event-Forge body, properties and headers;
+//! 3. [`sink::format`] — the body (Event-Forge's envelope or the payload), properties,
+//!    headers, routing key and exchange, rendered from the `[amqp]` templates
+//!    ([`template`], parsed once by `config::wire`);
 //! 4. [`relay`] — the loop (`relay/main_loop.rs`, WAL in through
 //!    `relay/wal.rs`) admits it into the in-flight window (`relay/window.rs`),
 //!    which keeps per-aggregate order, and hands it to
@@ -53,6 +55,7 @@ pub mod retry;
 pub mod sink;
 pub mod source;
 pub mod task;
+pub mod template;
 pub mod time;
 
 /// `enqueue` and the Event-Forge outbox row it writes: the client crate's.

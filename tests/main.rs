@@ -10,6 +10,7 @@ mod delivery;
 mod event_forge;
 mod inbox;
 mod isolation;
+mod mapping;
 mod nodes;
 mod operate;
 mod ordering;

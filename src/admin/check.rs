@@ -134,6 +134,20 @@ pub async fn check(config: &Config) -> Checks {
     // (`declare_exchange`), else checked to exist.
     let settings = AmqpSettings::from_config(&config.amqp);
     let exchanges = amqp::exchanges(&settings);
+    if settings.exchange.is_none() {
+        let what = if settings.declare_exchange {
+            "declared (topic, durable)"
+        } else {
+            "checked to exist"
+        };
+        out.push(pass(
+            "exchange",
+            format!(
+                "a template ({:?}): each exchange it names is {what} the first time a message goes to it; a message whose exchange cannot be used is parked with the broker's reason",
+                config.amqp.exchange
+            ),
+        ));
+    }
     match reach_nodes(&settings).await {
         (None, report) => {
             out.push(fail("broker reachable", report));

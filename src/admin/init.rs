@@ -26,7 +26,7 @@ pub async fn init(config: &Config) -> Result<Vec<String>, Error> {
             lines.push(applied_line("table", table, &applied));
         }
         // The relay has no DDL of its own for other layouts: the owner creates them.
-        Mapping::Debezium => {
+        Mapping::Debezium | Mapping::Custom => {
             catalog::require_table(&sql, table, &pg.columns).await?;
             lines.push(format!("table {table}: exists"));
         }
@@ -39,7 +39,7 @@ pub async fn init(config: &Config) -> Result<Vec<String>, Error> {
             &shard.postgres.sharding,
             index,
             table,
-            pg.columns.aggregate_id,
+            &pg.columns.aggregate_id,
             true,
         )
         .await?;

@@ -20,6 +20,7 @@ use crate::retry::queries::RetryTable;
 use crate::retry::ParkItem;
 use crate::sink;
 use lapin::options::BasicPublishOptions;
+use lapin::types::ShortString;
 use lapin::Confirmation;
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -107,6 +108,7 @@ pub async fn replay_pending(config: &Config, since: Option<&str>) -> Result<Repl
         shard: shard.as_deref(),
     };
     let broker = amqp::connect(&AmqpSettings::from_config(&config.amqp)).await?;
+    let mut ensured = HashSet::new();
     loop {
         let Some(page) = outbox
             .pending_page(&sql, (retry.name(), retry.slot()), &range, PAGE)
@@ -117,7 +119,8 @@ pub async fn replay_pending(config: &Config, since: Option<&str>) -> Result<Repl
         if page.is_empty() {
             break;
         }
-        let (published, parked) = replay_page(config, &sql, &broker, &retry, &outbox, page).await?;
+        let (published, parked) =
+            replay_page(config, &sql, &broker, &mut ensured, &retry, &outbox, page).await?;
         report.published += published;
         report.parked += parked;
     }
@@ -177,10 +180,12 @@ async fn replay_page(
     config: &Config,
     sql: &tokio_postgres::Client,
     broker: &amqp::Broker,
+    ensured: &mut HashSet<ShortString>,
     retry: &RetryTable,
     outbox: &OutboxTable,
     page: Vec<crate::event::RowRead>,
 ) -> Result<(u64, u64), Error> {
+    let configured: ShortString = config.amqp.exchange.as_str().into();
     let aggregates: Vec<(String, String)> = page
         .iter()
         .map(|r| match r {
@@ -215,12 +220,16 @@ async fn replay_page(
             continue;
         }
         let Row::Event(event) = row else { continue };
-        match publishable(config, broker, &event) {
+        let message = match publishable(config, broker, &event) {
+            Ok(message) => usable_exchange(config, broker, ensured, message).await?,
+            Err(failure) => Err(failure),
+        };
+        match message {
             Ok(message) => {
                 let confirm = broker
                     .channel
                     .basic_publish(
-                        config.amqp.exchange.as_str().into(),
+                        message.exchange(&configured).clone(),
                         message.routing_key.clone(),
                         BasicPublishOptions {
                             mandatory: true,
@@ -308,7 +317,8 @@ fn publishable(
     broker: &amqp::Broker,
     event: &OutboxEvent,
 ) -> Result<sink::OutboundMessage, Failure> {
-    let message = sink::format::encode(event, 0).map_err(|e| Failure::Unsendable(e.0))?;
+    let message = sink::format::encode_with(event, 0, &config.amqp.wire)
+        .map_err(|e| Failure::Unsendable(e.0))?;
     let limit = config.amqp.max_message_bytes;
     if message.body.len() > limit {
         return Err(Failure::TooLarge {
@@ -323,4 +333,50 @@ fn publishable(
         });
     }
     Ok(message)
+}
+
+/// `message` when its exchange can be published to: an exchange a template
+/// rendered is declared (or checked) the first time; one that cannot be used is
+/// that row's failure, as the relay makes it.
+async fn usable_exchange(
+    config: &Config,
+    broker: &amqp::Broker,
+    ensured: &mut HashSet<ShortString>,
+    message: sink::OutboundMessage,
+) -> Result<Result<sink::OutboundMessage, Failure>, Error> {
+    let sink::format::Destination::Rendered(name) = &message.destination else {
+        return Ok(Ok(message));
+    };
+    if ensured.contains(name) {
+        return Ok(Ok(message));
+    }
+    match amqp::ensure_exchange(
+        &broker.connection,
+        "amqp.exchange",
+        name.as_str(),
+        config.amqp.declare_exchange,
+    )
+    .await
+    {
+        Ok(()) => {
+            ensured.insert(name.clone());
+            Ok(Ok(message))
+        }
+        Err(Error::ExchangeUnusable { hint, source, .. }) => match source.kind() {
+            // The broker closed the declare's channel: that exchange's fault, this row's failure.
+            lapin::ErrorKind::ProtocolError(e) => Ok(Err(Failure::Returned {
+                reply_code: e.get_id(),
+                reply_text: format!(
+                    "exchange {:?} cannot be used: {} ({hint})",
+                    name.as_str(),
+                    e.get_message()
+                ),
+            })),
+            _ => Err(Error::Amqp {
+                context: format!("declaring exchange {:?}", name.as_str()),
+                source: *source,
+            }),
+        },
+        Err(e) => Err(e),
+    }
 }

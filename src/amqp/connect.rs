@@ -179,7 +179,10 @@ fn connect_error(node: &AmqpUrl, source: lapin::Error) -> Error {
 
 /// The exchanges the relay publishes to, with the keys that name them.
 pub fn exchanges(settings: &AmqpSettings) -> Vec<(&'static str, &str)> {
-    let mut exchanges = vec![("amqp.exchange", settings.exchange.as_str())];
+    let mut exchanges = Vec::new();
+    if let Some(exchange) = &settings.exchange {
+        exchanges.push(("amqp.exchange", exchange.as_str()));
+    }
     if let Some(dlx) = &settings.dead_letter_exchange {
         exchanges.push(("amqp.dead_letter_exchange", dlx.as_str()));
     }

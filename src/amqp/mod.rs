@@ -17,7 +17,9 @@ use std::time::Duration;
 pub struct AmqpSettings {
     /// One URL per node of the broker, tried in order.
     pub nodes: Vec<AmqpUrl>,
-    pub exchange: String,
+    /// `amqp.exchange` when it names one exchange; `None` when it is a
+    /// template (each rendered exchange is ensured when first used).
+    pub exchange: Option<String>,
     pub dead_letter_exchange: Option<String>,
     pub declare_exchange: bool,
     pub reconnect_backoff_max: Duration,
@@ -30,7 +32,7 @@ impl AmqpSettings {
     pub fn from_config(amqp: &crate::config::AmqpConfig) -> AmqpSettings {
         AmqpSettings {
             nodes: amqp.nodes.clone(),
-            exchange: amqp.exchange.clone(),
+            exchange: amqp.wire.fixed_exchange(),
             dead_letter_exchange: amqp.dead_letter_exchange.clone(),
             declare_exchange: amqp.declare_exchange,
             reconnect_backoff_max: amqp.reconnect_backoff_max,

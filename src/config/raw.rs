@@ -11,6 +11,7 @@ pub struct Config {
     pub relay: Relay,
     pub retry: Retry,
     pub inbox: Option<super::inbox::RawInbox>,
+    pub mapping: Option<super::mapping::RawMapping>,
     pub metrics: Metrics,
     pub log: LogConfig,
 }
@@ -85,6 +86,10 @@ pub struct Amqp {
     #[serde(deserialize_with = "de_urls")]
     pub url: Vec<String>,
     pub exchange: String,
+    pub routing_key: String,
+    pub body: super::wire::BodyShape,
+    pub headers: std::collections::BTreeMap<String, String>,
+    pub properties: super::wire::RawProperties,
     pub declare_exchange: bool,
     pub max_in_flight: usize,
     pub max_in_flight_bytes: usize,
@@ -106,6 +111,10 @@ impl Default for Amqp {
         Self {
             url: vec!["amqp://guest:guest@127.0.0.1:5672/%2f".into()],
             exchange: "events".into(),
+            routing_key: super::wire::DEFAULT_ROUTING_KEY.into(),
+            body: super::wire::BodyShape::Envelope,
+            headers: Default::default(),
+            properties: Default::default(),
             declare_exchange: true,
             max_in_flight: 2048,
             max_in_flight_bytes: 16 * 1024 * 1024,
@@ -236,12 +245,17 @@ impl Config {
             relay,
             retry,
             inbox,
+            mapping,
             metrics,
             log,
         } = self;
+        let mut postgres = postgres.validate(mapping)?;
+        let amqp = amqp.validate()?;
+        // The columns the wire templates name are read with every row.
+        postgres.columns.extra = amqp.wire.columns.names().to_vec();
         Ok(super::Config {
-            postgres: postgres.validate()?,
-            amqp: amqp.validate()?,
+            postgres,
+            amqp,
             relay: relay.validate()?,
             retry: retry.validate()?,
             inbox: inbox.map(|i| i.validate()).transpose()?,
@@ -252,8 +266,12 @@ impl Config {
 }
 
 impl Postgres {
-    fn validate(self) -> Result<PostgresConfig, ConfigError> {
+    fn validate(
+        self,
+        mapping: Option<super::mapping::RawMapping>,
+    ) -> Result<PostgresConfig, ConfigError> {
         let pg = self;
+        let columns = mapping.unwrap_or_default().resolve(pg.mapping)?;
         let mut target = PgTarget::parse(&pg.url).map_err(|m| invalid("postgres.url", m))?;
         if !pg.password_file.is_empty() {
             if target.has_password() {
@@ -299,15 +317,15 @@ impl Postgres {
                 "must be at least 2s (e.g. \"60s\"): half of it, the relay asks the server for a sign of life",
             ));
         }
-        if pg.mapping == Mapping::Debezium && pg.on_success == Some(OnSuccess::MarkPublished) {
+        if pg.mapping != Mapping::EventForge && pg.on_success == Some(OnSuccess::MarkPublished) {
             return Err(invalid(
                 "postgres.on_success",
-                "mark_published needs a status column; Debezium-style tables use \"delete\" or \"keep\"",
+                "mark_published needs Event-Forge's status column; other tables use \"delete\" or \"keep\"",
             ));
         }
         let on_success = pg.on_success.unwrap_or(match pg.mapping {
             Mapping::EventForge => OnSuccess::MarkPublished,
-            Mapping::Debezium => OnSuccess::Keep,
+            Mapping::Debezium | Mapping::Custom => OnSuccess::Keep,
         });
 
         sharding.index = pg.shard.filter(|_| sharding.is_sharded());
@@ -326,7 +344,7 @@ impl Postgres {
             reconnect_backoff_max: pg.reconnect_backoff_max,
             slot_wait: pg.slot_wait,
             mapping: pg.mapping,
-            columns: ColumnMapping::of(pg.mapping),
+            columns,
             on_success,
             retention: pg.retention,
             retry_table,
@@ -384,9 +402,17 @@ impl Amqp {
         if amqp.max_message_bytes == 0 {
             return Err(invalid("amqp.max_message_bytes", "must be at least 1"));
         }
+        let wire = super::wire::WireShape::parse(
+            &amqp.exchange,
+            &amqp.routing_key,
+            &amqp.headers,
+            &amqp.properties,
+            amqp.body,
+        )?;
 
         Ok(AmqpConfig {
             nodes,
+            wire,
             exchange: amqp.exchange,
             declare_exchange: amqp.declare_exchange,
             max_in_flight: amqp.max_in_flight,

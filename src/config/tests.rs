@@ -52,7 +52,7 @@ fn typed_values_come_out_of_validation() {
     .unwrap();
     assert_eq!(c.postgres.target.port, 6543);
     assert_eq!(c.postgres.table.schema, "app");
-    assert_eq!(c.postgres.columns, ColumnMapping::DEBEZIUM);
+    assert_eq!(c.postgres.columns, ColumnMapping::debezium());
     assert_eq!(c.postgres.on_success, OnSuccess::Keep);
     assert_eq!(c.metrics.listen, None);
 }
@@ -259,4 +259,62 @@ fn a_cluster_is_a_list_of_urls_or_a_comma_separated_string() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("names no broker"), "{e}");
+}
+
+#[test]
+fn a_custom_mapping_names_its_columns_and_the_templates_add_theirs() {
+    let c = load(
+        "[postgres]\nmapping = \"custom\"\n[mapping]\nid = \"event_id\"\naggregate_type = \"stream\"\n\
+         aggregate_id = \"stream_id\"\nevent_type = \"kind\"\npayload = \"data\"\ncreated_at = \"created\"\n\
+         [amqp]\nexchange = \"{tenant}-events\"\nrouting_key = \"{tenant}.{event_type}\"\nbody = \"payload\"\n\
+         headers = { x-region = \"{region}\" }\n",
+        &[],
+    )
+    .unwrap();
+    let m = &c.postgres.columns;
+    assert_eq!(
+        (m.id.as_str(), m.payload.as_str(), m.created_at.as_deref()),
+        ("event_id", "data", Some("created"))
+    );
+    assert_eq!(
+        m.extra,
+        ["tenant", "region"],
+        "the templates' columns are read with each row"
+    );
+    assert_eq!(c.postgres.on_success, OnSuccess::Keep);
+    assert_eq!(c.amqp.wire.fixed_exchange(), None);
+    assert_eq!(c.amqp.wire.body, wire::BodyShape::Payload);
+    // A preset with one column renamed.
+    let d = load(
+        "[postgres]\nmapping = \"debezium\"\n[mapping]\npayload = \"body\"\n",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(
+        (
+            d.postgres.columns.payload.as_str(),
+            d.postgres.columns.event_type.as_str()
+        ),
+        ("body", "type")
+    );
+    // The routing key from the environment.
+    let e = load("", &[("OUTBOX_RELAY_AMQP_ROUTING_KEY", "{event_type}")]).unwrap();
+    assert_eq!(e.amqp.wire.routing_key.source(), "{event_type}");
+}
+
+#[test]
+fn a_mapping_that_cannot_work_is_refused_naming_the_key() {
+    for (text, key, words) in [
+        ("[postgres]\nmapping = \"custom\"\n[mapping]\nid = \"i\"\n", "mapping.aggregate_type", "missing: aggregate_type, aggregate_id, event_type, payload"),
+        ("[mapping]\npayload = \"id\"\n", "mapping.payload", "already mapped to id"),
+        ("[mapping]\nmetadata = \"\"\n", "mapping.metadata", "cannot be a column name"),
+        ("[mapping]\ntenant = \"t\"\n", "tenant", "unknown"),
+        ("[postgres]\nmapping = \"custom\"\non_success = \"mark_published\"\n[mapping]\nid = \"i\"\naggregate_type = \"a\"\naggregate_id = \"b\"\nevent_type = \"e\"\npayload = \"p\"\n", "postgres.on_success", "mark_published"),
+        ("[amqp]\nrouting_key = \"{tenant\"\n", "amqp.routing_key", "not closed"),
+        ("[amqp]\nbody = \"xml\"\n", "body", "xml"),
+        ("[amqp]\nproperties = { kind = \"x\" }\n", "kind", "unknown"),
+    ] {
+        let e = load(text, &[]).unwrap_err().to_string();
+        assert!(e.contains(key) && e.contains(words), "{text}: {e}");
+    }
 }

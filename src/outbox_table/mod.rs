@@ -200,7 +200,7 @@ impl OutboxTable {
         if !self.shape.mirror {
             return Ok(None);
         }
-        let id = quote_ident(self.mapping.id);
+        let id = quote_ident(&self.mapping.id);
         let sql = format!(
             "{} o where o.status = 'pending' and o.created_at <= $1::text::timestamptz \
              and ($2::text is null or o.created_at >= $2::text::timestamptz) \
@@ -240,7 +240,7 @@ impl OutboxTable {
              from unnest($1::text[], $2::text[], $3::text[], $4::bigint[]) as u(id, status, reason, delay) \
              where o.{id} = u.id::{ty}",
             t = self.table.quoted(),
-            id = quote_ident(self.mapping.id),
+            id = quote_ident(&self.mapping.id),
             ty = self.shape.id_type,
         );
         client
@@ -265,7 +265,7 @@ impl OutboxTable {
                     "update {} set status = 'failed', retry_count = 0, scheduled_at = now(), updated_at = now() \
                      where {} = any($1::text[]::{}[])",
                     self.table.quoted(),
-                    quote_ident(self.mapping.id),
+                    quote_ident(&self.mapping.id),
                     self.shape.id_type
                 ),
                 &[&ids],
@@ -283,7 +283,7 @@ impl OutboxTable {
         ids: &[String],
     ) -> Result<(), Error> {
         let t = self.table.quoted();
-        let id_col = quote_ident(self.mapping.id);
+        let id_col = quote_ident(&self.mapping.id);
         let cast = &self.shape.id_type;
         let sql = match on_success {
             OnSuccess::Keep => return Ok(()),
@@ -369,7 +369,7 @@ async fn shape(
     let names: Vec<&str> = columns.iter().map(|(n, _, _)| n.as_str()).collect();
     let id_type = columns
         .iter()
-        .find(|(n, _, _)| n == mapping.id)
+        .find(|(n, _, _)| *n == mapping.id)
         .map(|(_, _, t)| t.clone())
         .unwrap_or_else(|| "text".into());
     let list = |prefix: &str| {
@@ -383,18 +383,21 @@ async fn shape(
         "select {} from {} where {} = $1::text::{id_type}",
         list(""),
         table.quoted(),
-        quote_ident(mapping.id)
+        quote_ident(&mapping.id)
     );
     let reread_many_sql = format!(
         "select {} from {} where {} = any($1::text[]::{id_type}[])",
         list(""),
         table.quoted(),
-        quote_ident(mapping.id)
+        quote_ident(&mapping.id)
     );
     let id_pos = names.iter().position(|n| *n == mapping.id).unwrap_or(0);
     let select_sql = format!("select {} from {}", list("o."), table.quoted());
     let mirror = RETRY_COLUMNS.iter().all(|c| names.contains(c));
-    let has_max_retries = mapping.max_retries.is_some_and(|c| names.contains(&c));
+    let has_max_retries = mapping
+        .max_retries
+        .as_deref()
+        .is_some_and(|c| names.contains(&c));
     Ok(Shape {
         reread_sql,
         reread_many_sql,

@@ -62,11 +62,13 @@ pub async fn require_table(
     table: &TableName,
     mapping: &ColumnMapping,
 ) -> Result<(), Error> {
-    let Some(columns) = table_columns(client, table).await? else {
+    if !table_exists(client, table).await? {
         return Err(Error::TableMissing {
             table: table.to_string(),
         });
-    };
+    }
+    let typed = table_column_types(client, table).await?;
+    let columns: Vec<String> = typed.iter().map(|(n, _, _)| n.clone()).collect();
     let missing = mapping.missing_required(&columns);
     if !missing.is_empty() {
         return Err(Error::ColumnsMissing {
@@ -74,7 +76,43 @@ pub async fn require_table(
             missing,
         });
     }
+    for (field, column) in mapping.named() {
+        let Some((_, _, found)) = typed.iter().find(|(n, _, _)| n == column) else {
+            continue; // an optional column the table does not have
+        };
+        if let Some(expected) = unfit_type(field, found) {
+            return Err(Error::ColumnType {
+                table: table.to_string(),
+                column: column.to_string(),
+                field,
+                found: found.clone(),
+                expected,
+            });
+        }
+    }
     Ok(())
+}
+
+/// What `field`'s column must be instead of `found` (a `format_type` name), if
+/// it cannot hold it: the payload and metadata JSON (or text holding JSON),
+/// timestamps, an integer budget. Ids and names may be of any type (read as text).
+fn unfit_type(field: &str, found: &str) -> Option<&'static str> {
+    let textual = |t: &str| {
+        matches!(t, "json" | "jsonb" | "text")
+            || t.starts_with("character varying")
+            || t.starts_with("character(")
+    };
+    let ok = match field {
+        "payload" | "metadata" => textual(found),
+        "created_at" | "scheduled_at" => found.starts_with("timestamp"),
+        "max_retries" => matches!(found, "smallint" | "integer" | "bigint"),
+        _ => true,
+    };
+    (!ok).then_some(match field {
+        "payload" | "metadata" => "json, jsonb or text holding JSON",
+        "created_at" | "scheduled_at" => "timestamp with time zone",
+        _ => "an integer type",
+    })
 }
 
 pub async fn can_replicate(client: &Client) -> Result<bool, Error> {

@@ -35,8 +35,8 @@ pub fn filter(pg: &PostgresConfig, qualifier: Option<&str>) -> Option<String> {
     let s = &pg.sharding;
     let index = s.index.filter(|_| s.is_sharded())?;
     let column = match qualifier {
-        Some(q) => format!("{q}.{}", quote_ident(pg.columns.aggregate_id)),
-        None => quote_ident(pg.columns.aggregate_id),
+        Some(q) => format!("{q}.{}", quote_ident(&pg.columns.aggregate_id)),
+        None => quote_ident(&pg.columns.aggregate_id),
     };
     Some(filter_on(&column, s.count, index))
 }

@@ -350,6 +350,7 @@ mod tests {
                 created_at: None,
                 scheduled_at: None,
                 max_retries: None,
+                extra: Vec::new(),
             }),
             commit_time: 0,
             attempts: 1,

@@ -182,7 +182,7 @@ impl Relay {
             Some(dlx) => {
                 let dead = sink::format::dead_letter(
                     &dlx,
-                    &self.config.amqp.exchange,
+                    &self.config.amqp.exchange.as_str().into(),
                     &row,
                     message.as_deref(),
                     attempts,

@@ -33,7 +33,7 @@ pub async fn preflight(config: &Config) -> Result<(), Error> {
         &pg.sharding,
         shard,
         &pg.table,
-        pg.columns.aggregate_id,
+        &pg.columns.aggregate_id,
         pg.create_missing,
     )
     .await?;

@@ -101,7 +101,8 @@ impl Relay {
         commit_time: i64,
     ) -> Result<Arc<sink::OutboundMessage>, (Option<Arc<sink::OutboundMessage>>, Failure)> {
         let limit = self.config.amqp.max_message_bytes;
-        let at_least = sink::format::body_len_at_least(event);
+        let wire = &self.config.amqp.wire;
+        let at_least = sink::format::body_len_at_least(event, wire.body);
         if at_least > limit {
             return Err((
                 None,
@@ -111,7 +112,7 @@ impl Relay {
                 },
             ));
         }
-        let message = match sink::format::encode(event, commit_time) {
+        let message = match sink::format::encode_with(event, commit_time, wire) {
             Ok(m) => Arc::new(m),
             Err(e) => return Err((None, Failure::Unsendable(e.0))),
         };

@@ -1,16 +1,29 @@
 //! The Event-Forge wire format: body, properties, headers and routing key of
 //! one outbox row (docs/event-forge.md, "Wire format").
 
+use crate::config::wire::{BodyShape, WireShape};
 use crate::event::{AggregateKey, OutboxEvent, Row};
 use crate::time::{pg_timestamp_to_iso, unix_micros_to_iso, PG_EPOCH_OFFSET_MICROS};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::BasicProperties;
+use std::sync::LazyLock;
+
+/// Where a message is published.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Destination {
+    /// The exchange `amqp.exchange` names (declared or checked at start-up).
+    Configured,
+    /// An exchange a template rendered for this message: declared (or
+    /// checked) the first time a connection publishes to it.
+    Rendered(ShortString),
+    /// The dead-letter exchange: published on the isolated channel.
+    DeadLetter(ShortString),
+}
 
 /// A message ready for `basic.publish`.
 #[derive(Debug, Clone)]
 pub struct OutboundMessage {
-    /// Exchange override (the dead-letter exchange); `None`: the configured exchange.
-    pub exchange: Option<ShortString>,
+    pub destination: Destination,
     /// The outbox row id, also the AMQP `message_id`.
     pub id: String,
     pub aggregate: AggregateKey,
@@ -23,6 +36,14 @@ pub struct OutboundMessage {
 }
 
 impl OutboundMessage {
+    /// The exchange it goes to, `configured` being `amqp.exchange`'s.
+    pub fn exchange<'a>(&'a self, configured: &'a ShortString) -> &'a ShortString {
+        match &self.destination {
+            Destination::Configured => configured,
+            Destination::Rendered(e) | Destination::DeadLetter(e) => e,
+        }
+    }
+
     /// Bytes this message holds in memory, for the in-flight window.
     pub fn weight(&self) -> usize {
         self.body.len() + self.id.len() + self.routing_key.as_str().len() + 256
@@ -44,7 +65,10 @@ pub fn header_frame_len(properties: &BasicProperties) -> usize {
 
 /// A lower bound of the encoded body's size, known before encoding it: a row
 /// whose bound already exceeds the limit is refused without copying it.
-pub fn body_len_at_least(event: &OutboxEvent) -> usize {
+pub fn body_len_at_least(event: &OutboxEvent, body: BodyShape) -> usize {
+    if body == BodyShape::Payload {
+        return event.payload.len();
+    }
     96 + event.id.len()
         + event.aggregate_type.len()
         + event.aggregate_id.len()
@@ -57,20 +81,56 @@ pub fn body_len_at_least(event: &OutboxEvent) -> usize {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FormatError(pub String);
 
-/// Encodes an event. `commit_time_micros` (Postgres epoch) stands in for `created_at`
-/// when the table has no such column.
+/// Event-Forge's wire shape: the configured exchange, routing key
+/// `{aggregate_type}.{event_type}`, the JSON envelope.
+static EVENT_FORGE: LazyLock<WireShape> = LazyLock::new(|| WireShape::event_forge("events"));
+
+/// Encodes an event in Event-Forge's wire shape (see [`encode_with`]).
 pub fn encode(
     event: &OutboxEvent,
     commit_time_micros: i64,
 ) -> Result<OutboundMessage, FormatError> {
-    let routing_key =
-        ShortString::try_new(format!("{}.{}", event.aggregate_type, event.event_type)).map_err(
-            |e| {
-                FormatError(format!(
-                    "routing key aggregate_type.event_type is too long for AMQP: {e}"
-                ))
-            },
-        )?;
+    encode_with(event, commit_time_micros, &EVENT_FORGE)
+}
+
+/// Encodes an event in `wire`'s shape. `commit_time_micros` (Postgres epoch)
+/// stands in for `created_at` when the table has no such column. A value that
+/// cannot be sent (a rendered routing key or exchange name over 255 bytes, an
+/// id too long for a message_id) is this message's `FormatError` alone.
+pub fn encode_with(
+    event: &OutboxEvent,
+    commit_time_micros: i64,
+    wire: &WireShape,
+) -> Result<OutboundMessage, FormatError> {
+    let render =
+        |t: &crate::template::Template| t.render(event, &wire.columns).map_err(FormatError);
+    let short = |what: &str, template: &crate::template::Template, value: String| {
+        let len = value.len();
+        ShortString::try_new(value).map_err(|_| {
+            FormatError(format!(
+                "{what} rendered from {:?} is {len} bytes; AMQP allows 255",
+                template.source()
+            ))
+        })
+    };
+    let routing_key = short(
+        "the routing key",
+        &wire.routing_key,
+        render(&wire.routing_key)?,
+    )?;
+    let destination = match wire.fixed_exchange() {
+        Some(_) => Destination::Configured,
+        None => {
+            let name = render(&wire.exchange)?;
+            if name.is_empty() {
+                return Err(FormatError(format!(
+                    "the exchange rendered from {:?} is empty (a NULL or empty column): the default exchange cannot route by topic",
+                    wire.exchange.source()
+                )));
+            }
+            Destination::Rendered(short("the exchange", &wire.exchange, name)?)
+        }
+    };
     let message_id = ShortString::try_new(event.id.as_str())
         .map_err(|e| FormatError(format!("id is too long for an AMQP message_id: {e}")))?;
 
@@ -86,6 +146,65 @@ pub fn encode(
             }
         };
 
+    let body = match wire.body {
+        BodyShape::Envelope => envelope(event, &created_iso),
+        BodyShape::Payload => event.payload.to_vec(),
+    };
+
+    let mut headers = FieldTable::default();
+    let long = |s: &str| AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()));
+    headers.insert("x-aggregate-type".into(), long(&event.aggregate_type));
+    headers.insert("x-aggregate-id".into(), long(&event.aggregate_id));
+    headers.insert("x-event-type".into(), long(&event.event_type));
+    if let Some(tp) = event.metadata.as_deref().and_then(traceparent) {
+        headers.insert("traceparent".into(), long(&tp));
+    }
+    if wire.body == BodyShape::Payload {
+        // The envelope's other fields, for consumers that read them.
+        headers.insert("x-created-at".into(), long(&created_iso));
+        if let Some(m) = &event.metadata {
+            headers.insert(
+                "x-metadata".into(),
+                AMQPValue::LongString(LongString::from(m.to_vec())),
+            );
+        }
+    }
+    for (name, template) in &wire.headers {
+        headers.insert(name.as_str().into(), long(&render(template)?));
+    }
+
+    let mut properties = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into())
+        .with_message_id(message_id)
+        .with_headers(headers);
+    if created_unix >= 0 {
+        properties = properties.with_timestamp(created_unix as u64);
+    }
+    if let Some(t) = &wire.message_type {
+        properties = properties.with_type(short("the type property", t, render(t)?)?);
+    }
+    if let Some(t) = &wire.correlation_id {
+        properties =
+            properties.with_correlation_id(short("the correlation_id property", t, render(t)?)?);
+    }
+    if let Some(t) = &wire.app_id {
+        properties = properties.with_app_id(short("the app_id property", t, render(t)?)?);
+    }
+
+    Ok(OutboundMessage {
+        destination,
+        id: event.id.clone(),
+        aggregate: event.key(),
+        routing_key,
+        body,
+        header_len: header_frame_len(&properties),
+        properties,
+    })
+}
+
+/// Event-Forge's JSON envelope of `event`.
+fn envelope(event: &OutboxEvent, created_iso: &str) -> Vec<u8> {
     let mut body = Vec::with_capacity(
         96 + event.id.len()
             + event.aggregate_type.len()
@@ -111,36 +230,9 @@ pub fn encode(
         None => body.extend_from_slice(b"null"),
     }
     body.extend_from_slice(b",\"createdAt\":");
-    write_json_str(&mut body, &created_iso);
+    write_json_str(&mut body, created_iso);
     body.push(b'}');
-
-    let mut headers = FieldTable::default();
-    let long = |s: &str| AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()));
-    headers.insert("x-aggregate-type".into(), long(&event.aggregate_type));
-    headers.insert("x-aggregate-id".into(), long(&event.aggregate_id));
-    headers.insert("x-event-type".into(), long(&event.event_type));
-    if let Some(tp) = event.metadata.as_deref().and_then(traceparent) {
-        headers.insert("traceparent".into(), long(&tp));
-    }
-
-    let mut properties = BasicProperties::default()
-        .with_delivery_mode(2)
-        .with_content_type("application/json".into())
-        .with_message_id(message_id)
-        .with_headers(headers);
-    if created_unix >= 0 {
-        properties = properties.with_timestamp(created_unix as u64);
-    }
-
-    Ok(OutboundMessage {
-        exchange: None,
-        id: event.id.clone(),
-        aggregate: event.key(),
-        routing_key,
-        body,
-        header_len: header_frame_len(&properties),
-        properties,
-    })
+    body
 }
 
 /// The copy of a dead message published to the dead-letter exchange `dlx`: the
@@ -148,7 +240,7 @@ pub fn encode(
 /// be read of the row), plus headers that say why.
 pub fn dead_letter(
     dlx: &ShortString,
-    exchange: &str,
+    exchange: &ShortString,
     row: &Row,
     original: Option<&OutboundMessage>,
     attempts: i32,
@@ -201,14 +293,15 @@ pub fn dead_letter(
     let mut headers = properties.headers().clone().unwrap_or_default();
     headers.insert("x-outbox-error".into(), long(reason));
     headers.insert("x-outbox-attempts".into(), AMQPValue::LongInt(attempts));
-    headers.insert("x-outbox-original-exchange".into(), long(exchange));
+    let exchange = original.map_or(exchange, |m| m.exchange(exchange));
+    headers.insert("x-outbox-original-exchange".into(), long(exchange.as_str()));
     headers.insert(
         "x-outbox-original-routing-key".into(),
         long(routing_key.as_str()),
     );
     properties = properties.with_headers(headers);
     OutboundMessage {
-        exchange: Some(dlx.clone()),
+        destination: Destination::DeadLetter(dlx.clone()),
         id: row.id().to_string(),
         aggregate: row.key(),
         routing_key,
@@ -266,6 +359,7 @@ mod tests {
             created_at: Some("2026-11-27 06:00:00.25+00".into()),
             scheduled_at: None,
             max_retries: None,
+            extra: Vec::new(),
         }
     }
 
@@ -334,6 +428,91 @@ mod tests {
         assert_eq!(body["metadata"], serde_json::Value::Null);
     }
 
+    fn wire(exchange: &str, routing_key: &str, body: BodyShape) -> WireShape {
+        let headers = [("x-tenant".to_string(), "{tenant}".to_string())].into();
+        let properties = crate::config::wire::RawProperties {
+            message_type: Some("{event_type}".into()),
+            correlation_id: None,
+            app_id: Some("app-{tenant}".into()),
+        };
+        WireShape::parse(exchange, routing_key, &headers, &properties, body).unwrap()
+    }
+
+    #[test]
+    fn templates_render_exchange_key_headers_and_properties() {
+        let w = wire(
+            "{tenant}-events",
+            "{tenant}.{event_type}",
+            BodyShape::Payload,
+        );
+        let mut e = event();
+        e.extra = vec![Some("acme".into())];
+        let m = encode_with(&e, 0, &w).unwrap();
+        assert_eq!(m.destination, Destination::Rendered("acme-events".into()));
+        assert_eq!(m.routing_key.as_str(), "acme.order.placed");
+        assert_eq!(m.body, e.payload.to_vec(), "the payload as it is");
+        let h = m.properties.headers().as_ref().unwrap().inner();
+        let text = |k: &str| match h.get(k) {
+            Some(AMQPValue::LongString(s)) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+            other => panic!("{k}: {other:?}"),
+        };
+        assert_eq!(text("x-tenant"), "acme");
+        assert_eq!(text("x-created-at"), "2026-11-27T06:00:00.250000+00:00");
+        assert_eq!(
+            text("x-metadata"),
+            String::from_utf8_lossy(e.metadata.as_ref().unwrap())
+        );
+        assert_eq!(
+            m.properties.kind().as_ref().unwrap().as_str(),
+            "order.placed"
+        );
+        assert_eq!(m.properties.app_id().as_ref().unwrap().as_str(), "app-acme");
+        assert!(body_len_at_least(&e, BodyShape::Payload) <= m.body.len());
+        // The envelope shape keeps the envelope and adds no envelope headers.
+        let env = encode_with(
+            &e,
+            0,
+            &wire("events", "{tenant}.{event_type}", BodyShape::Envelope),
+        )
+        .unwrap();
+        assert_eq!(env.destination, Destination::Configured);
+        assert_eq!(env.body, encode(&e, 0).unwrap().body);
+        assert!(!env
+            .properties
+            .headers()
+            .as_ref()
+            .unwrap()
+            .inner()
+            .contains_key("x-created-at"));
+    }
+
+    #[test]
+    fn a_rendered_value_that_cannot_be_sent_fails_that_message_with_why() {
+        let w = wire(
+            "{tenant}-events",
+            "{tenant}.{event_type}",
+            BodyShape::Envelope,
+        );
+        let mut e = event();
+        e.extra = vec![Some("t".repeat(300))];
+        let err = encode_with(&e, 0, &w).unwrap_err().0;
+        assert!(err.contains("routing key") && err.contains("255"), "{err}");
+        let w = wire("{tenant}-events", "{event_type}", BodyShape::Envelope);
+        let err = encode_with(&e, 0, &w).unwrap_err().0;
+        assert!(err.contains("exchange") && err.contains("255"), "{err}");
+        let w = wire("{tenant}", "{event_type}", BodyShape::Envelope);
+        e.extra = vec![None];
+        let err = encode_with(&e, 0, &w).unwrap_err().0;
+        assert!(err.contains("empty"), "{err}");
+        // A copy of the row that does not carry the column (the outbox row is gone).
+        e.extra = Vec::new();
+        let err = encode_with(&e, 0, &w).unwrap_err().0;
+        assert!(
+            err.contains("tenant") && err.contains("does not carry"),
+            "{err}"
+        );
+    }
+
     #[test]
     fn dead_letter_copy_keeps_the_message_and_says_why() {
         let e = std::sync::Arc::new(event());
@@ -341,13 +520,13 @@ mod tests {
         let dlx: ShortString = "dlx".into();
         let m = dead_letter(
             &dlx,
-            "events",
+            &"events".into(),
             &Row::Event(e.clone()),
             Some(&original),
             4,
             "nacked",
         );
-        assert_eq!(m.exchange.as_ref().map(|s| s.as_str()), Some("dlx"));
+        assert_eq!(m.destination, Destination::DeadLetter("dlx".into()));
         assert_eq!(m.body, original.body);
         assert_eq!(m.routing_key, original.routing_key);
         let h = m.properties.headers().as_ref().unwrap().inner();
@@ -363,7 +542,7 @@ mod tests {
         };
         let m = dead_letter(
             &dlx,
-            "events",
+            &"events".into(),
             &Row::Malformed(bad),
             None,
             1,
@@ -425,7 +604,7 @@ mod tests {
             "x-aggregate-id carries it: {}",
             m.header_len
         );
-        assert!(body_len_at_least(&big) <= m.body.len());
+        assert!(body_len_at_least(&big, BodyShape::Envelope) <= m.body.len());
     }
 
     #[test]

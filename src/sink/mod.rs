@@ -16,8 +16,9 @@ mod returns;
 
 pub use format::OutboundMessage;
 
-use crate::amqp::{connect_from, AmqpSettings, Broker};
+use crate::amqp::{connect_from, ensure_exchange, AmqpSettings, Broker};
 use crate::time::Backoff;
+use format::Destination;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
 use lapin::options::BasicPublishOptions;
@@ -25,6 +26,7 @@ use lapin::protocol::AMQPErrorKind;
 use lapin::types::ShortString;
 use lapin::{Confirmation, Connection, ErrorKind};
 use returns::Returns;
+use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -184,7 +186,8 @@ pub async fn run(
     mut commands: mpsc::Receiver<SinkCommand>,
     events: mpsc::Sender<SinkEvent>,
 ) {
-    let exchange: ShortString = settings.exchange.as_str().into();
+    // With a templated exchange every message names its own (`Destination::Rendered`).
+    let exchange: ShortString = settings.exchange.clone().unwrap_or_default().into();
     let mut broker = Some(first);
     let mut generation = 0u64;
     let mut next_node = 0;
@@ -226,7 +229,15 @@ pub async fn run(
             "broker connected, publishing with confirms"
         );
         let up_since = Instant::now();
-        let Some(ended) = serve(&current, &exchange, generation, &mut commands, &events).await
+        let Some(ended) = serve(
+            &current,
+            &exchange,
+            settings.declare_exchange,
+            generation,
+            &mut commands,
+            &events,
+        )
+        .await
         else {
             close(&current.connection, 200, "outbox-relay shutting down").await;
             return;
@@ -277,6 +288,7 @@ async fn close(connection: &Connection, code: u16, text: &str) {
 async fn serve(
     broker: &Broker,
     exchange: &ShortString,
+    declare: bool,
     generation: u64,
     commands: &mut mpsc::Receiver<SinkCommand>,
     events: &mpsc::Sender<SinkEvent>,
@@ -285,6 +297,10 @@ async fn serve(
     let mut isolated = IsolatedLane::default();
     let mut conn_events = Box::pin(broker.connection.events_listener());
     let mut returns = Returns::default();
+    let mut rendered = RenderedExchanges {
+        declare,
+        ensured: HashSet::new(),
+    };
     let answer = |outcomes: Vec<(u64, Outcome)>| async move {
         events
             .send(SinkEvent::Confirmed {
@@ -353,8 +369,9 @@ async fn serve(
             cmd = commands.recv() => {
                 // A closed command channel: the relay is shutting down.
                 let first = cmd?;
-                let (done, mut refused, renew) = publish_queued(
+                let (done, mut refused, then) = publish_queued(
                     first, commands, broker, exchange, generation, &mut confirms, &mut isolated,
+                    &mut rendered,
                 )
                 .await;
                 if !done.is_empty() {
@@ -366,11 +383,15 @@ async fn serve(
                 if !refused.is_empty() && !answer(refused).await {
                     return None;
                 }
-                if renew {
-                    return Some(Ended {
-                        reason: "every publish on this connection is nacked or unanswered: replacing it (from the next node)".into(),
-                        refusal: None,
-                    });
+                match then {
+                    Then::Go => {}
+                    Then::Renew => {
+                        return Some(Ended {
+                            reason: "every publish on this connection is nacked or unanswered: replacing it (from the next node)".into(),
+                            refusal: None,
+                        });
+                    }
+                    Then::End(ended) => return Some(ended),
                 }
             }
         }
@@ -380,12 +401,76 @@ async fn serve(
     }
 }
 
+/// What the connection does after a round of publishes.
+enum Then {
+    Go,
+    /// The relay asked for this connection to be renewed.
+    Renew,
+    /// The connection failed while an exchange was being ensured.
+    End(Ended),
+}
+
+/// The exchanges templates rendered that this connection has declared (or
+/// checked): each is ensured once per connection, on a channel of its own (a
+/// failed declare closes its channel, and must not close the publishing one).
+struct RenderedExchanges {
+    declare: bool,
+    ensured: HashSet<ShortString>,
+}
+
+impl RenderedExchanges {
+    /// Ok(None): `name` can be published to. Ok(Some(outcome)): it cannot —
+    /// that one message's outcome (returned with the broker's reason, as a
+    /// publish to a missing exchange is). Err: the connection failed.
+    async fn ensure(
+        &mut self,
+        broker: &Broker,
+        name: &ShortString,
+    ) -> Result<Option<Outcome>, Ended> {
+        if self.ensured.contains(name) {
+            return Ok(None);
+        }
+        match ensure_exchange(
+            &broker.connection,
+            "amqp.exchange",
+            name.as_str(),
+            self.declare,
+        )
+        .await
+        {
+            Ok(()) => {
+                self.ensured.insert(name.clone());
+                Ok(None)
+            }
+            Err(crate::Error::ExchangeUnusable { hint, source, .. }) => {
+                match channel_close(&source) {
+                    Some(r) => Ok(Some(Outcome::Returned {
+                        reply_code: r.reply_code,
+                        reply_text: format!(
+                            "exchange {:?} cannot be used: {} ({hint})",
+                            name.as_str(),
+                            r.reply_text
+                        ),
+                    })),
+                    None => Err(Ended::from_error("ensuring a rendered exchange", &source)),
+                }
+            }
+            Err(e) => Err(Ended {
+                reason: format!("ensuring exchange {:?}: {e}", name.as_str()),
+                refusal: None,
+            }),
+        }
+    }
+}
+
 /// Publishes `first` and everything else queued now (up to `PUBLISH_BATCH`) in
 /// one go: the io loop then wakes once for many frames instead of once per
 /// message. Commands of an older connection are dropped. Returns the answers
 /// that came at once, the refusals made before publishing (headers larger
-/// than `frame_max`), and whether the relay asked for this connection to be
-/// renewed (what was queued after that request stays queued).
+/// than `frame_max`, an exchange a template rendered that cannot be used), and
+/// what the connection does next: go on, be renewed at the relay's request
+/// (what was queued after that request stays queued), or end.
+#[allow(clippy::too_many_arguments)]
 async fn publish_queued<'a>(
     first: SinkCommand,
     commands: &mut mpsc::Receiver<SinkCommand>,
@@ -394,7 +479,8 @@ async fn publish_queued<'a>(
     generation: u64,
     confirms: &mut FuturesUnordered<ConfirmFuture<'a>>,
     isolated: &mut IsolatedLane,
-) -> (Vec<Answer>, Vec<(u64, Outcome)>, bool) {
+    rendered: &mut RenderedExchanges,
+) -> (Vec<Answer>, Vec<(u64, Outcome)>, Then) {
     let frame_max = broker.frame_max();
     let mut next = Some(first);
     let mut done = Vec::new();
@@ -409,7 +495,7 @@ async fn publish_queued<'a>(
                 isolated,
             } => (seq, generation, message, isolated),
             SinkCommand::Renew { generation: g } if g == generation => {
-                return (done, refused, true);
+                return (done, refused, Then::Renew);
             }
             SinkCommand::Renew { .. } => {
                 next = commands.try_recv().ok();
@@ -425,9 +511,23 @@ async fn publish_queued<'a>(
                         frame_max,
                     },
                 ));
-            } else if alone || message.exchange.is_some() {
+            } else if alone || matches!(message.destination, Destination::DeadLetter(_)) {
                 isolated.queue.push_back((seq, message));
             } else {
+                if let Destination::Rendered(name) = &message.destination {
+                    match rendered.ensure(broker, name).await {
+                        Ok(None) => {}
+                        Ok(Some(outcome)) => {
+                            refused.push((seq, outcome));
+                            published += 1;
+                            if published < PUBLISH_BATCH {
+                                next = commands.try_recv().ok();
+                            }
+                            continue;
+                        }
+                        Err(ended) => return (done, refused, Then::End(ended)),
+                    }
+                }
                 let mut publish = publish(&broker.channel, exchange.clone(), seq, message);
                 // The first poll queues the frames and takes the delivery tag, so
                 // publishes leave in command order while their confirms are awaited together.
@@ -442,7 +542,7 @@ async fn publish_queued<'a>(
             next = commands.try_recv().ok();
         }
     }
-    (done, refused, false)
+    (done, refused, Then::Go)
 }
 
 /// Publishes `message` on `channel` and waits for its confirm.
@@ -457,7 +557,7 @@ fn publish<'a>(
         immediate: false,
     };
     Box::pin(async move {
-        let exchange = message.exchange.clone().unwrap_or(exchange);
+        let exchange = message.exchange(&exchange).clone();
         let sent = channel
             .basic_publish(
                 exchange,

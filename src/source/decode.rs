@@ -150,7 +150,7 @@ mod tests {
     fn inserts_into_the_outbox_become_events_others_are_ignored() {
         let mut d = Decoder::new(
             TableName::parse("public.outbox").unwrap(),
-            ColumnMapping::EVENT_FORGE,
+            ColumnMapping::event_forge(),
         );
         assert!(matches!(
             d.decode(relation_msg(1, "public", "outbox", COLS)).unwrap(),
@@ -190,7 +190,7 @@ mod tests {
     fn a_relation_without_required_columns_is_an_error() {
         let mut d = Decoder::new(
             TableName::parse("outbox").unwrap(),
-            ColumnMapping::EVENT_FORGE,
+            ColumnMapping::event_forge(),
         );
         let e = d
             .decode(relation_msg(1, "public", "outbox", &COLS[..3]))

@@ -236,6 +236,7 @@ impl Fixture {
             ("relay", vec![]),
             // Written only when a test adds lines (`outbox-relay inbox` needs a queue).
             ("inbox", vec![]),
+            ("mapping", vec![]),
             ("metrics", vec!["listen = \"127.0.0.1:0\"".into()]),
             ("log", vec!["level = \"info,outbox_relay=debug\"".into()]),
         ];
@@ -250,7 +251,7 @@ impl Fixture {
         }
         let mut text = String::new();
         for (name, lines) in sections {
-            if name == "inbox" && lines.is_empty() {
+            if (name == "inbox" || name == "mapping") && lines.is_empty() {
                 continue;
             }
             text.push_str(&format!("[{name}]\n"));

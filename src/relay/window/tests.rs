@@ -16,6 +16,7 @@ fn event(agg: u8, n: u32) -> Row {
         created_at: None,
         scheduled_at: None,
         max_retries: None,
+        extra: Vec::new(),
     }))
 }
 

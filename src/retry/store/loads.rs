@@ -188,6 +188,7 @@ fn parked_copy(row: &ParkedRow, aggregate_type: &str, aggregate_id: &str) -> Row
                 created_at: row.created_at.clone(),
                 scheduled_at: None,
                 max_retries: None,
+                extra: Vec::new(),
             })
         }
         _ => Err(Box::new(MalformedRow {
