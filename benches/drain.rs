@@ -23,7 +23,7 @@
 //! Run with `cargo bench --bench drain`. Environment: BENCH_ROWS=100000,
 //! BENCH_WINDOW=2048, BENCH_ROUNDS=3, BENCH_AGGREGATES=10000, BENCH_BIG_ROWS=1000000
 //! (0 skips the large backlog), BENCH_LIVE_RATE=1000, BENCH_LIVE_SECS=10,
-//! BENCH_SHAPES=0,1 (only these rows: 0–6 drains, 7 recovery, 8 requeue), BENCH_PERF=FILE (perf profile of each
+//! BENCH_SHAPES=0,1 (only these rows: 0–7 drains, 8 recovery, 9 requeue), BENCH_PERF=FILE (perf profile of each
 //! relay run into FILE-<pid>), BENCH_CEILING_CHANNELS=N (only the ceiling, on 1..=N
 //! channels), BENCH_RELAY=PATH (another relay binary, to compare two builds).
 //!
@@ -346,6 +346,8 @@ struct Shape {
     ordering: &'static str,
     per_txn: usize,
     failing: Failing,
+    /// Lines added to `[amqp]` (the wire templates).
+    wire: &'static str,
 }
 
 impl Shape {
@@ -356,6 +358,7 @@ impl Shape {
             ordering,
             per_txn: 1000,
             failing: Failing::None,
+            wire: "",
         }
     }
 
@@ -372,8 +375,13 @@ impl Shape {
                 ", one aggregate in ten unroutable (parked), msg/s of the others"
             }
         };
+        let wire = if self.wire.is_empty() {
+            ""
+        } else {
+            ", routing key, two headers and two properties from templates"
+        };
         format!(
-            "relay drains {rows} rows ({txns}) over {} aggregates, on_success = {}, ordering = {}{failing}",
+            "relay drains {rows} rows ({txns}) over {} aggregates, on_success = {}, ordering = {}{failing}{wire}",
             self.aggregates, self.on_success, self.ordering
         )
     }
@@ -388,6 +396,7 @@ fn spawn_relay_with(window: usize, shape: Shape, retry_section: &str) -> std::pr
     let Shape {
         on_success,
         ordering,
+        wire,
         ..
     } = shape;
     let dir = std::env::temp_dir().join("outbox-relay-bench");
@@ -398,7 +407,7 @@ fn spawn_relay_with(window: usize, shape: Shape, retry_section: &str) -> std::pr
         format!(
             "[postgres]\nurl = \"{PG_URL}\"\ntable = \"{TABLE}\"\nslot = \"{SLOT}\"\npublication = \"{SLOT}\"\n\
              retry_table = \"public.bench_parked\"\non_success = \"{on_success}\"\n\
-             [amqp]\nurl = \"{AMQP_URL}\"\nexchange = \"{EXCHANGE}\"\nmax_in_flight = {window}\n\
+             [amqp]\nurl = \"{AMQP_URL}\"\nexchange = \"{EXCHANGE}\"\nmax_in_flight = {window}\n{wire}\n\
              [relay]\nordering = \"{ordering}\"\n[retry]\n{retry_section}\n[metrics]\nlisten = \"\"\n[log]\nlevel = \"warn\"\n"
         ),
     )
@@ -913,6 +922,14 @@ async fn main() {
             failing: Failing::TenthOfAggregates,
             ..Shape::new(aggregates, "mark_published", "strict")
         },
+        // The first row with its wire shape from templates (docs/mapping.md): the
+        // cost of rendering them, against row 0.
+        Shape {
+            wire: "routing_key = \"{aggregate_type}.{event_type}\"\n\
+                   headers = { x-stream = \"{aggregate_type}/{aggregate_id}\", x-kind = \"{event_type}\" }\n\
+                   properties = { type = \"{event_type}\", correlation_id = \"{aggregate_id}\" }",
+            ..Shape::new(aggregates, "mark_published", "strict")
+        },
     ];
     let recoveries = [Recovery::Parked, Recovery::Requeued];
 
@@ -950,7 +967,7 @@ async fn main() {
     let recoveries: Vec<Recovery> = recoveries
         .into_iter()
         .enumerate()
-        .filter(|(i, _)| only.as_ref().is_none_or(|o| o.contains(&(i + 7))))
+        .filter(|(i, _)| only.as_ref().is_none_or(|o| o.contains(&(i + 8))))
         .map(|(_, r)| r)
         .collect();
     let mut recovered: Vec<Vec<Drain>> = recoveries.iter().map(|_| Vec::new()).collect();
