@@ -4,8 +4,8 @@
 //! `wal.rs` (WAL in), `answers.rs` (the broker's answers) and `liveness.rs`
 //! (signs of life, reconnecting the stream).
 
-use super::liveness::Liveness;
 use super::parked::Parked;
+use super::signs::Liveness;
 use super::startup;
 use super::window::Window;
 use crate::config::{Config, OnSuccess};

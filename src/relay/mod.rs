@@ -25,6 +25,7 @@ mod main_loop;
 mod parked;
 mod retries;
 mod routing;
+mod signs;
 mod startup;
 mod wal;
 mod window;
