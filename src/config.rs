@@ -101,6 +101,10 @@ pub struct PostgresConfig {
     /// The outbox split over several relays (`slot` and `publication` above are
     /// this process's shard's when it names one).
     pub sharding: Sharding,
+    /// Rows of the table, or logical decoding messages.
+    pub source: Source,
+    /// The prefix of the messages the relay publishes (`source = "messages"`).
+    pub message_prefix: String,
 }
 
 /// `[amqp]`, validated.
@@ -257,6 +261,21 @@ pub enum OnDead {
     Skip,
     /// Hold the aggregate until an operator requeues or removes the dead message.
     Block,
+}
+
+/// The prefix of the relay's own heartbeat messages (non-transactional).
+pub const HEARTBEAT_PREFIX: &str = "outbox-relay-heartbeat";
+
+/// Where the outbox messages come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    /// Rows inserted into the outbox table (`postgres.table`).
+    #[default]
+    Table,
+    /// Transactional logical decoding messages
+    /// (`pg_logical_emit_message(true, prefix, content)`): no table at all.
+    Messages,
 }
 
 /// What the relay does to an outbox row once its message is acked.

@@ -82,6 +82,9 @@ pub enum Error {
     #[error("publication {publication} does not exist: run `outbox-relay init`, set [postgres] create_missing = true, or CREATE PUBLICATION {publication} FOR TABLE {table} WITH (publish = 'insert')")]
     PublicationMissing { publication: String, table: String },
 
+    #[error("publication {publication} does not exist (the messages source streams through one; it needs no table): run `outbox-relay init`, set [postgres] create_missing = true, or CREATE PUBLICATION {publication}")]
+    MessagePublicationMissing { publication: String },
+
     #[error("publication {publication} does not cover {table}: run ALTER PUBLICATION {publication} ADD TABLE {table}")]
     PublicationMismatch { publication: String, table: String },
 

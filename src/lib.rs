@@ -6,7 +6,9 @@
 //! The path of one row through the files:
 //!
 //! 1. [`source`] — the replication connection delivers the row's pgoutput Insert
-//!    (`source/mod.rs`), and [`source::decode`] matches its columns by name;
+//!    (`source/mod.rs`), and [`source::decode`] matches its columns by name (with
+//!    `postgres.source = "messages"`: a logical decoding message, read by
+//!    [`source::message`]);
 //! 2. [`event`] — it becomes an [`event::OutboxEvent`] (or a malformed row, kept
 //!    with its reason) through the column mapping [`config`] validated;
 //! 3. [`sink::format`] — the body (Event-Forge's envelope or the payload), properties,

@@ -11,6 +11,7 @@ mod event_forge;
 mod inbox;
 mod isolation;
 mod mapping;
+mod messages;
 mod nodes;
 mod operate;
 mod ordering;

@@ -123,3 +123,59 @@ pub async fn enqueue_into(
         .map_err(query_err("writing an outbox row"))?;
     Ok(row.get(0))
 }
+
+/// The message prefix `postgres.source = "messages"` reads by default.
+pub const DEFAULT_PREFIX: &str = "outbox";
+
+/// Emits `event` as a transactional logical decoding message with `prefix`
+/// inside `tx` (`pg_logical_emit_message(true, prefix, content)`): no table is
+/// written, nothing is left to vacuum or purge. The relay publishes it after
+/// the commit when it runs with `postgres.source = "messages"` and
+/// `postgres.message_prefix = prefix`; a rollback discards it. Returns its id.
+/// `max_retries` is not carried (the relay's `retry.max_retries` applies).
+///
+/// ```no_run
+/// use outbox_relay_client::outbox::{emit, NewEvent, DEFAULT_PREFIX};
+///
+/// # async fn example(client: &mut tokio_postgres::Client) -> Result<(), Box<dyn std::error::Error>> {
+/// let tx = client.transaction().await?;
+/// tx.execute("insert into orders (id) values ($1)", &[&"o-1"]).await?;
+/// emit(
+///     &tx,
+///     DEFAULT_PREFIX,
+///     NewEvent::new("Order", "o-1", "order.placed", serde_json::json!({"id": "o-1"})),
+/// )
+/// .await?;
+/// tx.commit().await?; // the order and its event, or neither
+/// # Ok(())
+/// # }
+/// ```
+pub async fn emit(tx: &Transaction<'_>, prefix: &str, event: NewEvent) -> Result<String, Error> {
+    let payload = event.payload.to_string();
+    let metadata = event.metadata.as_ref().map(|m| m.to_string());
+    // One round trip: the id (made by Postgres when not given) and the message.
+    let row = tx
+        .query_one(
+            EMIT_SQL,
+            &[
+                &prefix,
+                &event.id,
+                &event.aggregate_type,
+                &event.aggregate_id,
+                &event.event_type,
+                &payload,
+                &metadata,
+            ],
+        )
+        .await
+        .map_err(query_err("emitting an outbox message"))?;
+    Ok(row.get(0))
+}
+
+/// What [`emit`] runs ($1 prefix, $2 id or NULL, $3 aggregate_type,
+/// $4 aggregate_id, $5 event_type, $6 payload, $7 metadata or NULL); the SQL
+/// function in `sql/outbox_emit.sql` does the same for other languages.
+const EMIT_SQL: &str = "with m as (select coalesce($2::text, gen_random_uuid()::text) as id) \
+    select id, pg_logical_emit_message(true, $1::text, json_build_object(\
+    'id', id, 'aggregate_type', $3::text, 'aggregate_id', $4::text, 'event_type', $5::text, \
+    'payload', $6::text::json, 'metadata', $7::text::json)::text) from m";

@@ -227,6 +227,15 @@ async fn close_quickly(connection: &lapin::Connection) {
 /// does not write is named: the relay reads such rows fine, but those writers fail.
 async fn outbox_table_check(sql: &tokio_postgres::Client, config: &Config) -> Check {
     let table = &config.postgres.table;
+    if config.postgres.source == crate::config::Source::Messages {
+        return pass(
+            "outbox table",
+            format!(
+                "none: postgres.source = \"messages\" publishes pg_logical_emit_message(true, '{}', content)",
+                config.postgres.message_prefix
+            ),
+        );
+    }
     if let Err(e) = catalog::require_table(sql, table, &config.postgres.columns).await {
         return fail("outbox table", e.to_string());
     }
@@ -335,6 +344,19 @@ fn exchange_check(key: &str) -> &'static str {
 
 async fn publication_check(sql: &tokio_postgres::Client, config: &Config) -> Check {
     let (publication, table) = (&config.postgres.publication, &config.postgres.table);
+    if config.postgres.source == crate::config::Source::Messages {
+        return match catalog::ensure_message_publication(sql, publication, false).await {
+            Ok(_) => pass(
+                "publication",
+                format!("{publication} exists (messages need no table in it)"),
+            ),
+            Err(_) if config.postgres.create_missing => pass(
+                "publication",
+                format!("{publication} missing; `run` creates it (create_missing = true)"),
+            ),
+            Err(e) => fail("publication", e.to_string()),
+        };
+    }
     let sharding = &config.postgres.sharding;
     let layout = match shards::layout(sql, sharding).await {
         Ok(l) => l,

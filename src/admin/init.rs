@@ -17,7 +17,13 @@ pub async fn init(config: &Config) -> Result<Vec<String>, Error> {
     let table = &pg.table;
     let sql = pg.target.connect().await?;
     let mut lines = Vec::new();
+    let messages = pg.source == crate::config::Source::Messages;
     match pg.mapping {
+        // The messages source has no table.
+        _ if messages => lines.push(format!(
+            "table: none (postgres.source = \"messages\", prefix {:?})",
+            pg.message_prefix
+        )),
         // Created when missing; on an existing table (Event-Forge's models make it
         // under their own index names) only the indexes nothing covers yet.
         Mapping::EventForge => {
@@ -34,6 +40,18 @@ pub async fn init(config: &Config) -> Result<Vec<String>, Error> {
     for shard in config.each_shard() {
         let index = shard.postgres.sharding.index.unwrap_or(0);
         let publication = &shard.postgres.publication;
+        if messages {
+            let created = catalog::ensure_message_publication(&sql, publication, true).await?;
+            lines.push(format!(
+                "publication {publication}: {}",
+                if created {
+                    "created (no tables: messages only)"
+                } else {
+                    "exists"
+                }
+            ));
+            continue;
+        }
         let created = shards::ensure_publication(
             &sql,
             &shard.postgres.sharding,

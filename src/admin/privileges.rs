@@ -76,7 +76,11 @@ pub async fn needed(sql: &Client, config: &Config) -> Result<Vec<Need>, Error> {
     let table = |t: &TableName| Object::Table(t.clone());
     let mut needs = Vec::new();
     let mut schemas: Vec<&str> = Vec::new();
-    if let Some(columns) = catalog::table_columns(sql, &pg.table).await? {
+    let outbox = match pg.source {
+        crate::config::Source::Table => catalog::table_columns(sql, &pg.table).await?,
+        crate::config::Source::Messages => None,
+    };
+    if let Some(columns) = outbox {
         schemas.push(&pg.table.schema);
         needs.push(Need {
             privilege: "SELECT",

@@ -64,6 +64,13 @@ impl std::fmt::Display for ReplayReport {
 pub async fn replay_pending(config: &Config, since: Option<&str>) -> Result<ReplayReport, Error> {
     crate::pg::shards::chosen(&config.postgres.sharding, "replay")?;
     let pg = &config.postgres;
+    if pg.source == crate::config::Source::Messages {
+        return Err(Error::Replay(format!(
+            "replay --pending re-publishes outbox rows, and with postgres.source = \"messages\" nothing is stored: messages emitted while the slot was lost cannot be re-published. To stream again from now, accepting that loss: select pg_drop_replication_slot('{slot}') (if it still exists), delete from {records} where slot = '{slot}', then `outbox-relay init` (see docs/mapping.md#outbox-without-a-table)",
+            slot = pg.slot,
+            records = SlotRecords::next_to(&pg.retry_table).name(),
+        )));
+    }
     if pg.on_success == OnSuccess::Keep {
         return Err(Error::Replay(format!(
             "postgres.on_success = \"keep\" leaves delivered rows 'pending', so replay cannot tell them from lost ones: set on_success to \"mark_published\" or \"delete\" (for {})",

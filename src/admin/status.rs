@@ -39,6 +39,8 @@ pub struct Status {
     pub oldest_pending_age_seconds: Option<f64>,
     /// Outbox rows whose status is still 'pending' (Event-Forge tables; `null` otherwise).
     pub outbox_pending: Option<i64>,
+    /// `postgres.source = "messages"`: no table, nothing stored to count.
+    pub messages_source: bool,
     /// Age of the oldest of them, in seconds.
     pub outbox_oldest_pending_age_seconds: Option<f64>,
     /// When a relay last started on the slot or stopped cleanly (the slot record).
@@ -144,6 +146,10 @@ impl std::fmt::Display for Status {
                 writeln!(f, "outbox pending  {n} row(s), the oldest {age:.1} s old")?
             }
             (Some(n), None) => writeln!(f, "outbox pending  {n} row(s)")?,
+            (None, _) if self.messages_source => writeln!(
+                f,
+                "outbox pending  - (postgres.source = \"messages\": nothing is stored; the slot holds what is not yet delivered)"
+            )?,
             (None, _) => writeln!(f, "outbox pending  - (the table has no status column)")?,
         }
         if let (true, Some(seen)) = (s.exists, &self.slot_last_seen) {
@@ -223,7 +229,12 @@ pub async fn status(config: &Config) -> Result<Status, Error> {
     } else {
         None
     };
-    let pending = catalog::pending_rows(&sql, &config.postgres.table, filter.as_deref()).await?;
+    let messages_source = config.postgres.source == crate::config::Source::Messages;
+    let pending = if messages_source {
+        None
+    } else {
+        catalog::pending_rows(&sql, &config.postgres.table, filter.as_deref()).await?
+    };
     let record = match catalog::table_columns(&sql, records.name()).await? {
         Some(_) => records.get(&sql, &config.postgres.slot).await?,
         None => None,
@@ -247,6 +258,7 @@ pub async fn status(config: &Config) -> Result<Status, Error> {
         inbox,
         slot,
         outbox_pending: pending.as_ref().map(|p| p.count),
+        messages_source,
         outbox_oldest_pending_age_seconds: pending.and_then(|p| p.oldest_age_seconds),
         broker_node: record.as_ref().and_then(|r| r.broker_node.clone()),
         broker_since: record.as_ref().and_then(|r| r.broker_since.clone()),

@@ -48,6 +48,8 @@ pub struct Postgres {
     pub allow_insecure_password: bool,
     pub shards: u32,
     pub shard: Option<u32>,
+    pub source: super::Source,
+    pub message_prefix: String,
 }
 
 impl Default for Postgres {
@@ -74,6 +76,8 @@ impl Default for Postgres {
             allow_insecure_password: false,
             shards: 1,
             shard: None,
+            source: super::Source::Table,
+            message_prefix: "outbox".into(),
         }
     }
 }
@@ -253,6 +257,15 @@ impl Config {
         let amqp = amqp.validate()?;
         // The columns the wire templates name are read with every row.
         postgres.columns.extra = amqp.wire.columns.names().to_vec();
+        if postgres.source == super::Source::Messages && !postgres.columns.extra.is_empty() {
+            return Err(invalid(
+                "amqp",
+                format!(
+                    "a template names {}: with postgres.source = \"messages\" templates may name id, aggregate_type, aggregate_id and event_type only (a parked message is retried from its own copy, which keeps those)",
+                    postgres.columns.extra.join(", ")
+                ),
+            ));
+        }
         Ok(super::Config {
             postgres,
             amqp,
@@ -271,6 +284,35 @@ impl Postgres {
         mapping: Option<super::mapping::RawMapping>,
     ) -> Result<PostgresConfig, ConfigError> {
         let pg = self;
+        if pg.source == super::Source::Messages {
+            let table_only = |key: &str, what: &str| {
+                Err(invalid(
+                    key,
+                    format!("{what}: with postgres.source = \"messages\" there is no outbox table (see docs/mapping.md#outbox-without-a-table)"),
+                ))
+            };
+            if pg.shards != 1 {
+                return table_only("postgres.shards", "messages cannot be split into shards (a publication's row filter does not apply to them)");
+            }
+            if pg.mapping != Mapping::EventForge || mapping.is_some() {
+                return table_only(
+                    "postgres.mapping",
+                    "there are no columns to map ([mapping] and postgres.mapping apply to a table)",
+                );
+            }
+            if pg.on_success.is_some_and(|o| o != OnSuccess::Keep) {
+                return table_only(
+                    "postgres.on_success",
+                    "there is no row to mark or delete: leave it unset",
+                );
+            }
+            if pg.message_prefix.is_empty() || pg.message_prefix == super::HEARTBEAT_PREFIX {
+                return Err(invalid(
+                    "postgres.message_prefix",
+                    format!("must name the prefix the writers pass to pg_logical_emit_message (e.g. \"outbox\"), other than {:?}", super::HEARTBEAT_PREFIX),
+                ));
+            }
+        }
         let columns = mapping.unwrap_or_default().resolve(pg.mapping)?;
         let mut target = PgTarget::parse(&pg.url).map_err(|m| invalid("postgres.url", m))?;
         if !pg.password_file.is_empty() {
@@ -323,9 +365,10 @@ impl Postgres {
                 "mark_published needs Event-Forge's status column; other tables use \"delete\" or \"keep\"",
             ));
         }
-        let on_success = pg.on_success.unwrap_or(match pg.mapping {
-            Mapping::EventForge => OnSuccess::MarkPublished,
-            Mapping::Debezium | Mapping::Custom => OnSuccess::Keep,
+        let on_success = pg.on_success.unwrap_or(match (pg.source, pg.mapping) {
+            (super::Source::Messages, _) => OnSuccess::Keep,
+            (_, Mapping::EventForge) => OnSuccess::MarkPublished,
+            (_, Mapping::Debezium | Mapping::Custom) => OnSuccess::Keep,
         });
 
         sharding.index = pg.shard.filter(|_| sharding.is_sharded());
@@ -353,6 +396,8 @@ impl Postgres {
             statement_timeout,
             lock_timeout,
             replication_timeout: pg.replication_timeout,
+            source: pg.source,
+            message_prefix: pg.message_prefix,
         })
     }
 }

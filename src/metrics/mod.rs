@@ -56,6 +56,8 @@ pub struct Metrics {
     pub delivery_latency: Histogram,
     /// Reconnections by peer: postgres, amqp.
     pub reconnects: IntCounterVec,
+    /// Messages with the outbox prefix emitted non-transactionally: not published.
+    pub messages_ignored: IntCounter,
     /// Housekeeping statements given up for one row, by job.
     pub housekeeping_failures: IntCounterVec,
     /// Inbox deliveries recorded as new rows.
@@ -175,6 +177,10 @@ impl Metrics {
                 "Reconnections after a lost connection, by peer",
                 "peer",
                 &["postgres", "amqp"],
+            ),
+            messages_ignored: r.counter(
+                "outbox_relay_messages_ignored_total",
+                "Logical decoding messages with the outbox prefix emitted non-transactionally (pg_logical_emit_message(false, ...)): not published",
             ),
             housekeeping_failures: r.counters(
                 "outbox_relay_housekeeping_failures_total",
@@ -374,6 +380,7 @@ mod tests {
             "outbox_relay_slot_lag_bytes",
             "outbox_relay_delivery_latency_seconds",
             "outbox_relay_reconnects_total",
+            "outbox_relay_messages_ignored_total",
             "outbox_relay_housekeeping_failures_total",
             "outbox_relay_inbox_received_total",
             "outbox_relay_inbox_duplicates_total",

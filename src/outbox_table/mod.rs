@@ -61,7 +61,9 @@ pub struct MirrorUpdate {
 pub struct OutboxTable {
     table: TableName,
     mapping: ColumnMapping,
-    shape: Shape,
+    /// `None`: there is no table (`postgres.source = "messages"`): nothing to
+    /// re-read (a retry uses its parked copy), mirror or mark.
+    shape: Option<Shape>,
 }
 
 /// Which pending rows `replay --pending` takes: created at or before `until`
@@ -85,13 +87,25 @@ impl OutboxTable {
         Ok(OutboxTable {
             table,
             mapping: mapping.clone(),
-            shape,
+            shape: Some(shape),
         })
+    }
+
+    /// No table: the messages source (`postgres.source = "messages"`).
+    pub fn absent(table: TableName, mapping: &ColumnMapping) -> Self {
+        OutboxTable {
+            table,
+            mapping: mapping.clone(),
+            shape: None,
+        }
     }
 
     /// Learns the shape again (after `ALTER TABLE`).
     pub async fn relearn(&mut self, client: &impl GenericClient) -> Result<(), Error> {
-        self.shape = shape(client, &self.table, &self.mapping).await?;
+        if self.shape.is_none() {
+            return Ok(());
+        }
+        self.shape = Some(shape(client, &self.table, &self.mapping).await?);
         tracing::info!(table = %self.table, "outbox table changed: its columns were read again");
         Ok(())
     }
@@ -102,12 +116,12 @@ impl OutboxTable {
 
     /// The table has a `max_retries` column of its own.
     pub fn has_max_retries(&self) -> bool {
-        self.shape.has_max_retries
+        self.shape.as_ref().is_some_and(|s| s.has_max_retries)
     }
 
     /// The table carries Event-Forge retry columns (status mirror, retention).
     pub fn has_mirror(&self) -> bool {
-        self.shape.mirror
+        self.shape.as_ref().is_some_and(|s| s.mirror)
     }
 
     /// The outbox row as it is now, `None` when it is gone. A statement that names
@@ -117,6 +131,9 @@ impl OutboxTable {
         client: &impl GenericClient,
         id: &str,
     ) -> Result<Option<RowRead>, Error> {
+        if self.shape.is_none() {
+            return Ok(None);
+        }
         let current = match self.reread_once(client, id).await {
             Err(e) if e.sql_trouble() == Some(SqlTrouble::SchemaDrift) => {
                 self.relearn(client).await?;
@@ -124,7 +141,7 @@ impl OutboxTable {
             }
             other => other?,
         };
-        Ok(current.map(|r| self.build(&r)))
+        Ok(current.and_then(|r| self.build(&r)))
     }
 
     /// The outbox rows of these ids as they are now (ids whose row is gone are
@@ -135,6 +152,9 @@ impl OutboxTable {
         client: &impl GenericClient,
         ids: &[&str],
     ) -> Result<std::collections::HashMap<String, RowRead>, Error> {
+        let Some(id_pos) = self.shape.as_ref().map(|s| s.id_pos) else {
+            return Ok(Default::default());
+        };
         let rows = match self.reread_many_once(client, ids).await {
             Err(e) if e.sql_trouble() == Some(SqlTrouble::SchemaDrift) => {
                 self.relearn(client).await?;
@@ -142,12 +162,11 @@ impl OutboxTable {
             }
             other => other?,
         };
-        let id_pos = self.shape.id_pos;
         Ok(rows
             .iter()
             .filter_map(|r| {
                 let id: String = r.try_get::<_, Option<String>>(id_pos).ok().flatten()?;
-                Some((id, self.build(r)))
+                Some((id, self.build(r)?))
             })
             .collect())
     }
@@ -157,8 +176,11 @@ impl OutboxTable {
         client: &impl GenericClient,
         ids: &[&str],
     ) -> Result<Vec<tokio_postgres::Row>, Error> {
+        let Some(shape) = &self.shape else {
+            return Ok(Vec::new());
+        };
         client
-            .query(&self.shape.reread_many_sql, &[&ids])
+            .query(&shape.reread_many_sql, &[&ids])
             .await
             .map_err(query_err("re-reading outbox rows for retries"))
     }
@@ -168,18 +190,23 @@ impl OutboxTable {
         client: &impl GenericClient,
         id: &str,
     ) -> Result<Option<tokio_postgres::Row>, Error> {
+        let Some(shape) = &self.shape else {
+            return Ok(None);
+        };
         client
-            .query_opt(&self.shape.reread_sql, &[&id])
+            .query_opt(&shape.reread_sql, &[&id])
             .await
             .map_err(query_err("re-reading an outbox row for a retry"))
     }
 
-    fn build(&self, r: &tokio_postgres::Row) -> RowRead {
-        self.shape.resolved.build(|idx| {
+    /// The row read from the table (`None` only without a table, where no
+    /// row is ever read).
+    fn build(&self, r: &tokio_postgres::Row) -> Option<RowRead> {
+        Some(self.shape.as_ref()?.resolved.build(|idx| {
             r.try_get::<_, Option<String>>(idx)
                 .map(|v| v.map(Bytes::from))
                 .map_err(|e| format!("column #{idx} cannot be read as text: {e}"))
-        })
+        }))
     }
 
     /// The oldest rows still `pending` of `range`, in creation order, that have
@@ -197,16 +224,16 @@ impl OutboxTable {
             since,
             shard,
         } = *range;
-        if !self.shape.mirror {
+        let Some(shape) = self.shape.as_ref().filter(|s| s.mirror) else {
             return Ok(None);
-        }
+        };
         let id = quote_ident(&self.mapping.id);
         let sql = format!(
             "{} o where o.status = 'pending' and o.created_at <= $1::text::timestamptz \
              and ($2::text is null or o.created_at >= $2::text::timestamptz) \
              and not exists (select 1 from {} r where r.slot = $3 and r.id = o.{id}::text){} \
              order by o.created_at, o.{id} limit $4",
-            self.shape.select_sql,
+            shape.select_sql,
             retry_table.quoted(),
             shard.map(|f| format!(" and ({f})")).unwrap_or_default(),
         );
@@ -214,7 +241,7 @@ impl OutboxTable {
             .query(&sql, &[&until, &since, &slot, &limit])
             .await
             .map_err(query_err("reading the outbox rows still pending"))?;
-        Ok(Some(rows.iter().map(|r| self.build(r)).collect()))
+        Ok(Some(rows.iter().filter_map(|r| self.build(r)).collect()))
     }
 
     /// Shows retry state in Event-Forge rows' own columns, all of `updates` in one
@@ -224,7 +251,10 @@ impl OutboxTable {
         client: &impl GenericClient,
         updates: &[MirrorUpdate],
     ) -> Result<(), Error> {
-        if !self.shape.mirror || updates.is_empty() {
+        let Some(shape) = self.shape.as_ref().filter(|s| s.mirror) else {
+            return Ok(());
+        };
+        if updates.is_empty() {
             return Ok(());
         }
         let ids: Vec<&str> = updates.iter().map(|u| u.id.as_str()).collect();
@@ -241,7 +271,7 @@ impl OutboxTable {
              where o.{id} = u.id::{ty}",
             t = self.table.quoted(),
             id = quote_ident(&self.mapping.id),
-            ty = self.shape.id_type,
+            ty = shape.id_type,
         );
         client
             .execute(&sql, &[&ids, &statuses, &reasons, &delays])
@@ -256,7 +286,10 @@ impl OutboxTable {
         client: &impl GenericClient,
         ids: &[String],
     ) -> Result<(), Error> {
-        if !self.shape.mirror || ids.is_empty() {
+        let Some(shape) = self.shape.as_ref().filter(|s| s.mirror) else {
+            return Ok(());
+        };
+        if ids.is_empty() {
             return Ok(());
         }
         client
@@ -266,7 +299,7 @@ impl OutboxTable {
                      where {} = any($1::text[]::{}[])",
                     self.table.quoted(),
                     quote_ident(&self.mapping.id),
-                    self.shape.id_type
+                    shape.id_type
                 ),
                 &[&ids],
             )
@@ -282,15 +315,19 @@ impl OutboxTable {
         on_success: OnSuccess,
         ids: &[String],
     ) -> Result<(), Error> {
+        // Without a table (the messages source) there is no row to mark.
+        let Some(shape) = &self.shape else {
+            return Ok(());
+        };
         let t = self.table.quoted();
         let id_col = quote_ident(&self.mapping.id);
-        let cast = &self.shape.id_type;
+        let cast = &shape.id_type;
         let sql = match on_success {
             OnSuccess::Keep => return Ok(()),
             OnSuccess::Delete => {
                 format!("delete from {t} where {id_col} = any($1::text[]::{cast}[])")
             }
-            OnSuccess::MarkPublished if self.shape.mirror => format!(
+            OnSuccess::MarkPublished if shape.mirror => format!(
                 "update {t} set status = 'published', error_message = null, updated_at = now() where {id_col} = any($1::text[]::{cast}[])"
             ),
             OnSuccess::MarkPublished => format!(
@@ -309,7 +346,7 @@ impl OutboxTable {
         &self,
         client: &impl GenericClient,
     ) -> Result<Option<i64>, Error> {
-        if !self.shape.mirror {
+        if !self.has_mirror() {
             return Ok(None);
         }
         const CONTEXT: &str = "finding the oldest published row";

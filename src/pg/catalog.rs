@@ -192,6 +192,39 @@ pub async fn publication_state(
 }
 
 /// Inserts only, and a partitioned table's changes under the root's name.
+/// The publication of the messages source: any publication will do (logical
+/// decoding messages are not filtered by publication); a missing one is
+/// created without tables when `create` says so. True when it was created.
+pub async fn ensure_message_publication(
+    client: &Client,
+    publication: &str,
+    create: bool,
+) -> Result<bool, Error> {
+    let exists = client
+        .query_opt(
+            "select 1 from pg_publication where pubname = $1",
+            &[&publication],
+        )
+        .await
+        .map_err(query_err("looking up the publication"))?
+        .is_some();
+    match (exists, create) {
+        (true, _) => Ok(false),
+        (false, true) => {
+            client
+                .batch_execute(&format!("create publication {}", quote_ident(publication)))
+                .await
+                .map_err(query_err(
+                    "creating the publication (needs CREATE on the database)",
+                ))?;
+            Ok(true)
+        }
+        (false, false) => Err(Error::MessagePublicationMissing {
+            publication: publication.to_string(),
+        }),
+    }
+}
+
 pub async fn create_publication(
     client: &Client,
     publication: &str,

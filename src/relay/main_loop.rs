@@ -50,6 +50,8 @@ pub(super) struct Relay {
     pub(super) applied: Lsn,
     /// Commit time (Postgres epoch, µs) of the open transaction.
     pub(super) commit_time: i64,
+    /// `postgres.source = "messages"`: the outbox is logical decoding messages.
+    pub(super) messages_source: bool,
     pub(super) sink: mpsc::Sender<SinkCommand>,
     /// Retry outcomes and on_success batches for the store.
     pub(super) store: mpsc::Sender<StoreCommand>,
@@ -127,6 +129,7 @@ impl Relay {
             client: stream.client,
             applied: stream.start_lsn,
             commit_time: 0,
+            messages_source: config.postgres.source == crate::config::Source::Messages,
             sink: channels.sink,
             store: channels.store,
             loads: channels.loads,

@@ -23,20 +23,27 @@ pub async fn preflight(config: &Config) -> Result<(), Error> {
     let pg = &config.postgres;
     let sql = pg.target.connect().await?;
     catalog::require_logical(&sql).await?;
-    catalog::require_table(&sql, &pg.table, &pg.columns).await?;
+    let messages = pg.source == crate::config::Source::Messages;
+    if !messages {
+        catalog::require_table(&sql, &pg.table, &pg.columns).await?;
+    }
     if !catalog::can_replicate(&sql).await? {
         return Err(Error::NoReplicationPrivilege);
     }
     let shard = crate::pg::shards::chosen(&pg.sharding, "relay")?;
-    let created = crate::pg::shards::ensure_publication(
-        &sql,
-        &pg.sharding,
-        shard,
-        &pg.table,
-        &pg.columns.aggregate_id,
-        pg.create_missing,
-    )
-    .await?;
+    let created = if messages {
+        catalog::ensure_message_publication(&sql, &pg.publication, pg.create_missing).await?
+    } else {
+        crate::pg::shards::ensure_publication(
+            &sql,
+            &pg.sharding,
+            shard,
+            &pg.table,
+            &pg.columns.aggregate_id,
+            pg.create_missing,
+        )
+        .await?
+    };
     if created {
         tracing::info!(publication = %pg.publication, table = %pg.table, shard = %pg.sharding.label(), "created publication (inserts only)");
     }
@@ -275,9 +282,10 @@ impl Heartbeat {
                 }
                 if let Some(c) = &client {
                     if let Err(e) = c
-                        .batch_execute(
-                            "select pg_logical_emit_message(false, 'outbox-relay-heartbeat', '')",
-                        )
+                        .batch_execute(&format!(
+                            "select pg_logical_emit_message(false, '{}', '')",
+                            crate::config::HEARTBEAT_PREFIX
+                        ))
                         .await
                     {
                         tracing::warn!(error = %e, "heartbeat failed; reconnecting for the next one");

@@ -63,8 +63,40 @@ impl Relay {
             ReplicationEvent::Message {
                 transactional: false,
                 lsn,
+                prefix,
                 ..
-            } => self.confirm_when_idle(lsn),
+            } => {
+                if self.messages_source && prefix == self.config.postgres.message_prefix {
+                    // It would go out even if its transaction rolled back: not an outbox message.
+                    tracing::error!(%lsn, %prefix, "a message with the outbox prefix was emitted non-transactionally (pg_logical_emit_message(false, ...)): it is not published; emit outbox messages with transactional = true");
+                    metrics::metrics().messages_ignored.inc();
+                }
+                self.confirm_when_idle(lsn)
+            }
+            ReplicationEvent::Message {
+                prefix,
+                content,
+                lsn,
+                transactional: true,
+            } if self.messages_source && prefix == self.config.postgres.message_prefix => {
+                let Some(txn) = self.tracker.current() else {
+                    return WalStep::Fatal(Error::Decode(
+                        "a transactional message arrived outside a transaction".into(),
+                    ));
+                };
+                match crate::source::message::decode(&content, &lsn.to_string()) {
+                    Ok(event) => self.admit_stream_event(Arc::new(event), txn).await,
+                    Err(row) => {
+                        tracing::warn!(id = %row.id, reason = %row.reason, %lsn, "malformed outbox message: parked in retry state");
+                        let cause = ParkCause {
+                            failure: Some(Failure::Malformed(row.reason.clone())),
+                            not_before: None,
+                        };
+                        self.admit_stream(Row::Malformed(*row), None, txn, Some(cause))
+                            .await;
+                    }
+                }
+            }
             ReplicationEvent::Message { .. } => {}
             ReplicationEvent::StoppedAt { reached } => {
                 return WalStep::StreamLost(format!("stream stopped at {reached}"));

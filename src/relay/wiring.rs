@@ -163,6 +163,7 @@ async fn open_sessions(
             table: pg.table.clone(),
             retry_table: pg.retry_table.clone(),
             mapping: pg.columns.clone(),
+            tableless: pg.source == crate::config::Source::Messages,
             on_dead: config.retry.on_dead,
             reconnect_backoff_max: pg.reconnect_backoff_max,
             session_options: session_options.clone(),

@@ -211,6 +211,8 @@ pub struct StoreSettings {
     pub table: TableName,
     pub retry_table: TableName,
     pub mapping: ColumnMapping,
+    /// No outbox table (`postgres.source = "messages"`): retries use their parked copies.
+    pub tableless: bool,
     pub on_dead: OnDead,
     pub reconnect_backoff_max: Duration,
     /// `-c statement_timeout=... -c lock_timeout=...` for the store's session.

@@ -6,6 +6,7 @@
 //! reports that LSN to the server every `status_interval`, also while idle.
 
 pub mod decode;
+pub mod message;
 
 pub use decode::{Decoded, Decoder};
 

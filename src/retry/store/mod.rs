@@ -123,7 +123,11 @@ impl Store {
             settings.on_dead,
         );
         retry.create_if_missing(&client).await?;
-        let outbox = OutboxTable::learn(&client, settings.table.clone(), &settings.mapping).await?;
+        let outbox = if settings.tableless {
+            OutboxTable::absent(settings.table.clone(), &settings.mapping)
+        } else {
+            OutboxTable::learn(&client, settings.table.clone(), &settings.mapping).await?
+        };
         metrics()
             .retries_pending
             .set(retry.count_parked(&client).await?);
