@@ -23,7 +23,7 @@
 //! Run with `cargo bench --bench drain`. Environment: BENCH_ROWS=100000,
 //! BENCH_WINDOW=2048, BENCH_ROUNDS=3, BENCH_AGGREGATES=10000, BENCH_BIG_ROWS=1000000
 //! (0 skips the large backlog), BENCH_LIVE_RATE=1000, BENCH_LIVE_SECS=10,
-//! BENCH_SHAPES=0,1 (only these rows: 0–7 drains, 8 recovery, 9 requeue), BENCH_PERF=FILE (perf profile of each
+//! BENCH_SHAPES=0,1 (only these rows: 0–8 drains, 9 recovery, 10 requeue), BENCH_WRITER_TXNS=3000, BENCH_PERF=FILE (perf profile of each
 //! relay run into FILE-<pid>), BENCH_CEILING_CHANNELS=N (only the ceiling, on 1..=N
 //! channels), BENCH_RELAY=PATH (another relay binary, to compare two builds).
 //!
@@ -295,10 +295,19 @@ async fn write_backlog(
     per_txn: usize,
     failing: Failing,
     max_retries: Option<i32>,
+    messages: bool,
 ) -> String {
     let event_type = failing.event_type(aggregates);
     let retries = max_retries.map_or("1000000".to_string(), |m| m.to_string());
     let insert = |from: usize, to: usize| {
+        if messages {
+            return format!(
+                "select count(pg_logical_emit_message(true, 'bench', json_build_object('id', lpad(g::text, 8, '0') || '-bench', \
+                 'aggregate_type', 'Order', 'aggregate_id', 'order-' || (g % {aggregates}), 'event_type', {event_type}, \
+                 'payload', {})::text)) from generate_series({from}, {to}) g",
+                payload_sql()
+            );
+        }
         format!(
             "insert into {TABLE} (id, aggregate_type, aggregate_id, event_type, payload, max_retries) \
              select lpad(g::text, 8, '0') || '-bench', 'Order', 'order-' || (g % {aggregates}), {event_type}, {}, {retries} \
@@ -317,7 +326,9 @@ async fn write_backlog(
             let end = (start + 10_000).min(rows) - 1;
             db.batch_execute(&format!(
                 "do $$ begin for r in {start}..{end} loop {}; commit; end loop; end $$",
-                insert(0, 0).replace("generate_series(0, 0) g", "(select r) as x(g)")
+                insert(0, 0)
+                    .replace("generate_series(0, 0) g", "(select r) as x(g)")
+                    .replace("select count(", "perform (")
             ))
             .await
             .unwrap();
@@ -348,6 +359,8 @@ struct Shape {
     failing: Failing,
     /// Lines added to `[amqp]` (the wire templates).
     wire: &'static str,
+    /// The backlog as logical decoding messages (`postgres.source = "messages"`).
+    messages: bool,
 }
 
 impl Shape {
@@ -359,6 +372,7 @@ impl Shape {
             per_txn: 1000,
             failing: Failing::None,
             wire: "",
+            messages: false,
         }
     }
 
@@ -380,6 +394,12 @@ impl Shape {
         } else {
             ", routing key, two headers and two properties from templates"
         };
+        if self.messages {
+            return format!(
+                "relay drains {rows} logical decoding messages ({txns}, no table) over {} aggregates, ordering = {}",
+                self.aggregates, self.ordering
+            );
+        }
         format!(
             "relay drains {rows} rows ({txns}) over {} aggregates, on_success = {}, ordering = {}{failing}{wire}",
             self.aggregates, self.on_success, self.ordering
@@ -397,8 +417,14 @@ fn spawn_relay_with(window: usize, shape: Shape, retry_section: &str) -> std::pr
         on_success,
         ordering,
         wire,
+        messages,
         ..
     } = shape;
+    let source = if messages {
+        "source = \"messages\"\nmessage_prefix = \"bench\"\n"
+    } else {
+        ""
+    };
     let dir = std::env::temp_dir().join("outbox-relay-bench");
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = dir.join("bench.toml");
@@ -406,7 +432,7 @@ fn spawn_relay_with(window: usize, shape: Shape, retry_section: &str) -> std::pr
         &cfg,
         format!(
             "[postgres]\nurl = \"{PG_URL}\"\ntable = \"{TABLE}\"\nslot = \"{SLOT}\"\npublication = \"{SLOT}\"\n\
-             retry_table = \"public.bench_parked\"\non_success = \"{on_success}\"\n\
+             retry_table = \"public.bench_parked\"\non_success = \"{on_success}\"\n{source}\
              [amqp]\nurl = \"{AMQP_URL}\"\nexchange = \"{EXCHANGE}\"\nmax_in_flight = {window}\n{wire}\n\
              [relay]\nordering = \"{ordering}\"\n[retry]\n{retry_section}\n[metrics]\nlisten = \"\"\n[log]\nlevel = \"warn\"\n"
         ),
@@ -480,6 +506,7 @@ async fn relay_drain(rows: usize, window: usize, shape: Shape) -> Drain {
         shape.per_txn,
         shape.failing,
         None,
+        shape.messages,
     )
     .await;
     let routable = shape.failing.routable(rows, shape.aggregates);
@@ -608,7 +635,7 @@ async fn recover(rows: usize, window: usize, how: Recovery) -> Drain {
         failing: Failing::All,
         ..Shape::new(1000, "mark_published", "strict")
     };
-    let end_lsn = write_backlog(&db, rows, 1000, 1000, Failing::All, max_retries).await;
+    let end_lsn = write_backlog(&db, rows, 1000, 1000, Failing::All, max_retries, false).await;
     db.batch_execute(&format!("vacuum analyze {TABLE}"))
         .await
         .unwrap();
@@ -930,6 +957,11 @@ async fn main() {
                    properties = { type = \"{event_type}\", correlation_id = \"{aggregate_id}\" }",
             ..Shape::new(aggregates, "mark_published", "strict")
         },
+        // Row 1 (keep) as logical decoding messages: no table at all.
+        Shape {
+            messages: true,
+            ..Shape::new(aggregates, "keep", "strict")
+        },
     ];
     let recoveries = [Recovery::Parked, Recovery::Requeued];
 
@@ -967,7 +999,7 @@ async fn main() {
     let recoveries: Vec<Recovery> = recoveries
         .into_iter()
         .enumerate()
-        .filter(|(i, _)| only.as_ref().is_none_or(|o| o.contains(&(i + 8))))
+        .filter(|(i, _)| only.as_ref().is_none_or(|o| o.contains(&(i + 9))))
         .map(|(_, r)| r)
         .collect();
     let mut recovered: Vec<Vec<Drain>> = recoveries.iter().map(|_| Vec::new()).collect();
@@ -1011,6 +1043,8 @@ async fn main() {
         None
     };
     amqp_teardown().await;
+    let writer_txns = env_usize("BENCH_WRITER_TXNS", 3000);
+    let writers = writer_cost(writer_txns).await;
 
     println!();
     println!(
@@ -1045,4 +1079,68 @@ async fn main() {
         "| live: {live_rate} inserts/s for {live_secs} s, one row per transaction, 1000 aggregates, on_success = mark_published | {:.0} | | {:.1} MB | {:.2} | {:.2} | {:.2} | commit to consumer: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms |",
         live.rate, live.rss_mb, live.cpu.process, live.cpu.broker, live.cpu.postgres, live.p50, live.p99, live.max
     );
+    println!();
+    println!("| the writer: {writer_txns} one-row transactions, one session, synchronous_commit on | µs per transaction (median of 3) | WAL bytes per transaction |");
+    println!("|---|---|---|");
+    for (label, micros, wal) in writers {
+        println!("| {label} | {micros:.0} | {wal:.0} |");
+    }
+}
+
+/// The writer's cost of one outbox write per transaction: a row as
+/// `outbox::enqueue` writes it, against a message as `outbox::emit` sends it
+/// (`postgres.source = "messages"`), alternating three times on one session.
+async fn writer_cost(txns: usize) -> Vec<(&'static str, f64, f64)> {
+    let db = pg().await;
+    fresh_outbox(&db).await;
+    // No slot while measuring: the writer's own cost, not a walsender's.
+    let _ = db
+        .execute("select pg_drop_replication_slot($1)", &[&SLOT])
+        .await;
+    let row = format!(
+        "insert into {TABLE} (id, aggregate_type, aggregate_id, event_type, payload, metadata, status, retry_count, \
+         max_retries, created_at, updated_at) values (gen_random_uuid()::text, 'Order', $1, 'order.placed', $2::text::json, \
+         null, 'pending', 0, 3, clock_timestamp(), clock_timestamp())"
+    );
+    let message = "select pg_logical_emit_message(true, 'bench', json_build_object('id', gen_random_uuid()::text, \
+         'aggregate_type', 'Order', 'aggregate_id', $1::text, 'event_type', 'order.placed', 'payload', $2::text::json)::text)";
+    let body = payload(0);
+    let mut times: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    let mut wal: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    for _ in 0..3 {
+        for (i, sql) in [row.as_str(), message].iter().enumerate() {
+            let statement = db.prepare(sql).await.unwrap();
+            let before: String = db
+                .query_one("select pg_current_wal_lsn()::text", &[])
+                .await
+                .unwrap()
+                .get(0);
+            let t = Instant::now();
+            for n in 0..txns {
+                db.execute(&statement, &[&format!("order-{}", n % 1000), &body])
+                    .await
+                    .unwrap();
+            }
+            times[i].push(t.elapsed().as_secs_f64() * 1e6 / txns as f64);
+            let after: String = db
+                .query_one("select pg_current_wal_lsn()::text", &[])
+                .await
+                .unwrap()
+                .get(0);
+            wal[i].push((lsn(&after) - lsn(&before)) as f64 / txns as f64);
+        }
+    }
+    drop_outbox(&db).await;
+    vec![
+        (
+            "an outbox row (`outbox::enqueue`'s insert)",
+            median(times[0].clone()),
+            median(wal[0].clone()),
+        ),
+        (
+            "a logical decoding message (`outbox::emit`)",
+            median(times[1].clone()),
+            median(wal[1].clone()),
+        ),
+    ]
 }
