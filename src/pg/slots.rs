@@ -412,6 +412,10 @@ async fn lost(
                 .map(|s| format!(" ({} ago)", age(s)))
                 .unwrap_or_default()
         ),
+        // No table at all: the messages source (a table source is refused before this).
+        Ok(None) if !matches!(catalog::table_exists(client, outbox).await, Ok(true)) => format!(
+            "there is no table {outbox} (postgres.source = \"messages\"?): the messages emitted while the slot was lost cannot be re-published (docs/mapping.md#outbox-without-a-table)"
+        ),
         Ok(None) => format!(
             "{outbox} has no status column, so the relay cannot tell which rows were not delivered"
         ),
