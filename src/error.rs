@@ -61,6 +61,9 @@ pub enum Error {
     #[error("wal_level is '{actual}', logical replication needs 'logical': run ALTER SYSTEM SET wal_level = logical; then restart Postgres (or run scripts/setup-services.sh)")]
     WalLevel { actual: String },
 
+    #[error("outbox table {table} does not exist, and [mapping] renames Event-Forge's columns: init creates only Event-Forge's own table (sql/outbox_messages.sql); create yours with the columns [mapping] names, then run init again")]
+    TableRenamed { table: String },
+
     #[error("outbox table {table} does not exist: run `outbox-relay init --config FILE` or apply sql/outbox_messages.sql")]
     TableMissing { table: String },
 

@@ -136,17 +136,37 @@ impl Template {
     /// Renders with `values` (a NULL column renders as nothing). Err: the
     /// row does not carry a value the template names (`columns` gives its name).
     pub fn render(&self, values: &impl Values, columns: &Columns) -> Result<String, String> {
+        self.render_with(values, columns, false)
+    }
+
+    /// Like [`Template::render`], but a NULL or empty value is an error too
+    /// (an exchange name must not change shape with a missing value:
+    /// `"{tenant}-events"` must not become `"-events"`).
+    pub fn render_all(&self, values: &impl Values, columns: &Columns) -> Result<String, String> {
+        self.render_with(values, columns, true)
+    }
+
+    fn render_with(
+        &self,
+        values: &impl Values,
+        columns: &Columns,
+        every_value: bool,
+    ) -> Result<String, String> {
         let mut out = String::with_capacity(self.source.len() + 32);
         for p in &self.parts {
             match p {
                 Part::Text(t) => out.push_str(t),
                 Part::Field(slot) => match values.field(*slot) {
+                    Some("") if every_value => {
+                        return Err(format!(
+                            "template {:?} names {}, which is NULL or empty in this row",
+                            self.source,
+                            name_of(*slot, columns)
+                        ));
+                    }
                     Some(v) => out.push_str(v),
                     None => {
-                        let name = match slot {
-                            Slot::Extra(i) => columns.0.get(*i).map_or("?", String::as_str),
-                            _ => "a row field",
-                        };
+                        let name = name_of(*slot, columns);
                         return Err(format!(
                             "template {:?} names column {name}, which this copy of the row does not carry (the outbox row is gone)",
                             self.source
@@ -156,6 +176,17 @@ impl Template {
             }
         }
         Ok(out)
+    }
+}
+
+/// The name a template gave `slot`.
+fn name_of(slot: Slot, columns: &Columns) -> &str {
+    match slot {
+        Slot::Id => "id",
+        Slot::AggregateType => "aggregate_type",
+        Slot::AggregateId => "aggregate_id",
+        Slot::EventType => "event_type",
+        Slot::Extra(i) => columns.0.get(i).map_or("?", String::as_str),
     }
 }
 
@@ -204,6 +235,10 @@ mod tests {
         let short = Row(vec!["acme".into()]);
         let e = ex.render(&short, &cols).unwrap_err();
         assert!(e.contains("column region"), "{e}");
+        let empty = Row(vec!["acme".into(), String::new()]);
+        assert_eq!(ex.render(&empty, &cols).unwrap(), "{literal}--acme");
+        let e = ex.render_all(&empty, &cols).unwrap_err();
+        assert!(e.contains("region") && e.contains("NULL or empty"), "{e}");
         assert_eq!(rk.literal(), None);
         let plain = Template::parse("events", &mut cols).unwrap();
         assert_eq!(plain.literal().as_deref(), Some("events"));

@@ -162,6 +162,82 @@ async fn messages_survive_three_kill_9s_and_rollbacks_are_never_published() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_that_fails_is_retried_from_its_own_copy_in_order() {
+    let f = Fixture::bare("msg_retry").await.with_consumer(false).await;
+    f.bind("Order.placed").await;
+    let prefix = "outbox_msg_retry";
+    let cfg = f.config(&[
+        ("postgres", "source = \"messages\""),
+        ("postgres", &format!("message_prefix = \"{prefix}\"")),
+        ("retry", "max_retries = 100000"),
+    ]);
+    let mut relay = Relay::spawn(&cfg, &f.dir, &[]);
+    relay.wait_streaming().await;
+    let mut db = crate::support::pg().await;
+    let tx = db.transaction().await.unwrap();
+    for (id, agg, event, payload) in [
+        // Nothing is bound to Order.held yet: returned, parked; r0-1 waits behind it.
+        (
+            "r0-0",
+            "r0",
+            "held",
+            serde_json::json!({"n": 0, "text": "ünïcode \"q\""}),
+        ),
+        ("r0-1", "r0", "placed", serde_json::json!({"n": 1})),
+        ("r1-0", "r1", "placed", serde_json::json!({"n": 2})),
+        // A JSON null payload is a payload.
+        ("r2-0", "r2", "placed", serde_json::Value::Null),
+    ] {
+        let mut e = NewEvent::new("Order", agg, event, payload);
+        e.id = Some(id.to_string());
+        e.metadata = Some(
+            serde_json::json!({"traceId": "4bf92f3577b34da6a3ce929d0e0e4736", "spanId": "00f067aa0ba902b7"}),
+        );
+        emit(&tx, prefix, e).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+    f.consumer()
+        .wait_ids(&["r1-0".into(), "r2-0".into()], T)
+        .await;
+    wait_for(T, "r0-0 parked as returned, r0-1 behind it", || async {
+        let p = f.parked().await;
+        p.len() == 2
+            && p[0].0 == "r0-0"
+            && p[0].3.as_deref().unwrap_or("").contains("NO_ROUTE")
+            && p[1].0 == "r0-1"
+    })
+    .await;
+    assert!(!f.consumer().ids().contains("r0-1"), "r0-1 overtook r0-0");
+    f.bind("Order.held").await;
+    f.consumer()
+        .wait_ids(&["r0-0".into(), "r0-1".into()], T)
+        .await;
+    f.wait_retry_drained().await;
+    let got = f.consumer().all();
+    let order: Vec<String> = got
+        .iter()
+        .map(|r| r.message_id())
+        .filter(|id| id.starts_with("r0-"))
+        .collect();
+    assert_eq!(order, ["r0-0", "r0-1"], "the aggregate in order");
+    let retried = got.iter().find(|r| r.message_id() == "r0-0").unwrap();
+    assert_eq!(
+        retried.json()["payload"],
+        serde_json::json!({"n": 0, "text": "ünïcode \"q\""}),
+        "the parked copy carries the payload"
+    );
+    assert_eq!(retried.json()["metadata"]["spanId"], "00f067aa0ba902b7");
+    assert_eq!(
+        retried.header("traceparent").as_deref(),
+        Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+    );
+    let null = got.iter().find(|r| r.message_id() == "r2-0").unwrap();
+    assert_eq!(null.json()["payload"], serde_json::Value::Null);
+    assert!(relay.terminate(T).await.success());
+    f.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_has_no_meaning_without_a_table_is_refused() {
     let f = Fixture::bare("msg_refuse").await;
     for (extra, words) in [
@@ -170,17 +246,28 @@ async fn what_has_no_meaning_without_a_table_is_refused() {
             ("postgres", "on_success = \"delete\""),
             "postgres.on_success",
         ),
+        (("postgres", "mapping = \"debezium\""), "postgres.mapping"),
+        (("mapping", "payload = \"body\""), "postgres.mapping"),
+        (
+            ("postgres", "message_prefix = \"\""),
+            "postgres.message_prefix",
+        ),
+        (
+            ("postgres", "message_prefix = \"outbox-relay-heartbeat\""),
+            "postgres.message_prefix",
+        ),
         (
             ("amqp", "routing_key = \"{tenant}.{event_type}\""),
-            "tenant",
+            "names tenant",
         ),
     ] {
         let cfg = f.config(&[("postgres", "source = \"messages\""), extra]);
         let (code, log) = Relay::run_to_end(&["run"], &cfg, &f.dir).await;
         assert_ne!(code, 0, "{log}");
+        assert!(log.contains(words), "{words}: {log}");
         assert!(
-            log.contains(words) && log.contains("messages"),
-            "{words}: {log}"
+            log.contains("postgres.source = \"messages\"") || words == "postgres.message_prefix",
+            "the refusal says it is about the messages source: {log}"
         );
     }
     let cfg = f.config(&[("postgres", "source = \"messages\"")]);

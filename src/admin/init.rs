@@ -3,13 +3,23 @@
 //! table when `[inbox]` is configured (`--inbox-only`: just that).
 
 use super::retry_table;
-use crate::config::{Config, Mapping};
+use crate::config::{ColumnMapping, Config, Mapping};
 use crate::error::Error;
 use crate::pg::catalog;
 use crate::pg::ddl::{self, Applied};
 use crate::pg::shards;
 use crate::pg::slots::{self, SlotRecords};
 use crate::pg::TableName;
+
+/// The same columns, whatever the templates add.
+fn same_columns(a: &ColumnMapping, b: &ColumnMapping) -> bool {
+    let bare = |m: &ColumnMapping| ColumnMapping {
+        extra: Vec::new(),
+        named_optional: Vec::new(),
+        ..m.clone()
+    };
+    bare(a) == bare(b)
+}
 
 /// Creates what is missing; returns one line per object saying what was done.
 pub async fn init(config: &Config) -> Result<Vec<String>, Error> {
@@ -26,6 +36,18 @@ pub async fn init(config: &Config) -> Result<Vec<String>, Error> {
         )),
         // Created when missing; on an existing table (Event-Forge's models make it
         // under their own index names) only the indexes nothing covers yet.
+        // Columns renamed in [mapping]: Event-Forge's DDL would make another table.
+        Mapping::EventForge if !same_columns(&pg.columns, &ColumnMapping::event_forge()) => {
+            if !catalog::table_exists(&sql, table).await? {
+                return Err(Error::TableRenamed {
+                    table: table.to_string(),
+                });
+            }
+            catalog::require_table(&sql, table, &pg.columns).await?;
+            lines.push(format!(
+                "table {table}: exists (its columns as [mapping] names them)"
+            ));
+        }
         Mapping::EventForge => {
             let applied = ddl::apply(&sql, &catalog::outbox_ddl(table), table).await?;
             catalog::require_table(&sql, table, &pg.columns).await?;

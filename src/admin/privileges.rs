@@ -87,9 +87,10 @@ pub async fn needed(sql: &Client, config: &Config) -> Result<Vec<Need>, Error> {
             object: table(&pg.table),
             why: "re-reading a row before its retry, replay --pending, status",
         });
-        let mirror = RETRY_COLUMNS
-            .iter()
-            .all(|c| columns.iter().any(|have| have == c));
+        let mirror = pg.columns.status.is_some()
+            && RETRY_COLUMNS
+                .iter()
+                .all(|c| columns.iter().any(|have| have == c));
         if pg.on_success == OnSuccess::MarkPublished || mirror {
             needs.push(Need {
                 privilege: "UPDATE",

@@ -78,9 +78,12 @@ pub async fn replay_pending(config: &Config, since: Option<&str>) -> Result<Repl
         )));
     }
     let sql = pg.target.connect().await?;
-    if catalog::pending_rows(&sql, &pg.table, None)
-        .await?
-        .is_none()
+    let event_forge_columns =
+        pg.columns.status.is_some() && pg.columns.created_at.as_deref() == Some("created_at");
+    if !event_forge_columns
+        || catalog::pending_rows(&sql, &pg.table, None)
+            .await?
+            .is_none()
     {
         return Err(Error::Replay(format!(
             "{} has no status or created_at column: the relay cannot tell which rows were not delivered (replay needs the Event-Forge layout)",
@@ -192,7 +195,10 @@ async fn replay_page(
     outbox: &OutboxTable,
     page: Vec<crate::event::RowRead>,
 ) -> Result<(u64, u64), Error> {
-    let configured: ShortString = config.amqp.exchange.as_str().into();
+    // The configured exchange's name (a literal, validated to fit); a template
+    // names one per message instead.
+    let configured = ShortString::try_new(config.amqp.wire.fixed_exchange().unwrap_or_default())
+        .unwrap_or_default();
     let aggregates: Vec<(String, String)> = page
         .iter()
         .map(|r| match r {

@@ -36,6 +36,9 @@ pub struct ColumnMapping {
     /// Further columns the wire templates name (`{tenant}`): read with the row,
     /// required like the five above.
     pub extra: Vec<String>,
+    /// Optional columns `[mapping]` names explicitly: a typo there must be a
+    /// refusal, not a feature silently off (delays, metadata, budgets).
+    pub named_optional: Vec<String>,
 }
 
 impl ColumnMapping {
@@ -53,6 +56,7 @@ impl ColumnMapping {
             max_retries: Some("max_retries".into()),
             status: Some("status".into()),
             extra: Vec::new(),
+            named_optional: Vec::new(),
         }
     }
 
@@ -70,6 +74,7 @@ impl ColumnMapping {
             max_retries: None,
             status: None,
             extra: Vec::new(),
+            named_optional: Vec::new(),
         }
     }
 
@@ -91,6 +96,7 @@ impl ColumnMapping {
             &self.payload,
         ];
         all.extend(self.extra.iter().map(String::as_str));
+        all.extend(self.named_optional.iter().map(String::as_str));
         all
     }
 
@@ -206,6 +212,7 @@ impl RawMapping {
             ("max_retries", self.max_retries, &mut m.max_retries),
         ] {
             if let Some(c) = name(key, value)? {
+                m.named_optional.push(c.clone());
                 *slot = Some(c);
             }
         }

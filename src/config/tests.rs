@@ -281,6 +281,11 @@ fn a_custom_mapping_names_its_columns_and_the_templates_add_theirs() {
         ["tenant", "region"],
         "the templates' columns are read with each row"
     );
+    assert_eq!(
+        m.named_optional,
+        ["created"],
+        "a named optional column must exist"
+    );
     assert_eq!(c.postgres.on_success, OnSuccess::Keep);
     assert_eq!(c.amqp.wire.fixed_exchange(), None);
     assert_eq!(c.amqp.wire.body, wire::BodyShape::Payload);

@@ -26,6 +26,9 @@ fn own_header(name: &str) -> bool {
     OWN_HEADERS.contains(&lower.as_str())
         || lower == "traceparent"
         || lower.starts_with("x-outbox-")
+        // RabbitMQ reads these as sender-selected routing (arrays of keys).
+        || lower == "cc"
+        || lower == "bcc"
 }
 
 /// What the body is.
@@ -124,6 +127,12 @@ impl WireShape {
         let correlation_id = property("correlation_id", &properties.correlation_id)?;
         let app_id = property("app_id", &properties.app_id)?;
         if let Some(name) = exchange.literal() {
+            if name.len() > 255 {
+                return Err(invalid(
+                    "amqp.exchange".into(),
+                    format!("is {} bytes; AMQP allows 255", name.len()),
+                ));
+            }
             if name.is_empty() {
                 return Err(invalid(
                     "amqp.exchange".into(),
@@ -206,6 +215,12 @@ mod tests {
                 "events",
                 DEFAULT_ROUTING_KEY,
                 vec![("traceparent", "x")],
+                "sets itself",
+            ),
+            (
+                "events",
+                DEFAULT_ROUTING_KEY,
+                vec![("CC", "{tenant}")],
                 "sets itself",
             ),
             (

@@ -334,10 +334,19 @@ impl OutboxTable {
                 "update {t} set status = 'published' where {id_col} = any($1::text[]::{cast}[])"
             ),
         };
-        client
+        let changed = client
             .execute(&sql, &[&ids])
             .await
             .map_err(query_err("applying on_success to published rows"))?;
+        if changed < ids.len() as u64 {
+            // Rows deleted meanwhile, or marked already (a re-publish after a restart).
+            tracing::debug!(
+                rows = ids.len(),
+                changed,
+                on_success = on_success.as_str(),
+                "on_success: some rows were not there to change"
+            );
+        }
         Ok(())
     }
 
@@ -430,7 +439,9 @@ async fn shape(
     );
     let id_pos = names.iter().position(|n| *n == mapping.id).unwrap_or(0);
     let select_sql = format!("select {} from {}", list("o."), table.quoted());
-    let mirror = RETRY_COLUMNS.iter().all(|c| names.contains(c));
+    // Event-Forge's layout only: another table's own status columns are its
+    // application's, not the relay's to write.
+    let mirror = mapping.status.is_some() && RETRY_COLUMNS.iter().all(|c| names.contains(c));
     let has_max_retries = mapping
         .max_retries
         .as_deref()

@@ -182,7 +182,16 @@ impl Relay {
             Some(dlx) => {
                 let dead = sink::format::dead_letter(
                     &dlx,
-                    &self.config.amqp.exchange.as_str().into(),
+                    // The original exchange for the copy's header when the message
+                    // could not be encoded: the configured name, or the template.
+                    &lapin::types::ShortString::try_new(
+                        self.config
+                            .amqp
+                            .wire
+                            .fixed_exchange()
+                            .unwrap_or_else(|| self.config.amqp.exchange.clone()),
+                    )
+                    .unwrap_or_default(),
                     &row,
                     message.as_deref(),
                     attempts,

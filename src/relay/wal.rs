@@ -28,6 +28,9 @@ impl Relay {
                 self.tracker.begin();
                 self.commit_time = commit_time_micros;
             }
+            // The messages source publishes messages only: rows of any table the
+            // publication may carry are not its outbox.
+            ReplicationEvent::XLogData { .. } if self.messages_source => {}
             ReplicationEvent::XLogData { data, .. } => {
                 let decoded = match self.decoder.decode(data) {
                     Ok(d) => d,

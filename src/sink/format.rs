@@ -44,6 +44,16 @@ impl OutboundMessage {
         }
     }
 
+    /// What tells this message's routing apart for the routing watch: its
+    /// exchange when a template named it (a fault of one exchange is not the
+    /// whole topology's), else its routing key.
+    pub fn routing_identity(&self) -> String {
+        match &self.destination {
+            Destination::Rendered(e) => format!("exchange {}", e.as_str()),
+            _ => self.routing_key.to_string(),
+        }
+    }
+
     /// Bytes this message holds in memory, for the in-flight window.
     pub fn weight(&self) -> usize {
         self.body.len() + self.id.len() + self.routing_key.as_str().len() + 256
@@ -121,13 +131,12 @@ pub fn encode_with(
     let destination = match wire.fixed_exchange() {
         Some(_) => Destination::Configured,
         None => {
-            let name = render(&wire.exchange)?;
-            if name.is_empty() {
-                return Err(FormatError(format!(
-                    "the exchange rendered from {:?} is empty (a NULL or empty column): the default exchange cannot route by topic",
-                    wire.exchange.source()
-                )));
-            }
+            // Every value must be there: a NULL must not turn "{tenant}-events"
+            // into another exchange ("-events").
+            let name = wire
+                .exchange
+                .render_all(event, &wire.columns)
+                .map_err(|e| FormatError(format!("the exchange cannot be named: {e}")))?;
             Destination::Rendered(short("the exchange", &wire.exchange, name)?)
         }
     };
@@ -500,10 +509,10 @@ mod tests {
         let w = wire("{tenant}-events", "{event_type}", BodyShape::Envelope);
         let err = encode_with(&e, 0, &w).unwrap_err().0;
         assert!(err.contains("exchange") && err.contains("255"), "{err}");
-        let w = wire("{tenant}", "{event_type}", BodyShape::Envelope);
+        let w = wire("{tenant}-events", "{event_type}", BodyShape::Envelope);
         e.extra = vec![None];
         let err = encode_with(&e, 0, &w).unwrap_err().0;
-        assert!(err.contains("empty"), "{err}");
+        assert!(err.contains("tenant") && err.contains("NULL"), "{err}");
         // A copy of the row that does not carry the column (the outbox row is gone).
         e.extra = Vec::new();
         let err = encode_with(&e, 0, &w).unwrap_err().0;

@@ -232,7 +232,12 @@ pub async fn run(
         let Some(ended) = serve(
             &current,
             &exchange,
-            settings.declare_exchange,
+            RenderedExchanges {
+                declare: settings.declare_exchange,
+                timeout: settings.connect_timeout,
+                ensured: HashSet::new(),
+                proven: HashSet::new(),
+            },
             generation,
             &mut commands,
             &events,
@@ -288,7 +293,7 @@ async fn close(connection: &Connection, code: u16, text: &str) {
 async fn serve(
     broker: &Broker,
     exchange: &ShortString,
-    declare: bool,
+    mut rendered: RenderedExchanges,
     generation: u64,
     commands: &mut mpsc::Receiver<SinkCommand>,
     events: &mpsc::Sender<SinkEvent>,
@@ -297,10 +302,6 @@ async fn serve(
     let mut isolated = IsolatedLane::default();
     let mut conn_events = Box::pin(broker.connection.events_listener());
     let mut returns = Returns::default();
-    let mut rendered = RenderedExchanges {
-        declare,
-        ensured: HashSet::new(),
-    };
     let answer = |outcomes: Vec<(u64, Outcome)>| async move {
         events
             .send(SinkEvent::Confirmed {
@@ -334,8 +335,13 @@ async fn serve(
             }
             Some(answered) = isolated.in_flight.next(), if !isolated.in_flight.is_empty() => {
                 match isolated.answered(answered) {
-                    Ok(outcome) => {
-                        if !answer(vec![outcome]).await {
+                    Ok((seq, outcome, message)) => {
+                        if let Destination::Rendered(name) = &message.destination {
+                            if !matches!(outcome, Outcome::Refused(_)) {
+                                rendered.proven.insert(name.clone());
+                            }
+                        }
+                        if !answer(vec![(seq, outcome)]).await {
                             return None;
                         }
                     }
@@ -413,9 +419,17 @@ enum Then {
 /// The exchanges templates rendered that this connection has declared (or
 /// checked): each is ensured once per connection, on a channel of its own (a
 /// failed declare closes its channel, and must not close the publishing one).
+/// Until an exchange has taken a publish on this connection its messages go out
+/// on the isolated channel: an exchange that passes the check but refuses the
+/// publish (403: the user may not write there, or it is internal) then closes
+/// that channel only, and the refusal is that one message's.
 struct RenderedExchanges {
     declare: bool,
+    /// Longest wait for a declare (`amqp.connect_timeout`): a broker that stopped
+    /// reading must not hold the sink's loop.
+    timeout: Duration,
     ensured: HashSet<ShortString>,
+    proven: HashSet<ShortString>,
 }
 
 impl RenderedExchanges {
@@ -430,14 +444,20 @@ impl RenderedExchanges {
         if self.ensured.contains(name) {
             return Ok(None);
         }
-        match ensure_exchange(
-            &broker.connection,
-            "amqp.exchange",
-            name.as_str(),
-            self.declare,
+        let ensured = tokio::time::timeout(
+            self.timeout,
+            ensure_exchange(&broker.connection, "amqp.exchange", name.as_str(), self.declare),
         )
         .await
-        {
+        .map_err(|_| Ended {
+            reason: format!(
+                "declaring exchange {:?} took longer than amqp.connect_timeout ({:?}): replacing the connection",
+                name.as_str(),
+                self.timeout
+            ),
+            refusal: None,
+        })?;
+        match ensured {
             Ok(()) => {
                 self.ensured.insert(name.clone());
                 Ok(None)
@@ -511,29 +531,28 @@ async fn publish_queued<'a>(
                         frame_max,
                     },
                 ));
-            } else if alone || matches!(message.destination, Destination::DeadLetter(_)) {
-                isolated.queue.push_back((seq, message));
             } else {
+                let mut alone = alone || matches!(message.destination, Destination::DeadLetter(_));
+                let mut unusable = None;
                 if let Destination::Rendered(name) = &message.destination {
                     match rendered.ensure(broker, name).await {
-                        Ok(None) => {}
-                        Ok(Some(outcome)) => {
-                            refused.push((seq, outcome));
-                            published += 1;
-                            if published < PUBLISH_BATCH {
-                                next = commands.try_recv().ok();
-                            }
-                            continue;
-                        }
+                        Ok(None) => alone |= !rendered.proven.contains(name),
+                        Ok(Some(outcome)) => unusable = Some(outcome),
                         Err(ended) => return (done, refused, Then::End(ended)),
                     }
                 }
-                let mut publish = publish(&broker.channel, exchange.clone(), seq, message);
-                // The first poll queues the frames and takes the delivery tag, so
-                // publishes leave in command order while their confirms are awaited together.
-                match futures_util::poll!(publish.as_mut()) {
-                    std::task::Poll::Pending => confirms.push(publish),
-                    std::task::Poll::Ready(result) => done.push(result),
+                if let Some(outcome) = unusable {
+                    refused.push((seq, outcome));
+                } else if alone {
+                    isolated.queue.push_back((seq, message));
+                } else {
+                    let mut publish = publish(&broker.channel, exchange.clone(), seq, message);
+                    // The first poll queues the frames and takes the delivery tag, so
+                    // publishes leave in command order while their confirms are awaited together.
+                    match futures_util::poll!(publish.as_mut()) {
+                        std::task::Poll::Pending => confirms.push(publish),
+                        std::task::Poll::Ready(result) => done.push(result),
+                    }
                 }
             }
             published += 1;
@@ -623,23 +642,24 @@ impl IsolatedLane {
 
     /// The broker's answer to the message in flight; a closed channel is that
     /// message's refusal unless the connection itself is gone.
-    fn answered(&mut self, answer: Answer) -> Result<(u64, Outcome), Ended> {
+    fn answered(&mut self, answer: Answer) -> Result<(u64, Outcome, Arc<OutboundMessage>), Ended> {
         let (seq, message, result) = answer;
         match result {
             Err(e) => match channel_close(&e) {
                 Some(refusal) => {
                     // The channel is gone; the next message opens a new one.
                     self.channel = None;
-                    Ok((seq, Outcome::Refused(refusal)))
+                    Ok((seq, Outcome::Refused(refusal), message))
                 }
                 None => Err(Ended::from_error("publishing on the isolated channel", &e)),
             },
             Ok(confirmation) => {
                 let mut outcomes = self
                     .returns
-                    .classify(vec![(seq, message, Ok(confirmation))])
+                    .classify(vec![(seq, message.clone(), Ok(confirmation))])
                     .map_err(|e| Ended::from_error("publishing on the isolated channel", &e))?;
-                Ok(outcomes.remove(0))
+                let (seq, outcome) = outcomes.remove(0);
+                Ok((seq, outcome, message))
             }
         }
     }

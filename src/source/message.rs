@@ -20,10 +20,16 @@ struct Content<'a> {
     aggregate_id: Option<std::borrow::Cow<'a, str>>,
     #[serde(borrow)]
     event_type: Option<std::borrow::Cow<'a, str>>,
-    #[serde(borrow)]
+    /// Present (`null` included, as a table's JSON column may hold) or absent.
+    #[serde(borrow, default, deserialize_with = "present")]
     payload: Option<&'a RawValue>,
     #[serde(borrow, default)]
     metadata: Option<&'a RawValue>,
+}
+
+/// A field that is there, whatever its JSON value (`null` included).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
 }
 
 /// The event a message carries, or why it cannot be one. `lsn` names a message
@@ -57,7 +63,11 @@ pub fn decode(content: &[u8], lsn: &str) -> RowRead {
         ("id", id.is_none()),
         ("aggregate_type", c.aggregate_type.is_none()),
         ("aggregate_id", c.aggregate_id.is_none()),
-        ("event_type", c.event_type.is_none()),
+        // An event type is what consumers route and dispatch on: never empty.
+        (
+            "event_type",
+            c.event_type.as_deref().is_none_or(str::is_empty),
+        ),
         ("payload", c.payload.is_none()),
     ]
     .iter()
@@ -67,7 +77,10 @@ pub fn decode(content: &[u8], lsn: &str) -> RowRead {
     if !missing.is_empty() {
         return Err(malformed(
             id,
-            format!("the message content lacks {}", missing.join(", ")),
+            format!(
+                "the message content lacks {} (id and event_type must not be empty either)",
+                missing.join(", ")
+            ),
             Some(&c),
         ));
     }
@@ -129,6 +142,16 @@ mod tests {
         )
         .unwrap();
         assert_eq!(no_meta.metadata, None);
+        let null_payload = decode(
+            br#"{"id":"m-5","aggregate_type":"A","aggregate_id":"1","event_type":"e","payload":null}"#,
+            "0/10",
+        )
+        .unwrap();
+        assert_eq!(
+            &null_payload.payload[..],
+            b"null",
+            "a null payload is a payload"
+        );
     }
 
     #[test]
@@ -138,6 +161,7 @@ mod tests {
             (br#"{"id":"m-3","aggregate_type":"A"}"#, "m-3", "lacks aggregate_id, event_type, payload"),
             (br#"{"aggregate_type":"A","aggregate_id":"1","event_type":"e","payload":1}"#, "lsn:0/AB", "lacks id"),
             (br#"{"id":"m-4","aggregate_type":"A","aggregate_id":"1","event_type":"e","payload":1,"metadata":[1]}"#, "m-4", "metadata"),
+            (br#"{"id":"m-6","aggregate_type":"A","aggregate_id":"1","event_type":"","payload":1}"#, "m-6", "lacks event_type"),
             (br#"{"id":7,"aggregate_type":"A","aggregate_id":"1","event_type":"e","payload":1}"#, "lsn:0/AB", "not a JSON object"),
         ] {
             let m = decode(content, "0/AB").unwrap_err();
@@ -155,7 +179,7 @@ mod tests {
         }
 
         #[test]
-        fn fields_round_trip(id in "[a-z0-9-]{1,20}", t in "\\PC{0,20}", a in "\\PC{0,20}", e in "\\PC{0,20}", n in any::<i64>()) {
+        fn fields_round_trip(id in "[a-z0-9-]{1,20}", t in "\\PC{0,20}", a in "\\PC{0,20}", e in "\\PC{1,20}", n in any::<i64>()) {
             let content = serde_json::json!({
                 "id": id, "aggregate_type": t, "aggregate_id": a, "event_type": e, "payload": {"n": n},
             });

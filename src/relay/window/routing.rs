@@ -72,7 +72,7 @@ impl Window {
             .entries
             .get(&seq)
             .and_then(|e| e.message.as_ref())
-            .map(|m| m.routing_key.to_string())
+            .map(|m| m.routing_identity())
             .unwrap_or_default();
         if !self
             .routing
@@ -148,7 +148,7 @@ impl Window {
             return;
         }
         let held = |e: &super::Entry| e.state == State::Unsent && e.has_turn && e.message.is_some();
-        let key_of = |e: &super::Entry| e.message.as_ref().map(|m| m.routing_key.to_string());
+        let key_of = |e: &super::Entry| e.message.as_ref().map(|m| m.routing_identity());
         let mut candidates: Vec<(Seq, Option<String>)> = self
             .entries
             .iter()
