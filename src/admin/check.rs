@@ -103,6 +103,9 @@ pub async fn check(config: &Config) -> Checks {
                 Err(e) => fail("wal_level", e.to_string()),
             });
             out.push(outbox_table_check(&sql, config).await);
+            if config.postgres.source == crate::config::Source::Messages {
+                out.push(message_writers_check(&sql, config).await);
+            }
             out.push(match catalog::can_replicate(&sql).await {
                 Ok(true) => pass("replication privilege", "role may replicate"),
                 Ok(false) => fail(
@@ -252,6 +255,32 @@ async fn outbox_table_check(sql: &tokio_postgres::Client, config: &Config) -> Ch
         }
     }
     pass("outbox table", detail)
+}
+
+/// With the messages source, who may write to the outbox: every role that may
+/// run `pg_logical_emit_message`, which PostgreSQL grants to PUBLIC.
+async fn message_writers_check(sql: &tokio_postgres::Client, config: &Config) -> Check {
+    let public = sql
+        .query_one(
+            "select has_function_privilege('public', 'pg_logical_emit_message(boolean,text,text)', 'execute') \
+             or has_function_privilege('public', 'pg_logical_emit_message(boolean,text,bytea)', 'execute')",
+            &[],
+        )
+        .await;
+    match public {
+        Err(e) => fail("message writers", crate::pg::query_err("checking who may emit messages")(e).to_string()),
+        Ok(row) if row.get::<_, bool>(0) => fail(
+            "message writers",
+            format!(
+                "every role may run pg_logical_emit_message (PostgreSQL grants it to PUBLIC), so any role that can connect can have the relay publish a message with prefix {:?}; fix: REVOKE EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text), pg_logical_emit_message(boolean, text, bytea) FROM PUBLIC; then GRANT EXECUTE on them to the writers' roles and to the relay's (its heartbeat), or make outbox_emit (sql/outbox_emit.sql) SECURITY DEFINER and grant only that",
+                config.postgres.message_prefix
+            ),
+        ),
+        Ok(_) => pass(
+            "message writers",
+            "pg_logical_emit_message is not granted to PUBLIC: only the roles granted it can write to the outbox",
+        ),
+    }
 }
 
 /// The inbox table of `[inbox]` exists, takes the receiver's insert (its unique

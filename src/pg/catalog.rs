@@ -110,7 +110,7 @@ fn unfit_type(field: &str, found: &str) -> Option<&'static str> {
     };
     (!ok).then_some(match field {
         "payload" | "metadata" => "json, jsonb or text holding JSON",
-        "created_at" | "scheduled_at" => "timestamp with time zone",
+        "created_at" | "scheduled_at" => "a timestamp (with or without time zone)",
         _ => "an integer type",
     })
 }
