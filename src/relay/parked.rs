@@ -447,6 +447,81 @@ mod tests {
         assert!(p.can_load(), "a published row frees its share");
     }
 
+    #[test]
+    fn parking_counts_every_park_on_its_way() {
+        // The shutdown drain waits for this to reach zero.
+        let mut p = Parked::new(1 << 20);
+        p.park_sent(AggregateKey(1), "A", "1");
+        p.park_sent(AggregateKey(1), "A", "1");
+        p.park_sent(AggregateKey(2), "A", "2");
+        assert_eq!(p.parking(), 3);
+        p.park_done(AggregateKey(1), Instant::now());
+        p.park_done(AggregateKey(2), Instant::now());
+        assert_eq!(p.parking(), 1);
+        p.park_done(AggregateKey(1), Instant::now());
+        assert_eq!(p.parking(), 0);
+    }
+
+    #[test]
+    fn each_load_asks_for_its_share_of_the_budget() {
+        let budget = MAX_LOADING * 1000;
+        let mut p = Parked::new(budget);
+        p.adopt(head(1, 0, false));
+        let loads = p.due(later());
+        assert_eq!(loads.len(), 1);
+        assert_eq!(loads[0].max_bytes, 1000);
+        assert_eq!(loads[0].max_rows, PAGE_ROWS);
+    }
+
+    #[test]
+    fn at_most_max_loading_loads_are_on_their_way() {
+        let mut p = Parked::new(1 << 30);
+        let n = MAX_LOADING as u64 + 10;
+        for k in 1..=n {
+            p.adopt(head(k, 0, false));
+        }
+        let loads = p.due(later());
+        assert_eq!(loads.len(), MAX_LOADING);
+        assert!(!p.can_load());
+        assert!(p.due(later()).is_empty(), "no more until one is answered");
+        assert_eq!(p.loaded(loads[0].key, vec![], PageEnd::Empty), None);
+        assert!(p.can_load());
+        assert_eq!(p.due(later()).len(), 1);
+    }
+
+    #[test]
+    fn a_head_due_now_is_loaded_now() {
+        let mut p = Parked::new(1 << 20);
+        let k = AggregateKey(4);
+        p.park_sent(k, "A", "4");
+        let now = Instant::now();
+        p.park_done(k, now);
+        assert_eq!(p.next_due(), Some(now));
+        assert_eq!(p.due(now).len(), 1);
+    }
+
+    #[test]
+    fn a_blocked_aggregate_lets_its_page_go_and_a_requeue_loads_it_again() {
+        let mut p = Parked::new(1 << 20);
+        let k = AggregateKey(5);
+        p.adopt(head(5, 0, false));
+        p.due(later());
+        p.loaded(k, vec![row(1), row(2), row(3)], PageEnd::More);
+        p.take_ready();
+        p.next(k);
+        p.blocked(k);
+        assert_eq!(p.buffered(), 0, "the rest of the page is let go");
+        assert!(p.is_parked(k));
+        assert!(p.next(k).is_none());
+        assert!(p.delivered(k).is_none(), "nothing follows a blocked head");
+        assert!(p.next_due().is_none());
+        // A requeue reports the head again, not blocked: it is loaded from its head.
+        p.adopt(head(5, 0, false));
+        let again = p.due(later());
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].after_seq, None);
+    }
+
     /// Model of the store: each aggregate's rows (seq → delivered?), in order.
     #[derive(Debug, Clone)]
     enum Op {
