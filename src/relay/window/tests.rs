@@ -493,6 +493,45 @@ fn a_systemic_routing_fault_holds_messages_uncharged_until_a_probe_is_acked() {
 }
 
 #[test]
+fn a_routing_pause_ending_while_suspects_remain_keeps_probing_them_alone() {
+    use crate::relay::routing::MIN_FAILURES;
+    let mut w = window(Ordering::Strict, 64);
+    for agg in 0..12u8 {
+        let r = event(agg, 0);
+        w.admit(r.clone(), Some(message(&r, 10)), stream(0), None);
+    }
+    assert_eq!(w.take_publishes().count(), 12);
+    for seq in 1..MIN_FAILURES as Seq {
+        assert!(!w.unrouted(seq, &returned()));
+        w.fail_stream(seq, returned());
+    }
+    for seq in MIN_FAILURES as Seq..11 {
+        assert!(w.unrouted(seq, &returned()));
+    }
+    // Seqs 0 and 11 are still on the wire when the broker refuses: both suspects.
+    assert_eq!(w.on_down(1, true), None);
+    assert_eq!(w.suspects(), 2);
+    assert_eq!(w.on_up(2), 1);
+    let probe: Vec<Seq> = w.take_publishes().map(|p| p.seq).collect();
+    assert_eq!(probe, vec![0]);
+    // The probe is acked: the routing pause ends, but the other suspect still goes alone.
+    assert!(w.routed(0));
+    assert!(!w.routing_paused());
+    assert_eq!(
+        w.take_publishes().count(),
+        0,
+        "the probe is still unanswered"
+    );
+    w.resolve(0);
+    let next: Vec<Seq> = w.take_publishes().map(|p| p.seq).collect();
+    assert_eq!(next, vec![11], "the last suspect alone");
+    w.resolve(11);
+    let held: Vec<Seq> = w.take_publishes().map(|p| p.seq).collect();
+    assert_eq!(held, (MIN_FAILURES as Seq..11).collect::<Vec<_>>());
+    w.check_invariants();
+}
+
+#[test]
 fn nacks_on_one_key_pause_and_renew_the_connection_once_then_probe_on_the_new_one() {
     use crate::relay::routing::MIN_FAILURES;
     let mut w = window(Ordering::Strict, 64);
