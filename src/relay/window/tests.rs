@@ -415,6 +415,42 @@ fn a_failed_dead_letter_publish_waits_for_its_backoff_and_goes_out_once() {
 }
 
 #[test]
+fn timers_fire_at_the_instant_next_timer_names() {
+    // The loop sleeps until `next_timer` and then fires what is due at that instant.
+    let mut w = window(Ordering::Relaxed, 10);
+    let r = event(1, 0);
+    w.admit(r.clone(), Some(message(&r, 10)), stream(0), None);
+    w.take_publishes().count();
+    let deadline = w.next_timer().unwrap();
+    assert_eq!(
+        w.expired(deadline),
+        vec![0],
+        "a deadline expires at its instant"
+    );
+    let d = event(3, 0);
+    let seq = w.admit_retry(
+        d.clone(),
+        message(&d, 10),
+        Origin::DeadLetter {
+            key: d.key(),
+            parked_seq: 1,
+            attempts: 4,
+            reason: "out of retries".into(),
+        },
+        false,
+    );
+    w.take_publishes().count();
+    w.backoff(seq, Duration::from_secs(1));
+    let at = w.next_timer().unwrap();
+    w.fire_backoffs(at);
+    assert_eq!(
+        w.take_publishes().count(),
+        1,
+        "a backoff ends at its instant"
+    );
+}
+
+#[test]
 fn an_ordinary_publish_is_not_isolated() {
     let mut w = window(Ordering::Strict, 10);
     let r = event(1, 0);
@@ -659,8 +695,8 @@ fn routing_probes_wait_for_their_backoff() {
     assert!(due > Instant::now(), "after a wait");
     w.fire_routing_probe(Instant::now());
     assert_eq!(w.take_publishes().count(), 0, "not before the first wait");
-    let t1 = Instant::now() + Duration::from_secs(1);
-    w.fire_routing_probe(t1);
+    w.fire_routing_probe(due);
+    let t1 = due;
     let probe: Vec<Seq> = w.take_publishes().map(|p| p.seq).collect();
     assert_eq!(probe.len(), 1);
     assert_eq!(w.routing_timer(), None, "the probe is on the wire");
