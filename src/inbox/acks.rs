@@ -124,6 +124,17 @@ mod tests {
         assert_eq!(t.outstanding(), 0);
     }
 
+    #[test]
+    fn a_reject_of_a_tag_not_received_is_ignored() {
+        let mut t = AckTracker::new();
+        t.received(1);
+        t.settle_individually(2);
+        t.received(2);
+        t.settle(1);
+        t.settle(2);
+        assert_eq!(t.ackable(), Some(2), "2 was never rejected: it is acked");
+    }
+
     proptest! {
         /// For any order of settlements: an ack never covers an unsettled delivery,
         /// acks only grow, and once everything is settled everything is acked.
