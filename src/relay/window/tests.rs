@@ -382,6 +382,39 @@ fn dropping_stream_messages_drops_their_suspects_and_probes_what_is_left() {
 }
 
 #[test]
+fn a_probe_that_is_not_a_stream_message_stays_the_probe_when_the_stream_is_dropped() {
+    let mut w = window(Ordering::Relaxed, 10);
+    let retry = event(3, 0);
+    let retry_seq = w.admit_retry(
+        retry.clone(),
+        message(&retry, 10),
+        Origin::Retry {
+            key: retry.key(),
+            parked_seq: 1,
+            attempts: 1,
+            max_retries: 3,
+        },
+        false,
+    );
+    for agg in 0..2u8 {
+        let r = event(agg, 0);
+        w.admit(r.clone(), Some(message(&r, 10)), stream(0), None);
+    }
+    w.take_publishes().count();
+    w.on_down(1, true);
+    w.on_up(2);
+    assert_eq!(w.probing(), Some(retry_seq));
+    assert_eq!(w.drop_stream_messages(), 2);
+    assert_eq!(w.probing(), Some(retry_seq), "still the probe");
+    assert_eq!(
+        w.on_down(2, true),
+        Some(retry_seq),
+        "the probe alone on the wire is the culprit"
+    );
+    w.check_invariants();
+}
+
+#[test]
 fn a_failed_dead_letter_publish_waits_for_its_backoff_and_goes_out_once() {
     let mut w = window(Ordering::Strict, 10);
     let r = event(3, 0);
