@@ -490,6 +490,30 @@ mod tests {
     }
 
     #[test]
+    fn loads_on_their_way_count_against_the_budget() {
+        let one = row(1).weight();
+        let budget = MAX_LOADING * one * 2;
+        let mut p = Parked::new(budget);
+        p.adopt(head(1, 0, false));
+        assert_eq!(p.due(later()).len(), 1);
+        let rows: Vec<Loaded> = (1..=64).map(row).collect();
+        let held: usize = rows.iter().map(Loaded::weight).sum();
+        p.loaded(AggregateKey(1), rows, PageEnd::More);
+        assert_eq!(p.buffered(), held);
+        for k in 2..=101 {
+            p.adopt(head(k, 0, false));
+        }
+        let loads = p.due(later());
+        let share = budget / MAX_LOADING;
+        assert_eq!(
+            loads.len(),
+            (budget - held) / share,
+            "each may bring its share"
+        );
+        assert!(loads.len() < MAX_LOADING);
+    }
+
+    #[test]
     fn a_head_due_now_is_loaded_now() {
         let mut p = Parked::new(1 << 20);
         let k = AggregateKey(4);
