@@ -747,6 +747,47 @@ fn routing_probes_wait_for_their_backoff() {
     w.check_invariants();
 }
 
+#[test]
+fn a_dead_letter_copy_waiting_for_its_backoff_is_never_a_routing_probe() {
+    use crate::relay::routing::MIN_FAILURES;
+    let mut w = window(Ordering::Relaxed, 64);
+    let d = event(3, 0);
+    let dead = w.admit_retry(
+        d.clone(),
+        message(&d, 10),
+        Origin::DeadLetter {
+            key: d.key(),
+            parked_seq: 1,
+            attempts: 4,
+            reason: "out of retries".into(),
+        },
+        false,
+    );
+    w.backoff(dead, Duration::from_secs(3600));
+    // One routing key for the stream messages: nacks on it are systemic.
+    for i in 0..MIN_FAILURES as u8 + 1 {
+        let r = event(i * 4, 0);
+        w.admit(r.clone(), Some(message(&r, 10)), stream(0), None);
+    }
+    w.take_publishes().count();
+    for seq in 1..MIN_FAILURES as Seq {
+        assert!(!w.unrouted(seq, &Failure::Nack));
+        w.fail_stream(seq, Failure::Nack);
+    }
+    for seq in MIN_FAILURES as Seq..MIN_FAILURES as Seq + 2 {
+        assert!(w.unrouted(seq, &Failure::Nack));
+    }
+    let due = w.routing_timer().unwrap();
+    w.fire_routing_probe(due);
+    let probe: Vec<Seq> = w.take_publishes().map(|p| p.seq).collect();
+    assert_eq!(probe, vec![MIN_FAILURES as Seq], "a held stream message");
+    assert!(
+        !w.is_published(dead, 1),
+        "the dead letter keeps its backoff"
+    );
+    w.check_invariants();
+}
+
 /// One step of a random interleaving.
 #[derive(Debug, Clone)]
 enum Op {
