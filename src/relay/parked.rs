@@ -475,7 +475,8 @@ mod tests {
 
     #[test]
     fn at_most_max_loading_loads_are_on_their_way() {
-        let mut p = Parked::new(1 << 30);
+        // One byte a load: the byte budget would let 2 * MAX_LOADING - 1 start.
+        let mut p = Parked::new(2 * MAX_LOADING - 1);
         let n = MAX_LOADING as u64 + 10;
         for k in 1..=n {
             p.adopt(head(k, 0, false));
