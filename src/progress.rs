@@ -178,6 +178,26 @@ mod tests {
     }
 
     #[test]
+    fn ids_stay_unique_after_transactions_are_applied() {
+        let mut t = Tracker::new();
+        let a = t.begin();
+        t.commit(lsn(3));
+        assert_eq!(t.advance(), Some(lsn(3)));
+        let b = t.begin();
+        assert_ne!(a, b, "an applied transaction's id is not given again");
+        t.add_message(b);
+        t.resolve(a);
+        t.commit(lsn(4));
+        assert_eq!(
+            t.advance(),
+            None,
+            "a late resolution of `a` leaves `b` alone"
+        );
+        t.resolve(b);
+        assert_eq!(t.advance(), Some(lsn(4)));
+    }
+
+    #[test]
     fn empty_transactions_complete_at_commit() {
         let mut t = Tracker::new();
         t.begin();

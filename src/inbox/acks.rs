@@ -95,6 +95,20 @@ mod tests {
     }
 
     #[test]
+    fn outstanding_counts_what_is_not_acked_yet() {
+        // The receiver's shutdown drain waits for this to reach zero.
+        let mut t = AckTracker::new();
+        for tag in 1..=3 {
+            t.received(tag);
+        }
+        assert_eq!(t.outstanding(), 3);
+        t.settle(1);
+        assert_eq!(t.outstanding(), 3, "settled is not acked yet");
+        assert_eq!(t.ackable(), Some(1));
+        assert_eq!(t.outstanding(), 2);
+    }
+
+    #[test]
     fn an_ack_never_names_a_rejected_tag() {
         let mut t = AckTracker::new();
         for tag in 1..=3 {
@@ -108,6 +122,17 @@ mod tests {
         t.settle_individually(4);
         assert_eq!(t.ackable(), None);
         assert_eq!(t.outstanding(), 0);
+    }
+
+    #[test]
+    fn a_reject_of_a_tag_not_received_is_ignored() {
+        let mut t = AckTracker::new();
+        t.received(1);
+        t.settle_individually(2);
+        t.received(2);
+        t.settle(1);
+        t.settle(2);
+        assert_eq!(t.ackable(), Some(2), "2 was never rejected: it is acked");
     }
 
     proptest! {

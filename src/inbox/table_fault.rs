@@ -273,6 +273,8 @@ mod tests {
         j.outcome(0, vec![(1, check("a")), (2, check("a"))]);
         j.forget(|t| *t == 1);
         assert_eq!(j.held(), 1);
+        let kept: Vec<i32> = j.take_held().into_iter().map(|(t, _)| t).collect();
+        assert_eq!(kept, vec![2], "the stale row goes, the other stays");
     }
 
     proptest! {

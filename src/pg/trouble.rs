@@ -127,6 +127,18 @@ mod tests {
         assert!(statements <= 2 * 10 + 1, "{statements} statements");
     }
 
+    #[test]
+    fn work_put_off_keeps_every_row_not_tried_in_order() {
+        let mut n = Narrowing::new((0..8).collect::<Vec<u32>>());
+        let whole = n.next_part().unwrap();
+        assert_eq!(n.refused(whole), None);
+        let first = n.next_part().unwrap();
+        assert_eq!(first, vec![0, 1, 2, 3]);
+        n.again(first);
+        assert_eq!(n.rest(), (0..8).collect::<Vec<u32>>());
+        assert_eq!(n.next_part(), None);
+    }
+
     proptest! {
         /// Whatever rows are refused and whatever connection failures come in
         /// between: every item ends up passed or handed back, exactly once, the

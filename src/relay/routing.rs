@@ -226,6 +226,21 @@ mod tests {
         assert!(w.fault().is_none());
     }
 
+    #[test]
+    fn reset_forgets_the_fault_and_a_new_failure_starts_the_count_again() {
+        let mut w = RoutingWatch::default();
+        for _ in 0..MIN_FAILURES {
+            w.failed("nack", "Order.placed", "nacked by the broker");
+        }
+        assert!(w.fault().is_some());
+        w.reset();
+        assert!(w.fault().is_none());
+        assert!(
+            !w.failed("nack", "Order.placed", "nacked by the broker"),
+            "one failure after a reset is the message's"
+        );
+    }
+
     proptest! {
         /// Against a model: a fault starts only once MIN_FAILURES failures of one
         /// kind (returns: over MIN_KEYS keys) came with no ack (nor another

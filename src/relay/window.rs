@@ -651,4 +651,8 @@ impl Window {
 #[cfg(test)]
 mod invariants;
 #[cfg(test)]
+mod proptests;
+#[cfg(test)]
+mod routing_tests;
+#[cfg(test)]
 mod tests;

@@ -50,6 +50,12 @@ impl Window {
             if matches!(e.state, State::Published { .. }) {
                 assert!(e.has_turn, "published without a turn");
             }
+            if e.has_turn {
+                assert!(
+                    self.aggregates.contains_key(&e.row.key()),
+                    "a turn held in a forgotten aggregate"
+                );
+            }
         }
     }
 }
