@@ -5,7 +5,7 @@
 //! order; rolled-back and non-transactional messages never published; a
 //! malformed one parked with its reason.
 
-use crate::support::order::assert_in_order_with_redeliveries;
+use crate::support::order::assert_in_order;
 use crate::support::{wait_for, Fixture, Relay};
 use outbox_relay_client::outbox::{emit, NewEvent};
 use std::collections::HashSet;
@@ -152,7 +152,10 @@ async fn messages_survive_three_kill_9s_and_rollbacks_are_never_published() {
         committed.len(),
         "exactly the committed messages, nothing else"
     );
-    assert_in_order_with_redeliveries(&received);
+    // First deliveries in order per aggregate: after a kill -9 the relay
+    // publishes again, in order, what the slot had not confirmed, so a repeat of
+    // an earlier message may follow a later one (at least once).
+    assert_in_order(&received);
     let first = received.iter().find(|r| r.message_id() == "a0-0").unwrap();
     assert_eq!(first.routing_key, "Order.placed");
     assert_eq!(first.json()["aggregateId"], "a0");
