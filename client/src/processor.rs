@@ -4,10 +4,14 @@
 //!
 //! A worker claims a batch of due rows (`received`, or `failed` with
 //! `scheduled_at` reached) with `FOR UPDATE SKIP LOCKED`, so several processors
-//! share a table; runs each row's handler for its `event_type` inside its own
-//! savepoint of that transaction; on success marks it `processed`, on failure
-//! rolls that handler's writes back and marks it `failed` with Event-Forge's
-//! backoff, or `permanently_failed` once the retry budget is spent (`claim.rs`).
+//! share a table, and runs each row's handler for its `event_type` in that
+//! transaction: on success it marks the row `processed`; on failure the row is
+//! marked `failed` with Event-Forge's backoff, or `permanently_failed` once the
+//! retry budget is spent (`claim.rs`), and none of that handler's writes stay. A
+//! batch runs first without savepoints; when a handler fails it is rolled back
+//! and claimed again with a savepoint per handler (the failed row is marked
+//! without running again), so a handler that succeeded may run twice for one
+//! attempt, its writes committed once.
 //! One commit covers the batch, so a handler's effects and its row's status still
 //! commit together, and a batch pays one commit flush instead of one per row. A
 //! crashed worker's transaction rolls the whole batch back by itself; rows left in `processing` by other workers (Event-Forge's own
@@ -16,9 +20,8 @@
 //! the next recovery sweep: no fixed-interval polling.
 
 use crate::backoff::Backoff;
-use crate::claim::{self, AfterFailure};
 use crate::connect::{Connect, Session};
-use crate::error::{query_err, Error, SqlTrouble};
+use crate::error::{query_err, Error};
 use crate::table::TableName;
 use std::collections::HashMap;
 use std::future::Future;
@@ -26,6 +29,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_postgres::{Client, Transaction};
+
+mod batch;
 
 /// An inbox row as a handler sees it.
 #[derive(Debug, Clone, PartialEq)]
@@ -88,10 +93,11 @@ pub struct ProcessorOptions {
     /// field are processed one at a time, in arrival order (a failed row holds
     /// the later ones until it is processed or dead). `None`: no ordering.
     pub ordering_field: Option<String>,
-    /// Rows claimed per transaction (at least 1). Each handler runs in its own
-    /// savepoint and the batch commits once: larger batches pay fewer commit
-    /// flushes, but a row's effects become visible only when its batch commits,
-    /// and a crash redoes the whole batch. With `ordering_field`, a batch holds at
+    /// Rows claimed per transaction (at least 1). The batch commits once: larger
+    /// batches pay fewer commit flushes, but a row's effects become visible only
+    /// when its batch commits, a crash redoes the whole batch, and a handler's
+    /// failure runs the batch's other handlers again (their writes once). With 1,
+    /// each attempt runs its handler once. With `ordering_field`, a batch holds at
     /// most one row per aggregate.
     pub batch_size: usize,
 }
@@ -199,32 +205,13 @@ impl Processor {
         self.handlers.keys().cloned().collect()
     }
 
-    fn claim_sql(&self, limit: usize) -> String {
-        let t = self.table.quoted();
-        let ordering = match &self.options.ordering_field {
-            Some(_) => format!(
-                " and not exists (select 1 from {t} o where o.status in ('received', 'failed', 'processing') \
-                 and (o.created_at, o.id) < (m.created_at, m.id) and o.payload->>$2 = m.payload->>$2)"
-            ),
-            None => String::new(),
-        };
-        format!(
-            "select id, message_id, source, event_type, payload::text, metadata::text, \
-             retry_count, max_retries from {t} m \
-             where status in ('received', 'failed', 'processing') and event_type = any($1) \
-             and (status = 'received' or (status = 'failed' \
-             and (scheduled_at is null or scheduled_at <= now()))){ordering} \
-             order by created_at, id limit {limit} for update skip locked"
-        )
-    }
-
     /// Claims and processes one due row; `Ok(false)` when none is due.
     pub async fn process_one(&self, client: &mut Client) -> Result<bool, Error> {
         Ok(self.claim(client, 1).await? > 0)
     }
 
     /// Claims up to `batch_size` due rows in one transaction, runs each one's
-    /// handler in its own savepoint and commits once; returns how many rows it
+    /// handler and commits once; returns how many rows it
     /// claimed (0 when none is due).
     pub async fn process_batch(&self, client: &mut Client) -> Result<usize, Error> {
         self.claim(client, self.options.batch_size.max(1)).await
@@ -239,186 +226,6 @@ impl Processor {
                 k => n += k,
             }
         }
-    }
-
-    /// One claim of up to `limit` rows. When Postgres refuses the commit for a
-    /// handler's write (a deferred constraint: the whole batch rolled back), the
-    /// rows are claimed again one per transaction, so the one that broke it is
-    /// found and marked failed with the reason, and the others go through: no row
-    /// holds its batch forever.
-    async fn claim(&self, client: &mut Client, limit: usize) -> Result<usize, Error> {
-        let (claimed, mut refused) = match self.claim_and_run(client, limit).await? {
-            Ran::Committed(n) => return Ok(n),
-            Ran::RefusedAtCommit {
-                claimed,
-                message,
-                error,
-            } => (claimed, Some((message, error))),
-        };
-        if claimed > 1 {
-            refused = None;
-            for _ in 0..claimed {
-                match self.claim_and_run(client, 1).await? {
-                    Ran::Committed(0) => break,
-                    Ran::Committed(_) => {}
-                    Ran::RefusedAtCommit { message, error, .. } => {
-                        refused = Some((message, error));
-                        break;
-                    }
-                }
-            }
-        }
-        if let Some((message, error)) = refused {
-            let err = query_err("marking an inbox row whose commit was refused");
-            let tx = client.transaction().await.map_err(&err)?;
-            let status = self.record_failure(&tx, &message, &error).await?;
-            tx.commit().await.map_err(&err)?;
-            if let Some(o) = &self.observer {
-                o.failed(1);
-            }
-            tracing::warn!(id = %message.id, message_id = %message.message_id, event_type = %message.event_type, status, error = %error, "inbox handler's writes refused at commit");
-        }
-        Ok(claimed)
-    }
-
-    async fn claim_and_run(&self, client: &mut Client, limit: usize) -> Result<Ran, Error> {
-        let err = query_err("processing inbox rows");
-        let types = self.event_types();
-        let sql = self.claim_sql(limit);
-        let tx = client.transaction().await.map_err(&err)?;
-        let rows = match &self.options.ordering_field {
-            Some(field) => tx.query(&sql, &[&types, field]).await,
-            None => tx.query(&sql, &[&types]).await,
-        }
-        .map_err(&err)?;
-        let claimed = rows.len();
-        let mut processed = Vec::with_capacity(claimed);
-        let mut failures = Vec::new();
-        for row in rows {
-            let message = message_of(&row);
-            match self.run_handler(&tx, &message).await? {
-                Ok(()) => processed.push(message),
-                Err(e) => failures.push((message, e.to_string())),
-            }
-        }
-        if !processed.is_empty() {
-            let ids: Vec<&str> = processed.iter().map(|m| m.id.as_str()).collect();
-            tx.execute(
-                &format!(
-                    "update {} set status = 'processed', processed_at = clock_timestamp(), \
-                     updated_at = clock_timestamp(), error_message = null where id = any($1)",
-                    self.table.quoted()
-                ),
-                &[&ids],
-            )
-            .await
-            .map_err(&err)?;
-        }
-        let mut outcomes = Vec::with_capacity(failures.len());
-        for (message, error) in &failures {
-            outcomes.push(self.record_failure(&tx, message, error).await?);
-        }
-        if let Err(e) = tx.commit().await {
-            let e = err(e);
-            // Only a handler's write can be refused at commit: one of the processed
-            // rows' (a failed handler's writes were rolled back to its savepoint).
-            if e.sql_trouble() != Some(SqlTrouble::Row) || processed.is_empty() {
-                return Err(e);
-            }
-            let reason = e.to_string();
-            let message = processed.swap_remove(0);
-            return Ok(Ran::RefusedAtCommit {
-                claimed,
-                message,
-                error: format!(
-                    "the handler's writes were refused at commit (a deferred constraint?): {reason}"
-                ),
-            });
-        }
-        if let Some(o) = &self.observer {
-            o.processed(processed.len() as u64);
-            o.failed(failures.len() as u64);
-        }
-        for ((message, error), status) in failures.iter().zip(outcomes) {
-            tracing::warn!(id = %message.id, message_id = %message.message_id, event_type = %message.event_type, status, error = %error, "inbox handler failed");
-        }
-        Ok(Ran::Committed(claimed))
-    }
-
-    /// Marks `message` failed (due again after Event-Forge's backoff), or
-    /// permanently failed once its budget is spent; returns the status.
-    async fn record_failure(
-        &self,
-        tx: &Transaction<'_>,
-        message: &InboxMessage,
-        error: &str,
-    ) -> Result<&'static str, Error> {
-        let jitter = rand::random_range(0.9..=1.1);
-        let (status, retries, delay) = match claim::after_failure(
-            message.retry_count,
-            message.max_retries,
-            self.options.backoff_base,
-            self.options.backoff_max,
-            jitter,
-        ) {
-            AfterFailure::Retry { retries, delay } => ("failed", retries, delay),
-            AfterFailure::Dead { retries } => ("permanently_failed", retries, Duration::ZERO),
-        };
-        let delay_ms = delay.as_millis() as f64;
-        tx.execute(
-            &format!(
-                "update {} set status = $2::text, retry_count = $3, error_message = $4, \
-                 scheduled_at = case when $2::text = 'failed' \
-                 then clock_timestamp() + make_interval(secs => $5::float8 / 1000) else scheduled_at end, \
-                 updated_at = clock_timestamp() where id = $1",
-                self.table.quoted()
-            ),
-            &[&message.id, &status, &retries, &error, &delay_ms],
-        )
-        .await
-        .map_err(query_err("marking an inbox row failed"))?;
-        Ok(status)
-    }
-
-    /// Runs `message`'s handler inside a savepoint of `tx`: `Ok(Err(_))` is the
-    /// handler's failure (its writes rolled back, the batch goes on); `Err(_)` is
-    /// the transaction's (the batch rolls back).
-    async fn run_handler(
-        &self,
-        tx: &Transaction<'_>,
-        message: &InboxMessage,
-    ) -> Result<Result<(), HandlerError>, Error> {
-        let err = query_err("running an inbox handler");
-        let Some(handler) = self.handlers.get(&message.event_type) else {
-            return Ok(Err("no handler for this event type".into()));
-        };
-        tx.batch_execute("savepoint outbox_relay_handler")
-            .await
-            .map_err(&err)?;
-        let failure = match handler.handle(tx, message).await {
-            Ok(()) => match tx
-                .batch_execute("release savepoint outbox_relay_handler")
-                .await
-            {
-                Ok(()) => return Ok(Ok(())),
-                // The handler swallowed an error of one of its statements: its
-                // writes are void, so this row failed (and the batch goes on).
-                Err(e) => format!(
-                    "the handler returned success after one of its statements had failed \
-                     (it ignored the error; its writes are rolled back): {}",
-                    e.as_db_error()
-                        .map_or_else(|| e.to_string(), |d| d.message().to_string())
-                )
-                .into(),
-            },
-            Err(e) => e,
-        };
-        tx.batch_execute(
-            "rollback to savepoint outbox_relay_handler; release savepoint outbox_relay_handler",
-        )
-        .await
-        .map_err(&err)?;
-        Ok(Err(failure))
     }
 
     /// Moves rows stuck in `processing` for longer than `stuck_after` back to
@@ -528,34 +335,5 @@ impl Processor {
                 _ = tokio::time::sleep_until(wake_at) => {}
             }
         }
-    }
-}
-
-/// What one claim transaction did.
-enum Ran {
-    /// Committed; how many rows it claimed.
-    Committed(usize),
-    /// Postgres refused the commit for a handler's write: everything rolled back.
-    /// `message` is the row to blame when the claim held only one.
-    RefusedAtCommit {
-        claimed: usize,
-        message: InboxMessage,
-        error: String,
-    },
-}
-
-/// The claimed row as its handler sees it.
-fn message_of(row: &tokio_postgres::Row) -> InboxMessage {
-    let text: String = row.get(4);
-    let metadata: Option<String> = row.get(5);
-    InboxMessage {
-        id: row.get(0),
-        message_id: row.get(1),
-        source: row.get(2),
-        event_type: row.get(3),
-        payload: serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
-        metadata: metadata.and_then(|m| serde_json::from_str(&m).ok()),
-        retry_count: row.get(6),
-        max_retries: row.get(7),
     }
 }

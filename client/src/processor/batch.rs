@@ -1,0 +1,327 @@
+//! One claim transaction of the [`Processor`]: the due rows claimed with `FOR
+//! UPDATE SKIP LOCKED`, their handlers run in it (first without savepoints,
+//! again with one per handler when a handler failed), their statuses set, one
+//! commit; and the fallbacks when a handler fails or the commit is refused.
+
+use super::{HandlerError, InboxMessage, Processor};
+use crate::claim::{self, AfterFailure};
+use crate::error::{query_err, Error, SqlTrouble};
+use std::time::Duration;
+use tokio_postgres::types::Type;
+use tokio_postgres::{Client, Transaction};
+
+impl Processor {
+    pub(super) fn claim_sql(&self, limit: usize) -> String {
+        let t = self.table.quoted();
+        let ordering = match &self.options.ordering_field {
+            Some(_) => format!(
+                " and not exists (select 1 from {t} o where o.status in ('received', 'failed', 'processing') \
+                 and (o.created_at, o.id) < (m.created_at, m.id) and o.payload->>$2 = m.payload->>$2)"
+            ),
+            None => String::new(),
+        };
+        format!(
+            "select id, message_id, source, event_type, payload::text, metadata::text, \
+             retry_count, max_retries from {t} m \
+             where status in ('received', 'failed', 'processing') and event_type = any($1) \
+             and (status = 'received' or (status = 'failed' \
+             and (scheduled_at is null or scheduled_at <= now()))){ordering} \
+             order by created_at, id limit {limit} for update skip locked"
+        )
+    }
+
+    /// One claim of up to `limit` rows. It runs first without a savepoint per
+    /// row (a batch of handlers that all succeed pays no savepoint round trips);
+    /// when a handler fails, that transaction is rolled back and the rows are
+    /// claimed again with a savepoint per handler, so the failing one is marked
+    /// failed and the others commit. When Postgres refuses the commit for a
+    /// handler's write (a deferred constraint: the whole batch rolled back), the
+    /// rows are claimed again one per transaction, so the one that broke it is
+    /// found and marked failed with the reason, and the others go through: no row
+    /// holds its batch forever.
+    pub(super) async fn claim(&self, client: &mut Client, limit: usize) -> Result<usize, Error> {
+        let (claimed, mut refused) = match self.claim_isolating(client, limit).await? {
+            Ran::Committed(n) => return Ok(n),
+            Ran::RefusedAtCommit {
+                claimed,
+                message,
+                error,
+            } => (claimed, Some((message, error))),
+        };
+        if claimed > 1 {
+            refused = None;
+            for _ in 0..claimed {
+                match self.claim_isolating(client, 1).await? {
+                    Ran::Committed(0) => break,
+                    Ran::Committed(_) => {}
+                    Ran::RefusedAtCommit { message, error, .. } => {
+                        refused = Some((message, error));
+                        break;
+                    }
+                }
+            }
+        }
+        if let Some((message, error)) = refused {
+            let err = query_err("marking an inbox row whose commit was refused");
+            let tx = client.transaction().await.map_err(&err)?;
+            let status = self.record_failure(&tx, &message, &error).await?;
+            tx.commit().await.map_err(&err)?;
+            if let Some(o) = &self.observer {
+                o.failed(1);
+            }
+            tracing::warn!(id = %message.id, message_id = %message.message_id, event_type = %message.event_type, status, error = %error, "inbox handler's writes refused at commit");
+        }
+        Ok(claimed)
+    }
+
+    /// A claim without savepoints, and with one per handler when a handler of
+    /// the first failed.
+    async fn claim_isolating(&self, client: &mut Client, limit: usize) -> Result<Ran, Error> {
+        match self.claim_and_run(client, limit, Mode::Batch).await? {
+            Attempt::Ran(ran) => Ok(ran),
+            Attempt::Undone(failed) => {
+                tracing::debug!(
+                    "an inbox handler failed: the batch is rolled back and run again with a savepoint per handler"
+                );
+                match self
+                    .claim_and_run(client, limit, Mode::Isolated(failed.as_ref()))
+                    .await?
+                {
+                    Attempt::Ran(ran) => Ok(ran),
+                    // With savepoints a failing handler is marked failed, never undone.
+                    Attempt::Undone(_) => Ok(Ran::Committed(0)),
+                }
+            }
+        }
+    }
+
+    async fn claim_and_run(
+        &self,
+        client: &mut Client,
+        limit: usize,
+        mode: Mode<'_>,
+    ) -> Result<Attempt, Error> {
+        let err = query_err("processing inbox rows");
+        let types = self.event_types();
+        let sql = self.claim_sql(limit);
+        let tx = client.transaction().await.map_err(&err)?;
+        // Typed parameters: one round trip, no prepare.
+        let rows = match &self.options.ordering_field {
+            Some(field) => {
+                tx.query_typed(&sql, &[(&types, Type::TEXT_ARRAY), (field, Type::TEXT)])
+                    .await
+            }
+            None => tx.query_typed(&sql, &[(&types, Type::TEXT_ARRAY)]).await,
+        }
+        .map_err(&err)?;
+        let claimed = rows.len();
+        let mut processed = Vec::with_capacity(claimed);
+        let mut failures = Vec::new();
+        for row in rows {
+            let message = message_of(&row);
+            let outcome = match mode {
+                // The handler whose failure undid the batch is not run twice:
+                // its attempt counts once, with its error.
+                Mode::Isolated(Some((id, error))) if *id == message.id => Err(error.clone()),
+                Mode::Isolated(_) => self
+                    .run_handler(&tx, &message)
+                    .await?
+                    .map_err(|e| e.to_string()),
+                Mode::Batch => match self.handlers.get(&message.event_type) {
+                    Some(handler) => handler.handle(&tx, &message).await,
+                    None => Err("no handler for this event type".into()),
+                }
+                .map_err(|e| e.to_string()),
+            };
+            match (outcome, mode) {
+                (Ok(()), _) => processed.push(message),
+                (Err(e), Mode::Isolated(_)) => failures.push((message, e)),
+                (Err(e), Mode::Batch) => {
+                    tx.rollback().await.map_err(&err)?;
+                    return Ok(Attempt::Undone(Some((message.id, e))));
+                }
+            }
+        }
+        if !processed.is_empty() {
+            let ids: Vec<&str> = processed.iter().map(|m| m.id.as_str()).collect();
+            let marked = tx
+                .execute_typed(
+                    &format!(
+                        "update {} set status = 'processed', processed_at = clock_timestamp(), \
+                         updated_at = clock_timestamp(), error_message = null where id = any($1)",
+                        self.table.quoted()
+                    ),
+                    &[(&ids, Type::TEXT_ARRAY)],
+                )
+                .await;
+            match (marked, mode) {
+                (Ok(_), _) => {}
+                // A handler returned success after one of its statements had
+                // failed: the transaction is void; run the batch again with
+                // savepoints, which finds that handler.
+                (Err(_), Mode::Batch) => {
+                    tx.rollback().await.map_err(&err)?;
+                    return Ok(Attempt::Undone(None));
+                }
+                (Err(e), Mode::Isolated(_)) => return Err(err(e)),
+            }
+        }
+        let mut outcomes = Vec::with_capacity(failures.len());
+        for (message, error) in &failures {
+            outcomes.push(self.record_failure(&tx, message, error).await?);
+        }
+        if let Err(e) = tx.commit().await {
+            let e = err(e);
+            // Only a handler's write can be refused at commit: one of the processed
+            // rows' (a failed handler's writes were rolled back to its savepoint).
+            if e.sql_trouble() != Some(SqlTrouble::Row) || processed.is_empty() {
+                return Err(e);
+            }
+            let reason = e.to_string();
+            let message = processed.swap_remove(0);
+            return Ok(Attempt::Ran(Ran::RefusedAtCommit {
+                claimed,
+                message,
+                error: format!(
+                    "the handler's writes were refused at commit (a deferred constraint?): {reason}"
+                ),
+            }));
+        }
+        if let Some(o) = &self.observer {
+            o.processed(processed.len() as u64);
+            o.failed(failures.len() as u64);
+        }
+        for ((message, error), status) in failures.iter().zip(outcomes) {
+            tracing::warn!(id = %message.id, message_id = %message.message_id, event_type = %message.event_type, status, error = %error, "inbox handler failed");
+        }
+        Ok(Attempt::Ran(Ran::Committed(claimed)))
+    }
+
+    /// Marks `message` failed (due again after Event-Forge's backoff), or
+    /// permanently failed once its budget is spent; returns the status.
+    async fn record_failure(
+        &self,
+        tx: &Transaction<'_>,
+        message: &InboxMessage,
+        error: &str,
+    ) -> Result<&'static str, Error> {
+        let jitter = rand::random_range(0.9..=1.1);
+        let (status, retries, delay) = match claim::after_failure(
+            message.retry_count,
+            message.max_retries,
+            self.options.backoff_base,
+            self.options.backoff_max,
+            jitter,
+        ) {
+            AfterFailure::Retry { retries, delay } => ("failed", retries, delay),
+            AfterFailure::Dead { retries } => ("permanently_failed", retries, Duration::ZERO),
+        };
+        let delay_ms = delay.as_millis() as f64;
+        tx.execute(
+            &format!(
+                "update {} set status = $2::text, retry_count = $3, error_message = $4, \
+                 scheduled_at = case when $2::text = 'failed' \
+                 then clock_timestamp() + make_interval(secs => $5::float8 / 1000) else scheduled_at end, \
+                 updated_at = clock_timestamp() where id = $1",
+                self.table.quoted()
+            ),
+            &[&message.id, &status, &retries, &error, &delay_ms],
+        )
+        .await
+        .map_err(query_err("marking an inbox row failed"))?;
+        Ok(status)
+    }
+
+    /// Runs `message`'s handler inside a savepoint of `tx`: `Ok(Err(_))` is the
+    /// handler's failure (its writes rolled back, the batch goes on); `Err(_)` is
+    /// the transaction's (the batch rolls back).
+    async fn run_handler(
+        &self,
+        tx: &Transaction<'_>,
+        message: &InboxMessage,
+    ) -> Result<Result<(), HandlerError>, Error> {
+        let err = query_err("running an inbox handler");
+        let Some(handler) = self.handlers.get(&message.event_type) else {
+            return Ok(Err("no handler for this event type".into()));
+        };
+        tx.batch_execute("savepoint outbox_relay_handler")
+            .await
+            .map_err(&err)?;
+        let failure = match handler.handle(tx, message).await {
+            Ok(()) => match tx
+                .batch_execute("release savepoint outbox_relay_handler")
+                .await
+            {
+                Ok(()) => return Ok(Ok(())),
+                // The handler swallowed an error of one of its statements: its
+                // writes are void, so this row failed (and the batch goes on).
+                Err(e) => format!(
+                    "the handler returned success after one of its statements had failed \
+                     (it ignored the error; its writes are rolled back): {}",
+                    e.as_db_error()
+                        .map_or_else(|| e.to_string(), |d| d.message().to_string())
+                )
+                .into(),
+            },
+            Err(e) => e,
+        };
+        tx.batch_execute(
+            "rollback to savepoint outbox_relay_handler; release savepoint outbox_relay_handler",
+        )
+        .await
+        .map_err(&err)?;
+        Ok(Err(failure))
+    }
+}
+
+/// A row whose handler failed: its id and the error.
+type Failed = (String, String);
+
+/// How the handlers of a claim run.
+#[derive(Clone, Copy)]
+enum Mode<'a> {
+    /// In the claim's transaction: any failure rolls the whole claim back
+    /// ([`Attempt::Undone`]).
+    Batch,
+    /// Each in a savepoint of its own: a failing handler's writes are undone
+    /// alone. The row whose failure undid the batch, if known, is marked failed
+    /// with that error without running again.
+    Isolated(Option<&'a Failed>),
+}
+
+/// One claim transaction without savepoints may be undone; with them it runs.
+enum Attempt {
+    /// Rolled back: a handler failed (this row, when one returned an error)
+    /// while the claim ran without savepoints.
+    Undone(Option<Failed>),
+    Ran(Ran),
+}
+
+/// What one claim transaction did.
+pub(super) enum Ran {
+    /// Committed; how many rows it claimed.
+    Committed(usize),
+    /// Postgres refused the commit for a handler's write: everything rolled back.
+    /// `message` is the row to blame when the claim held only one.
+    RefusedAtCommit {
+        claimed: usize,
+        message: InboxMessage,
+        error: String,
+    },
+}
+
+/// The claimed row as its handler sees it.
+fn message_of(row: &tokio_postgres::Row) -> InboxMessage {
+    let text: String = row.get(4);
+    let metadata: Option<String> = row.get(5);
+    InboxMessage {
+        id: row.get(0),
+        message_id: row.get(1),
+        source: row.get(2),
+        event_type: row.get(3),
+        payload: serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+        metadata: metadata.and_then(|m| serde_json::from_str(&m).ok()),
+        retry_count: row.get(6),
+        max_retries: row.get(7),
+    }
+}
