@@ -44,8 +44,8 @@ use tokio_postgres::{Client, NoTls};
 
 mod common;
 use common::{
-    broker_pid, env_usize, lsn, median, payload, peak_rss_mb, queue_depth, relay_binary,
-    settle_broker, CpuUse,
+    broker_pid, env_usize, lsn, median, parse_iso_micros, payload, peak_rss_mb, queue_depth,
+    relay_binary, settle_broker, CpuUse,
 };
 
 const PG_URL: &str = "postgresql://postgres@127.0.0.1:5432/test";
@@ -832,32 +832,6 @@ async fn live(rate: usize, secs: usize, window: usize) -> Live {
         rss_mb,
         cpu,
     }
-}
-
-/// `2026-11-27T06:00:00.123456+00:00` to Unix microseconds (UTC offsets only).
-fn parse_iso_micros(s: &str) -> i64 {
-    let date = &s[..10];
-    let (y, m, d): (i64, i64, i64) = (
-        date[..4].parse().unwrap(),
-        date[5..7].parse().unwrap(),
-        date[8..10].parse().unwrap(),
-    );
-    let (h, mi, se): (i64, i64, i64) = (
-        s[11..13].parse().unwrap(),
-        s[14..16].parse().unwrap(),
-        s[17..19].parse().unwrap(),
-    );
-    let micros = if s.as_bytes().get(19) == Some(&b'.') {
-        s[20..26].parse::<i64>().unwrap()
-    } else {
-        0
-    };
-    let y2 = if m <= 2 { y - 1 } else { y };
-    let era = y2.div_euclid(400);
-    let yoe = y2 - era * 400;
-    let doy = (153 * ((m + 9) % 12) + 2) / 5 + d - 1;
-    let days = era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468;
-    (days * 86400 + h * 3600 + mi * 60 + se) * 1_000_000 + micros
 }
 
 /// One row of the table: the median of `runs`, its ratio to the median ceiling,

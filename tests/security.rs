@@ -8,97 +8,13 @@ mod support;
 
 use outbox_relay::pg::PgTarget;
 use outbox_relay::source::{self, SourceSettings};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
-use support::scratch::{self, sh_pg, ScratchPg, ScratchRabbit};
+use support::scratch::{sh_pg, ScratchPg, ScratchRabbit};
+use support::tls::{tls_pg, tls_rabbit, Certs, MQ_MARKER, PG_MARKER};
 use support::{http_get, Relay};
 
-/// Passwords that must never show in anything the relay writes.
-const PG_MARKER: &str = "SecMarkerPg-93b1e7";
-const MQ_MARKER: &str = "SecMarkerMq-93b1e7";
 const T: Duration = Duration::from_secs(60);
-
-/// CA, server and client certificates in PEM files under `dir`.
-struct Certs {
-    dir: PathBuf,
-}
-
-impl Certs {
-    fn make(dir: &Path) -> Certs {
-        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
-        std::fs::create_dir_all(dir).unwrap();
-        let write = |name: &str, text: String| std::fs::write(dir.join(name), text).unwrap();
-        let ca = |cn: &str| {
-            let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-            p.distinguished_name.push(DnType::CommonName, cn);
-            p.key_usages = vec![
-                KeyUsagePurpose::KeyCertSign,
-                KeyUsagePurpose::CrlSign,
-                KeyUsagePurpose::DigitalSignature,
-            ];
-            let key = KeyPair::generate().unwrap();
-            let cert = p.self_signed(&key).unwrap();
-            (cert, key)
-        };
-        let (ca_cert, ca_key) = ca("sec test ca");
-        write("ca.pem", ca_cert.pem());
-        let (other_ca, _) = ca("sec some other ca");
-        write("wrong-ca.pem", other_ca.pem());
-        let leaf = |name: &str, cn: &str, sans: Vec<String>| {
-            let mut p = CertificateParams::new(sans).unwrap();
-            p.distinguished_name.push(DnType::CommonName, cn);
-            let key = KeyPair::generate().unwrap();
-            let cert = p.signed_by(&key, &ca_cert, &ca_key).unwrap();
-            write(&format!("{name}.pem"), cert.pem());
-            write(&format!("{name}.key"), key.serialize_pem());
-        };
-        leaf("server", "localhost", vec!["localhost".into()]);
-        leaf(
-            "server-other",
-            "other.invalid",
-            vec!["other.invalid".into()],
-        );
-        leaf("client", "postgres", vec![]);
-        leaf("mq-client", "sec_user", vec![]);
-        Certs {
-            dir: dir.to_path_buf(),
-        }
-    }
-
-    fn path(&self, name: &str) -> String {
-        self.dir.join(name).display().to_string()
-    }
-}
-
-/// A throwaway Postgres cluster: `ssl = on`, `wal_level = logical`, SCRAM over
-/// TLS and clear-text passwords without it (to prove the relay refuses those).
-fn tls_pg(port: u16, certs: &Certs) -> ScratchPg {
-    let files: Vec<(String, &str)> = [
-        "ca.pem",
-        "server.pem",
-        "server.key",
-        "server-other.pem",
-        "server-other.key",
-    ]
-    .into_iter()
-    .map(|f| (certs.path(f), f))
-    .collect();
-    let pg = ScratchPg::start(scratch::Setup {
-        name: "sec-pg",
-        port,
-        conf: "ssl = on\nssl_cert_file = 'server.pem'\nssl_key_file = 'server.key'\nssl_ca_file = 'ca.pem'",
-        hba: "local all all trust\n\
-              hostssl all all 127.0.0.1/32 scram-sha-256\n\
-              hostssl all all ::1/128 scram-sha-256\n\
-              hostnossl all all 127.0.0.1/32 password\n\
-              hostnossl all all ::1/128 password\n",
-        auth_host: "scram-sha-256",
-        files: &files,
-    });
-    pg.psql(&format!("alter user postgres password '{PG_MARKER}'"));
-    pg
-}
 
 /// Sets `ssl` and the server certificate, then reloads.
 fn reconfigure(pg: &ScratchPg, ssl: bool, cert: &str) {
@@ -121,48 +37,6 @@ fn reconfigure(pg: &ScratchPg, ssl: bool, cert: &str) {
         std::thread::sleep(Duration::from_millis(50));
     }
     panic!("postgres did not reload its ssl settings");
-}
-
-/// A throwaway RabbitMQ node with only a TLS listener (the management plugin
-/// off). `external`: also log in by client certificate (EXTERNAL, by common
-/// name). `plain_too`: also a plain listener on `port + 3` (for the TLS cost
-/// measurement).
-fn tls_rabbit(port: u16, certs: &Certs, external: bool) -> ScratchRabbit {
-    tls_rabbit_with(port, certs, external, false)
-}
-
-fn tls_rabbit_with(port: u16, certs: &Certs, external: bool, plain_too: bool) -> ScratchRabbit {
-    let conf = format!(
-        "{tcp}\n\
-         listeners.ssl.default = {port}\n\
-         ssl_options.cacertfile = {ca}\n\
-         ssl_options.certfile = {cert}\n\
-         ssl_options.keyfile = {key}\n\
-         ssl_options.verify = verify_peer\n\
-         ssl_options.fail_if_no_peer_cert = false\n\
-         loopback_users = none\n\
-         default_user = sec_user\n\
-         default_pass = {MQ_MARKER}\n{extra}",
-        tcp = if plain_too {
-            format!("listeners.tcp.default = 127.0.0.1:{}", port + 3)
-        } else {
-            "listeners.tcp = none".to_string()
-        },
-        extra = if external {
-            "auth_mechanisms.1 = PLAIN\nauth_mechanisms.2 = EXTERNAL\nssl_cert_login_from = common_name\n"
-        } else {
-            ""
-        },
-        ca = certs.path("ca.pem"),
-        cert = certs.path("server.pem"),
-        key = certs.path("server.key"),
-    );
-    let plugins = if external {
-        "[rabbitmq_auth_mechanism_ssl].\n"
-    } else {
-        "[].\n"
-    };
-    ScratchRabbit::start(&format!("sec_rabbit_{port}"), port, &conf, plugins)
 }
 
 fn rabbit_url(rabbit: &ScratchRabbit) -> String {
@@ -868,110 +742,6 @@ async fn the_metrics_endpoint_withstands_abuse_and_the_relay_keeps_publishing() 
     assert_eq!(get(&addr, "/metrics", auth).await.0, 200);
     assert_eq!(get(&addr, "/healthz", "").await.0, 200);
     assert!(relay.terminate(T).await.success());
-    drop_slot_when_inactive(&pg, "sec_slot").await;
-    let _ = broker.close(200, "bye".into()).await;
-    drop(rabbit);
-    let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// What TLS costs the relay: 20 000 one-row transactions drained with both
-/// sides plain, then with both sides on TLS (verify-full to Postgres, amqps to
-/// the broker), on scratch instances. A measurement, not a check: run it with
-/// `cargo test --release --test security -- --ignored --nocapture tls_cost`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore]
-async fn tls_cost() {
-    let dir = std::env::temp_dir().join("outbox-relay-sec-cost");
-    let _ = std::fs::remove_dir_all(&dir);
-    let certs = Certs::make(&dir.join("certs"));
-    let rabbit = tls_rabbit_with(56721, &certs, false, true);
-    let pg = tls_pg(55444, &certs);
-    let broker = wait_rabbit(&rabbit, &certs).await;
-    let ch = broker.create_channel().await.unwrap();
-    support::declare_bound_queue(&ch, "sec_events", "sec_q", false).await;
-    pg.psql(&outbox_relay::pg::catalog::outbox_ddl(
-        &outbox_relay::pg::TableName::parse("public.sec_outbox").unwrap(),
-    ));
-    // The drain is measured, not the server's fsyncs.
-    pg.psql("alter system set synchronous_commit = off");
-    pg.psql("select pg_reload_conf()");
-    let pw = dir.join("pg.password");
-    std::fs::write(&pw, PG_MARKER).unwrap();
-    let n = 20_000;
-    let plain = (
-        format!(
-            "postgresql://postgres@127.0.0.1:{}/postgres?sslmode=disable",
-            pg.port
-        ),
-        format!(
-            "amqp://sec_user:{MQ_MARKER}@127.0.0.1:{}/%2f",
-            rabbit.port + 3
-        ),
-        "allow_insecure_password = true\n".to_string(),
-    );
-    let tls = (
-        format!(
-            "postgresql://postgres@localhost:{}/postgres?sslmode=verify-full&sslrootcert={}",
-            pg.port,
-            certs.path("ca.pem")
-        ),
-        format!("amqps://sec_user:{MQ_MARKER}@localhost:{}/%2f", rabbit.port),
-        format!("tls_ca_file = \"{}\"\n", certs.path("ca.pem")),
-    );
-    use futures_util::StreamExt;
-    for (round, (name, (pg_url, mq_url, extra))) in
-        [("plain", plain), ("tls", tls)].into_iter().enumerate()
-    {
-        let config = format!(
-            "[postgres]\nurl = \"{pg_url}\"\npassword_file = \"{}\"\n{}table = \"public.sec_outbox\"\nslot = \"sec_slot\"\npublication = \"sec_pub\"\nretry_table = \"public.sec_parked\"\non_success = \"keep\"\n\
-             [amqp]\nurl = \"{mq_url}\"\n{}exchange = \"sec_events\"\n[metrics]\nlisten = \"\"\n",
-            pw.display(),
-            if name == "plain" { "allow_insecure_password = true\n" } else { "" },
-            if name == "plain" { "allow_insecure_password = true\n" } else { extra.as_str() },
-        );
-        let path = dir.join(format!("{name}.toml"));
-        std::fs::write(&path, &config).unwrap();
-        let mut relay = Relay::command(&["run", "--config", path.to_str().unwrap()], &dir, &[]);
-        relay.wait_streaming().await;
-        // Rows written while the relay is stopped would measure start-up too:
-        // write them now, one transaction each, then time the drain.
-        let started = std::time::Instant::now();
-        pg.psql(&format!(
-            "do $$ begin for i in 1..{n} loop \
-               insert into public.sec_outbox (id, aggregate_type, aggregate_id, event_type, payload) \
-               values ('{round}-' || i, 'cost', 'a' || (i % 64), 'cost.e', '{{}}'); commit; end loop; end $$"
-        ));
-        let mut consumer = ch
-            .basic_consume(
-                "sec_q".into(),
-                format!("c{round}").as_str().into(),
-                lapin::options::BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                Default::default(),
-            )
-            .await
-            .unwrap();
-        let mut got = 0;
-        while got < n {
-            tokio::time::timeout(Duration::from_secs(300), consumer.next())
-                .await
-                .expect("drained in time")
-                .unwrap()
-                .unwrap();
-            got += 1;
-        }
-        let took = started.elapsed();
-        println!(
-            "{name}: {n} one-row transactions written and delivered in {took:?} ({:.0} msg/s)",
-            n as f64 / took.as_secs_f64()
-        );
-        ch.basic_cancel(format!("c{round}").as_str().into(), Default::default())
-            .await
-            .unwrap();
-        assert!(relay.terminate(T).await.success());
-    }
     drop_slot_when_inactive(&pg, "sec_slot").await;
     let _ = broker.close(200, "bye".into()).await;
     drop(rabbit);

@@ -19,6 +19,7 @@ pub mod outage;
 pub mod process;
 pub mod proxy;
 pub mod scratch;
+pub mod tls;
 pub mod wal;
 
 // Re-exported for the tests; each binary uses some of them.
