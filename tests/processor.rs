@@ -81,6 +81,18 @@ async fn inb_processor_effects_commit_with_processed_and_failures_back_off() {
         1,
     )
     .await;
+    // JSON Postgres takes and serde_json::Value cannot read: it fails with the
+    // reason, its handler never sees a null payload.
+    f.db.execute(
+        &format!(
+            "insert into {} (id, message_id, source, event_type, payload, max_retries) \
+             values (gen_random_uuid()::text, 'huge', 'test', 'done', '{{\"n\": 1e400}}', 1)",
+            f.table
+        ),
+        &[],
+    )
+    .await
+    .unwrap();
     let flaky_calls = Arc::new(AtomicUsize::new(0));
     let calls = flaky_calls.clone();
     let bad_calls = Arc::new(AtomicUsize::new(0));
@@ -142,6 +154,7 @@ async fn inb_processor_effects_commit_with_processed_and_failures_back_off() {
     let want: Vec<(String, String, i32)> = vec![
         ("bad".into(), "permanently_failed".into(), 2),
         ("flaky".into(), "processed".into(), 1),
+        ("huge".into(), "permanently_failed".into(), 2),
         ("ok".into(), "processed".into(), 0),
         ("other".into(), "received".into(), 0),
         ("swallow".into(), "permanently_failed".into(), 2),
@@ -194,6 +207,21 @@ async fn inb_processor_effects_commit_with_processed_and_failures_back_off() {
         .unwrap()
         .get(0);
     assert_eq!(error.as_deref(), Some("always fails"));
+    let error: String =
+        f.db.query_one(
+            &format!(
+                "select error_message from {} where message_id = 'huge'",
+                f.table
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        error.contains("the payload cannot be read as a serde_json::Value"),
+        "{error}"
+    );
     let error: String =
         f.db.query_one(
             &format!(

@@ -118,16 +118,20 @@ impl Processor {
         let mut processed = Vec::with_capacity(claimed);
         let mut failures = Vec::new();
         for row in rows {
-            let message = message_of(&row);
-            let outcome = match mode {
+            let (message, unreadable) = message_of(&row);
+            let outcome = match (unreadable, mode) {
+                // A row whose JSON a handler cannot be given fails without running.
+                (Some(reason), _) => Err(reason),
                 // The handler whose failure undid the batch is not run twice:
                 // its attempt counts once, with its error.
-                Mode::Isolated(Some((id, error))) if *id == message.id => Err(error.clone()),
-                Mode::Isolated(_) => self
+                (None, Mode::Isolated(Some((id, error)))) if *id == message.id => {
+                    Err(error.clone())
+                }
+                (None, Mode::Isolated(_)) => self
                     .run_handler(&tx, &message)
                     .await?
                     .map_err(|e| e.to_string()),
-                Mode::Batch => match self.handlers.get(&message.event_type) {
+                (None, Mode::Batch) => match self.handlers.get(&message.event_type) {
                     Some(handler) => handler.handle(&tx, &message).await,
                     None => Err("no handler for this event type".into()),
                 }
@@ -310,18 +314,37 @@ pub(super) enum Ran {
     },
 }
 
-/// The claimed row as its handler sees it.
-fn message_of(row: &tokio_postgres::Row) -> InboxMessage {
+/// The claimed row as its handler sees it, and why it cannot be given to one:
+/// JSON Postgres holds that `serde_json::Value` cannot read (a number beyond
+/// f64, such as 1e400) fails its row with the reason instead of reaching the
+/// handler as `null`.
+fn message_of(row: &tokio_postgres::Row) -> (InboxMessage, Option<String>) {
     let text: String = row.get(4);
     let metadata: Option<String> = row.get(5);
-    InboxMessage {
+    let mut unreadable = None;
+    let payload = serde_json::from_str(&text).unwrap_or_else(|e| {
+        unreadable = Some(format!(
+            "the payload cannot be read as a serde_json::Value ({e}): a handler cannot be given it"
+        ));
+        serde_json::Value::Null
+    });
+    let metadata = metadata.map(|m| {
+        serde_json::from_str(&m).unwrap_or_else(|e| {
+            unreadable.get_or_insert(format!(
+                "the metadata cannot be read as a serde_json::Value ({e}): a handler cannot be given it"
+            ));
+            serde_json::Value::Null
+        })
+    });
+    let message = InboxMessage {
         id: row.get(0),
         message_id: row.get(1),
         source: row.get(2),
         event_type: row.get(3),
-        payload: serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
-        metadata: metadata.and_then(|m| serde_json::from_str(&m).ok()),
+        payload,
+        metadata,
         retry_count: row.get(6),
         max_retries: row.get(7),
-    }
+    };
+    (message, unreadable)
 }
