@@ -9,6 +9,9 @@ cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace --lib --bins
 # The rustdoc examples (no_run: compiled, not run), of both crates.
 cargo test --workspace --doc
+# Every fuzz corpus file and finding, replayed on stable through the fuzz targets'
+# checks (fuzz/README.md): no services, no nightly.
+cargo test --test fuzz_corpus
 # The client crate builds without the relay's heavy dependencies (no broker
 # client, HTTP server, TLS stack or allocator of its own).
 if cargo tree -p outbox-relay-client -e normal --prefix none | grep -E '^(lapin|hyper|rustls|aws-lc|mimalloc) '; then

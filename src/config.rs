@@ -45,6 +45,29 @@ pub enum ConfigError {
     Invalid { key: String, message: String },
 }
 
+impl ConfigError {
+    /// The error with every password of a URL it quotes removed: a refusal may
+    /// echo a value, and a URL typed into the wrong key is still a secret.
+    fn without_passwords(self) -> Self {
+        use crate::redact::scrub_urls;
+        match self {
+            ConfigError::Parse { path, message } => ConfigError::Parse {
+                path,
+                message: scrub_urls(&message),
+            },
+            ConfigError::Env { var, message } => ConfigError::Env {
+                var: scrub_urls(&var),
+                message: scrub_urls(&message),
+            },
+            ConfigError::Invalid { key, message } => ConfigError::Invalid {
+                key: scrub_urls(&key),
+                message: scrub_urls(&message),
+            },
+            read @ ConfigError::Read { .. } => read,
+        }
+    }
+}
+
 /// The whole configuration of one relay, validated.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -322,6 +345,14 @@ impl Config {
 
     /// Parses `text` (named `origin` in messages), applies the overrides in `env`, validates.
     pub fn from_toml_with_env(
+        text: &str,
+        origin: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        Self::from_toml_unscrubbed(text, origin, env).map_err(ConfigError::without_passwords)
+    }
+
+    fn from_toml_unscrubbed(
         text: &str,
         origin: &str,
         env: impl IntoIterator<Item = (String, String)>,

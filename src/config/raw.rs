@@ -474,8 +474,19 @@ impl Amqp {
     /// One node's URL, checked with the same rules as every other: scheme, TLS
     /// files only with `amqps://`, EXTERNAL only with a client certificate, no
     /// password in clear text beyond loopback; `password` (from
-    /// `amqp.password_file`) set into it.
+    /// `amqp.password_file`) set into it. A refusal never shows a password the
+    /// URL holds.
     fn node(&self, url: &str, password: Option<&str>) -> Result<AmqpUrl, ConfigError> {
+        self.node_unscrubbed(url, password).map_err(|e| match e {
+            ConfigError::Invalid { key, message } => ConfigError::Invalid {
+                key,
+                message: crate::redact::scrub(&message, url),
+            },
+            other => other,
+        })
+    }
+
+    fn node_unscrubbed(&self, url: &str, password: Option<&str>) -> Result<AmqpUrl, ConfigError> {
         if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
             return Err(invalid(
                 "amqp.url",

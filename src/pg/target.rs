@@ -71,8 +71,13 @@ fn primary_as_read_write(url: &str) -> String {
 }
 
 impl PgTarget {
-    /// Parses a `postgresql://` URL or a `key=value` connection string.
+    /// Parses a `postgresql://` URL or a `key=value` connection string. A
+    /// refusal never shows a password the string holds.
     pub fn parse(url: &str) -> Result<Self, String> {
+        Self::parse_unscrubbed(url).map_err(|e| crate::redact::scrub(&e, url))
+    }
+
+    fn parse_unscrubbed(url: &str) -> Result<Self, String> {
         let parse = |s: &str| -> Result<tokio_postgres::Config, String> {
             s.parse().map_err(|e| {
                 format!("cannot be parsed ({e}); use postgresql://user:password@host:5432/dbname")
@@ -147,12 +152,20 @@ impl PgTarget {
             true => vec![format!("{}:{}", self.host, self.port)],
             false => self.hosts.iter().map(|(h, p)| format!("{h}:{p}")).collect(),
         };
-        format!(
+        let shown = format!(
             "postgresql://{}@{}/{}",
             self.user,
             hosts.join(","),
             self.dbname
-        )
+        );
+        // A string read leniently can leave a password it did not take as the
+        // password inside the user or database name: those are removed (the
+        // one it took is never shown, so a short one does not garble the rest).
+        let untaken = crate::redact::url_passwords(&self.url)
+            .into_iter()
+            .filter(|p| !self.password.contains(p))
+            .collect();
+        crate::redact::scrub_secrets(&shown, untaken)
     }
 
     /// Every host of the URL with its port.

@@ -115,7 +115,9 @@ impl Relay {
         match origin {
             Origin::Stream { txn, commit_time } => {
                 m.published.inc();
-                let latency_micros = now_micros() - (commit_time + PG_EPOCH_OFFSET_MICROS);
+                // Saturating: a commit time is the walsender's word, not ours.
+                let latency_micros =
+                    now_micros().saturating_sub(commit_time.saturating_add(PG_EPOCH_OFFSET_MICROS));
                 m.delivery_latency
                     .observe(latency_micros.max(0) as f64 / 1e6);
                 self.tracker.resolve(txn);

@@ -147,7 +147,8 @@ pub fn encode_with(
         match event.created_at.as_deref().and_then(pg_timestamp_to_iso) {
             Some(v) => v,
             None => {
-                let unix_micros = commit_time_micros + PG_EPOCH_OFFSET_MICROS;
+                // Saturating: the commit time is the walsender's word (fuzzed).
+                let unix_micros = commit_time_micros.saturating_add(PG_EPOCH_OFFSET_MICROS);
                 (
                     unix_micros_to_iso(unix_micros),
                     unix_micros.div_euclid(1_000_000),
