@@ -336,9 +336,11 @@ impl Config {
     /// Reads the file, applies `OUTBOX_RELAY_*` overrides from the process
     /// environment and validates the result.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
+        let text = crate::files::read_small_text(&path.display().to_string()).map_err(|m| {
+            ConfigError::Read {
+                path: path.display().to_string(),
+                source: std::io::Error::other(m),
+            }
         })?;
         Self::from_toml_with_env(&text, &path.display().to_string(), std::env::vars())
     }
@@ -396,11 +398,9 @@ pub use sharding::Sharding;
 /// A password from a file (a Kubernetes secret, say): its content without the
 /// final line break.
 fn read_password(key: &str, path: &str) -> Result<String, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Invalid {
+    let text = crate::files::read_small_text(path).map_err(|e| ConfigError::Invalid {
         key: key.to_string(),
-        message: format!(
-            "{path} cannot be read ({e}): give a readable file that holds only the password"
-        ),
+        message: format!("{path} {e}: give a readable file that holds only the password"),
     })?;
     let password = text.strip_suffix('\n').unwrap_or(&text);
     let password = password.strip_suffix('\r').unwrap_or(password);
@@ -442,7 +442,7 @@ fn amqp_tls(ca: &str, cert: &str, key: &str) -> Result<AmqpTls, ConfigError> {
         message: m,
     };
     let read = |k: &str, path: &str| {
-        std::fs::read(path).map_err(|e| invalid(k, format!("{path} cannot be read ({e})")))
+        crate::files::read_small(path).map_err(|e| invalid(k, format!("{path} {e}")))
     };
     let certs = |k: &str, path: &str, bytes: &[u8]| -> Result<(), ConfigError> {
         let n = CertificateDer::pem_slice_iter(bytes)

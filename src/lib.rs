@@ -46,6 +46,7 @@ pub mod config;
 pub mod error;
 pub mod event;
 pub mod failure;
+pub mod files;
 pub mod inbox;
 pub mod metrics;
 pub mod outbox_table;

@@ -169,6 +169,20 @@ fn passwords_come_from_files_and_never_go_out_in_clear() {
         e.contains("postgres.password_file") && e.contains("/nonexistent/pw"),
         "{e}"
     );
+    // A device or a pipe is refused at once: never read without end.
+    for (key, text) in [
+        (
+            "postgres.password_file",
+            "[postgres]\npassword_file = \"/dev/zero\"\n",
+        ),
+        (
+            "amqp.tls_ca_file",
+            "[amqp]\nurl = \"amqps://h:5671/%2f\"\ntls_ca_file = \"/dev/zero\"\n",
+        ),
+    ] {
+        let e = load(text, &[]).unwrap_err().to_string();
+        assert!(e.contains(key) && e.contains("not a regular file"), "{e}");
+    }
     // amqp:// with a password to another host is clear text: refused unless allowed.
     let e = load(
         "[amqp]\nurl = \"amqp://u:hunter6@broker.example:5672/%2f\"\n",

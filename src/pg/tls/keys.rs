@@ -104,7 +104,7 @@ pub(super) fn split(url: &str) -> Result<(String, SslParams), String> {
 }
 
 pub(super) fn read_certs(key: &str, path: &str) -> Result<Vec<CertificateDer<'static>>, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("{key}={path}: cannot be read ({e})"))?;
+    let bytes = crate::files::read_small(path).map_err(|e| format!("{key}={path}: {e}"))?;
     let certs = CertificateDer::pem_slice_iter(&bytes)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("{key}={path}: not a PEM certificate file ({e})"))?;

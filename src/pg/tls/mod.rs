@@ -164,8 +164,8 @@ impl PgTls {
             }
             (Some(cert), Some(key)) => {
                 let certs = read_certs("sslcert", cert)?;
-                let bytes = std::fs::read(key)
-                    .map_err(|e| format!("sslkey={key}: cannot be read ({e})"))?;
+                let bytes =
+                    crate::files::read_small(key).map_err(|e| format!("sslkey={key}: {e}"))?;
                 let pk = PrivateKeyDer::from_pem_slice(&bytes).map_err(|e| {
                     format!("sslkey={key}: not a PEM private key (PKCS#8, PKCS#1 or SEC1): {e}")
                 })?;
