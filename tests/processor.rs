@@ -65,6 +65,20 @@ async fn statuses(f: &InboxFixture) -> Vec<(String, String, i32)> {
     .collect()
 }
 
+/// The `error_message` of the row with `message_id`.
+async fn error_message(f: &InboxFixture, message_id: &str) -> Option<String> {
+    f.db.query_one(
+        &format!(
+            "select error_message from {} where message_id = $1",
+            f.table
+        ),
+        &[&message_id],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inb_processor_effects_commit_with_processed_and_failures_back_off() {
     let f = InboxFixture::new("proc_effects").await;
@@ -195,44 +209,16 @@ async fn inb_processor_effects_commit_with_processed_and_failures_back_off() {
         vec!["flaky", "ok"],
         "failed attempts left no effects"
     );
-    let error: Option<String> =
-        f.db.query_one(
-            &format!(
-                "select error_message from {} where message_id = 'bad'",
-                f.table
-            ),
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(error.as_deref(), Some("always fails"));
-    let error: String =
-        f.db.query_one(
-            &format!(
-                "select error_message from {} where message_id = 'huge'",
-                f.table
-            ),
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    assert_eq!(
+        error_message(&f, "bad").await.as_deref(),
+        Some("always fails")
+    );
+    let error = error_message(&f, "huge").await.unwrap_or_default();
     assert!(
         error.contains("the payload cannot be read as a serde_json::Value"),
         "{error}"
     );
-    let error: String =
-        f.db.query_one(
-            &format!(
-                "select error_message from {} where message_id = 'swallow'",
-                f.table
-            ),
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let error = error_message(&f, "swallow").await.unwrap_or_default();
     assert!(
         error.contains("returned success after one of its statements had failed"),
         "{error}"
