@@ -249,6 +249,17 @@ impl Error {
         Some(SqlTrouble::of(source))
     }
 
+    /// Postgres is shutting down, or ended this session (SQLSTATE 57P01
+    /// admin_shutdown, 57P02 crash_shutdown, 57P03 cannot_connect_now).
+    pub fn server_stopping(&self) -> bool {
+        match self {
+            Error::Postgres { source, .. } | Error::PostgresConnect { source, .. } => source
+                .as_db_error()
+                .is_some_and(|db| matches!(db.code().code(), "57P01" | "57P02" | "57P03")),
+            _ => false,
+        }
+    }
+
     /// How the slot was lost, when this is the refusal of a lost slot.
     pub fn slot_loss(&self) -> Option<SlotLoss> {
         match self {

@@ -134,6 +134,98 @@ async fn postgres_restart_mid_stream_loses_nothing() {
     f.cleanup().await;
 }
 
+/// A fast shutdown of Postgres waits for the walsender, and the walsender for
+/// its client to confirm everything it sent. When confirming needs the retry
+/// store (messages being parked: every other one is delayed here, and the
+/// parks wait behind a lock until the shutdown ends the store's session), the
+/// relay lets the stream go rather than hold the server up: Postgres restarts
+/// within 20 s, every id arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_restarts_while_messages_are_being_parked() {
+    let mut f = Fixture::new("f_pg_parking", true).await;
+    // A small window: messages waiting to be parked fill it, and the relay
+    // stops reading WAL, so the walsender cannot finish sending either.
+    let mut relay = f.spawn(&[("amqp", "max_in_flight = 50")]);
+    relay.wait_streaming().await;
+    let all = ids("pgpark", 6000);
+    let writer = {
+        let (table, all) = (f.table.clone(), all.clone());
+        tokio::spawn(async move {
+            let mut db = support::pg_retry(T).await;
+            for chunk in all.chunks(10) {
+                let values: Vec<String> = chunk
+                    .iter()
+                    .enumerate()
+                    .map(|(i, id)| {
+                        let at = if i % 2 == 0 {
+                            "now() + interval '1 second'"
+                        } else {
+                            "null"
+                        };
+                        format!(
+                            "('{id}', 'Order', 'agg-{}', 'streamed', '{{}}', {at})",
+                            i % 7
+                        )
+                    })
+                    .collect();
+                let sql = format!(
+                    "insert into {table} (id, aggregate_type, aggregate_id, event_type, payload, scheduled_at) values {} on conflict (id) do nothing",
+                    values.join(",")
+                );
+                while db.batch_execute(&sql).await.is_err() {
+                    db = support::pg_retry(T).await;
+                }
+            }
+        })
+    };
+    wait_for(T, "some delivered", || async {
+        f.consumer().ids().len() >= 1000
+    })
+    .await;
+    // Parks wait behind a lock when the shutdown comes (the lock goes with it).
+    let locker = support::pg().await;
+    locker
+        .batch_execute(&format!(
+            "begin; lock table {} in access exclusive mode",
+            f.retry_table
+        ))
+        .await
+        .unwrap();
+    wait_for(T, "a park waiting for the lock", || async {
+        f.db.query_one(
+            "select count(*) from pg_stat_activity where wait_event_type = 'Lock' and application_name like 'outbox-relay retry-store%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+            > 0
+    })
+    .await;
+    let restart = "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql | sort -V | tail -n1) main restart -- -t 20";
+    let restarted = Command::new("bash").args(["-c", restart]).status().unwrap();
+    if !restarted.success() {
+        let log = relay.log_text();
+        relay.kill9();
+        // Whatever state the failed restart left: stopped at once, started.
+        let _ = Command::new("bash")
+            .args(["-c", "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql | sort -V | tail -n1) main stop -m immediate"])
+            .status();
+        sh("pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql | sort -V | tail -n1) main start");
+        panic!("Postgres did not shut down within 20 s: the relay held its walsender\n{log}");
+    }
+    relay
+        .wait_log("replication stream resumed", Duration::from_secs(90))
+        .await;
+    writer.await.unwrap();
+    assert_recovered(&f, &mut relay, &all).await;
+    // The fixture's session died with the restart.
+    f.db = support::pg_retry(T).await;
+    f.wait_retry_drained().await;
+    assert!(relay.terminate(T).await.success());
+    f.cleanup().await;
+}
+
 /// Restores the broker's memory watermark even when the test panics.
 struct Unblock;
 

@@ -65,6 +65,8 @@ pub(super) struct Relay {
     /// on_success for acked stream messages, straight to the housekeeping task.
     pub(super) chores: mpsc::Sender<Chore>,
     pub(super) heartbeat: startup::Heartbeat,
+    /// Counts up when the retry store finds Postgres shutting down.
+    pub(super) server_stopping: tokio::sync::watch::Receiver<u64>,
     /// When the replication stream and the LSN last showed signs of life.
     pub(super) liveness: Liveness,
     pub(super) dead_letter_exchange: Option<ShortString>,
@@ -91,6 +93,8 @@ pub(super) struct Stream {
     pub(super) settings: SourceSettings,
     pub(super) start_lsn: Lsn,
     pub(super) heartbeat: startup::Heartbeat,
+    /// Counts up when the retry store finds Postgres shutting down.
+    pub(super) server_stopping: tokio::sync::watch::Receiver<u64>,
 }
 
 /// The senders to the tasks that own the connections.
@@ -138,6 +142,7 @@ impl Relay {
             heads_pending: true,
             chores: channels.chores,
             heartbeat: stream.heartbeat,
+            server_stopping: stream.server_stopping,
             liveness: Liveness::new(),
             dead_letter_exchange: config
                 .amqp
@@ -234,7 +239,8 @@ impl Relay {
             .flatten()
             .min();
             // Priority, highest first: shutdown, confirms (they free the window and
-            // move the LSN), retry-state answers, retries and timeouts due, WAL
+            // move the LSN), retry-state answers, Postgres shutting down (the
+            // stream is let go), retries and timeouts due, WAL
             // (only with room in the window and the broker up), keepalives (they
             // arrive as WAL events).
             tokio::select! {
@@ -259,6 +265,17 @@ impl Relay {
                         return Err(Error::TaskEnded("retry-state"));
                     };
                     self.on_store_event(ev).await;
+                }
+                Ok(()) = self.server_stopping.changed(), if draining_until.is_none() => {
+                    // Postgres shuts down only once its walsender's client confirmed
+                    // everything sent, which may need the retry store, which needs
+                    // Postgres: let the stream go (what is unconfirmed is read again).
+                    let reason = "Postgres is shutting down (the retry store's session was ended or refused): letting the replication stream go so the server can stop".to_string();
+                    let resumed = self.reconnect_source(reason, &mut shutdown).await?;
+                    self.server_stopping.borrow_and_update();
+                    if !resumed {
+                        draining_until = Some(Instant::now());
+                    }
                 }
                 _ = sleep_until_opt(next_timer) => {
                     if let Some(reason) = self.on_timers(loads).await {

@@ -57,7 +57,9 @@ async fn stream(
 ) -> Result<(), Error> {
     let pg = &config.postgres;
     let (chores_tx, chores_rx) = mpsc::channel(256);
-    let (store, housekeeping) = open_sessions(&config, health, chores_tx.clone()).await?;
+    let (stopping_tx, server_stopping) = tokio::sync::watch::channel(0);
+    let (store, housekeeping) =
+        open_sessions(&config, health, chores_tx.clone(), stopping_tx).await?;
     let sink_settings = AmqpSettings::from_config(&config.amqp);
     let broker = crate::amqp::connect(&sink_settings).await?;
     let frame_max = broker.frame_max();
@@ -121,6 +123,7 @@ async fn stream(
             settings: source_settings,
             start_lsn,
             heartbeat,
+            server_stopping,
         },
         Channels {
             sink: cmd_tx,
@@ -153,6 +156,7 @@ async fn open_sessions(
     config: &Config,
     health: &Arc<Health>,
     chores: mpsc::Sender<Chore>,
+    stopping: tokio::sync::watch::Sender<u64>,
 ) -> Result<(Store, Housekeeping), Error> {
     let pg = &config.postgres;
     let session_options = session_timeouts(pg.statement_timeout, pg.lock_timeout);
@@ -170,6 +174,7 @@ async fn open_sessions(
         },
         health.clone(),
         chores,
+        stopping,
     )
     .await?;
     let housekeeping = Housekeeping::open(

@@ -26,7 +26,7 @@ use futures_util::StreamExt;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_postgres::{AsyncMessage, Client};
 
 mod loads;
@@ -55,6 +55,9 @@ pub struct Store {
     chores: mpsc::Sender<Chore>,
     /// Chores the housekeeping task had no room for yet.
     held: VecDeque<Chore>,
+    /// Counts the times this store found Postgres shutting down (see
+    /// [`Store::open`]).
+    stopping: watch::Sender<u64>,
 }
 
 async fn connect(
@@ -110,10 +113,17 @@ impl Store {
     /// Connects, creates the retry table if missing, learns the outbox table's
     /// shape and LISTENs for requeues. The heads are read when the relay asks
     /// (`StoreCommand::Reload`), once it holds the slot.
+    ///
+    /// `stopping` counts up each time a statement or a reconnect finds Postgres
+    /// shutting down (or this session ended by it): a fast shutdown waits for
+    /// the walsender, which waits for the relay to confirm what it was sent,
+    /// which may wait for this store to park a message, which waits for
+    /// Postgres. The relay lets the stream go when it counts up.
     pub async fn open(
         settings: StoreSettings,
         health: Arc<Health>,
         chores: mpsc::Sender<Chore>,
+        stopping: watch::Sender<u64>,
     ) -> Result<Store, Error> {
         let (client, notifications) =
             connect(&settings.target, &settings.slot, &settings.session_options).await?;
@@ -140,6 +150,7 @@ impl Store {
             health,
             chores,
             held: VecDeque::new(),
+            stopping,
         })
     }
 
@@ -279,6 +290,7 @@ impl Store {
                 Some(format!("the retry store keeps failing while {what}: {e}")),
             );
         }
+        self.note_stopping(e);
         match decide(e.sql_trouble(), attempt > 1, attempt) {
             Decision::Relearn => {
                 // Someone altered a table: read the outbox table's columns again, retry.
@@ -322,7 +334,17 @@ impl Store {
                 self.notifications = notifications;
                 tracing::info!("retry store reconnected");
             }
-            Err(e) => tracing::warn!(error = %e, "retry store cannot reconnect yet"),
+            Err(e) => {
+                self.note_stopping(&e);
+                tracing::warn!(error = %e, "retry store cannot reconnect yet")
+            }
+        }
+    }
+
+    /// Tells the relay when `e` says Postgres is shutting down.
+    fn note_stopping(&self, e: &Error) {
+        if e.server_stopping() {
+            self.stopping.send_modify(|n| *n += 1);
         }
     }
 
