@@ -388,6 +388,80 @@ async fn inb_processors_share_the_work_and_keep_aggregate_order() {
     f.cleanup().await;
 }
 
+/// A claim looks at the oldest unprocessed rows first (a window of 1 000):
+/// when all of them wait behind a failed row that is not due yet, the rows of
+/// other aggregates after them are still claimed (the claim then looks at every
+/// unprocessed row), and nothing of the held-back aggregate runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inb_an_aggregate_held_back_past_the_claim_window_does_not_hold_back_others() {
+    let f = InboxFixture::new("proc_window").await;
+    let fx = effects_table(&f).await;
+    // The held-back aggregate: a failed head due in an hour, 1 500 rows behind it;
+    // then 5 rows of another aggregate. created_at spaced so the order is theirs.
+    f.db.batch_execute(&format!(
+        "insert into {t} (id, message_id, source, event_type, payload, status, retry_count, max_retries, scheduled_at, created_at) \
+         values (gen_random_uuid()::text, 'held-0', 'test', 'e', '{{\"agg\": \"held\"}}', 'failed', 1, 3, now() + interval '1 hour', now() - interval '1 hour'); \
+         insert into {t} (id, message_id, source, event_type, payload, max_retries, created_at) \
+         select gen_random_uuid()::text, 'held-' || g, 'test', 'e', '{{\"agg\": \"held\"}}', 3, now() - interval '1 hour' + g * interval '1 ms' \
+         from generate_series(1, 1500) g; \
+         insert into {t} (id, message_id, source, event_type, payload, max_retries, created_at) \
+         select gen_random_uuid()::text, 'free-' || g, 'test', 'e', '{{\"agg\": \"free\"}}', 3, now() - interval '1 minute' + g * interval '1 ms' \
+         from generate_series(1, 5) g;",
+        t = f.table
+    ))
+    .await
+    .unwrap();
+    let processor = {
+        let fx = fx.clone();
+        Processor::new(crate::support::PG_URL, &f.table)
+            .unwrap()
+            .options(ProcessorOptions {
+                ordering_field: Some("agg".into()),
+                ..options()
+            })
+            .handler("e", move |tx: &Transaction<'_>, m: &InboxMessage| {
+                let sql = format!("insert into {fx} (message_id, agg) values ($1, $2)");
+                let id = m.message_id.clone();
+                let agg = m.payload["agg"].as_str().unwrap_or_default().to_string();
+                Box::pin(async move {
+                    tx.execute(&sql, &[&id, &agg]).await?;
+                    Ok(())
+                })
+            })
+    };
+    let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    let worker = tokio::spawn(async move {
+        processor
+            .run(async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            })
+            .await
+    });
+    let ran = |agg: &'static str| {
+        let (db, fx) = (&f.db, &fx);
+        async move {
+            db.query_one(
+                &format!("select count(*) from {fx} where agg = $1"),
+                &[&agg],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+        }
+    };
+    wait_for(T, "the free aggregate's rows processed", || async {
+        ran("free").await == 5
+    })
+    .await;
+    assert_eq!(ran("held").await, 0, "nothing runs behind the failed head");
+    let _ = stop.send(true);
+    worker.await.unwrap().unwrap();
+    f.db.batch_execute(&format!("drop table {fx}"))
+        .await
+        .unwrap();
+    f.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inb_enqueue_writes_in_the_callers_transaction() {
     let mut db = crate::support::pg().await;

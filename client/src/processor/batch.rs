@@ -10,23 +10,53 @@ use std::time::Duration;
 use tokio_postgres::types::Type;
 use tokio_postgres::{Client, Transaction};
 
+/// How many of the oldest unprocessed rows a claim looks at first (at least
+/// ten times its batch).
+const WINDOW: usize = 1000;
+
 impl Processor {
-    pub(super) fn claim_sql(&self, limit: usize) -> String {
+    /// The claim of up to `limit` due rows, oldest first, locked (`SKIP
+    /// LOCKED`: rows another processor holds are passed over).
+    ///
+    /// Candidates are found through the status (rows not yet processed), not
+    /// by walking `created_at`: that walk would pass every processed row the
+    /// table still holds on each claim, and they only grow. With `window`,
+    /// only the oldest `window` unprocessed rows are considered (a claim costs
+    /// about the same however large the backlog); `None` considers them all,
+    /// for when the window held nothing claimable (all locked, or, with an
+    /// ordering field, all behind a row that is not due).
+    ///
+    /// With `ordering_field`, a row is claimable only when it is the oldest
+    /// unprocessed row of its key (`payload->>field`; rows without the key are
+    /// each their own): an earlier row of the key that is received, failed
+    /// (due or not) or being processed holds the later ones back.
+    pub(super) fn claim_sql(&self, limit: usize, window: Option<usize>) -> String {
         let t = self.table.quoted();
-        let ordering = match &self.options.ordering_field {
+        let window = window.map(|w| format!(" limit {w}")).unwrap_or_default();
+        let due = "(m.status = 'received' or (m.status = 'failed' \
+                   and (m.scheduled_at is null or m.scheduled_at <= now())))";
+        let candidates = match &self.options.ordering_field {
             Some(_) => format!(
-                " and not exists (select 1 from {t} o where o.status in ('received', 'failed', 'processing') \
-                 and (o.created_at, o.id) < (m.created_at, m.id) and o.payload->>$2 = m.payload->>$2)"
+                "with unprocessed as materialized (select id, created_at from {t} \
+                   where status in ('received', 'failed', 'processing')), \
+                 oldest as (select u.id, u.created_at, r.payload->>$2 as k from \
+                   (select id, created_at from unprocessed order by created_at, id{window}) u \
+                   join {t} r on r.id = u.id), \
+                 c as (select id, created_at from (select id, created_at, k, \
+                   row_number() over (partition by k order by created_at, id) as turn from oldest) o \
+                   where turn = 1 or k is null)"
             ),
-            None => String::new(),
+            None => format!(
+                "with unprocessed as materialized (select id, created_at from {t} m \
+                   where status in ('received', 'failed') and event_type = any($1) and {due}), \
+                 c as (select id, created_at from unprocessed order by created_at, id{window})"
+            ),
         };
         format!(
-            "select id, message_id, source, event_type, payload::text, metadata::text, \
-             retry_count, max_retries from {t} m \
-             where status in ('received', 'failed', 'processing') and event_type = any($1) \
-             and (status = 'received' or (status = 'failed' \
-             and (scheduled_at is null or scheduled_at <= now()))){ordering} \
-             order by created_at, id limit {limit} for update skip locked"
+            "{candidates} select m.id, m.message_id, m.source, m.event_type, m.payload::text, \
+             m.metadata::text, m.retry_count, m.max_retries from c join {t} m on m.id = c.id \
+             where m.event_type = any($1) and {due} \
+             order by c.created_at, c.id limit {limit} for update of m skip locked"
         )
     }
 
@@ -103,17 +133,26 @@ impl Processor {
     ) -> Result<Attempt, Error> {
         let err = query_err("processing inbox rows");
         let types = self.event_types();
-        let sql = self.claim_sql(limit);
         let tx = client.transaction().await.map_err(&err)?;
         // Typed parameters: one round trip, no prepare.
-        let rows = match &self.options.ordering_field {
-            Some(field) => {
-                tx.query_typed(&sql, &[(&types, Type::TEXT_ARRAY), (field, Type::TEXT)])
-                    .await
+        let claim = |window| {
+            let sql = self.claim_sql(limit, window);
+            let tx = &tx;
+            let types = &types;
+            async move {
+                match &self.options.ordering_field {
+                    Some(field) => {
+                        tx.query_typed(&sql, &[(types, Type::TEXT_ARRAY), (field, Type::TEXT)])
+                            .await
+                    }
+                    None => tx.query_typed(&sql, &[(types, Type::TEXT_ARRAY)]).await,
+                }
             }
-            None => tx.query_typed(&sql, &[(&types, Type::TEXT_ARRAY)]).await,
+        };
+        let mut rows = claim(Some(WINDOW.max(10 * limit))).await.map_err(&err)?;
+        if rows.is_empty() {
+            rows = claim(None).await.map_err(&err)?;
         }
-        .map_err(&err)?;
         let claimed = rows.len();
         let mut processed = Vec::with_capacity(claimed);
         let mut failures = Vec::new();
