@@ -124,10 +124,16 @@ impl Consumer {
                 let url = &urls[attempt % urls.len()];
                 // Every step is bounded: a broker that is restarting may accept a
                 // connection and never answer it.
-                let attempt = tokio::time::timeout(Duration::from_secs(5), async {
-                    let conn = Connection::connect(url, ConnectionProperties::default())
-                        .await
-                        .ok()?;
+                let connect = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    Connection::connect(url, ConnectionProperties::default()),
+                )
+                .await;
+                let Ok(Ok(conn)) = connect else {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                };
+                let setup = tokio::time::timeout(Duration::from_secs(5), async {
                     let ch = conn.create_channel().await.ok()?;
                     let probe = conn.create_channel().await.ok()?;
                     ch.basic_qos(500, lapin::options::BasicQosOptions::default())
@@ -142,10 +148,18 @@ impl Consumer {
                         )
                         .await
                         .ok()?;
-                    Some((conn, probe, consumer))
+                    Some((probe, consumer))
                 })
                 .await;
-                let Ok(Some((conn, probe, mut consumer))) = attempt else {
+                let Ok(Some((probe, mut consumer))) = setup else {
+                    // Closed, not just dropped: a consume the broker registered
+                    // but did not confirm in time would otherwise keep up to a
+                    // prefetch of messages unacked on a channel nobody reads.
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(5),
+                        conn.close(200, "test consumer setup timed out".into()),
+                    )
+                    .await;
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     continue;
                 };
@@ -191,7 +205,7 @@ impl Consumer {
                     }
                 }
                 let _ = tokio::time::timeout(
-                    Duration::from_secs(1),
+                    Duration::from_secs(5),
                     conn.close(200, "test consumer reconnecting".into()),
                 )
                 .await;
@@ -220,24 +234,34 @@ impl Consumer {
 
     /// Waits until every id in `expected` was received.
     pub async fn wait_ids(&self, expected: &[String], timeout: Duration) {
+        if let Err(e) = self.try_wait_ids(expected, timeout).await {
+            panic!("{e}");
+        }
+    }
+
+    /// [`Consumer::wait_ids`], saying what is missing instead of panicking (for
+    /// callers that add what they know to the failure).
+    pub async fn try_wait_ids(&self, expected: &[String], timeout: Duration) -> Result<(), String> {
         let want: HashSet<&String> = expected.iter().collect();
         let deadline = Instant::now() + timeout;
         loop {
             let have = self.ids();
             let missing = want.iter().filter(|id| !have.contains(**id)).count();
             if missing == 0 {
-                return;
+                return Ok(());
             }
             if Instant::now() > deadline {
-                let sample: Vec<_> = want
+                let mut sample: Vec<_> = want
                     .iter()
                     .filter(|id| !have.contains(**id))
-                    .take(5)
+                    .take(10)
                     .collect();
-                panic!(
-                    "{missing} of {} ids not received within {timeout:?} (e.g. {sample:?})",
-                    want.len()
-                );
+                sample.sort();
+                return Err(format!(
+                    "{missing} of {} ids not received within {timeout:?} (e.g. {sample:?}); {} deliveries seen",
+                    want.len(),
+                    self.received.lock().unwrap().len()
+                ));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }

@@ -74,6 +74,37 @@ impl ScratchCluster {
             .unwrap_or_else(|| panic!("{node} is not a node of this cluster"))
     }
 
+    /// The queues, consumers and connections as the first node that answers
+    /// sees them (for a failure message).
+    pub fn describe(&self) -> String {
+        let ask = [
+            vec![
+                "list_queues",
+                "name",
+                "type",
+                "leader",
+                "messages_ready",
+                "messages_unacknowledged",
+                "consumers",
+            ],
+            vec![
+                "list_consumers",
+                "queue_name",
+                "channel_pid",
+                "prefetch_count",
+                "active",
+            ],
+            vec!["list_connections", "name", "peer_port", "state", "channels"],
+        ];
+        for node in &self.nodes {
+            let answers: Result<Vec<String>, String> = ask.iter().map(|a| node.ctl(a)).collect();
+            if let Ok(a) = answers {
+                return format!("as {} sees it:\n{}", node.node, a.join("\n"));
+            }
+        }
+        "no node answered rabbitmqctl".to_string()
+    }
+
     /// kill -9 of node `i`.
     pub fn kill9(&mut self, i: usize) {
         self.nodes[i].kill9();

@@ -34,7 +34,9 @@ pub use http::{http_get, metric_value, scrape_metric, wait_window_empty};
 #[allow(unused_imports)]
 pub use order::{assert_in_order, assert_in_order_with_redeliveries};
 #[allow(unused_imports)]
-pub use outage::{assert_recovered, write_in_background, write_rows_in_background};
+pub use outage::{
+    assert_recovered, assert_recovered_or, write_in_background, write_rows_in_background,
+};
 pub use process::Relay;
 #[allow(unused_imports)]
 pub use proxy::StallingProxy;

@@ -51,7 +51,55 @@ pub fn write_rows_in_background(
 /// After a broker fault: every id arrived, the slot moved past the last commit and
 /// the window holds nothing (unconfirmed messages were not written off as acked).
 pub async fn assert_recovered(f: &Fixture, relay: &mut Relay, all: &[String]) {
-    f.consumer().wait_ids(all, Duration::from_secs(180)).await;
+    assert_recovered_or(f, relay, all, String::new).await
+}
+
+/// [`assert_recovered`]; when an id is missing, the failure also shows the
+/// relay's window and parked rows, the end of its log and what `diagnose` says
+/// (the broker's side).
+pub async fn assert_recovered_or(
+    f: &Fixture,
+    relay: &mut Relay,
+    all: &[String],
+    diagnose: impl FnOnce() -> String,
+) {
+    if let Err(missing) = f
+        .consumer()
+        .try_wait_ids(all, Duration::from_secs(180))
+        .await
+    {
+        let addr = relay.metrics_addr().await;
+        let (_, metrics) = super::http_get(&addr, "/metrics").await;
+        let window: Vec<&str> = metrics
+            .lines()
+            .filter(|l| {
+                [
+                    "inflight",
+                    "broker_node",
+                    "paused",
+                    "retries_pending",
+                    "messages_published",
+                    "publish_failures",
+                    "reconnects",
+                    "slot_lag",
+                ]
+                .iter()
+                .any(|m| l.starts_with(&format!("outbox_relay_{m}")))
+            })
+            .collect();
+        let parked = f.parked().await;
+        let log = relay.log_text();
+        let tail: Vec<&str> = log.lines().rev().take(60).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        panic!(
+            "{missing}\nrelay metrics:\n{}\nparked: {} rows (first: {:?})\nbroker: {}\nrelay log (last 60 lines):\n{}",
+            window.join("\n"),
+            parked.len(),
+            parked.first(),
+            diagnose(),
+            tail.join("\n")
+        );
+    }
     // A fresh session: the fixture's own may have died with a Postgres restart.
     let db = super::pg_retry(T).await;
     let lsn = |sql: &'static str| {
