@@ -15,7 +15,7 @@ use crate::retry::queries::RetryTable;
 use crate::time::{instant_of, sleep_until_opt};
 use futures_util::future::BoxFuture;
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_postgres::Client;
 
@@ -31,8 +31,11 @@ type Statement<T> =
 /// Work for the housekeeping task.
 #[derive(Debug)]
 pub enum Chore {
-    /// These rows' messages were acked: apply `on_success`.
-    Succeeded(Vec<String>),
+    /// These rows' messages were acked: apply `on_success`. `upto`: every
+    /// acked row of the transactions up to this LSN is in this chore or an
+    /// earlier one; reported back (see [`Housekeeping::open`]) once they are
+    /// all applied.
+    Succeeded { ids: Vec<String>, upto: Option<u64> },
     /// Show this retry state in the row.
     Mirror(MirrorUpdate),
 }
@@ -64,6 +67,10 @@ pub struct Housekeeping {
     retry: RetryTable,
     client: Client,
     succeeded: Vec<String>,
+    /// The newest `upto` among the chores taken whose ids are not all applied yet.
+    upto: Option<u64>,
+    /// The newest `upto` whose ids are all applied.
+    marked: watch::Sender<u64>,
     mirrors: Vec<MirrorUpdate>,
     flush_at: Option<Instant>,
     retention_at: Option<Instant>,
@@ -71,10 +78,16 @@ pub struct Housekeeping {
 }
 
 impl Housekeeping {
+    /// `marked` is set to the `upto` of each [`Chore::Succeeded`] once its rows
+    /// (and every earlier chore's) have their `on_success` applied: the relay
+    /// confirms a position to the slot only after that, so a relay killed
+    /// before it marked the rows it delivered reads them again on its next
+    /// start (and publishes them again) instead of leaving them pending.
     pub async fn open(
         settings: HousekeepingSettings,
         outbox: OutboxTable,
         retry: RetryTable,
+        marked: watch::Sender<u64>,
     ) -> Result<Self, Error> {
         let client = settings
             .target
@@ -86,6 +99,8 @@ impl Housekeeping {
             retry,
             client,
             succeeded: Vec::new(),
+            upto: None,
+            marked,
             mirrors: Vec::new(),
             flush_at: None,
             retention_at: None,
@@ -134,10 +149,11 @@ impl Housekeeping {
 
     fn take(&mut self, chore: Chore) {
         match chore {
-            Chore::Succeeded(ids) if self.settings.on_success != OnSuccess::Keep => {
-                self.succeeded.extend(ids)
+            Chore::Succeeded { ids, upto } if self.settings.on_success != OnSuccess::Keep => {
+                self.succeeded.extend(ids);
+                self.upto = self.upto.max(upto);
             }
-            Chore::Succeeded(_) => {}
+            Chore::Succeeded { upto, .. } => self.report_marked(upto),
             Chore::Mirror(m) if self.outbox.has_mirror() => self.mirrors.push(m),
             Chore::Mirror(_) => {}
         }
@@ -166,12 +182,27 @@ impl Housekeeping {
             let kept = self.apply_on_success(chunk).await;
             self.succeeded.extend(kept);
         }
-        if !self.succeeded.is_empty() {
+        if self.succeeded.is_empty() {
+            let upto = self.upto.take();
+            self.report_marked(upto);
+        } else {
             self.flush_at = Some(Instant::now() + Duration::from_secs(1));
         }
         let marked = self.settings.on_success == OnSuccess::MarkPublished;
         if marked && self.retention_at.is_none() && self.outbox.has_mirror() {
             self.retention_at = Some(Instant::now() + self.settings.retention);
+        }
+    }
+
+    /// Every acked row up to `upto` has its `on_success` applied (or was
+    /// refused it for its own reasons, logged and counted).
+    fn report_marked(&self, upto: Option<u64>) {
+        if let Some(upto) = upto {
+            self.marked.send_if_modified(|m| {
+                let newer = upto > *m;
+                *m = (*m).max(upto);
+                newer
+            });
         }
     }
 

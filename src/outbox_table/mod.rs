@@ -56,6 +56,14 @@ pub struct MirrorUpdate {
     pub delay: Option<Duration>,
 }
 
+/// How long `on_success` waits before asking again for rows it did not find
+/// (their commit may not be visible yet): three more tries within ~0.3 s.
+pub const NOT_FOUND_AGAIN: [Duration; 3] = [
+    Duration::from_millis(10),
+    Duration::from_millis(50),
+    Duration::from_millis(250),
+];
+
 /// The outbox table and what the relay knows of its shape.
 #[derive(Debug, Clone)]
 pub struct OutboxTable {
@@ -308,7 +316,13 @@ impl OutboxTable {
         Ok(())
     }
 
-    /// Applies `on_success` to these rows.
+    /// Applies `on_success` to these rows. A row the statement does not find
+    /// is asked for again after each of [`NOT_FOUND_AGAIN`]: logical decoding
+    /// hands a transaction out as soon as its commit record is flushed, a
+    /// moment before its rows are visible to other sessions (the backend
+    /// leaves the proc array after the flush), so a message can be acked while
+    /// its row is not visible yet. Rows still not found after that are gone
+    /// (deleted meanwhile, or by an earlier `delete` before a re-publish).
     pub async fn on_success(
         &self,
         client: &impl GenericClient,
@@ -324,27 +338,40 @@ impl OutboxTable {
         let cast = &shape.id_type;
         let sql = match on_success {
             OnSuccess::Keep => return Ok(()),
-            OnSuccess::Delete => {
-                format!("delete from {t} where {id_col} = any($1::text[]::{cast}[])")
-            }
+            OnSuccess::Delete => format!(
+                "delete from {t} where {id_col} = any($1::text[]::{cast}[]) returning {id_col}::text"
+            ),
             OnSuccess::MarkPublished if shape.mirror => format!(
-                "update {t} set status = 'published', error_message = null, updated_at = now() where {id_col} = any($1::text[]::{cast}[])"
+                "update {t} set status = 'published', error_message = null, updated_at = now() where {id_col} = any($1::text[]::{cast}[]) returning {id_col}::text"
             ),
             OnSuccess::MarkPublished => format!(
-                "update {t} set status = 'published' where {id_col} = any($1::text[]::{cast}[])"
+                "update {t} set status = 'published' where {id_col} = any($1::text[]::{cast}[]) returning {id_col}::text"
             ),
         };
-        let changed = client
-            .execute(&sql, &[&ids])
-            .await
-            .map_err(query_err("applying on_success to published rows"))?;
-        if changed < ids.len() as u64 {
-            // Rows deleted meanwhile, or marked already (a re-publish after a restart).
+        let mut wanted: Vec<String> = ids.to_vec();
+        let mut waits = NOT_FOUND_AGAIN.iter();
+        loop {
+            let found = client
+                .query(&sql, &[&wanted])
+                .await
+                .map_err(query_err("applying on_success to published rows"))?;
+            if found.len() >= wanted.len() {
+                return Ok(());
+            }
+            let found: std::collections::HashSet<String> =
+                found.iter().filter_map(|r| r.try_get(0).ok()).collect();
+            wanted.retain(|id| !found.contains(id));
+            let Some(wait) = waits.next().filter(|_| !wanted.is_empty()) else {
+                break;
+            };
+            tokio::time::sleep(*wait).await;
+        }
+        if !wanted.is_empty() {
             tracing::debug!(
                 rows = ids.len(),
-                changed,
+                not_found = wanted.len(),
                 on_success = on_success.as_str(),
-                "on_success: some rows were not there to change"
+                "on_success: some rows were not there to change (deleted meanwhile, or by an earlier delete)"
             );
         }
         Ok(())

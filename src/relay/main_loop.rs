@@ -36,6 +36,10 @@ pub(super) const HAND_OVER_AFTER: Duration = Duration::from_millis(50);
 /// Acked ids held when housekeeping cannot take them (Postgres slow or away):
 /// past this many, WAL reading stops.
 pub(super) const MAX_SUCCEEDED: usize = 100_000;
+/// How long the slot waits for the marks of acked rows when they do not move
+/// (housekeeping stuck on a locked row, say) before it is confirmed anyway:
+/// the slot must not stall on a status update.
+pub(super) const MARK_WAIT_MAX: Duration = Duration::from_secs(5);
 
 /// The loop's state: the window and the parked set it drives, the transactions
 /// it tracks, and the channels to the tasks that own the connections.
@@ -67,6 +71,20 @@ pub(super) struct Relay {
     pub(super) heartbeat: startup::Heartbeat,
     /// Counts up when the retry store finds Postgres shutting down.
     pub(super) server_stopping: tokio::sync::watch::Receiver<u64>,
+    /// The LSN up to which every acked row has its `on_success` applied
+    /// (the housekeeping task's answer to the hand-overs).
+    pub(super) marked: tokio::sync::watch::Receiver<u64>,
+    /// `applied` at the newest hand-over of acked ids.
+    pub(super) handed: Lsn,
+    /// The newest LSN the server was told (`applied`, held back while the rows
+    /// it covers are not marked yet).
+    pub(super) reported: Lsn,
+    /// When `marked` last moved (or nothing waited for it).
+    pub(super) marked_moved_at: Instant,
+    /// `reported` is behind `applied` for the marks' sake.
+    pub(super) marks_waiting: bool,
+    /// The marks' wait was given up in this episode (warned once).
+    pub(super) marks_given_up: bool,
     /// When the replication stream and the LSN last showed signs of life.
     pub(super) liveness: Liveness,
     pub(super) dead_letter_exchange: Option<ShortString>,
@@ -95,6 +113,8 @@ pub(super) struct Stream {
     pub(super) heartbeat: startup::Heartbeat,
     /// Counts up when the retry store finds Postgres shutting down.
     pub(super) server_stopping: tokio::sync::watch::Receiver<u64>,
+    /// The LSN up to which every acked row has its `on_success` applied.
+    pub(super) marked: tokio::sync::watch::Receiver<u64>,
 }
 
 /// The senders to the tasks that own the connections.
@@ -143,6 +163,12 @@ impl Relay {
             chores: channels.chores,
             heartbeat: stream.heartbeat,
             server_stopping: stream.server_stopping,
+            marked: stream.marked,
+            handed: Lsn::from_u64(0),
+            reported: stream.start_lsn,
+            marked_moved_at: Instant::now(),
+            marks_waiting: false,
+            marks_given_up: false,
             liveness: Liveness::new(),
             dead_letter_exchange: config
                 .amqp
@@ -233,6 +259,8 @@ impl Relay {
                 self.window.next_timer(),
                 self.parked.next_due().filter(|_| loads),
                 self.succeeded_since.map(|t| t + HAND_OVER_AFTER),
+                self.marks_waiting
+                    .then_some(self.marked_moved_at + MARK_WAIT_MAX),
                 self.liveness_timer(),
             ]
             .into_iter()
@@ -265,6 +293,11 @@ impl Relay {
                         return Err(Error::TaskEnded("retry-state"));
                     };
                     self.on_store_event(ev).await;
+                }
+                Ok(()) = self.marked.changed() => {
+                    self.marked_moved_at = Instant::now();
+                    self.marks_given_up = false;
+                    self.report();
                 }
                 Ok(()) = self.server_stopping.changed(), if draining_until.is_none() => {
                     // Postgres shuts down only once its walsender's client confirmed
@@ -402,6 +435,7 @@ impl Relay {
 
     /// Due timers; returns why the replication stream must be reconnected, if it must.
     pub(super) async fn on_timers(&mut self, loads: bool) -> Option<String> {
+        self.report();
         let now = Instant::now();
         if self
             .succeeded_since
@@ -429,13 +463,47 @@ impl Relay {
             return;
         }
         let ids = std::mem::take(&mut self.succeeded);
-        match self.chores.try_send(Chore::Succeeded(ids)) {
-            Err(mpsc::error::TrySendError::Full(Chore::Succeeded(ids))) => {
+        let upto = Some(self.applied.as_u64());
+        match self.chores.try_send(Chore::Succeeded { ids, upto }) {
+            Err(mpsc::error::TrySendError::Full(Chore::Succeeded { ids, .. })) => {
                 // Try again in HAND_OVER_AFTER (WAL reading stops at MAX_SUCCEEDED).
                 self.succeeded = ids;
                 self.succeeded_since = Some(Instant::now());
             }
-            _ => self.succeeded_since = None,
+            _ => {
+                self.succeeded_since = None;
+                self.handed = self.applied;
+            }
+        }
+    }
+
+    /// Tells the server the newest position it may forget: `applied`, but not
+    /// past rows whose `on_success` is not applied yet (with `on_success =
+    /// "keep"` there is nothing to apply).
+    /// When the marks do not move for `MARK_WAIT_MAX`, the slot is confirmed
+    /// without them (a relay killed then leaves those rows `pending`).
+    pub(super) fn report(&mut self) {
+        let marked = Lsn::from_u64(*self.marked.borrow());
+        let held = self.collect_succeeded && !(self.succeeded.is_empty() && marked >= self.handed);
+        if !held {
+            self.marked_moved_at = Instant::now();
+            self.marks_given_up = false;
+        }
+        let stuck = held && self.marked_moved_at.elapsed() >= MARK_WAIT_MAX;
+        if stuck && !self.marks_given_up {
+            self.marks_given_up = true;
+            tracing::warn!(applied = %self.applied, %marked, wait = ?MARK_WAIT_MAX, "acked rows are not being marked (on_success): the slot is confirmed without waiting for them; a relay killed before they are marked leaves them pending");
+        }
+        let safe = if held && !stuck {
+            marked.min(self.applied)
+        } else {
+            self.applied
+        };
+        self.marks_waiting = safe < self.applied;
+        if safe > self.reported {
+            self.reported = safe;
+            self.client.update_applied_lsn(safe);
+            metrics::metrics().confirmed_lsn.set(safe.as_u64() as f64);
         }
     }
 
@@ -447,21 +515,29 @@ impl Relay {
         }
     }
 
-    /// Makes sure the server heard the final applied LSN, then ends the stream.
+    /// Waits (a few seconds at most) for the delivered rows to be marked, makes
+    /// sure the server heard the final position, then ends the stream.
     pub(super) async fn finish(&mut self) {
-        self.client.update_applied_lsn(self.applied);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Lsn::from_u64(*self.marked.borrow()) < self.handed && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.report();
+        if self.reported < self.applied {
+            tracing::warn!(applied = %self.applied, marked = %self.reported, "delivered rows not marked yet at stop: the next start publishes them again");
+        }
         let metrics = self.client.metrics();
         let deadline =
             Instant::now() + self.config.postgres.status_interval + Duration::from_secs(2);
-        while metrics.last_applied_lsn() < self.applied
+        while metrics.last_applied_lsn() < self.reported
             && Instant::now() < deadline
             && self.client.is_running()
         {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let reported = metrics.last_applied_lsn();
-        if reported < self.applied {
-            tracing::warn!(applied = %self.applied, %reported, "final status update not confirmed; the next start replays from the slot");
+        if reported < self.reported {
+            tracing::warn!(applied = %self.reported, %reported, "final status update not confirmed; the next start replays from the slot");
         }
         let _ = tokio::time::timeout(Duration::from_secs(5), self.client.shutdown()).await;
         tracing::info!(applied = %self.applied, "stopped");

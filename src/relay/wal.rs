@@ -199,7 +199,6 @@ impl Relay {
     pub(super) fn set_applied(&mut self, lsn: Lsn) {
         self.applied = lsn;
         self.liveness.last_progress = Instant::now();
-        self.client.update_applied_lsn(lsn);
-        metrics::metrics().confirmed_lsn.set(lsn.as_u64() as f64);
+        self.report();
     }
 }

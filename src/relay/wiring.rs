@@ -58,8 +58,9 @@ async fn stream(
     let pg = &config.postgres;
     let (chores_tx, chores_rx) = mpsc::channel(256);
     let (stopping_tx, server_stopping) = tokio::sync::watch::channel(0);
+    let (marked_tx, marked) = tokio::sync::watch::channel(0);
     let (store, housekeeping) =
-        open_sessions(&config, health, chores_tx.clone(), stopping_tx).await?;
+        open_sessions(&config, health, chores_tx.clone(), stopping_tx, marked_tx).await?;
     let sink_settings = AmqpSettings::from_config(&config.amqp);
     let broker = crate::amqp::connect(&sink_settings).await?;
     let frame_max = broker.frame_max();
@@ -124,6 +125,7 @@ async fn stream(
             start_lsn,
             heartbeat,
             server_stopping,
+            marked,
         },
         Channels {
             sink: cmd_tx,
@@ -139,7 +141,7 @@ async fn stream(
     let _ = relay.store.send(StoreCommand::Reload).await;
     let result = relay.main_loop(ev_rx, store_ev_rx, shutdown.as_mut()).await;
     if result.is_ok() {
-        startup::record_stop(&relay.config, relay.applied).await;
+        startup::record_stop(&relay.config, relay.reported).await;
     }
     // Closing the command channels ends the sink task (which closes the broker
     // connection) and the store task (after it flushes pending on_success updates).
@@ -157,6 +159,7 @@ async fn open_sessions(
     health: &Arc<Health>,
     chores: mpsc::Sender<Chore>,
     stopping: tokio::sync::watch::Sender<u64>,
+    marked: tokio::sync::watch::Sender<u64>,
 ) -> Result<(Store, Housekeeping), Error> {
     let pg = &config.postgres;
     let session_options = session_timeouts(pg.statement_timeout, pg.lock_timeout);
@@ -189,6 +192,7 @@ async fn open_sessions(
         },
         store.outbox().clone(),
         store.retry_table().clone(),
+        marked,
     )
     .await?;
     Ok((store, housekeeping))

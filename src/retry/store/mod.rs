@@ -536,9 +536,10 @@ impl Store {
                 }
             }
         }
-        self.chore(Chore::Succeeded(
-            delivered.into_iter().map(|(_, id)| id).collect(),
-        ));
+        self.chore(Chore::Succeeded {
+            ids: delivered.into_iter().map(|(_, id)| id).collect(),
+            upto: None,
+        });
     }
 
     /// Records failed retries in one statement; a batch that fails for a row's
