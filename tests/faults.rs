@@ -5,7 +5,7 @@ mod support;
 
 use std::process::Command;
 use std::time::Duration;
-use support::{assert_recovered, ids, wait_for, write_in_background, Fixture};
+use support::{assert_recovered, http_get, ids, wait_for, write_in_background, Fixture, Relay};
 
 const T: Duration = Duration::from_secs(60);
 
@@ -131,6 +131,60 @@ async fn postgres_restart_mid_stream_loses_nothing() {
     writer.await.unwrap();
     assert_recovered(&f, &mut relay, &all).await;
     assert!(relay.terminate(T).await.success());
+    f.cleanup().await;
+}
+
+/// A hot standby waiting for the slot waits on through a Postgres outage
+/// (down 5 s: longer than the standby's 2 s between asks, so it meets the
+/// server down): when the relay that holds the slot afterwards is killed -9,
+/// the other one takes over and every id arrives. Before, the standby took
+/// "the database system is shutting down" for a refusal at start-up and exited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_waits_through_a_postgres_outage_and_takes_over_later() {
+    let f = Fixture::new("f_pg_standby", true).await;
+    let cfg = f.config(&[("postgres", "standby = true")]);
+    let mut relays = [
+        Relay::spawn(&cfg, &f.dir, &[]),
+        Relay::spawn(&cfg, &f.dir, &[]),
+    ];
+    let addrs = [
+        relays[0].metrics_addr().await,
+        relays[1].metrics_addr().await,
+    ];
+    let ready = |i: usize| {
+        let addr = addrs[i].clone();
+        async move { http_get(&addr, "/readyz").await.0 == 200 }
+    };
+    wait_for(T, "one relay streaming", || async {
+        ready(0).await || ready(1).await
+    })
+    .await;
+    let first = if ready(0).await { 0 } else { 1 };
+    relays[1 - first]
+        .wait_log("held by another process", T)
+        .await;
+    sh("pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql | sort -V | tail -n1) main stop");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    sh("pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql | sort -V | tail -n1) main start");
+    wait_for(
+        Duration::from_secs(90),
+        "a relay streaming again",
+        || async { ready(0).await || ready(1).await },
+    )
+    .await;
+    let active = if ready(0).await { 0 } else { 1 };
+    let other = 1 - active;
+    let all = ids("pgstandby", 4000);
+    let writer = write_in_background(f.table.clone(), all.clone());
+    wait_for(T, "some delivered", || async {
+        f.consumer().ids().len() >= 500
+    })
+    .await;
+    relays[active].kill9();
+    wait_for(T, "the other relay took over", || ready(other)).await;
+    writer.await.unwrap();
+    f.consumer().wait_ids(&all, Duration::from_secs(120)).await;
+    assert!(relays[other].terminate(T).await.success());
     f.cleanup().await;
 }
 

@@ -205,6 +205,40 @@ async fn a_hot_standby_takes_over_after_kill_9_and_nothing_is_lost() {
     f.cleanup().await;
 }
 
+/// An active relay and its standbys deployed together on a fresh database:
+/// each finds the publication and the slot missing, but under the set-up lock
+/// one creates them and the others find them made. Without the lock the
+/// others failed with "publication ... already exists" (or the slot's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relays_started_together_on_a_fresh_database_all_come_up() {
+    let f = Fixture::new("op_together", true).await;
+    let cfg = f.config(&[("postgres", "standby = true")]);
+    let mut relays: Vec<Relay> = (0..4).map(|_| Relay::spawn(&cfg, &f.dir, &[])).collect();
+    let mut streaming = 0;
+    for relay in relays.iter_mut() {
+        let addr = relay.metrics_addr().await;
+        wait_for(T, "streaming or waiting as a standby", || async {
+            let text = relay.log_text();
+            assert!(
+                !text.contains("outbox-relay run: "),
+                "a relay started with the others failed:\n{text}"
+            );
+            text.contains("held by another process") || http_get(&addr, "/readyz").await.0 == 200
+        })
+        .await;
+        if http_get(&addr, "/readyz").await.0 == 200 {
+            streaming += 1;
+        }
+    }
+    assert_eq!(streaming, 1, "one relay streams, the others wait");
+    let all = f.insert_each("together", 500).await;
+    f.consumer().wait_ids(&all, T).await;
+    for relay in relays.iter_mut() {
+        assert!(relay.terminate(T).await.success());
+    }
+    f.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heartbeat_keeps_retained_wal_small_while_another_table_writes_100mb() {
     let f = Fixture::new("op_heartbeat", true).await;

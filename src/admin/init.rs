@@ -22,10 +22,19 @@ fn same_columns(a: &ColumnMapping, b: &ColumnMapping) -> bool {
 }
 
 /// Creates what is missing; returns one line per object saying what was done.
+/// Under the set-up lock, as a relay's start: `init` run while a relay starts
+/// on the same fresh database does not race it.
 pub async fn init(config: &Config) -> Result<Vec<String>, Error> {
+    let sql = config.postgres.target.connect().await?;
+    crate::pg::setup_lock::locked(&sql, create_missing(config, &sql)).await
+}
+
+async fn create_missing(
+    config: &Config,
+    sql: &tokio_postgres::Client,
+) -> Result<Vec<String>, Error> {
     let pg = &config.postgres;
     let table = &pg.table;
-    let sql = pg.target.connect().await?;
     let mut lines = Vec::new();
     let messages = pg.source == crate::config::Source::Messages;
     match pg.mapping {
@@ -38,24 +47,24 @@ pub async fn init(config: &Config) -> Result<Vec<String>, Error> {
         // under their own index names) only the indexes nothing covers yet.
         // Columns renamed in [mapping]: Event-Forge's DDL would make another table.
         Mapping::EventForge if !same_columns(&pg.columns, &ColumnMapping::event_forge()) => {
-            if !catalog::table_exists(&sql, table).await? {
+            if !catalog::table_exists(sql, table).await? {
                 return Err(Error::TableRenamed {
                     table: table.to_string(),
                 });
             }
-            catalog::require_table(&sql, table, &pg.columns).await?;
+            catalog::require_table(sql, table, &pg.columns).await?;
             lines.push(format!(
                 "table {table}: exists (its columns as [mapping] names them)"
             ));
         }
         Mapping::EventForge => {
-            let applied = ddl::apply(&sql, &catalog::outbox_ddl(table), table).await?;
-            catalog::require_table(&sql, table, &pg.columns).await?;
+            let applied = ddl::apply(sql, &catalog::outbox_ddl(table), table).await?;
+            catalog::require_table(sql, table, &pg.columns).await?;
             lines.push(applied_line("table", table, &applied));
         }
         // The relay has no DDL of its own for other layouts: the owner creates them.
         Mapping::Debezium | Mapping::Custom => {
-            catalog::require_table(&sql, table, &pg.columns).await?;
+            catalog::require_table(sql, table, &pg.columns).await?;
             lines.push(format!("table {table}: exists"));
         }
     }
@@ -63,7 +72,7 @@ pub async fn init(config: &Config) -> Result<Vec<String>, Error> {
         let index = shard.postgres.sharding.index.unwrap_or(0);
         let publication = &shard.postgres.publication;
         if messages {
-            let created = catalog::ensure_message_publication(&sql, publication, true).await?;
+            let created = catalog::ensure_message_publication(sql, publication, true).await?;
             lines.push(format!(
                 "publication {publication}: {}",
                 if created {
@@ -75,7 +84,7 @@ pub async fn init(config: &Config) -> Result<Vec<String>, Error> {
             continue;
         }
         let created = shards::ensure_publication(
-            &sql,
+            sql,
             &shard.postgres.sharding,
             index,
             table,
@@ -97,29 +106,29 @@ pub async fn init(config: &Config) -> Result<Vec<String>, Error> {
         ));
     }
     let retry = retry_table(config);
-    let created = retry.create_if_missing(&sql).await?;
+    let created = retry.create_if_missing(sql).await?;
     lines.push(format!(
         "retry table {}: {}",
         retry.name(),
         if created { "created" } else { "exists" }
     ));
     let records = SlotRecords::next_to(&pg.retry_table);
-    let created = records.create_if_missing(&sql).await?;
+    let created = records.create_if_missing(sql).await?;
     lines.push(format!(
         "slot records {}: {}",
         records.name(),
         if created { "created" } else { "exists" }
     ));
-    catalog::require_logical(&sql).await?;
+    catalog::require_logical(sql).await?;
     if config.inbox.is_some() {
         lines.extend(init_inbox(config).await?);
     }
     for shard in config.each_shard() {
         let name = &shard.postgres.slot;
-        let existed = catalog::slot_state(&sql, name).await?.is_some();
+        let existed = catalog::slot_state(sql, name).await?.is_some();
         let filter = shards::filter(&shard.postgres, None);
         let slot = slots::ensure_slot(
-            &sql,
+            sql,
             &records,
             name,
             &pg.target.dbname,

@@ -5,6 +5,7 @@
 pub mod catalog;
 pub mod connect;
 pub mod ddl;
+pub mod setup_lock;
 pub mod shards;
 pub mod slots;
 pub mod target;

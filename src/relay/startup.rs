@@ -31,34 +31,39 @@ pub async fn preflight(config: &Config) -> Result<(), Error> {
         return Err(Error::NoReplicationPrivilege);
     }
     let shard = crate::pg::shards::chosen(&pg.sharding, "relay")?;
-    let created = if messages {
-        catalog::ensure_message_publication(&sql, &pg.publication, pg.create_missing).await?
-    } else {
-        crate::pg::shards::ensure_publication(
+    // Under the set-up lock: a relay and its standby started together on a
+    // fresh database must not both create the publication and the slot.
+    crate::pg::setup_lock::locked(&sql, async {
+        let created = if messages {
+            catalog::ensure_message_publication(&sql, &pg.publication, pg.create_missing).await?
+        } else {
+            crate::pg::shards::ensure_publication(
+                &sql,
+                &pg.sharding,
+                shard,
+                &pg.table,
+                &pg.columns.aggregate_id,
+                pg.create_missing,
+            )
+            .await?
+        };
+        if created {
+            tracing::info!(publication = %pg.publication, table = %pg.table, shard = %pg.sharding.label(), "created publication (inserts only)");
+        }
+        let records = SlotRecords::next_to(&pg.retry_table);
+        slots::ensure_slot(
             &sql,
-            &pg.sharding,
-            shard,
+            &records,
+            &pg.slot,
+            &pg.target.dbname,
             &pg.table,
-            &pg.columns.aggregate_id,
+            crate::pg::shards::filter(pg, None).as_deref(),
             pg.create_missing,
         )
-        .await?
-    };
-    if created {
-        tracing::info!(publication = %pg.publication, table = %pg.table, shard = %pg.sharding.label(), "created publication (inserts only)");
-    }
-    let records = SlotRecords::next_to(&pg.retry_table);
-    slots::ensure_slot(
-        &sql,
-        &records,
-        &pg.slot,
-        &pg.target.dbname,
-        &pg.table,
-        crate::pg::shards::filter(pg, None).as_deref(),
-        pg.create_missing,
-    )
-    .await?;
-    Ok(())
+        .await?;
+        Ok(())
+    })
+    .await
 }
 
 /// While the slot is lost (or a replay of it has not finished): says so — the
@@ -227,6 +232,22 @@ pub async fn take_slot(
                     tracing::info!(%slot, pid, "slot is held by another process (pid {pid}): {role}");
                     logged_pid = Some(pid);
                 }
+                tokio::select! {
+                    biased;
+                    _ = shutdown.as_mut() => return Ok(None),
+                    _ = tokio::time::sleep(backoff.fail()) => {}
+                }
+            }
+            // Postgres went away (a restart, a fail-over) while this process
+            // waited for the slot it has seen held: a standby waits on (the
+            // server it reached before will be back), as does a relay within
+            // `slot_wait`. A first attempt that fails is a refusal at start-up.
+            Err(e)
+                if logged_pid.is_some()
+                    && (e.is_transient() || e.server_stopping())
+                    && (standby || Instant::now() < deadline) =>
+            {
+                tracing::warn!(slot = %settings.slot, "waiting for the slot: {e}; trying again");
                 tokio::select! {
                     biased;
                     _ = shutdown.as_mut() => return Ok(None),
