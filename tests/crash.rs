@@ -165,7 +165,19 @@ async fn kill_9_during_parking_and_during_recovery_loses_nothing() {
 /// trigger that sleeps, so the kill always comes first.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rows_delivered_but_not_marked_at_kill_9_are_marked_by_the_next_relay() {
-    let f = Fixture::new("kill9_marks", true).await;
+    unmarked_rows_survive_kill_9("kill9_marks", false).await;
+}
+
+/// The same with the replication stream lost and resumed in between (its
+/// walsender terminated): the resumed stream tells the server only what the
+/// relay had reported, not the position it resumes from.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_not_marked_when_the_stream_resumes_are_marked_after_kill_9() {
+    unmarked_rows_survive_kill_9("kill9_marks_resume", true).await;
+}
+
+async fn unmarked_rows_survive_kill_9(name: &str, resume_first: bool) {
+    let f = Fixture::new(name, true).await;
     let t = &f.table;
     let func = format!("{}_hold_marks", t.replace('.', "_"));
     f.db.batch_execute(&format!(
@@ -188,6 +200,16 @@ async fn rows_delivered_but_not_marked_at_kill_9_are_marked_by_the_next_relay() 
     // Well past the status interval: a relay that confirmed on the broker's
     // word alone would have moved the slot past the rows by now.
     tokio::time::sleep(Duration::from_secs(1)).await;
+    if resume_first {
+        f.db.batch_execute(&format!(
+            "select pg_terminate_backend(active_pid) from pg_replication_slots where slot_name = '{}'",
+            f.slot
+        ))
+        .await
+        .unwrap();
+        relay.wait_log("replication stream resumed", T).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
     relay.kill9();
     // The killed relay's mark still sleeps in its session: end it, then let
     // marks through.

@@ -109,16 +109,24 @@ async fn both_kinds(t: &PgTarget, slot: &str) -> (Result<bool, String>, Result<(
         status_interval: Duration::from_secs(1),
         buffer_events: 16,
     };
-    let repl =
-        match tokio::time::timeout(T, source::start(&settings, pgwire_replication::Lsn(0))).await {
-            Ok(Ok(client)) => {
-                client.stop();
-                drop(client);
-                Ok(())
-            }
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err("replication start timed out".into()),
-        };
+    let repl = match tokio::time::timeout(
+        T,
+        source::start(
+            &settings,
+            pgwire_replication::Lsn(0),
+            pgwire_replication::Lsn(0),
+        ),
+    )
+    .await
+    {
+        Ok(Ok(client)) => {
+            client.stop();
+            drop(client);
+            Ok(())
+        }
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("replication start timed out".into()),
+    };
     (sql, repl)
 }
 

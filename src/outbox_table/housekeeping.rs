@@ -31,9 +31,9 @@ type Statement<T> =
 /// Work for the housekeeping task.
 #[derive(Debug)]
 pub enum Chore {
-    /// These rows' messages were acked: apply `on_success`. `upto`: every
-    /// acked row of the transactions up to this LSN is in this chore or an
-    /// earlier one; reported back (see [`Housekeeping::open`]) once they are
+    /// These rows' messages were acked: apply `on_success`. `upto`: the
+    /// relay's number for this hand-over (increasing); reported back (see
+    /// [`Housekeeping::open`]) once its rows and every earlier chore's are
     /// all applied.
     Succeeded { ids: Vec<String>, upto: Option<u64> },
     /// Show this retry state in the row.

@@ -98,7 +98,7 @@ impl Relay {
             tokio::select! {
                 biased;
                 _ = shutdown.as_mut() => return Ok(false),
-                res = startup::open_stream(&self.source_settings, &self.config, self.applied) => match res {
+                res = startup::open_stream(&self.source_settings, &self.config, self.applied, Some(self.reported)) => match res {
                     Ok((client, start)) => {
                         tracing::info!(start_lsn = %start, "replication stream resumed");
                         metrics::metrics().reconnect("postgres");

@@ -4,6 +4,7 @@
 //! `wal.rs` (WAL in), `answers.rs` (the broker's answers) and `liveness.rs`
 //! (signs of life, reconnecting the stream).
 
+use super::marks::{self, Marks};
 use super::parked::Parked;
 use super::signs::Liveness;
 use super::startup;
@@ -36,10 +37,6 @@ pub(super) const HAND_OVER_AFTER: Duration = Duration::from_millis(50);
 /// Acked ids held when housekeeping cannot take them (Postgres slow or away):
 /// past this many, WAL reading stops.
 pub(super) const MAX_SUCCEEDED: usize = 100_000;
-/// How long the slot waits for the marks of acked rows when they do not move
-/// (housekeeping stuck on a locked row, say) before it is confirmed anyway:
-/// the slot must not stall on a status update.
-pub(super) const MARK_WAIT_MAX: Duration = Duration::from_secs(5);
 
 /// The loop's state: the window and the parked set it drives, the transactions
 /// it tracks, and the channels to the tasks that own the connections.
@@ -71,20 +68,14 @@ pub(super) struct Relay {
     pub(super) heartbeat: startup::Heartbeat,
     /// Counts up when the retry store finds Postgres shutting down.
     pub(super) server_stopping: tokio::sync::watch::Receiver<u64>,
-    /// The LSN up to which every acked row has its `on_success` applied
-    /// (the housekeeping task's answer to the hand-overs).
+    /// The newest hand-over of acked ids whose rows all have their
+    /// `on_success` applied (the housekeeping task's answer).
     pub(super) marked: tokio::sync::watch::Receiver<u64>,
-    /// `applied` at the newest hand-over of acked ids.
-    pub(super) handed: Lsn,
+    /// How far the slot may be confirmed while acked rows wait for marks.
+    pub(super) marks: Marks,
     /// The newest LSN the server was told (`applied`, held back while the rows
     /// it covers are not marked yet).
     pub(super) reported: Lsn,
-    /// When `marked` last moved (or nothing waited for it).
-    pub(super) marked_moved_at: Instant,
-    /// `reported` is behind `applied` for the marks' sake.
-    pub(super) marks_waiting: bool,
-    /// The marks' wait was given up in this episode (warned once).
-    pub(super) marks_given_up: bool,
     /// When the replication stream and the LSN last showed signs of life.
     pub(super) liveness: Liveness,
     pub(super) dead_letter_exchange: Option<ShortString>,
@@ -164,11 +155,8 @@ impl Relay {
             heartbeat: stream.heartbeat,
             server_stopping: stream.server_stopping,
             marked: stream.marked,
-            handed: Lsn::from_u64(0),
+            marks: Marks::new(stream.start_lsn, Instant::now()),
             reported: stream.start_lsn,
-            marked_moved_at: Instant::now(),
-            marks_waiting: false,
-            marks_given_up: false,
             liveness: Liveness::new(),
             dead_letter_exchange: config
                 .amqp
@@ -259,8 +247,7 @@ impl Relay {
                 self.window.next_timer(),
                 self.parked.next_due().filter(|_| loads),
                 self.succeeded_since.map(|t| t + HAND_OVER_AFTER),
-                self.marks_waiting
-                    .then_some(self.marked_moved_at + MARK_WAIT_MAX),
+                self.marks.deadline(),
                 self.liveness_timer(),
             ]
             .into_iter()
@@ -295,8 +282,8 @@ impl Relay {
                     self.on_store_event(ev).await;
                 }
                 Ok(()) = self.marked.changed() => {
-                    self.marked_moved_at = Instant::now();
-                    self.marks_given_up = false;
+                    let seq = *self.marked.borrow_and_update();
+                    self.marks.marked(seq, Instant::now());
                     self.report();
                 }
                 Ok(()) = self.server_stopping.changed(), if draining_until.is_none() => {
@@ -463,7 +450,7 @@ impl Relay {
             return;
         }
         let ids = std::mem::take(&mut self.succeeded);
-        let upto = Some(self.applied.as_u64());
+        let upto = Some(self.marks.next_seq());
         match self.chores.try_send(Chore::Succeeded { ids, upto }) {
             Err(mpsc::error::TrySendError::Full(Chore::Succeeded { ids, .. })) => {
                 // Try again in HAND_OVER_AFTER (WAL reading stops at MAX_SUCCEEDED).
@@ -472,38 +459,36 @@ impl Relay {
             }
             _ => {
                 self.succeeded_since = None;
-                self.handed = self.applied;
+                self.marks.handed_over(self.applied);
             }
         }
     }
 
     /// Tells the server the newest position it may forget: `applied`, but not
-    /// past rows whose `on_success` is not applied yet (with `on_success =
-    /// "keep"` there is nothing to apply).
-    /// When the marks do not move for `MARK_WAIT_MAX`, the slot is confirmed
-    /// without them (a relay killed then leaves those rows `pending`).
+    /// past rows whose `on_success` is not applied yet (`marks`; with
+    /// `on_success = "keep"` there is nothing to apply). When the marks do not
+    /// move for `marks::WAIT_MAX`, the slot is confirmed without them (a relay
+    /// killed then leaves those rows `pending`); never so at a stop.
     pub(super) fn report(&mut self) {
-        let marked = Lsn::from_u64(*self.marked.borrow());
-        let held = self.collect_succeeded && !(self.succeeded.is_empty() && marked >= self.handed);
-        if !held {
-            self.marked_moved_at = Instant::now();
-            self.marks_given_up = false;
+        self.report_as(true);
+    }
+
+    fn report_as(&mut self, may_give_up: bool) {
+        let safe = self.marks.safe(
+            self.applied,
+            !self.succeeded.is_empty(),
+            Instant::now(),
+            may_give_up,
+        );
+        if safe.gave_up {
+            tracing::warn!(applied = %self.applied, confirmed = %safe.lsn, wait = ?marks::WAIT_MAX, "acked rows are not being marked (on_success): the slot is confirmed without waiting for them; a relay killed before they are marked leaves them pending");
         }
-        let stuck = held && self.marked_moved_at.elapsed() >= MARK_WAIT_MAX;
-        if stuck && !self.marks_given_up {
-            self.marks_given_up = true;
-            tracing::warn!(applied = %self.applied, %marked, wait = ?MARK_WAIT_MAX, "acked rows are not being marked (on_success): the slot is confirmed without waiting for them; a relay killed before they are marked leaves them pending");
-        }
-        let safe = if held && !stuck {
-            marked.min(self.applied)
-        } else {
-            self.applied
-        };
-        self.marks_waiting = safe < self.applied;
-        if safe > self.reported {
-            self.reported = safe;
-            self.client.update_applied_lsn(safe);
-            metrics::metrics().confirmed_lsn.set(safe.as_u64() as f64);
+        if safe.lsn > self.reported {
+            self.reported = safe.lsn;
+            self.client.update_applied_lsn(safe.lsn);
+            metrics::metrics()
+                .confirmed_lsn
+                .set(safe.lsn.as_u64() as f64);
         }
     }
 
@@ -519,10 +504,15 @@ impl Relay {
     /// sure the server heard the final position, then ends the stream.
     pub(super) async fn finish(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(5);
-        while Lsn::from_u64(*self.marked.borrow()) < self.handed && Instant::now() < deadline {
+        loop {
+            let seq = *self.marked.borrow_and_update();
+            self.marks.marked(seq, Instant::now());
+            if self.marks.all_marked() || Instant::now() >= deadline {
+                break;
+            }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        self.report();
+        self.report_as(false);
         if self.reported < self.applied {
             tracing::warn!(applied = %self.applied, marked = %self.reported, "delivered rows not marked yet at stop: the next start publishes them again");
         }

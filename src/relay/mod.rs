@@ -6,6 +6,8 @@
 //! - `window`: the in-flight window, per-aggregate turns, byte and message
 //!   accounting, publish deadlines;
 //! - `parked`: which aggregates have retry state and which heads are due;
+//! - `marks`: how far the slot may be confirmed while acked rows wait for
+//!   their `on_success`;
 //! - `retries`: parking messages and re-publishing retried heads;
 //! - `startup`: preflight, slot take-over and standby wait, heartbeat;
 //! - `wiring`: `run`, which starts the tasks and channels and hands them to the loop.
@@ -22,6 +24,7 @@ mod answers;
 mod fastmap;
 mod liveness;
 mod main_loop;
+mod marks;
 mod parked;
 mod retries;
 mod routing;

@@ -153,6 +153,7 @@ pub async fn open_stream(
     settings: &SourceSettings,
     config: &Config,
     at_least: Lsn,
+    reported: Option<Lsn>,
 ) -> Result<(ReplicationClient, Lsn), Error> {
     let pg = &config.postgres;
     let sql = settings.target.connect().await?;
@@ -172,7 +173,10 @@ pub async fn open_stream(
         slot: settings.slot.clone(),
     })?;
     let start = state.confirmed_flush.unwrap_or(at_least).max(at_least);
-    match source::start(settings, start).await {
+    // What the server hears as flushed: where the stream starts, or after a
+    // reconnect what the relay had reported (marks may still be pending).
+    let ack = reported.map_or(start, |r| r.max(state.confirmed_flush.unwrap_or(r)));
+    match source::start(settings, start, ack).await {
         Ok(client) => Ok((client, start)),
         // Lost between the look and the start (say, invalidated at a checkpoint
         // in between): the refusal that says how, not the server's raw error.
@@ -209,7 +213,7 @@ pub async fn take_slot(
         let result = tokio::select! {
             biased;
             _ = shutdown.as_mut() => return Ok(None),
-            r = open_stream(settings, config, Lsn::from_u64(0)) => r,
+            r = open_stream(settings, config, Lsn::from_u64(0), None) => r,
         };
         match result {
             Ok(taken) => {

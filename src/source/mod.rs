@@ -28,9 +28,15 @@ pub struct SourceSettings {
 }
 
 /// Starts streaming the slot from `start` (the slot's confirmed position, or the
-/// relay's own applied LSN when that is newer). Returns once the server accepted
-/// `START_REPLICATION`, i.e. the slot is held by this session.
-pub async fn start(settings: &SourceSettings, start: Lsn) -> Result<ReplicationClient, Error> {
+/// relay's own applied LSN when that is newer), telling the server `ack` is
+/// flushed (at most `start`: after a reconnect, the position the relay had
+/// reported, not past rows delivered but not marked yet). Returns once the
+/// server accepted `START_REPLICATION`, i.e. the slot is held by this session.
+pub async fn start(
+    settings: &SourceSettings,
+    start: Lsn,
+    ack: Lsn,
+) -> Result<ReplicationClient, Error> {
     // With several hosts, the one that takes writes now (after a fail-over, the
     // promoted standby: where the slot must be).
     let t = &settings.target.primary().await?;
@@ -48,7 +54,7 @@ pub async fn start(settings: &SourceSettings, start: Lsn) -> Result<ReplicationC
     .with_port(t.port)
     .with_tls(replication_tls(t).await?)
     .with_start_lsn(start)
-    .with_ack_lsn(start)
+    .with_ack_lsn(ack.min(start))
     .with_status_interval(settings.status_interval)
     .with_wakeup_interval(Duration::from_secs(10))
     .with_buffer_size(settings.buffer_events)
