@@ -153,6 +153,9 @@ pub struct Processor {
     handlers: HashMap<String, Arc<dyn Handler>>,
     options: ProcessorOptions,
     observer: Option<Arc<dyn ProcessorObserver>>,
+    /// The table has the partial index of unfinished rows (`created_at`,
+    /// `id`): learned at each connect, it decides how claims find rows.
+    unfinished_index: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Processor {
@@ -173,6 +176,7 @@ impl Processor {
             handlers: HashMap::new(),
             options: ProcessorOptions::default(),
             observer: None,
+            unfinished_index: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         })
     }
 
@@ -291,8 +295,46 @@ impl Processor {
         }
     }
 
+    fn unfinished_index(&self) -> bool {
+        self.unfinished_index
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether the table has a valid partial index of unfinished rows led by
+    /// `created_at` (sql/inbox_messages.sql's `idx_inbox_unfinished`); without
+    /// one, says what each claim then costs and how to add it.
+    async fn learn_unfinished_index(&self, client: &tokio_postgres::Client) -> Result<(), Error> {
+        let row = client
+            .query_one(
+                "select exists (select 1 from pg_index i \
+                   join pg_attribute a on a.attrelid = i.indrelid and a.attnum = i.indkey[0] \
+                   where i.indrelid = to_regclass($1) and i.indisvalid and i.indpred is not null \
+                   and a.attname = 'created_at' \
+                   and pg_get_expr(i.indpred, i.indrelid) like '%received%' \
+                   and pg_get_expr(i.indpred, i.indrelid) like '%failed%' \
+                   and pg_get_expr(i.indpred, i.indrelid) like '%processing%')",
+                &[&self.table.quoted()],
+            )
+            .await
+            .map_err(query_err(
+                "looking for the inbox table's index of unfinished rows",
+            ))?;
+        let found: bool = row.try_get(0).unwrap_or(false);
+        if !found {
+            tracing::warn!(
+                table = %self.table,
+                "the inbox table has no partial index of unfinished rows: each claim reads every unprocessed row, so claims slow down as a backlog grows; run `outbox-relay init` with [inbox] table set, or CREATE INDEX ON {} (created_at, id) WHERE status IN ('received', 'failed', 'processing')",
+                self.table.quoted()
+            );
+        }
+        self.unfinished_index
+            .store(found, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
     async fn serve<S: Future<Output = ()>>(&self, shutdown: &mut Pin<&mut S>) -> Result<(), Error> {
         let Session { mut client, .. } = self.connect.connect("outbox-relay processor").await?;
+        self.learn_unfinished_index(&client).await?;
         // Woken by the receiver's NOTIFY on a session of its own; without a
         // channel, by timers only (the sender stays here, so `wake` never ends).
         let (_listener, mut wake, _sender) = match &self.options.notify_channel {

@@ -18,11 +18,11 @@ impl Processor {
     /// The claim of up to `limit` due rows, oldest first, locked (`SKIP
     /// LOCKED`: rows another processor holds are passed over).
     ///
-    /// Candidates are found through the status (rows not yet processed), not
-    /// by walking `created_at`: that walk would pass every processed row the
-    /// table still holds on each claim, and they only grow. With `window`,
-    /// only the oldest `window` unprocessed rows are considered (a claim costs
-    /// about the same however large the backlog); `None` considers them all,
+    /// Candidates are the unfinished rows (never a walk of `created_at` past
+    /// every processed row the table still holds: they only grow), from the
+    /// partial index of unfinished rows when the table has it, else through
+    /// the status. With `window`, only the oldest `window` unprocessed rows are
+    /// considered; `None` considers them all,
     /// for when the window held nothing claimable (all locked, or, with an
     /// ordering field, all behind a row that is not due).
     ///
@@ -35,12 +35,23 @@ impl Processor {
         let window = window.map(|w| format!(" limit {w}")).unwrap_or_default();
         let due = "(m.status = 'received' or (m.status = 'failed' \
                    and (m.scheduled_at is null or m.scheduled_at <= now())))";
+        // With the partial index of unfinished rows in `created_at` order
+        // (`outbox-relay init` makes it), the oldest `window` come straight
+        // off it: a claim costs the same with a backlog of a million rows
+        // (5.7 ms against 128 ms through the status with 300 000). Without it,
+        // through the status: every unfinished row each claim, but never the
+        // processed history `created_at` would walk.
+        let (unfinished, first) = if self.unfinished_index() {
+            (format!(" order by created_at, id{window}"), String::new())
+        } else {
+            (String::new(), format!(" order by created_at, id{window}"))
+        };
         let candidates = match &self.options.ordering_field {
             Some(_) => format!(
                 "with unprocessed as materialized (select id, created_at from {t} \
-                   where status in ('received', 'failed', 'processing')), \
+                   where status in ('received', 'failed', 'processing'){unfinished}), \
                  oldest as (select u.id, u.created_at, r.payload->>$2 as k from \
-                   (select id, created_at from unprocessed order by created_at, id{window}) u \
+                   (select id, created_at from unprocessed{first}) u \
                    join {t} r on r.id = u.id), \
                  c as (select id, created_at from (select id, created_at, k, \
                    row_number() over (partition by k order by created_at, id) as turn from oldest) o \
@@ -48,8 +59,8 @@ impl Processor {
             ),
             None => format!(
                 "with unprocessed as materialized (select id, created_at from {t} m \
-                   where status in ('received', 'failed') and event_type = any($1) and {due}), \
-                 c as (select id, created_at from unprocessed order by created_at, id{window})"
+                   where status in ('received', 'failed') and event_type = any($1) and {due}{unfinished}), \
+                 c as (select id, created_at from unprocessed{first})"
             ),
         };
         format!(
