@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 cargo build --release --bin outbox-relay --example soak
 cargo build --release -p outbox-relay-client --example inbox_worker
 args=("$@")
-if [[ " $* " != *" --dir "* ]]; then
+if [[ " $* " != *" --dir "* && " $* " != *" --dir="* ]]; then
   args+=(--dir "target/soak/$(date -u +%Y%m%dT%H%M%SZ)")
 fi
 exec target/release/examples/soak \

@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace --lib --bins
+# The soak's own checks (which reading counts as a process' steady one).
+cargo test --example soak
 # The rustdoc examples (no_run: compiled, not run), of both crates.
 cargo test --workspace --doc
 # Every fuzz corpus file and finding, replayed on stable through the fuzz targets'
@@ -53,3 +55,7 @@ flock -o -x "$LOCK" cargo test --test faults -- --test-threads=1
 cargo build --workspace --examples
 cargo test --test inbox_faults --no-run
 flock -o -x "$LOCK" cargo test --test inbox_faults -- --test-threads=1
+# The soak's short version (docs/soak.md): the whole chain under 1 000 rows/s with
+# each of the eight faults once, 17 s apart; it restarts both services, so it runs
+# alone, last, under the same lock.
+flock -o -x "$LOCK" bash scripts/soak.sh --minutes 3 --fault-every 17s

@@ -58,17 +58,16 @@ impl Fleet {
         })
     }
 
-    /// Which relay holds the slot: the one whose `/readyz` does not say standby
-    /// (waits while both say so, as during a take-over).
+    /// Which relay holds the slot and streams: the one whose `/readyz` is 200
+    /// (waits while neither is, as during a take-over). Not "the one that does
+    /// not say standby": a relay that lost the slot to its standby while
+    /// reconnecting waits for it without saying so.
     pub async fn active(&mut self) -> Result<usize> {
         let deadline = Instant::now() + START;
         loop {
             for i in 0..2 {
-                let addr = self.relays[i].metrics_addr().await?;
-                if let Ok((_, body)) = http_get(&addr, "/readyz").await {
-                    if !body.starts_with("standby") {
-                        return Ok(i);
-                    }
+                if self.ready(i).await? {
+                    return Ok(i);
                 }
             }
             if Instant::now() > deadline {
@@ -76,6 +75,11 @@ impl Fleet {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+
+    async fn ready(&mut self, i: usize) -> Result<bool> {
+        let addr = self.relays[i].metrics_addr().await?;
+        Ok(matches!(http_get(&addr, "/readyz").await, Ok((200, _))))
     }
 
     pub async fn receiver_metrics(&mut self) -> Result<String> {
@@ -97,10 +101,18 @@ impl Fleet {
         } else {
             self.relays[i].kill9();
         }
-        self.relays[1 - i]
-            .wait_log("taking over", START)
-            .await
-            .context("the standby did not take over")?;
+        // Taken over: the other relay streams (not a log line, which an
+        // earlier take-over of the same process would match).
+        let deadline = Instant::now() + START;
+        while !self.ready(1 - i).await? {
+            if Instant::now() > deadline {
+                bail!(
+                    "the standby did not take over within {START:?}: {}",
+                    self.relays[1 - i].log_path().display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         let mut fresh = spawn_relay(&self.relay_bin, &self.config, &self.dir)?;
         fresh.wait_log("waiting as a hot standby", START).await?;
         self.relays[i] = fresh;
