@@ -6,7 +6,7 @@
 # process' memory, descriptors and threads stayed flat (examples/soak/main.rs).
 #
 #   scripts/soak.sh --minutes 30                    # the full run (docs/soak.md)
-#   scripts/soak.sh --minutes 3 --fault-every 17s   # CI's short version (scripts/test.sh)
+#   scripts/soak.sh --minutes 3 --fault-every 17s --rate 600   # CI's short version (scripts/test.sh)
 #
 # Uses the local services (scripts/setup-services.sh) and restarts them: run it
 # alone. Logs go to target/soak/<time>/ (or --dir).
