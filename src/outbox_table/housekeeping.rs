@@ -31,11 +31,11 @@ type Statement<T> =
 /// Work for the housekeeping task.
 #[derive(Debug)]
 pub enum Chore {
-    /// These rows' messages were acked: apply `on_success`. `upto`: the
+    /// These rows' messages were acked: apply `on_success`. `seq`: the
     /// relay's number for this hand-over (increasing); reported back (see
     /// [`Housekeeping::open`]) once its rows and every earlier chore's are
     /// all applied.
-    Succeeded { ids: Vec<String>, upto: Option<u64> },
+    Succeeded { ids: Vec<String>, seq: Option<u64> },
     /// Show this retry state in the row.
     Mirror(MirrorUpdate),
 }
@@ -67,9 +67,9 @@ pub struct Housekeeping {
     retry: RetryTable,
     client: Client,
     succeeded: Vec<String>,
-    /// The newest `upto` among the chores taken whose ids are not all applied yet.
-    upto: Option<u64>,
-    /// The newest `upto` whose ids are all applied.
+    /// The newest `seq` among the chores taken whose ids are not all applied yet.
+    seq: Option<u64>,
+    /// The newest `seq` whose ids are all applied.
     marked: watch::Sender<u64>,
     mirrors: Vec<MirrorUpdate>,
     flush_at: Option<Instant>,
@@ -78,7 +78,7 @@ pub struct Housekeeping {
 }
 
 impl Housekeeping {
-    /// `marked` is set to the `upto` of each [`Chore::Succeeded`] once its rows
+    /// `marked` is set to the `seq` of each [`Chore::Succeeded`] once its rows
     /// (and every earlier chore's) have their `on_success` applied: the relay
     /// confirms a position to the slot only after that, so a relay killed
     /// before it marked the rows it delivered reads them again on its next
@@ -99,7 +99,7 @@ impl Housekeeping {
             retry,
             client,
             succeeded: Vec::new(),
-            upto: None,
+            seq: None,
             marked,
             mirrors: Vec::new(),
             flush_at: None,
@@ -149,11 +149,11 @@ impl Housekeeping {
 
     fn take(&mut self, chore: Chore) {
         match chore {
-            Chore::Succeeded { ids, upto } if self.settings.on_success != OnSuccess::Keep => {
+            Chore::Succeeded { ids, seq } if self.settings.on_success != OnSuccess::Keep => {
                 self.succeeded.extend(ids);
-                self.upto = self.upto.max(upto);
+                self.seq = self.seq.max(seq);
             }
-            Chore::Succeeded { upto, .. } => self.report_marked(upto),
+            Chore::Succeeded { seq, .. } => self.report_marked(seq),
             Chore::Mirror(m) if self.outbox.has_mirror() => self.mirrors.push(m),
             Chore::Mirror(_) => {}
         }
@@ -183,8 +183,8 @@ impl Housekeeping {
             self.succeeded.extend(kept);
         }
         if self.succeeded.is_empty() {
-            let upto = self.upto.take();
-            self.report_marked(upto);
+            let seq = self.seq.take();
+            self.report_marked(seq);
         } else {
             self.flush_at = Some(Instant::now() + Duration::from_secs(1));
         }
@@ -194,13 +194,13 @@ impl Housekeeping {
         }
     }
 
-    /// Every acked row up to `upto` has its `on_success` applied (or was
+    /// Every acked row up to `seq` has its `on_success` applied (or was
     /// refused it for its own reasons, logged and counted).
-    fn report_marked(&self, upto: Option<u64>) {
-        if let Some(upto) = upto {
+    fn report_marked(&self, seq: Option<u64>) {
+        if let Some(seq) = seq {
             self.marked.send_if_modified(|m| {
-                let newer = upto > *m;
-                *m = (*m).max(upto);
+                let newer = seq > *m;
+                *m = (*m).max(seq);
                 newer
             });
         }

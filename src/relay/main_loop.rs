@@ -104,7 +104,7 @@ pub(super) struct Stream {
     pub(super) heartbeat: startup::Heartbeat,
     /// Counts up when the retry store finds Postgres shutting down.
     pub(super) server_stopping: tokio::sync::watch::Receiver<u64>,
-    /// The LSN up to which every acked row has its `on_success` applied.
+    /// The newest hand-over of acked ids whose rows all have their `on_success` applied.
     pub(super) marked: tokio::sync::watch::Receiver<u64>,
 }
 
@@ -450,8 +450,8 @@ impl Relay {
             return;
         }
         let ids = std::mem::take(&mut self.succeeded);
-        let upto = Some(self.marks.next_seq());
-        match self.chores.try_send(Chore::Succeeded { ids, upto }) {
+        let seq = Some(self.marks.next_seq());
+        match self.chores.try_send(Chore::Succeeded { ids, seq }) {
             Err(mpsc::error::TrySendError::Full(Chore::Succeeded { ids, .. })) => {
                 // Try again in HAND_OVER_AFTER (WAL reading stops at MAX_SUCCEEDED).
                 self.succeeded = ids;

@@ -538,7 +538,7 @@ impl Store {
         }
         self.chore(Chore::Succeeded {
             ids: delivered.into_iter().map(|(_, id)| id).collect(),
-            upto: None,
+            seq: None,
         });
     }
 
