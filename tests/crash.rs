@@ -238,6 +238,80 @@ async fn unmarked_rows_survive_kill_9(name: &str, resume_first: bool) {
     f.cleanup().await;
 }
 
+/// A parked message delivered by a retry: its retry row is removed and its
+/// outbox row marked `published` in one transaction. Here the mark is held (a
+/// trigger sleeps on the update to `published`) and the relay killed -9
+/// meanwhile: the retry row is still there, so the next relay delivers the
+/// message again and marks it. Removed first and marked later (by the
+/// housekeeping task), the rows stayed `failed` (as their park showed them)
+/// for good: their retry rows were gone and the slot long past them. One
+/// aggregate, so every retry comes from one page loaded before the store
+/// blocks in the trigger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_delivered_but_not_marked_at_kill_9_is_marked_by_the_next_relay() {
+    let f = Fixture::new("kill9_retry_marks", false).await;
+    let t = &f.table;
+    let func = format!("{}_hold_published", t.replace('.', "_"));
+    f.db.batch_execute(&format!(
+        "create or replace function {func}() returns trigger language plpgsql as \
+         $$ begin perform pg_sleep(3600); return new; end $$; \
+         create trigger hold_published before update on {t} for each row \
+         when (new.status = 'published') execute function {func}();"
+    ))
+    .await
+    .unwrap();
+    let cfg = f.config(&[
+        ("retry", "backoff_base = \"100ms\""),
+        ("retry", "backoff_max = \"500ms\""),
+        // The held mark must not time out (and go to housekeeping) before the kill.
+        ("postgres", "statement_timeout = \"10min\""),
+    ]);
+    let mut relay = crate::support::Relay::spawn(&cfg, &f.dir, &[]);
+    relay.wait_streaming().await;
+    let all = ids("k9r", 10);
+    let rows: Vec<(String, String, String)> = all
+        .iter()
+        .map(|id| (id.clone(), "agg-1".to_string(), "late".to_string()))
+        .collect();
+    f.insert_batch(&rows).await;
+    let end = f.current_lsn().await;
+    f.wait_slot_past(end, "every row parked").await;
+    wait_for(T, "every unroutable message parked", || async {
+        f.parked().await.len() == all.len()
+    })
+    .await;
+    f.bind("Order.late").await;
+    f.consumer().wait_ids(&all, T).await;
+    // The marks now sleep in the trigger; give the relay time to have done
+    // whatever it does before marking.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    relay.kill9();
+    f.db.batch_execute(&format!(
+        "select pg_terminate_backend(pid) from pg_stat_activity \
+         where application_name like 'outbox-relay % {slot}'; \
+         drop trigger hold_published on {t}; drop function {func}();",
+        slot = f.slot
+    ))
+    .await
+    .unwrap();
+    let mut relay = crate::support::Relay::spawn(&cfg, &f.dir, &[]);
+    relay.wait_streaming().await;
+    wait_for(T, "every delivered row marked published", || async {
+        f.db.query_one(
+            &format!("select count(*) from {t} where id = any($1) and status = 'published'"),
+            &[&all],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+            == all.len() as i64
+    })
+    .await;
+    f.wait_retry_drained().await;
+    assert!(relay.terminate(T).await.success());
+    f.cleanup().await;
+}
+
 /// Logical decoding hands a transaction out once its commit record is
 /// flushed, a moment before other sessions see its rows: the relay can have
 /// the broker's ack while its row is still invisible to the marking session
@@ -283,5 +357,46 @@ async fn a_row_not_visible_yet_when_it_is_marked_is_marked_when_it_becomes_visib
         let (status, _, _) = f.row_state(id).await;
         assert_eq!(status, "published", "{id}");
     }
+    f.cleanup().await;
+}
+
+/// A delivered retry is marked `published` by the retry store itself, while
+/// the status update of its earlier failed attempt may still be on its way
+/// through the housekeeping task: applied late, it must not show the row as
+/// failing again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_failure_update_does_not_unpublish_a_row() {
+    use outbox_relay::config::{ColumnMapping, OnSuccess};
+    use outbox_relay::outbox_table::{MirrorUpdate, OutboxTable};
+    let f = Fixture::new("mirror_late", false).await;
+    let table = outbox_relay::pg::TableName::parse(&f.table).unwrap();
+    let db = crate::support::pg().await;
+    let outbox = OutboxTable::learn(&db, table, &ColumnMapping::event_forge())
+        .await
+        .unwrap();
+    f.insert_batch(&[
+        ("done-1".into(), "agg-1".into(), "e".into()),
+        ("open-1".into(), "agg-2".into(), "e".into()),
+    ])
+    .await;
+    outbox
+        .on_success(&db, OnSuccess::MarkPublished, &["done-1".to_string()])
+        .await
+        .unwrap();
+    let late = |id: &str| MirrorUpdate {
+        id: id.to_string(),
+        status: "failed",
+        reason: "no route".to_string(),
+        delay: Some(Duration::from_secs(1)),
+    };
+    outbox
+        .mirror(&db, &[late("done-1"), late("open-1")])
+        .await
+        .unwrap();
+    assert_eq!(f.row_state("done-1").await.0, "published");
+    assert_eq!(
+        f.row_state("open-1").await,
+        ("failed".to_string(), 1, Some("no route".to_string()))
+    );
     f.cleanup().await;
 }

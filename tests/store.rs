@@ -120,6 +120,64 @@ async fn parks_never_wait_for_housekeeping_stuck_on_a_locked_row() {
     f.cleanup().await;
 }
 
+/// A delivered retry's outbox row is marked in the store's own transaction:
+/// when another session holds that row locked, the store waits 50 ms, not
+/// the session's `lock_timeout` (10 minutes here, as is `statement_timeout`),
+/// hands the mark to the
+/// housekeeping task and goes on parking; the row shows `published` once the
+/// lock is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivered_retry_whose_row_is_locked_does_not_hold_the_store() {
+    let f = Fixture::new("st_retry_locked", false).await;
+    f.bind("Order.ok").await;
+    let mut relay = f.spawn(&[
+        ("postgres", "lock_timeout = \"10min\""),
+        ("postgres", "statement_timeout = \"10min\""),
+        ("retry", "max_retries = 1000"),
+    ]);
+    relay.wait_streaming().await;
+    f.insert_batch(&[("held".into(), "h".into(), "late".into())])
+        .await;
+    f.wait_head_failed_with("unroutable").await;
+    wait_for(T, "its park shown in the row", || async {
+        f.row_state("held").await.0 == "failed"
+    })
+    .await;
+    let mut locker = crate::support::pg().await;
+    let lock = locker.transaction().await.unwrap();
+    lock.batch_execute(&format!(
+        "select * from {} where id = 'held' for update",
+        f.table
+    ))
+    .await
+    .unwrap();
+    f.bind("Order.late").await;
+    f.consumer().wait_ids(&["held".to_string()], T).await;
+    // The store is not waiting on the lock: a new refusal parks.
+    f.insert_batch(&[("later".into(), "l".into(), "later".into())])
+        .await;
+    wait_for(T, "a refusal after the locked retry parked", || async {
+        f.parked().await.iter().any(|p| p.0 == "later")
+    })
+    .await;
+    assert_eq!(f.row_state("held").await.0, "failed", "still locked");
+    lock.rollback().await.unwrap();
+    wait_for(
+        T,
+        "the delivered retry marked once the lock is gone",
+        || async { f.row_state("held").await.0 == "published" },
+    )
+    .await;
+    relay
+        .wait_log(
+            "their outbox rows could not be marked in the transaction",
+            T,
+        )
+        .await;
+    assert!(relay.terminate(T).await.success());
+    f.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_says_the_store_is_failing_and_the_relay_stalled_while_the_retry_table_is_locked() {
     let f = Fixture::new("st_readyz", false).await;

@@ -254,6 +254,12 @@ impl OutboxTable {
 
     /// Shows retry state in Event-Forge rows' own columns, all of `updates` in one
     /// statement (no-op for other tables). A failed attempt counts in `retry_count`.
+    /// A row already `published` keeps that status: the retry store marks a
+    /// delivered retry itself, in the transaction that removes it from the
+    /// retry table, so an update of an earlier attempt still on its way
+    /// through the housekeeping task must not show the row as failing again.
+    /// (A published row sent again by `replay` that then fails keeps showing
+    /// `published`; its retry state is in the retry table and `status`.)
     pub async fn mirror(
         &self,
         client: &impl GenericClient,
@@ -276,7 +282,7 @@ impl OutboxTable {
             "update {t} as o set status = u.status, error_message = u.reason, retry_count = o.retry_count + 1, \
              scheduled_at = coalesce(now() + u.delay * interval '1 microsecond', o.scheduled_at), updated_at = now() \
              from unnest($1::text[], $2::text[], $3::text[], $4::bigint[]) as u(id, status, reason, delay) \
-             where o.{id} = u.id::{ty}",
+             where o.{id} = u.id::{ty} and o.status is distinct from 'published'",
             t = self.table.quoted(),
             id = quote_ident(&self.mapping.id),
             ty = shape.id_type,
@@ -329,38 +335,13 @@ impl OutboxTable {
         on_success: OnSuccess,
         ids: &[String],
     ) -> Result<(), Error> {
-        // Without a table (the messages source) there is no row to mark.
-        let Some(shape) = &self.shape else {
+        let Some(sql) = self.on_success_sql(on_success) else {
             return Ok(());
-        };
-        let t = self.table.quoted();
-        let id_col = quote_ident(&self.mapping.id);
-        let cast = &shape.id_type;
-        let sql = match on_success {
-            OnSuccess::Keep => return Ok(()),
-            OnSuccess::Delete => format!(
-                "delete from {t} where {id_col} = any($1::text[]::{cast}[]) returning {id_col}::text"
-            ),
-            OnSuccess::MarkPublished if shape.mirror => format!(
-                "update {t} set status = 'published', error_message = null, updated_at = now() where {id_col} = any($1::text[]::{cast}[]) returning {id_col}::text"
-            ),
-            OnSuccess::MarkPublished => format!(
-                "update {t} set status = 'published' where {id_col} = any($1::text[]::{cast}[]) returning {id_col}::text"
-            ),
         };
         let mut wanted: Vec<String> = ids.to_vec();
         let mut waits = NOT_FOUND_AGAIN.iter();
         loop {
-            let found = client
-                .query(&sql, &[&wanted])
-                .await
-                .map_err(query_err("applying on_success to published rows"))?;
-            if found.len() >= wanted.len() {
-                return Ok(());
-            }
-            let found: std::collections::HashSet<String> =
-                found.iter().filter_map(|r| r.try_get(0).ok()).collect();
-            wanted.retain(|id| !found.contains(id));
+            wanted = Self::apply(client, &sql, wanted).await?;
             let Some(wait) = waits.next().filter(|_| !wanted.is_empty()) else {
                 break;
             };
@@ -375,6 +356,61 @@ impl OutboxTable {
             );
         }
         Ok(())
+    }
+
+    /// Applies `on_success` to these rows at once, without asking again for
+    /// rows it does not find: for rows read from the table before (they are
+    /// visible; not found means gone).
+    pub async fn on_success_now(
+        &self,
+        client: &impl GenericClient,
+        on_success: OnSuccess,
+        ids: &[String],
+    ) -> Result<(), Error> {
+        if let Some(sql) = self.on_success_sql(on_success) {
+            Self::apply(client, &sql, ids.to_vec()).await?;
+        }
+        Ok(())
+    }
+
+    /// `on_success`'s statement (none when there is nothing to change: `keep`,
+    /// or no table); it returns the ids it changed.
+    fn on_success_sql(&self, on_success: OnSuccess) -> Option<String> {
+        // Without a table (the messages source) there is no row to mark.
+        let shape = self.shape.as_ref()?;
+        let t = self.table.quoted();
+        let id_col = quote_ident(&self.mapping.id);
+        let cast = &shape.id_type;
+        let rows = format!("{id_col} = any($1::text[]::{cast}[])");
+        Some(match on_success {
+            OnSuccess::Keep => return None,
+            OnSuccess::Delete => format!("delete from {t} where {rows} returning {id_col}::text"),
+            OnSuccess::MarkPublished if shape.mirror => format!(
+                "update {t} set status = 'published', error_message = null, updated_at = now() where {rows} returning {id_col}::text"
+            ),
+            OnSuccess::MarkPublished => format!(
+                "update {t} set status = 'published' where {rows} returning {id_col}::text"
+            ),
+        })
+    }
+
+    /// Runs `on_success`'s statement for `wanted`; returns those it did not change.
+    async fn apply(
+        client: &impl GenericClient,
+        sql: &str,
+        mut wanted: Vec<String>,
+    ) -> Result<Vec<String>, Error> {
+        let found = client
+            .query(sql, &[&wanted])
+            .await
+            .map_err(query_err("applying on_success to published rows"))?;
+        if found.len() >= wanted.len() {
+            return Ok(Vec::new());
+        }
+        let found: std::collections::HashSet<String> =
+            found.iter().filter_map(|r| r.try_get(0).ok()).collect();
+        wanted.retain(|id| !found.contains(id));
+        Ok(wanted)
     }
 
     /// When the oldest published row was marked (Unix µs), for the retention sweep.

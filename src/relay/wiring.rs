@@ -172,6 +172,7 @@ async fn open_sessions(
             mapping: pg.columns.clone(),
             tableless: pg.source == crate::config::Source::Messages,
             on_dead: config.retry.on_dead,
+            on_success: pg.on_success,
             reconnect_backoff_max: pg.reconnect_backoff_max,
             session_options: session_options.clone(),
         },

@@ -4,7 +4,9 @@
 //! Every statement on that table is in [`queries`]. What the outbox rows
 //! themselves show of it (the status mirror, `on_success`) is handed to the
 //! housekeeping task of [`crate::outbox_table`], on its own session, so parks
-//! never queue behind it.
+//! never queue behind it — except a delivered retry's `on_success`, applied in
+//! the transaction that removes its retry row, with a 50 ms lock wait (see
+//! `Store::delivered`).
 //!
 //! The relay (main loop) decides; the store writes and answers over bounded
 //! channels, one per priority: parks, then retry outcomes, then loads. It runs
@@ -16,7 +18,7 @@ mod store;
 
 pub use store::Store;
 
-use crate::config::{ColumnMapping, OnDead};
+use crate::config::{ColumnMapping, OnDead, OnSuccess};
 use crate::event::{AggregateKey, Row, RowRead};
 use crate::pg::{connect::application_name, PgTarget, TableName};
 use bytes::Bytes;
@@ -214,6 +216,9 @@ pub struct StoreSettings {
     /// No outbox table (`postgres.source = "messages"`): retries use their parked copies.
     pub tableless: bool,
     pub on_dead: OnDead,
+    /// What a delivered retry's outbox row gets, in the transaction that
+    /// removes it from the retry table.
+    pub on_success: OnSuccess,
     pub reconnect_backoff_max: Duration,
     /// `-c statement_timeout=... -c lock_timeout=...` for the store's session.
     pub session_options: String,

@@ -15,7 +15,8 @@ use super::{
     requeue_channel, store_application_name, Head, Load, Park, ParkItem, StoreCommand, StoreEvent,
     StoreSettings,
 };
-use crate::error::Error;
+use crate::config::OnSuccess;
+use crate::error::{Error, SqlTrouble};
 use crate::metrics::{metrics, Health, Problem};
 use crate::outbox_table::housekeeping::Chore;
 use crate::outbox_table::{MirrorUpdate, OutboxTable};
@@ -27,6 +28,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 use tokio_postgres::{AsyncMessage, Client};
 
 mod loads;
@@ -41,6 +43,11 @@ const LOAD_BATCH: usize = 64;
 const HEADS_PAGE: i64 = 1000;
 /// Requeue notifications cause at most one reload per this interval.
 pub const REQUEUE_RELOAD_INTERVAL: Duration = Duration::from_secs(1);
+/// Longest a delivered retry's transaction waits for a lock on an outbox row
+/// (or table) before its `on_success` goes to the housekeeping task instead.
+const TOGETHER_LOCK_WAIT: Duration = Duration::from_millis(50);
+/// After that, how long delivered retries are marked by the housekeeping task.
+const APART_FOR: Duration = Duration::from_secs(300);
 /// Failures of one statement before `/readyz` reports the store as failing.
 const REPORT_AFTER: u32 = 3;
 
@@ -58,6 +65,9 @@ pub struct Store {
     /// Counts the times this store found Postgres shutting down (see
     /// [`Store::open`]).
     stopping: watch::Sender<u64>,
+    /// Until then, delivered retries are not marked in the store's own
+    /// transaction (see [`Store::delivered`]).
+    apart_until: Option<Instant>,
 }
 
 async fn connect(
@@ -151,6 +161,7 @@ impl Store {
             chores,
             held: VecDeque::new(),
             stopping,
+            apart_until: None,
         })
     }
 
@@ -511,18 +522,47 @@ impl Store {
         true
     }
 
-    /// Removes delivered rows in one statement; their outbox rows get on_success.
+    /// Removes delivered rows from the retry table and applies `on_success` to
+    /// their outbox rows in one transaction, so a relay killed in between
+    /// leaves both as they were (the message is delivered again, a duplicate)
+    /// rather than the retry row gone and the outbox row `pending` for good.
+    /// The store must not wait on the outbox table (parks wait behind it):
+    /// the transaction waits at most [`TOGETHER_LOCK_WAIT`] for a lock, and
+    /// when it fails not for the connection's sake (a lock held by another
+    /// session, a trigger that refuses a row or runs past the statement
+    /// timeout, a changed table) the rows are removed alone and their
+    /// `on_success` goes to the housekeeping task, which waits for locks and
+    /// narrows a batch down to the row that refuses — and so for the next
+    /// [`APART_FOR`], so a table that keeps refusing costs one attempt.
     async fn delivered(&mut self, delivered: Vec<(i64, String)>) {
         if delivered.is_empty() {
             return;
         }
         let seqs: Vec<i64> = delivered.iter().map(|(s, _)| *s).collect();
+        let ids: Vec<String> = delivered.into_iter().map(|(_, id)| id).collect();
+        let mut together = self.apart_until.is_none_or(|t| Instant::now() >= t);
         let mut attempt = 0;
         loop {
-            match self.retry.delete_many(&self.client, &seqs).await {
+            let removed = if together {
+                self.remove_and_mark(&seqs, &ids).await
+            } else {
+                self.retry.delete_many(&self.client, &seqs).await
+            };
+            match removed {
                 Ok(n) => {
                     metrics().retries_pending.sub(n as i64);
                     break;
+                }
+                Err(e)
+                    if together
+                        && !matches!(e.sql_trouble(), None | Some(SqlTrouble::Connection)) =>
+                {
+                    if e.sql_trouble() == Some(SqlTrouble::SchemaDrift) {
+                        let _ = self.outbox.relearn(&self.client).await;
+                    }
+                    tracing::warn!(count = seqs.len(), error = %e, apart_for = ?APART_FOR, "delivered retries: their outbox rows could not be marked in the transaction that removes them from the retry table; they are removed first and marked by the housekeeping task (a relay killed in between leaves them pending)");
+                    self.apart_until = Some(Instant::now() + APART_FOR);
+                    together = false;
                 }
                 Err(e) => {
                     attempt += 1;
@@ -536,10 +576,34 @@ impl Store {
                 }
             }
         }
-        self.chore(Chore::Succeeded {
-            ids: delivered.into_iter().map(|(_, id)| id).collect(),
-            seq: None,
-        });
+        if !together {
+            self.chore(Chore::Succeeded { ids, seq: None });
+        }
+    }
+
+    /// One transaction: the retry rows out, `on_success` on the outbox rows.
+    async fn remove_and_mark(&mut self, seqs: &[i64], ids: &[String]) -> Result<u64, Error> {
+        if self.settings.on_success == OnSuccess::Keep || self.settings.tableless {
+            return self.retry.delete_many(&self.client, seqs).await;
+        }
+        const CONTEXT: &str = "removing delivered messages from the retry table";
+        let tx = self
+            .client
+            .transaction()
+            .await
+            .map_err(query_err(CONTEXT))?;
+        tx.batch_execute(&format!(
+            "set local lock_timeout = {}",
+            TOGETHER_LOCK_WAIT.as_millis()
+        ))
+        .await
+        .map_err(query_err(CONTEXT))?;
+        let n = self.retry.delete_many(&tx, seqs).await?;
+        self.outbox
+            .on_success_now(&tx, self.settings.on_success, ids)
+            .await?;
+        tx.commit().await.map_err(query_err(CONTEXT))?;
+        Ok(n)
     }
 
     /// Records failed retries in one statement; a batch that fails for a row's
