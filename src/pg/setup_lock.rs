@@ -16,8 +16,12 @@ use tokio_postgres::Client;
 const KEY: &str = "hashtextextended('outbox-relay set-up', 0)";
 /// How often a relay asks for the lock while another process holds it.
 const ASK_EVERY: Duration = Duration::from_millis(100);
-/// After this long waiting, the log says who holds the lock.
+/// After this long waiting, the log says who holds the lock; then again
+/// every [`SAY_AGAIN`] (creating a slot waits for every transaction running
+/// when it started, so a long one holds every relay's start behind it: there
+/// is no bound, the log keeps saying why).
 const SAY_AFTER: Duration = Duration::from_secs(5);
+const SAY_AGAIN: Duration = Duration::from_secs(60);
 
 /// Runs `work` (which uses `client`) while holding the set-up lock on
 /// `client`'s session; the lock is released afterwards, also when `work`
@@ -27,7 +31,7 @@ pub async fn locked<T>(
     work: impl Future<Output = Result<T, Error>>,
 ) -> Result<T, Error> {
     let started = Instant::now();
-    let mut said = false;
+    let mut say_at = started + SAY_AFTER;
     loop {
         let row = client
             .query_one(&format!("select pg_try_advisory_lock({KEY})"), &[])
@@ -36,11 +40,12 @@ pub async fn locked<T>(
         if row.try_get::<_, bool>(0).unwrap_or(false) {
             break;
         }
-        if !said && started.elapsed() >= SAY_AFTER {
-            said = true;
+        if Instant::now() >= say_at {
+            say_at = Instant::now() + SAY_AGAIN;
             let holder = holder(client).await;
             tracing::warn!(
                 holder = ?holder,
+                waited = ?started.elapsed(),
                 "waiting for another process (pid {}) to finish creating the publication and slot (the set-up lock): if it is stuck, look at what it waits for in pg_stat_activity",
                 holder.map_or_else(|| "unknown".to_string(), |p| p.to_string())
             );
@@ -63,7 +68,8 @@ async fn holder(client: &Client) -> Option<i32> {
         .query_opt(
             &format!(
                 "select pid from pg_locks where locktype = 'advisory' and granted \
-                 and objsubid = 1 and (classid::bigint << 32 | objid::bigint) = {KEY} limit 1"
+                 and objsubid = 1 and (classid::bigint << 32 | objid::bigint) = {KEY} \
+                 and database = (select oid from pg_database where datname = current_database()) limit 1"
             ),
             &[],
         )
