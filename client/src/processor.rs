@@ -125,6 +125,14 @@ pub trait ProcessorObserver: Send + Sync {
     fn failed(&self, n: u64);
 }
 
+/// [`Processor`]'s knowledge of the table's index of unfinished rows.
+const INDEX_UNKNOWN: u8 = 0;
+const INDEX_ABSENT: u8 = 1;
+/// Present, on PostgreSQL 13 or later (which has incremental sorts).
+const INDEX_PRESENT: u8 = 2;
+/// Present, on a server without incremental sorts.
+const INDEX_PRESENT_NO_INCREMENTAL_SORT: u8 = 3;
+
 /// Runs handlers on inbox rows. See the module documentation.
 ///
 /// ```no_run
@@ -153,9 +161,12 @@ pub struct Processor {
     handlers: HashMap<String, Arc<dyn Handler>>,
     options: ProcessorOptions,
     observer: Option<Arc<dyn ProcessorObserver>>,
-    /// The table has the partial index of unfinished rows (`created_at`,
-    /// `id`): learned at each connect, it decides how claims find rows.
-    unfinished_index: Arc<std::sync::atomic::AtomicBool>,
+    /// Whether the table has the partial index of unfinished rows
+    /// (`created_at`, `id`): [`INDEX_UNKNOWN`], [`INDEX_ABSENT`] or
+    /// [`INDEX_PRESENT`]; learned at each connect of [`Processor::run`], and
+    /// by the first claim of a caller's own session, it decides how claims
+    /// find rows.
+    unfinished_index: Arc<std::sync::atomic::AtomicU8>,
 }
 
 impl Processor {
@@ -176,7 +187,7 @@ impl Processor {
             handlers: HashMap::new(),
             options: ProcessorOptions::default(),
             observer: None,
-            unfinished_index: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            unfinished_index: Arc::new(std::sync::atomic::AtomicU8::new(INDEX_UNKNOWN)),
         })
     }
 
@@ -298,6 +309,28 @@ impl Processor {
     fn unfinished_index(&self) -> bool {
         self.unfinished_index
             .load(std::sync::atomic::Ordering::Relaxed)
+            >= INDEX_PRESENT
+    }
+
+    /// Claims turn incremental sorts off (see `claim_and_run`): the table has
+    /// the index and the server has the setting.
+    fn avoid_incremental_sort(&self) -> bool {
+        self.unfinished_index
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == INDEX_PRESENT
+    }
+
+    /// Learns whether the table has the index, once, on `client` (for
+    /// sessions the caller brings to [`Processor::process_batch`] and the like).
+    async fn know_unfinished_index(&self, client: &tokio_postgres::Client) -> Result<(), Error> {
+        if self
+            .unfinished_index
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == INDEX_UNKNOWN
+        {
+            self.learn_unfinished_index(client).await?;
+        }
+        Ok(())
     }
 
     /// Whether the table has a valid partial index of unfinished rows led by
@@ -312,7 +345,8 @@ impl Processor {
                    and a.attname = 'created_at' \
                    and pg_get_expr(i.indpred, i.indrelid) like '%received%' \
                    and pg_get_expr(i.indpred, i.indrelid) like '%failed%' \
-                   and pg_get_expr(i.indpred, i.indrelid) like '%processing%')",
+                   and pg_get_expr(i.indpred, i.indrelid) like '%processing%'), \
+                   current_setting('server_version_num')::int >= 130000",
                 &[&self.table.quoted()],
             )
             .await
@@ -320,6 +354,7 @@ impl Processor {
                 "looking for the inbox table's index of unfinished rows",
             ))?;
         let found: bool = row.try_get(0).unwrap_or(false);
+        let incremental_sort: bool = row.try_get(1).unwrap_or(false);
         if !found {
             tracing::warn!(
                 table = %self.table,
@@ -327,8 +362,14 @@ impl Processor {
                 self.table.quoted()
             );
         }
-        self.unfinished_index
-            .store(found, std::sync::atomic::Ordering::Relaxed);
+        self.unfinished_index.store(
+            match (found, incremental_sort) {
+                (false, _) => INDEX_ABSENT,
+                (true, true) => INDEX_PRESENT,
+                (true, false) => INDEX_PRESENT_NO_INCREMENTAL_SORT,
+            },
+            std::sync::atomic::Ordering::Relaxed,
+        );
         Ok(())
     }
 

@@ -35,6 +35,18 @@ impl Processor {
         let window = window.map(|w| format!(" limit {w}")).unwrap_or_default();
         let due = "(m.status = 'received' or (m.status = 'failed' \
                    and (m.scheduled_at is null or m.scheduled_at <= now())))";
+        if self.direct_claim() {
+            // The oldest due rows straight off the index of unfinished rows,
+            // walking past those other sessions hold: `limit` rows read, not a
+            // window of them (1.5 ms against 12 ms per claim of 100 with a
+            // window of 1 000).
+            return format!(
+                "select m.id, m.message_id, m.source, m.event_type, m.payload::text, \
+                 m.metadata::text, m.retry_count, m.max_retries from {t} m \
+                 where m.status in ('received', 'failed') and m.event_type = any($1) and {due} \
+                 order by m.created_at, m.id limit {limit} for update of m skip locked"
+            );
+        }
         // With the partial index of unfinished rows in `created_at` order
         // (`outbox-relay init` makes it), the oldest `window` come straight
         // off it: a claim costs the same with a backlog of a million rows
@@ -71,6 +83,13 @@ impl Processor {
         )
     }
 
+    /// Claims read the table directly, not through a window: with the index
+    /// of unfinished rows and no ordering field (a row's turn does not depend
+    /// on the rows before it).
+    fn direct_claim(&self) -> bool {
+        self.unfinished_index() && self.options.ordering_field.is_none()
+    }
+
     /// One claim of up to `limit` rows. It runs first without a savepoint per
     /// row (a batch of handlers that all succeed pays no savepoint round trips);
     /// when a handler fails, that transaction is rolled back and the rows are
@@ -81,6 +100,7 @@ impl Processor {
     /// found and marked failed with the reason, and the others go through: no row
     /// holds its batch forever.
     pub(super) async fn claim(&self, client: &mut Client, limit: usize) -> Result<usize, Error> {
+        self.know_unfinished_index(client).await?;
         let (claimed, mut refused) = match self.claim_isolating(client, limit).await? {
             Ran::Committed(n) => return Ok(n),
             Ran::RefusedAtCommit {
@@ -145,6 +165,16 @@ impl Processor {
         let err = query_err("processing inbox rows");
         let types = self.event_types();
         let tx = client.transaction().await.map_err(&err)?;
+        if self.avoid_incremental_sort() {
+            // Without this the planner can prefer Event-Forge's plain
+            // `created_at` index plus an incremental sort on `id`: it walks
+            // every processed row on each claim (8-9 ms per claim at 30 000
+            // processed rows, growing with the history). With a full sort as
+            // the price of that path, the index of unfinished rows wins.
+            tx.batch_execute("set local enable_incremental_sort = off")
+                .await
+                .map_err(&err)?;
+        }
         // Typed parameters: one round trip, no prepare.
         let claim = |window| {
             let sql = self.claim_sql(limit, window);
@@ -161,7 +191,8 @@ impl Processor {
             }
         };
         let mut rows = claim(Some(WINDOW.max(10 * limit))).await.map_err(&err)?;
-        if rows.is_empty() {
+        // A direct claim has no window that could have held nothing claimable.
+        if rows.is_empty() && !self.direct_claim() {
             rows = claim(None).await.map_err(&err)?;
         }
         let claimed = rows.len();
