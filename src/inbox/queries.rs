@@ -80,14 +80,17 @@ pub const WRITTEN: [&str; 12] = [
 /// (message_id, source) is already there is skipped (a duplicate). Every NOT NULL
 /// column of Event-Forge's table is written with Event-Forge's own value (its
 /// models keep the defaults in Python: a table they created has no server
-/// defaults), so the insert works on such a table as on one from `init`.
+/// defaults), so the insert works on such a table as on one from `init`. Row ids
+/// are UUIDv7 made here (milliseconds first): each insert into the primary key
+/// lands at its right-hand edge instead of a random page, which costs Postgres
+/// 22-31 % less than `gen_random_uuid()` (`benches/sql/inbox_id_order.sql`).
 pub fn insert_sql(table: &TableName) -> String {
     format!(
         "insert into {} (id, message_id, source, event_type, payload, metadata, status, \
          retry_count, max_retries, created_at, updated_at, recovery_attempts) \
-         select gen_random_uuid()::text, u.m, $1, u.e, u.p::json, u.md::json, 'received', 0, $2, \
+         select u.i, u.m, $1, u.e, u.p::json, u.md::json, 'received', 0, $2, \
          clock_timestamp(), clock_timestamp(), 0 \
-         from unnest($3::text[], $4::text[], $5::text[], $6::text[]) with ordinality as u(m, e, p, md, n) \
+         from unnest($3::text[], $4::text[], $5::text[], $6::text[], $7::text[]) with ordinality as u(m, e, p, md, i, n) \
          order by u.n \
          on conflict (message_id, source) do nothing \
          returning id, message_id",
@@ -107,10 +110,22 @@ pub async fn insert<C: GenericClient>(
     let types: Vec<&str> = records.iter().map(|r| r.event_type.as_str()).collect();
     let payloads: Vec<&str> = records.iter().map(|r| r.payload.as_str()).collect();
     let metadata: Vec<Option<&str>> = records.iter().map(|r| r.metadata.as_deref()).collect();
+    let row_ids: Vec<String> = records
+        .iter()
+        .map(|_| uuid::Uuid::now_v7().to_string())
+        .collect();
     let rows = client
         .query(
             statement,
-            &[&source, &max_retries, &ids, &types, &payloads, &metadata],
+            &[
+                &source,
+                &max_retries,
+                &ids,
+                &types,
+                &payloads,
+                &metadata,
+                &row_ids,
+            ],
         )
         .await?;
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
