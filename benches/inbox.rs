@@ -46,7 +46,8 @@ use tokio_postgres::{Client, NoTls, Transaction};
 
 mod common;
 use common::{
-    broker_pid, env_usize, median, peak_rss_mb, queue_depth, relay_binary, settle_broker, CpuUse,
+    broker_pid, env_usize, machine_ticks, median, peak_rss_mb, queue_depth, relay_binary,
+    settle_broker, CpuUse,
 };
 
 const PG_URL: &str = "postgresql://postgres@127.0.0.1:5432/test";
@@ -166,6 +167,8 @@ struct Run {
     rss_mb: f64,
     /// Per 100k; the process is the consumer (this benchmark, or the receiver).
     cpu: CpuUse,
+    /// How busy the machine's cores were, 0-1.
+    busy: f64,
 }
 
 /// The plain lapin consumer: `prefetch`, manual acks, one multiple ack every
@@ -182,6 +185,7 @@ async fn ceiling(rows: usize, ack_every: usize, prefetch: u16, prefix: u32) -> R
     settle_broker().await;
     let (own, broker) = (Some(std::process::id()), broker_pid());
     let cpu0 = CpuUse::now(own, broker);
+    let machine0 = machine_ticks();
     let start = Instant::now();
     let mut consumer = consumer_ch
         .basic_consume(
@@ -203,6 +207,7 @@ async fn ceiling(rows: usize, ack_every: usize, prefetch: u16, prefix: u32) -> R
     let secs = start.elapsed().as_secs_f64();
     let steady = (rows - 1) as f64 / first.unwrap().elapsed().as_secs_f64();
     let cpu = CpuUse::now(own, broker).per_100k_since(cpu0, rows);
+    let busy = busy_since(machine0);
     assert_eq!(queue_depth(&ch, QUEUE).await, 0);
     let _ = conn.close(200, "bye".into()).await;
     Run {
@@ -211,6 +216,7 @@ async fn ceiling(rows: usize, ack_every: usize, prefetch: u16, prefix: u32) -> R
         secs,
         rss_mb: 0.0,
         cpu,
+        busy,
     }
 }
 
@@ -311,6 +317,7 @@ async fn receive(db: &Client, rows: usize, prefix: u32) -> Run {
     settle_broker().await;
     let broker = broker_pid();
     let cpu0 = CpuUse::now(None, broker);
+    let machine0 = machine_ticks();
     let start = Instant::now();
     let mut child = spawn_inbox();
     let pid = child.id();
@@ -337,6 +344,7 @@ async fn receive(db: &Client, rows: usize, prefix: u32) -> Run {
     let (t1, n1) = first.unwrap();
     let steady = (rows - n1) as f64 / t1.elapsed().as_secs_f64();
     let cpu = CpuUse::now(Some(pid), broker).per_100k_since(cpu0, rows);
+    let busy = busy_since(machine0);
     let rss_mb = peak_rss_mb(pid);
     // The acks follow the commits: the queue empties within moments.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -353,6 +361,7 @@ async fn receive(db: &Client, rows: usize, prefix: u32) -> Run {
         secs,
         rss_mb,
         cpu,
+        busy,
     }
 }
 
@@ -388,6 +397,7 @@ async fn process(db: &Client, workers: usize, batch: usize, cap: Duration) -> (R
     }
     let own = Some(std::process::id());
     let cpu0 = CpuUse::now(own, None);
+    let machine0 = machine_ticks();
     let start = Instant::now();
     let deadline = start + cap;
     let done: usize = futures_util::future::join_all(clients.into_iter().map(|mut c| {
@@ -408,6 +418,7 @@ async fn process(db: &Client, workers: usize, batch: usize, cap: Duration) -> (R
     .sum();
     let secs = start.elapsed().as_secs_f64();
     let cpu = CpuUse::now(own, None).per_100k_since(cpu0, done.max(1));
+    let busy = busy_since(machine0);
     (
         Run {
             rate: done as f64 / secs,
@@ -415,6 +426,7 @@ async fn process(db: &Client, workers: usize, batch: usize, cap: Duration) -> (R
             secs,
             rss_mb: 0.0,
             cpu,
+            busy,
         },
         rows - done,
     )
@@ -523,10 +535,16 @@ async fn cleanup(db: &Client) {
     let _ = conn.close(200, "bye".into()).await;
 }
 
+/// How busy the machine's cores were since `before` ([`machine_ticks`]), 0-1.
+fn busy_since(before: (f64, f64)) -> f64 {
+    let now = machine_ticks();
+    (now.0 - before.0) / (now.1 - before.1).max(1.0)
+}
+
 fn row(label: &str, runs: &[Run], ratio: &str, last: &str) {
     let rss = runs.iter().map(|r| r.rss_mb).fold(0.0, f64::max);
     println!(
-        "| {label} | {:.0} | {ratio} | {} | {:.2} | {:.2} | {:.2} | {last} |",
+        "| {label} | {:.0} | {ratio} | {} | {:.2} | {:.2} | {:.2} | {:.0} % | {last} |",
         median(runs.iter().map(|r| r.rate).collect()),
         if rss > 0.0 {
             format!("{rss:.1} MB")
@@ -536,6 +554,7 @@ fn row(label: &str, runs: &[Run], ratio: &str, last: &str) {
         median(runs.iter().map(|r| r.cpu.process).collect()),
         median(runs.iter().map(|r| r.cpu.broker).collect()),
         median(runs.iter().map(|r| r.cpu.postgres).collect()),
+        median(runs.iter().map(|r| r.busy * 100.0).collect()),
     );
 }
 
@@ -634,8 +653,8 @@ async fn main() {
             .map(|n| n.get())
             .unwrap_or(0)
     );
-    println!("| measurement | msg/s | ratio to ceiling (range) | peak RSS | consumer CPU s / 100k | broker CPU s / 100k | Postgres CPU s / 100k | time |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("| measurement | msg/s | ratio to ceiling (range) | peak RSS | consumer CPU s / 100k | broker CPU s / 100k | Postgres CPU s / 100k | cores busy | time |");
+    println!("|---|---|---|---|---|---|---|---|---|");
     row(
         &format!("plain lapin consumer, manual acks (multiple every {ack_every}), prefetch {prefetch} (ceiling), {rows} msgs"),
         &ceilings,
@@ -651,7 +670,7 @@ async fn main() {
         &format!("{:.2} s", median(receives.iter().map(|r| r.secs).collect())),
     );
     println!(
-        "| the same two, steady state: consumer from its first delivery, receiver from its first commit, to the last | {receive_steady:.0} vs {ceiling_steady:.0} | **{:.2}** ({slo:.2}–{shi:.2}) | | | | | |",
+        "| the same two, steady state: consumer from its first delivery, receiver from its first commit, to the last | {receive_steady:.0} vs {ceiling_steady:.0} | **{:.2}** ({slo:.2}–{shi:.2}) | | | | | | |",
         receive_steady / ceiling_steady
     );
     for ((w, b), runs) in workers.iter().zip(&processed) {
@@ -666,7 +685,7 @@ async fn main() {
     }
     if let Some(l) = live {
         println!(
-            "| live: {live_rate} msg/s published for {live_secs} s while `outbox-relay inbox` runs | {:.0} | | {:.1} MB | {:.2} | {:.2} | {:.2} | publish to committed row: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms |",
+            "| live: {live_rate} msg/s published for {live_secs} s while `outbox-relay inbox` runs | {:.0} | | {:.1} MB | {:.2} | {:.2} | {:.2} | | publish to committed row: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms |",
             l.rate, l.rss_mb, l.cpu.process, l.cpu.broker, l.cpu.postgres, l.p50, l.p99, l.max
         );
     }

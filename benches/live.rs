@@ -26,7 +26,10 @@ mod scratch;
 mod tls;
 
 mod common;
-use common::{env_usize, median, parse_iso_micros, payload, peak_rss_mb, relay_binary, CpuUse};
+use common::{
+    cpu_seconds, env_usize, machine_ticks, median, parse_iso_micros, payload, peak_rss_mb,
+    relay_binary, CpuUse,
+};
 use futures_util::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions,
@@ -68,6 +71,10 @@ struct Live {
     max: f64,
     rss_mb: f64,
     cpu: CpuUse,
+    /// The bench's own CPU (the producer and the consumer), s per 100 000.
+    bench_cpu: f64,
+    /// How busy the machine's cores were during the run, 0-1.
+    busy: f64,
 }
 
 fn relay_config(dir: &std::path::Path, certs: &Certs, wire: Wire) -> std::path::PathBuf {
@@ -208,6 +215,8 @@ async fn live(
     }
     let pid = child.id();
     let cpu0 = CpuUse::now(Some(pid), scratch_broker_pid());
+    let bench0 = cpu_seconds(std::process::id());
+    let machine0 = machine_ticks();
     // One writer per 250 rows/s (at least 4): each commits one row at a time
     // (about 0.5 ms with synchronous_commit on), well under its share.
     let writers = (rate / 250).max(4);
@@ -259,6 +268,9 @@ async fn live(
     }
     let written = total as f64 / (last_write - started).as_secs_f64();
     let cpu = CpuUse::now(Some(pid), scratch_broker_pid()).per_100k_since(cpu0, total);
+    let bench_cpu = (cpu_seconds(std::process::id()) - bench0) * 100_000.0 / total as f64;
+    let machine1 = machine_ticks();
+    let busy = (machine1.0 - machine0.0) / (machine1.1 - machine0.1).max(1.0);
     let rss_mb = peak_rss_mb(pid);
     let _ = Command::new("kill")
         .args(["-TERM", &pid.to_string()])
@@ -275,6 +287,8 @@ async fn live(
         max: latencies[latencies.len() - 1],
         rss_mb,
         cpu,
+        bench_cpu,
+        busy,
     }
 }
 
@@ -347,13 +361,14 @@ async fn main() {
                 let config = relay_config(&dir, &certs, wire);
                 let l = live(&config, &conn, rate, secs, run).await;
                 eprintln!(
-                    "round {}/{rounds}: {} {rate}/s: written {:.0}/s, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+                    "round {}/{rounds}: {} {rate}/s: written {:.0}/s, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms, cores {:.0} % busy",
                     round + 1,
                     wire.label(),
                     l.written,
                     l.p50,
                     l.p99,
-                    l.max
+                    l.max,
+                    l.busy * 100.0
                 );
                 match results
                     .iter_mut()
@@ -368,13 +383,13 @@ async fn main() {
     println!(
         "\noutbox-relay live latency: one row per transaction (synchronous_commit on), {secs} s per run, 1000 aggregates, on_success = mark_published, scratch Postgres and RabbitMQ, 2 cores, median of {rounds} round(s)"
     );
-    println!("| rows/s | wire | written rows/s | insert → consumer p50 | p99 | max | relay peak RSS | relay CPU s / 100k | broker CPU s / 100k | Postgres CPU s / 100k |");
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("| rows/s | wire | written rows/s | insert → consumer p50 | p99 | max | relay peak RSS | relay CPU s / 100k | broker CPU s / 100k | Postgres CPU s / 100k | producer + consumer CPU s / 100k | cores busy |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     results.sort_by_key(|(w, runs)| (runs[0].target, *w == Wire::Tls));
     for (wire, runs) in &results {
         let m = |f: fn(&Live) -> f64| median(runs.iter().map(f).collect());
         println!(
-            "| {} | {} | {:.0} | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} MB | {:.2} | {:.2} | {:.2} |",
+            "| {} | {} | {:.0} | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} MB | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} % |",
             runs[0].target,
             wire.label(),
             m(|l| l.written),
@@ -385,6 +400,8 @@ async fn main() {
             m(|l| l.cpu.process),
             m(|l| l.cpu.broker),
             m(|l| l.cpu.postgres),
+            m(|l| l.bench_cpu),
+            m(|l| l.busy * 100.0),
         );
     }
     // The slot goes with the cluster; the scratch instances stop on drop.

@@ -41,6 +41,23 @@ pub fn ticks_at(fields: &[String], index: usize) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// The machine's CPU time so far, in clock ticks over all cores: (busy, all),
+/// from /proc/stat's first line (busy: everything but idle and iowait).
+pub fn machine_ticks() -> (f64, f64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<f64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let all: f64 = ticks.iter().sum();
+    let idle = ticks.get(3).copied().unwrap_or(0.0) + ticks.get(4).copied().unwrap_or(0.0);
+    (all - idle, all)
+}
+
 /// CPU seconds (user + system) a process has used so far.
 pub fn cpu_seconds(pid: u32) -> f64 {
     let f = stat_fields(pid);
