@@ -178,15 +178,7 @@ async fn rows_not_marked_when_the_stream_resumes_are_marked_after_kill_9() {
 
 async fn unmarked_rows_survive_kill_9(name: &str, resume_first: bool) {
     let f = Fixture::new(name, true).await;
-    let t = &f.table;
-    let func = format!("{}_hold_marks", t.replace('.', "_"));
-    f.db.batch_execute(&format!(
-        "create or replace function {func}() returns trigger language plpgsql as \
-         $$ begin perform pg_sleep(3600); return new; end $$; \
-         create trigger hold_marks before update on {t} for each row execute function {func}();"
-    ))
-    .await
-    .unwrap();
+    let held = HeldUpdates::install(&f, None).await;
     let cfg = f.config(&[]);
     let mut relay = crate::support::Relay::spawn(&cfg, &f.dir, &[]);
     relay.wait_streaming().await;
@@ -211,31 +203,68 @@ async fn unmarked_rows_survive_kill_9(name: &str, resume_first: bool) {
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     relay.kill9();
-    // The killed relay's mark still sleeps in its session: end it, then let
-    // marks through.
-    f.db.batch_execute(&format!(
-        "select pg_terminate_backend(pid) from pg_stat_activity \
-         where application_name = 'outbox-relay housekeeping {slot}'; \
-         drop trigger hold_marks on {t}; drop function {func}();",
-        slot = f.slot
-    ))
-    .await
-    .unwrap();
+    held.release(&f).await;
     let mut relay = crate::support::Relay::spawn(&cfg, &f.dir, &[]);
     relay.wait_streaming().await;
+    wait_published(&f, &all).await;
+    assert!(relay.terminate(T).await.success());
+    f.cleanup().await;
+}
+
+/// A trigger on the fixture's outbox table that holds its updates (those
+/// `when` lets in) in a sleep of an hour, so a relay can be killed while its
+/// marks wait.
+struct HeldUpdates {
+    func: String,
+}
+
+impl HeldUpdates {
+    async fn install(f: &Fixture, when: Option<&str>) -> HeldUpdates {
+        let t = &f.table;
+        let func = format!("{}_hold_updates", t.replace('.', "_"));
+        let when = when.map(|w| format!("when ({w}) ")).unwrap_or_default();
+        f.db.batch_execute(&format!(
+            "create or replace function {func}() returns trigger language plpgsql as \
+             $$ begin perform pg_sleep(3600); return new; end $$; \
+             create trigger hold_updates before update on {t} for each row {when}execute function {func}();"
+        ))
+        .await
+        .unwrap();
+        HeldUpdates { func }
+    }
+
+    /// After the relay was killed: ends its sessions (their marks still sleep
+    /// in the trigger), then lets updates through.
+    async fn release(self, f: &Fixture) {
+        f.db.batch_execute(&format!(
+            "select pg_terminate_backend(pid) from pg_stat_activity \
+             where application_name like 'outbox-relay % {slot}'; \
+             drop trigger hold_updates on {t}; drop function {func}();",
+            slot = f.slot,
+            t = f.table,
+            func = self.func
+        ))
+        .await
+        .unwrap();
+    }
+}
+
+/// Waits until every row of `ids` is `published`.
+async fn wait_published(f: &Fixture, ids: &[String]) {
     wait_for(T, "every delivered row marked published", || async {
         f.db.query_one(
-            &format!("select count(*) from {t} where id = any($1) and status = 'published'"),
-            &[&all],
+            &format!(
+                "select count(*) from {} where id = any($1) and status = 'published'",
+                f.table
+            ),
+            &[&ids],
         )
         .await
         .unwrap()
         .get::<_, i64>(0)
-            == all.len() as i64
+            == ids.len() as i64
     })
     .await;
-    assert!(relay.terminate(T).await.success());
-    f.cleanup().await;
 }
 
 /// A parked message delivered by a retry: its retry row is removed and its
@@ -250,16 +279,7 @@ async fn unmarked_rows_survive_kill_9(name: &str, resume_first: bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_delivered_but_not_marked_at_kill_9_is_marked_by_the_next_relay() {
     let f = Fixture::new("kill9_retry_marks", false).await;
-    let t = &f.table;
-    let func = format!("{}_hold_published", t.replace('.', "_"));
-    f.db.batch_execute(&format!(
-        "create or replace function {func}() returns trigger language plpgsql as \
-         $$ begin perform pg_sleep(3600); return new; end $$; \
-         create trigger hold_published before update on {t} for each row \
-         when (new.status = 'published') execute function {func}();"
-    ))
-    .await
-    .unwrap();
+    let held = HeldUpdates::install(&f, Some("new.status = 'published'")).await;
     let cfg = f.config(&[
         ("retry", "backoff_base = \"100ms\""),
         ("retry", "backoff_max = \"500ms\""),
@@ -286,27 +306,10 @@ async fn a_retry_delivered_but_not_marked_at_kill_9_is_marked_by_the_next_relay(
     // whatever it does before marking.
     tokio::time::sleep(Duration::from_secs(1)).await;
     relay.kill9();
-    f.db.batch_execute(&format!(
-        "select pg_terminate_backend(pid) from pg_stat_activity \
-         where application_name like 'outbox-relay % {slot}'; \
-         drop trigger hold_published on {t}; drop function {func}();",
-        slot = f.slot
-    ))
-    .await
-    .unwrap();
+    held.release(&f).await;
     let mut relay = crate::support::Relay::spawn(&cfg, &f.dir, &[]);
     relay.wait_streaming().await;
-    wait_for(T, "every delivered row marked published", || async {
-        f.db.query_one(
-            &format!("select count(*) from {t} where id = any($1) and status = 'published'"),
-            &[&all],
-        )
-        .await
-        .unwrap()
-        .get::<_, i64>(0)
-            == all.len() as i64
-    })
-    .await;
+    wait_published(&f, &all).await;
     f.wait_retry_drained().await;
     assert!(relay.terminate(T).await.success());
     f.cleanup().await;
