@@ -6,6 +6,21 @@ use std::time::Duration;
 
 const T: Duration = Duration::from_secs(60);
 
+/// A session of its own in a transaction that ran `sql` (taking a lock), held
+/// until [`release`].
+async fn hold(sql: String) -> tokio_postgres::Client {
+    let session = crate::support::pg().await;
+    session
+        .batch_execute(&format!("begin; {sql}"))
+        .await
+        .unwrap();
+    session
+}
+
+async fn release(session: tokio_postgres::Client) {
+    session.batch_execute("rollback").await.unwrap();
+}
+
 /// `n` routable rows (`Order.ok`), one transaction each, ids `{prefix}-{i}`.
 async fn routable(f: &Fixture, prefix: &str, n: usize) -> Vec<String> {
     let mut ids = Vec::new();
@@ -83,14 +98,11 @@ async fn parks_never_wait_for_housekeeping_stuck_on_a_locked_row() {
     // holds locked, so its status mirror (housekeeping) cannot be written.
     f.insert_batch(&[("held".into(), "h".into(), "late".into())])
         .await;
-    let mut locker = crate::support::pg().await;
-    let lock = locker.transaction().await.unwrap();
-    lock.batch_execute(&format!(
+    let lock = hold(format!(
         "select * from {} where id = 'held' for update",
         f.table
     ))
-    .await
-    .unwrap();
+    .await;
     let mut relay = Relay::spawn(&cfg, &f.dir, &[]);
     relay.wait_streaming().await;
     f.wait_head_failed_with("unroutable").await;
@@ -111,7 +123,7 @@ async fn parks_never_wait_for_housekeeping_stuck_on_a_locked_row() {
         "pending",
         "its status could not be written yet"
     );
-    lock.rollback().await.unwrap();
+    release(lock).await;
     wait_for(T, "the status shows once the lock is gone", || async {
         f.row_state("held").await.0 == "failed"
     })
@@ -143,14 +155,11 @@ async fn a_delivered_retry_whose_row_is_locked_does_not_hold_the_store() {
         f.row_state("held").await.0 == "failed"
     })
     .await;
-    let mut locker = crate::support::pg().await;
-    let lock = locker.transaction().await.unwrap();
-    lock.batch_execute(&format!(
+    let lock = hold(format!(
         "select * from {} where id = 'held' for update",
         f.table
     ))
-    .await
-    .unwrap();
+    .await;
     f.bind("Order.late").await;
     f.consumer().wait_ids(&["held".to_string()], T).await;
     // The store is not waiting on the lock: a new refusal parks.
@@ -161,7 +170,7 @@ async fn a_delivered_retry_whose_row_is_locked_does_not_hold_the_store() {
     })
     .await;
     assert_eq!(f.row_state("held").await.0, "failed", "still locked");
-    lock.rollback().await.unwrap();
+    release(lock).await;
     wait_for(
         T,
         "the delivered retry marked once the lock is gone",
@@ -193,14 +202,11 @@ async fn readyz_says_the_store_is_failing_and_the_relay_stalled_while_the_retry_
         http_get(&addr, "/readyz").await.0 == 200
     })
     .await;
-    let mut locker = crate::support::pg().await;
-    let lock = locker.transaction().await.unwrap();
-    lock.batch_execute(&format!(
+    let lock = hold(format!(
         "lock table {} in access exclusive mode",
         f.retry_table
     ))
-    .await
-    .unwrap();
+    .await;
     f.insert_batch(&[("cannot-park".into(), "c".into(), "late".into())])
         .await;
     wait_for(T, "readyz: store failing and no progress", || async {
@@ -213,7 +219,7 @@ async fn readyz_says_the_store_is_failing_and_the_relay_stalled_while_the_retry_
         200,
         "alive all the same"
     );
-    lock.rollback().await.unwrap();
+    release(lock).await;
     f.wait_head_failed_with("unroutable").await;
     wait_for(T, "ready again", || async {
         http_get(&addr, "/readyz").await.0 == 200
