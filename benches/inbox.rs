@@ -46,8 +46,8 @@ use tokio_postgres::{Client, NoTls, Transaction};
 
 mod common;
 use common::{
-    broker_pid, env_usize, machine_ticks, median, peak_rss_mb, queue_depth, relay_binary,
-    settle_broker, CpuUse,
+    broker_pid, busy_since, env_usize, machine_ticks, median, peak_rss_mb, queue_depth,
+    relay_binary, settle_broker, CpuUse,
 };
 
 const PG_URL: &str = "postgresql://postgres@127.0.0.1:5432/test";
@@ -533,12 +533,6 @@ async fn cleanup(db: &Client) {
         .queue_delete(QUEUE.into(), QueueDeleteOptions::default())
         .await;
     let _ = conn.close(200, "bye".into()).await;
-}
-
-/// How busy the machine's cores were since `before` ([`machine_ticks`]), 0-1.
-fn busy_since(before: (f64, f64)) -> f64 {
-    let now = machine_ticks();
-    (now.0 - before.0) / (now.1 - before.1).max(1.0)
 }
 
 fn row(label: &str, runs: &[Run], ratio: &str, last: &str) {

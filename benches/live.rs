@@ -27,8 +27,8 @@ mod tls;
 
 mod common;
 use common::{
-    cpu_seconds, env_usize, machine_ticks, median, parse_iso_micros, payload, peak_rss_mb,
-    relay_binary, CpuUse,
+    busy_since, cpu_seconds, env_usize, machine_ticks, median, parse_iso_micros, payload,
+    peak_rss_mb, relay_binary, CpuUse,
 };
 use futures_util::StreamExt;
 use lapin::options::{
@@ -269,8 +269,7 @@ async fn live(
     let written = total as f64 / (last_write - started).as_secs_f64();
     let cpu = CpuUse::now(Some(pid), scratch_broker_pid()).per_100k_since(cpu0, total);
     let bench_cpu = (cpu_seconds(std::process::id()) - bench0) * 100_000.0 / total as f64;
-    let machine1 = machine_ticks();
-    let busy = (machine1.0 - machine0.0) / (machine1.1 - machine0.1).max(1.0);
+    let busy = busy_since(machine0);
     let rss_mb = peak_rss_mb(pid);
     let _ = Command::new("kill")
         .args(["-TERM", &pid.to_string()])

@@ -58,6 +58,12 @@ pub fn machine_ticks() -> (f64, f64) {
     (all - idle, all)
 }
 
+/// How busy the machine's cores were since `before` ([`machine_ticks`]), 0-1.
+pub fn busy_since(before: (f64, f64)) -> f64 {
+    let now = machine_ticks();
+    (now.0 - before.0) / (now.1 - before.1).max(1.0)
+}
+
 /// CPU seconds (user + system) a process has used so far.
 pub fn cpu_seconds(pid: u32) -> f64 {
     let f = stat_fields(pid);
