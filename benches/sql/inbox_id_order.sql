@@ -1,8 +1,8 @@
 -- What the order of the receiver's row ids costs Postgres: 200 000 Event-Forge
 -- messages with random message ids (Event-Forge's outbox ids are UUIDv4) into
 -- Event-Forge's inbox table as `init` makes it, 400 statements of 500 rows in
--- the receiver's statement shape (`src/inbox/queries.rs`), one backend, timed
--- by psql, after a checkpoint each (so each pays its full-page writes):
+-- the receiver's statement shape (`src/inbox/queries.rs`), one backend, each
+-- timed after a checkpoint (so each pays its full-page writes):
 --   sql_v4    ids made by the statement, gen_random_uuid() (the receiver before);
 --   given_v4  random ids passed in an array: the same order, made by the client;
 --   given_v7  time-ordered ids (UUIDv7: milliseconds first) passed in an array:
@@ -33,23 +33,7 @@ create table ido_batches as
          array_agg(v4 order by v7) v4, array_agg(v7 order by v7) v7
   from ido_src group by batch;
 
-create or replace function ido_table(name text) returns void language plpgsql as $f$
-begin
-  execute format('create table %I (
-    id varchar(36) primary key, message_id varchar(255) not null, source varchar(255) not null,
-    event_type varchar(255) not null, payload json not null, metadata json,
-    status varchar(50) not null, retry_count integer not null, max_retries integer not null,
-    processed_at timestamptz, error_message text, scheduled_at timestamptz,
-    created_at timestamptz not null, updated_at timestamptz not null,
-    recovery_attempts integer not null, last_recovered_at timestamptz, recovery_reason text,
-    constraint %I unique (message_id, source))', name, name || '_uq');
-  execute format('create index on %I (status)', name);
-  execute format('create index on %I (created_at)', name);
-  execute format('create index on %I (processed_at)', name);
-  execute format('create index on %I (scheduled_at)', name);
-  execute format('create index on %I (status, updated_at) where status = ''processing''', name);
-  execute format('create index on %I (created_at, id) where status in (''received'', ''failed'', ''processing'')', name);
-end $f$;
+\ir inbox_table.sql
 
 -- ids: 'sql' (gen_random_uuid() in the statement), 'v4' or 'v7' (passed in).
 create or replace function ido_insert(name text, ids text) returns void language plpgsql as $f$
@@ -67,32 +51,27 @@ begin
   end loop;
 end $f$;
 
-select ido_table('ido_sql_v4');
-select ido_table('ido_given_v4');
-select ido_table('ido_given_v7');
-\echo sql_v4
-checkpoint;
-select pg_current_wal_lsn() as wal0 \gset
-\timing on
-select ido_insert('ido_sql_v4', 'sql');
-\timing off
-select 'WAL MB', round(pg_wal_lsn_diff(pg_current_wal_lsn(), :'wal0') / 1048576);
-\echo given_v4
-checkpoint;
-select pg_current_wal_lsn() as wal0 \gset
-\timing on
-select ido_insert('ido_given_v4', 'v4');
-\timing off
-select 'WAL MB', round(pg_wal_lsn_diff(pg_current_wal_lsn(), :'wal0') / 1048576);
-\echo given_v7
-checkpoint;
-select pg_current_wal_lsn() as wal0 \gset
-\timing on
-select ido_insert('ido_given_v7', 'v7');
-\timing off
-select 'WAL MB', round(pg_wal_lsn_diff(pg_current_wal_lsn(), :'wal0') / 1048576);
+select bench_inbox_table('ido_' || v, 'json', true, true) from unnest(array['sql_v4', 'given_v4', 'given_v7']) v;
+
+-- One variant after a checkpoint (so each pays its full-page writes): its
+-- time and the WAL it wrote.
+create or replace function ido_run(variant text, ids text)
+returns table (variant_ text, seconds numeric, wal_mb numeric) language plpgsql as $f$
+declare wal0 pg_lsn; t0 timestamptz;
+begin
+  checkpoint;
+  wal0 := pg_current_wal_lsn();
+  t0 := clock_timestamp();
+  perform ido_insert('ido_' || variant, ids);
+  return query select variant, round(extract(epoch from clock_timestamp() - t0)::numeric, 2),
+    round(pg_wal_lsn_diff(pg_current_wal_lsn(), wal0) / 1048576);
+end $f$;
+
+select * from ido_run('sql_v4', 'sql');
+select * from ido_run('given_v4', 'v4');
+select * from ido_run('given_v7', 'v7');
 \echo primary key size (MB): sql_v4, given_v4, given_v7
 select pg_relation_size('ido_sql_v4_pkey') / 1048576, pg_relation_size('ido_given_v4_pkey') / 1048576,
        pg_relation_size('ido_given_v7_pkey') / 1048576;
 drop table ido_src, ido_batches, ido_sql_v4, ido_given_v4, ido_given_v7;
-drop function ido_table, ido_insert;
+drop function bench_inbox_table, ido_insert, ido_run;

@@ -29,27 +29,7 @@ create table cost_batches as
          array_agg(p order by m) p, array_agg(md order by m) md
   from cost_src group by batch;
 
-create or replace function cost_table(name text, payload_type text, indexed bool, secondary bool)
-returns void language plpgsql as $f$
-begin
-  execute format('create table %I (
-    id varchar(36) %s, message_id varchar(255) not null, source varchar(255) not null,
-    event_type varchar(255) not null, payload %s not null, metadata %s,
-    status varchar(50) not null, retry_count integer not null, max_retries integer not null,
-    processed_at timestamptz, error_message text, scheduled_at timestamptz,
-    created_at timestamptz not null, updated_at timestamptz not null,
-    recovery_attempts integer not null, last_recovered_at timestamptz, recovery_reason text %s)',
-    name, case when indexed then 'primary key' else '' end, payload_type, payload_type,
-    case when indexed then format(', constraint %I unique (message_id, source)', name || '_uq') else '' end);
-  if secondary then
-    execute format('create index on %I (status)', name);
-    execute format('create index on %I (created_at)', name);
-    execute format('create index on %I (processed_at)', name);
-    execute format('create index on %I (scheduled_at)', name);
-    execute format('create index on %I (status, updated_at) where status = ''processing''', name);
-    execute format('create index on %I (created_at, id) where status in (''received'', ''failed'', ''processing'')', name);
-  end if;
-end $f$;
+\ir inbox_table.sql
 
 create or replace function cost_insert(name text, payload_type text, conflict bool)
 returns void language plpgsql as $f$
@@ -67,11 +47,11 @@ begin
   end loop;
 end $f$;
 
-select cost_table('cost_full', 'json', true, true);
-select cost_table('cost_bare', 'json', true, false);
-select cost_table('cost_text', 'text', true, true);
-select cost_table('cost_floor', 'text', false, false);
-select cost_table('cost_copy', 'json', true, true);
+select bench_inbox_table('cost_full', 'json', true, true);
+select bench_inbox_table('cost_bare', 'json', true, false);
+select bench_inbox_table('cost_text', 'text', true, true);
+select bench_inbox_table('cost_floor', 'text', false, false);
+select bench_inbox_table('cost_copy', 'json', true, true);
 checkpoint;
 \timing on
 \echo full
@@ -102,4 +82,4 @@ do $$ declare b int; begin for b in 0..199 loop
 end loop; end $$;
 \timing off
 drop table cost_src, cost_batches, cost_full, cost_bare, cost_text, cost_floor, cost_copy;
-drop function cost_table, cost_insert;
+drop function bench_inbox_table, cost_insert;
