@@ -162,8 +162,8 @@ pub struct Processor {
     options: ProcessorOptions,
     observer: Option<Arc<dyn ProcessorObserver>>,
     /// Whether the table has the partial index of unfinished rows
-    /// (`created_at`, `id`): [`INDEX_UNKNOWN`], [`INDEX_ABSENT`] or
-    /// [`INDEX_PRESENT`]; learned at each connect of [`Processor::run`], and
+    /// (`created_at`, `id`): [`INDEX_UNKNOWN`], [`INDEX_ABSENT`],
+    /// [`INDEX_PRESENT`] or [`INDEX_PRESENT_NO_INCREMENTAL_SORT`]; learned at each connect of [`Processor::run`], and
     /// by the first claim of a caller's own session, it decides how claims
     /// find rows.
     unfinished_index: Arc<std::sync::atomic::AtomicU8>,
