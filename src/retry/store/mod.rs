@@ -592,13 +592,15 @@ impl Store {
             .transaction()
             .await
             .map_err(query_err(CONTEXT))?;
+        let n = self.retry.delete_many(&tx, seqs).await?;
+        // Only the outbox rows' locks are waited for briefly (the retry
+        // table's are the store's own business, under the session's timeout).
         tx.batch_execute(&format!(
             "set local lock_timeout = {}",
             TOGETHER_LOCK_WAIT.as_millis()
         ))
         .await
         .map_err(query_err(CONTEXT))?;
-        let n = self.retry.delete_many(&tx, seqs).await?;
         self.outbox
             .on_success_now(&tx, self.settings.on_success, ids)
             .await?;
